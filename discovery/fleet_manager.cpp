@@ -1,0 +1,140 @@
+#include "discovery/fleet_manager.h"
+
+#include <set>
+
+#include "proxy/log.h"
+#include "proxy/metrics.h"
+#include "proxy/net.h"
+
+namespace stepflow {
+
+FleetManager::FleetManager(event_base* base, const Config& config, FleetPublisher& publisher)
+    : base_(base), config_(config), publisher_(publisher) {}
+
+FleetManager::~FleetManager() = default;
+
+Membership FleetManager::membership_of(const Endpoint& e) {
+    if (e.ready && !e.terminating) return Membership::Active;
+    if (e.serving) return Membership::Draining;
+    return Membership::NotServing;
+}
+
+void FleetManager::update(std::vector<Endpoint> endpoints) {
+    bool changed = false;
+    std::set<std::string> seen;
+    for (auto& e : endpoints) {
+        if (!seen.insert(e.address).second) continue;  // the same address twice: first one wins
+        auto it = backends_.find(e.address);
+        if (it != backends_.end()) {
+            Backend& b = *it->second;
+            if (b.endpoint == e) continue;
+            Membership before = membership_of(b.endpoint), after = membership_of(e);
+            b.endpoint = e;
+            if (before != after) {
+                log::info("backend state changed", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(after)}});
+                if (b.instance) b.instance->membership.store(after);
+                changed = true;
+            }
+            continue;
+        }
+        HostPort hp;
+        auto b = std::make_unique<Backend>();
+        if (!parse_host_port(e.address, hp) || !numeric_sockaddr(hp, b->addr, b->addr_len)) {
+            log::warn("ignoring endpoint with a non-numeric address", {{"backend", e.address}});
+            continue;
+        }
+        b->endpoint = e;
+        Backend* raw = b.get();
+        b->probe = std::make_unique<HealthProbe>(base_, b->addr, b->addr_len, e.address, config_.health_interval,
+                                                 config_.health_timeout,
+                                                 [this, raw](const HealthResult& r) { on_health(*raw, r); });
+        log::info("backend added", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(membership_of(e))}});
+        b->probe->start();
+        backends_.emplace(e.address, std::move(b));
+        changed = true;
+    }
+    for (auto it = backends_.begin(); it != backends_.end();) {
+        if (seen.count(it->first)) {
+            ++it;
+            continue;
+        }
+        Backend& b = *it->second;
+        log::info("backend removed", {{"backend", b.endpoint.address}, {"pod", b.endpoint.pod},
+                                      {"instance", b.instance ? b.instance->id : std::string()}});
+        if (b.instance) {
+            b.instance->membership.store(Membership::Gone);
+            changed = true;
+        }
+        it = backends_.erase(it);
+    }
+    if (changed) publish();
+}
+
+void FleetManager::on_health(Backend& b, const HealthResult& r) {
+    auto& metrics = Metrics::get();
+    metrics.health_checks_total.Add({{"result", r.healthy ? "success" : "failure"}}).Increment();
+    if (!r.healthy) {
+        b.last_error = r.error;
+        if (!b.instance) {
+            if (++b.failures_before_instance == 1 || log::enabled(log::Level::Debug))
+                log::warn("health check failed", {{"backend", b.endpoint.address}, {"reason", r.error}});
+            return;
+        }
+        if (b.instance->record_failure(config_.max_failures, r.error))
+            log::warn("instance marked unhealthy", {{"instance", b.instance->id}, {"backend", b.endpoint.address},
+                                                    {"pod", b.endpoint.pod}, {"reason", r.error}});
+        return;
+    }
+    b.failures_before_instance = 0;
+    b.last_error.clear();
+    // A worker that names no instanceId is still routable; its address stands in for the id.
+    std::string id = r.instance_id.empty() ? b.endpoint.address : r.instance_id;
+    if (b.instance && b.instance->id == id) {
+        b.instance->record_success();
+        if (!b.instance->healthy.exchange(true))
+            log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
+        return;
+    }
+    if (b.instance) {
+        log::warn("instance restarted: its sessions are gone",
+                  {{"old_instance", b.instance->id}, {"instance", id}, {"backend", b.endpoint.address}});
+        b.instance->membership.store(Membership::Gone);
+    } else {
+        log::info("instance discovered", {{"instance", id}, {"backend", b.endpoint.address}, {"pod", b.endpoint.pod}});
+    }
+    auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
+    inst->membership.store(membership_of(b.endpoint));
+    b.instance = std::move(inst);
+    publish();
+}
+
+void FleetManager::publish() {
+    std::vector<InstancePtr> instances;
+    instances.reserve(backends_.size());
+    for (const auto& [_, b] : backends_)
+        if (b->instance) instances.push_back(b->instance);
+    publisher_.publish(make_fleet(++version_, std::move(instances)));
+    log::debug("fleet published", {{"version", version_}, {"instances", uint64_t(backends_.size())}});
+}
+
+std::vector<FleetManager::BackendView> FleetManager::backends() const {
+    std::vector<BackendView> out;
+    for (const auto& [_, b] : backends_) {
+        BackendView v;
+        v.endpoint = b->endpoint;
+        v.instance = b->instance;
+        if (b->instance) {
+            v.state = b->instance->state_name();
+            v.consecutive_failures = b->instance->consecutive_failures.load();
+            v.last_error = b->instance->last_error();
+        } else {
+            v.state = b->failures_before_instance > 0 ? "unreachable" : "starting";
+            v.consecutive_failures = b->failures_before_instance;
+            v.last_error = b->last_error;
+        }
+        out.push_back(std::move(v));
+    }
+    return out;
+}
+
+}  // namespace stepflow

@@ -1,0 +1,62 @@
+// Turns what discovery reports (endpoints) into what routing uses (instances): runs a health
+// probe per endpoint, learns each worker's instanceId, and publishes a new fleet snapshot
+// whenever an instance appears, restarts or leaves. Lives on the control thread.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "discovery/endpoint.h"
+#include "discovery/fleet.h"
+#include "discovery/health_probe.h"
+#include "proxy/config.h"
+
+struct event_base;
+
+namespace stepflow {
+
+class FleetManager {
+public:
+    FleetManager(event_base* base, const Config& config, FleetPublisher& publisher);
+    ~FleetManager();
+
+    // The complete endpoint set, as a source reports it. Unknown addresses start being probed;
+    // missing ones leave the fleet at once.
+    void update(std::vector<Endpoint> endpoints);
+
+    struct BackendView {
+        Endpoint endpoint;
+        InstancePtr instance;  // null until /health named one
+        std::string state;     // instance state, or "starting" / "unreachable"
+        int consecutive_failures = 0;
+        std::string last_error;
+    };
+    std::vector<BackendView> backends() const;
+    size_t backend_count() const { return backends_.size(); }
+    FleetPtr fleet() const { return publisher_.current(); }
+
+private:
+    struct Backend {
+        Endpoint endpoint;
+        sockaddr_storage addr{};
+        socklen_t addr_len = 0;
+        InstancePtr instance;
+        int failures_before_instance = 0;
+        std::string last_error;
+        std::unique_ptr<HealthProbe> probe;
+    };
+
+    void on_health(Backend& backend, const HealthResult& result);
+    static Membership membership_of(const Endpoint& e);
+    void publish();
+
+    event_base* base_;
+    const Config& config_;
+    FleetPublisher& publisher_;
+    std::map<std::string, std::unique_ptr<Backend>> backends_;  // by address
+    uint64_t version_ = 0;
+};
+
+}  // namespace stepflow

@@ -1,0 +1,165 @@
+#include "discovery/health_probe.h"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <simdjson.h>
+
+namespace stepflow {
+namespace {
+
+constexpr size_t kMaxHealthResponse = 64 * 1024;
+
+timeval to_timeval(std::chrono::milliseconds ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+}  // namespace
+
+HealthResult parse_health_body(int status, std::string_view body) {
+    HealthResult r;
+    if (status < 200 || status > 299) {
+        r.error = "health check answered " + std::to_string(status);
+        return r;
+    }
+    // The DOM parser picks the best SIMD kernel at run time; health bodies are tiny anyway.
+    simdjson::dom::parser parser;
+    simdjson::dom::object obj;
+    if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) {
+        r.error = "health body is not a JSON object";
+        return r;
+    }
+    std::string_view health_status, id;
+    auto status_field = obj["status"];
+    if (status_field.error() != simdjson::NO_SUCH_FIELD) {
+        if (status_field.get(health_status) != simdjson::SUCCESS) {
+            r.error = "health status is not a string";
+            return r;
+        }
+        if (health_status != "healthy") {
+            r.error = "worker reports status '" + std::string(health_status) + "'";
+            return r;
+        }
+    }
+    auto id_field = obj["instanceId"];
+    if (id_field.error() != simdjson::NO_SUCH_FIELD) {
+        if (id_field.get(id) != simdjson::SUCCESS) {
+            r.error = "instanceId is not a string";
+            return r;
+        }
+        r.instance_id = std::string(id);
+    }
+    r.healthy = true;
+    return r;
+}
+
+HealthProbe::HealthProbe(event_base* base, const sockaddr_storage& addr, socklen_t len, std::string host_header,
+                         std::chrono::milliseconds interval, std::chrono::milliseconds timeout, Callback callback)
+    : base_(base), addr_(addr), addr_len_(len), host_header_(std::move(host_header)), interval_(interval),
+      timeout_(timeout), callback_(std::move(callback)) {
+    tick_ = evtimer_new(base_, on_tick, this);
+    deadline_ = evtimer_new(base_, on_deadline, this);
+}
+
+HealthProbe::~HealthProbe() {
+    close_connection();
+    event_free(tick_);
+    event_free(deadline_);
+}
+
+void HealthProbe::start() {
+    timeval now{0, 0};
+    evtimer_add(tick_, &now);
+}
+
+void HealthProbe::on_tick(int, short, void* arg) { static_cast<HealthProbe*>(arg)->begin_check(); }
+
+void HealthProbe::begin_check() {
+    close_connection();
+    timeval next = to_timeval(interval_);
+    evtimer_add(tick_, &next);
+    timeval deadline = to_timeval(timeout_);
+    evtimer_add(deadline_, &deadline);
+
+    bev_ = bufferevent_socket_new(base_, -1, BEV_OPT_CLOSE_ON_FREE);
+    bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
+    scan_from_ = 0;
+    head_parsed_ = false;
+    body_ = evbuffer_new();
+    std::string req = "GET /health HTTP/1.1\r\nHost: " + host_header_ +
+                      "\r\nUser-Agent: stepflow-lb\r\nAccept: application/json\r\nConnection: close\r\n\r\n";
+    bufferevent_write(bev_, req.data(), req.size());
+    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&addr_), static_cast<int>(addr_len_)) != 0)
+        complete({false, "", "connect failed"});
+}
+
+void HealthProbe::on_deadline(int, short, void* arg) {
+    static_cast<HealthProbe*>(arg)->complete({false, "", "health check timed out"});
+}
+
+void HealthProbe::on_read(bufferevent*, void* arg) { static_cast<HealthProbe*>(arg)->try_parse(false); }
+
+void HealthProbe::on_event(bufferevent*, short what, void* arg) {
+    auto* self = static_cast<HealthProbe*>(arg);
+    if (what & BEV_EVENT_CONNECTED) return;
+    if (what & BEV_EVENT_EOF) {
+        self->try_parse(true);
+        return;
+    }
+    self->complete({false, "", self->head_parsed_ ? "connection reset" : "connect failed"});
+}
+
+void HealthProbe::try_parse(bool eof) {
+    if (!bev_) return;
+    evbuffer* in = bufferevent_get_input(bev_);
+    if (!head_parsed_) {
+        size_t n = http1::find_head_end(in, kMaxHealthResponse, scan_from_);
+        if (n == SIZE_MAX) return complete({false, "", "health response head too large"});
+        if (n == 0) {
+            if (eof) complete({false, "", "connection closed before a response"});
+            return;
+        }
+        head_ = http1::Head{};
+        head_.raw.resize(n);
+        evbuffer_remove(in, head_.raw.data(), n);
+        if (auto err = http1::parse_response(head_, false)) return complete({false, "", err.reason});
+        if (head_.status < 200) {  // skip interim responses
+            scan_from_ = 0;
+            return try_parse(eof);
+        }
+        head_parsed_ = true;
+        body_pump_.start(head_.framing, head_.content_length, false);
+    }
+    auto status = body_pump_.pump(in, body_);
+    if (status == http1::BodyPump::Status::Error) return complete({false, "", body_pump_.error()});
+    if (evbuffer_get_length(body_) > kMaxHealthResponse) return complete({false, "", "health body too large"});
+    if (status == http1::BodyPump::Status::More && eof) {
+        if (!body_pump_.until_close()) return complete({false, "", "health response truncated"});
+        body_pump_.finish_on_close(body_);
+        status = http1::BodyPump::Status::Done;
+    }
+    if (status != http1::BodyPump::Status::Done) return;
+    size_t len = evbuffer_get_length(body_);
+    std::string_view body(reinterpret_cast<const char*>(evbuffer_pullup(body_, -1)), len);
+    complete(parse_health_body(head_.status, body));
+}
+
+void HealthProbe::complete(HealthResult result) {
+    close_connection();
+    evtimer_del(deadline_);
+    callback_(result);  // last: the callback may destroy this probe
+}
+
+void HealthProbe::close_connection() {
+    if (bev_) {
+        bufferevent_free(bev_);
+        bev_ = nullptr;
+    }
+    if (body_) {
+        evbuffer_free(body_);
+        body_ = nullptr;
+    }
+}
+
+}  // namespace stepflow

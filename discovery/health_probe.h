@@ -1,0 +1,67 @@
+// Active health checking of one backend: GET /health every interval on a fresh connection, with
+// a deadline. The result says whether the worker is healthy and which instanceId it reports.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <string>
+
+#include <sys/socket.h>
+
+#include "proxy/http1.h"
+
+struct event_base;
+struct event;
+struct bufferevent;
+struct evbuffer;
+
+namespace stepflow {
+
+struct HealthResult {
+    bool healthy = false;
+    std::string instance_id;  // empty when the body did not name one
+    std::string error;        // why it failed
+};
+
+// Parses a worker's /health body: {"status":"healthy","instanceId":"..."}.
+HealthResult parse_health_body(int status, std::string_view body);
+
+class HealthProbe {
+public:
+    using Callback = std::function<void(const HealthResult&)>;
+
+    HealthProbe(event_base* base, const sockaddr_storage& addr, socklen_t len, std::string host_header,
+                std::chrono::milliseconds interval, std::chrono::milliseconds timeout, Callback callback);
+    ~HealthProbe();
+    HealthProbe(const HealthProbe&) = delete;
+    HealthProbe& operator=(const HealthProbe&) = delete;
+
+    void start();  // first check at once, then every interval
+
+private:
+    static void on_tick(int, short, void* arg);
+    static void on_deadline(int, short, void* arg);
+    static void on_read(bufferevent*, void* arg);
+    static void on_event(bufferevent*, short what, void* arg);
+    void begin_check();
+    void try_parse(bool eof);
+    void complete(HealthResult result);
+    void close_connection();
+
+    event_base* base_;
+    sockaddr_storage addr_;
+    socklen_t addr_len_;
+    std::string host_header_;
+    std::chrono::milliseconds interval_, timeout_;
+    Callback callback_;
+    event* tick_ = nullptr;
+    event* deadline_ = nullptr;
+    bufferevent* bev_ = nullptr;
+    size_t scan_from_ = 0;
+    bool head_parsed_ = false;
+    http1::Head head_;
+    http1::BodyPump body_pump_;
+    evbuffer* body_ = nullptr;
+};
+
+}  // namespace stepflow

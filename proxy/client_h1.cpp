@@ -1,0 +1,446 @@
+#include "proxy/client_h1.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "proxy/local_response.h"
+#include "proxy/log.h"
+#include "proxy/worker.h"
+
+namespace stepflow {
+namespace {
+
+constexpr size_t kOutputHighWater = 256 * 1024;  // stop reading the worker beyond this
+constexpr size_t kOutputLowWater = 64 * 1024;    // ... and resume below this
+constexpr size_t kLocalBodyLimit = 1024 * 1024;  // body read to echo a JSON-RPC id in a 503
+constexpr Millis kLingerTime{2000};
+
+timeval to_timeval(Millis ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+const char* miss_reason(PinnedMiss m) {
+    switch (m) {
+    case PinnedMiss::UnknownInstance: return "unknown-instance";
+    case PinnedMiss::NotServing: return "not-serving";
+    case PinnedMiss::ConnectFailed: return "connect-failed";
+    default: return "unknown";
+    }
+}
+
+}  // namespace
+
+ClientH1::ClientH1(Worker& worker, int fd, std::string client_ip, bool tls)
+    : worker_(worker), client_ip_(std::move(client_ip)), tls_(tls) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    bev_ = bufferevent_socket_new(worker.base(), fd, BEV_OPT_CLOSE_ON_FREE);
+    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
+    // Reading pauses by itself once this much waits unforwarded: the client's bytes stay in the
+    // kernel until the worker takes what we already have.
+    size_t high = std::max<size_t>(worker.config().max_header_size + 1, kOutputHighWater);
+    bufferevent_setwatermark(bev_, EV_READ, 0, high);
+    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    timer_ = evtimer_new(worker.base(), on_timer, this);
+    next_ = event_new(worker.base(), -1, 0, on_next, this);
+    Metrics::get().client_connections.Increment();
+    arm_timer(worker.config().request_header_timeout);
+}
+
+ClientH1::~ClientH1() {
+    exchange_.reset();
+    retired_.reset();
+    if (local_body_) evbuffer_free(local_body_);
+    if (timer_) event_free(timer_);
+    if (next_) event_free(next_);
+    if (bev_) bufferevent_free(bev_);
+    Metrics::get().client_connections.Decrement();
+}
+
+void ClientH1::arm_timer(Millis ms) {
+    timeval tv = to_timeval(ms);
+    evtimer_add(timer_, &tv);
+}
+
+void ClientH1::on_read(bufferevent*, void* arg) { static_cast<ClientH1*>(arg)->process_input(); }
+
+void ClientH1::on_write(bufferevent*, void* arg) {
+    auto* self = static_cast<ClientH1*>(arg);
+    evbuffer* out = bufferevent_get_output(self->bev_);
+    if (self->state_ == State::Closing) {
+        if (evbuffer_get_length(out) == 0) {
+            // Everything is sent: half-close and linger so unread client bytes do not turn
+            // our last response into a reset.
+            shutdown(bufferevent_getfd(self->bev_), SHUT_WR);
+            self->arm_timer(kLingerTime);
+        }
+        return;
+    }
+    if (self->exchange_paused_ && self->exchange_) {
+        self->exchange_paused_ = false;
+        bufferevent_setwatermark(self->bev_, EV_WRITE, 0, 0);
+        self->exchange_->resume_response();
+    }
+}
+
+void ClientH1::on_event(bufferevent*, short what, void* arg) {
+    auto* self = static_cast<ClientH1*>(arg);
+    if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) return;
+    if (self->state_ == State::Proxying && self->exchange_) {
+        // The client went away: closing the worker connection is how the worker learns of it.
+        self->exchange_->abort();
+        if (self->status_ == 0) self->status_ = 499;
+        self->instance_id_ = self->exchange_->routed_id();
+        self->backend_ = self->exchange_->routed_backend();
+        self->log_access();
+    }
+    self->destroy();
+}
+
+void ClientH1::on_timer(int, short, void* arg) {
+    auto* self = static_cast<ClientH1*>(arg);
+    switch (self->state_) {
+    case State::Idle: self->destroy(); break;  // keep-alive idle time is over
+    case State::ReadingHead: self->send_error(408, "request head not received in time"); break;
+    case State::Closing: self->destroy(); break;  // linger time is over
+    default: break;
+    }
+}
+
+void ClientH1::on_next(int, short, void* arg) {
+    auto* self = static_cast<ClientH1*>(arg);
+    if (self->destroying_) {
+        self->worker_.connection_closed(self);
+        delete self;
+        return;
+    }
+    self->process_input();
+}
+
+void ClientH1::process_input() {
+    if (destroying_) return;
+    evbuffer* in = bufferevent_get_input(bev_);
+    switch (state_) {
+    case State::Idle:
+    case State::ReadingHead: parse_head(); break;
+    case State::Proxying: pump_request_body(); break;
+    case State::LocalBody: collect_local_body(); break;
+    case State::Closing: evbuffer_drain(in, evbuffer_get_length(in)); break;
+    }
+}
+
+void ClientH1::parse_head() {
+    evbuffer* in = bufferevent_get_input(bev_);
+    if (evbuffer_get_length(in) == 0) return;
+    if (state_ == State::Idle) {
+        state_ = State::ReadingHead;
+        arm_timer(worker_.config().request_header_timeout);
+    }
+    const Config& cfg = worker_.config();
+    size_t n = http1::find_head_end(in, cfg.max_header_size, scan_from_);
+    if (n == 0) return;
+    retired_.reset();
+    started_ = std::chrono::steady_clock::now();
+    status_ = 0;
+    decision_ = Decision::None;
+    instance_id_.clear();
+    backend_.clear();
+    bytes_in_ = bytes_out_ = 0;
+    request_ = http1::Head{};
+    scan_from_ = 0;
+    if (n == SIZE_MAX) {
+        send_error(431, "request head too large");
+        return;
+    }
+    request_.raw.resize(n);
+    evbuffer_remove(in, request_.raw.data(), n);
+    if (auto err = http1::parse_request(request_, {cfg.max_header_size, cfg.max_headers})) {
+        send_error(err.status, err.reason);
+        return;
+    }
+    evtimer_del(timer_);
+    ++requests_;
+    keep_alive_ = request_.keep_alive && !draining_;
+    request_done_ = request_.framing == http1::Framing::None;
+    request_pump_.start(request_.framing, request_.content_length, request_.framing == http1::Framing::Chunked);
+
+    state_ = State::Proxying;
+    exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
+    local_ = exchange_->route();  // may start sending at once on a pooled connection
+    decision_ = exchange_ ? exchange_->decision() : decision_;
+    if (local_.kind == RouteOutcome::Routed) return;
+
+    decision_ = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+    exchange_.reset();
+    state_ = State::LocalBody;
+    if (request_done_ || request_.expect_continue) {
+        // No body to read, or the client waits for our go-ahead: answer now.
+        if (!request_done_) keep_alive_ = false;
+        answer_locally();
+        return;
+    }
+    local_body_ = evbuffer_new();
+    request_pump_.start(request_.framing, request_.content_length, false);
+    collect_local_body();
+}
+
+void ClientH1::pump_request_body() {
+    if (state_ != State::Proxying || request_done_ || !exchange_) return;
+    evbuffer* sink = exchange_->request_sink();
+    if (!sink) return;  // not connected yet: the bytes wait in our input buffer
+    evbuffer* in = bufferevent_get_input(bev_);
+    auto status = request_pump_.pump(in, sink);
+    bytes_in_ = request_pump_.payload_bytes();
+    if (status == http1::BodyPump::Status::Error) {
+        const char* why = request_pump_.error();
+        exchange_->abort();
+        retired_ = std::move(exchange_);
+        keep_alive_ = false;
+        if (status_ == 0) {
+            send_error(400, why);
+        } else {
+            log_access();
+            close_after_flush();
+        }
+        return;
+    }
+    if (status == http1::BodyPump::Status::Done) {
+        request_done_ = true;
+        Metrics::get().client_received_bytes.Increment(double(bytes_in_));
+        exchange_->request_body_done();
+    }
+}
+
+void ClientH1::request_sink_ready() { pump_request_body(); }
+
+void ClientH1::collect_local_body() {
+    evbuffer* in = bufferevent_get_input(bev_);
+    auto status = request_pump_.pump(in, local_body_);
+    if (status == http1::BodyPump::Status::Error) {
+        send_error(400, request_pump_.error());
+        return;
+    }
+    if (status == http1::BodyPump::Status::Done) {
+        request_done_ = true;
+        answer_locally();
+    } else if (evbuffer_get_length(local_body_) > kLocalBodyLimit) {
+        keep_alive_ = false;  // answer without reading the rest, then close
+        answer_locally();
+    }
+}
+
+void ClientH1::answer_locally() {
+    std::string id = local_body_ ? jsonrpc_id_of(local_body_) : "null";
+    if (local_body_) {
+        evbuffer_free(local_body_);
+        local_body_ = nullptr;
+    }
+    std::string body;
+    if (local_.kind == RouteOutcome::PinnedMiss) {
+        std::string data = "\"instanceId\":" + json_string(local_.pinned_id) + ",\"reason\":\"" +
+                           miss_reason(local_.miss) + "\"";
+        body = jsonrpc_error(id, -32000, "Instance not available", data);
+    } else {
+        body = jsonrpc_error(id, -32000, "No healthy instance available", "");
+    }
+    std::string extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
+    send_local(503, "application/json", body, extra);
+    finish_request();
+}
+
+void ClientH1::send_local(int status, std::string_view content_type, const std::string& body,
+                          std::string_view extra_headers) {
+    status_ = status;
+    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + http1::status_reason(status) + "\r\n";
+    out.append("Content-Type: ");
+    out.append(content_type);
+    out.append("\r\nContent-Length: ");
+    out.append(std::to_string(body.size()));
+    out.append("\r\n");
+    out.append(extra_headers);
+    if (!keep_alive_) out.append("Connection: close\r\n");
+    out.append("\r\n");
+    out.append(body);
+    evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
+    bytes_out_ = body.size();
+}
+
+void ClientH1::send_error(int status, const char* why) {
+    Metrics::get().rejected_requests.Increment();
+    keep_alive_ = false;
+    log::debug("request rejected", {{"client", client_ip_}, {"status", status}, {"reason", why}});
+    std::string body = "{\"error\":" + json_string(http1::status_reason(status)) + ",\"reason\":" + json_string(why) + "}";
+    send_local(status, "application/json", body, "");
+    finish_request();
+}
+
+void ClientH1::finish_request() {
+    log_access();
+    if (!keep_alive_ || !request_done_ || draining_) {
+        close_after_flush();
+        return;
+    }
+    enter_idle();
+}
+
+void ClientH1::enter_idle() {
+    state_ = State::Idle;
+    arm_timer(worker_.config().keepalive_idle_timeout);
+    event_active(next_, 0, 0);  // a pipelined request may already be buffered
+}
+
+void ClientH1::log_access() {
+    auto elapsed = std::chrono::steady_clock::now() - started_;
+    double ms = std::chrono::duration<double, std::milli>(elapsed).count();
+    worker_.series().observe(backend_.empty() ? std::string("none") : backend_, status_, request_.method, ms, decision_);
+    if (!worker_.config().access_log) return;
+    std::string_view path = request_.target.substr(0, request_.target.find('?'));
+    log::info("request", {{"method", request_.method},
+                          {"path", path},
+                          {"status", status_},
+                          {"instance", instance_id_},
+                          {"decision", to_string(decision_)},
+                          {"duration_ms", ms},
+                          {"bytes_in", bytes_in_},
+                          {"bytes_out", bytes_out_},
+                          {"client", client_ip_}});
+}
+
+void ClientH1::close_after_flush() {
+    state_ = State::Closing;
+    evtimer_del(timer_);
+    bufferevent_setwatermark(bev_, EV_WRITE, 0, 0);
+    evbuffer* out = bufferevent_get_output(bev_);
+    if (evbuffer_get_length(out) == 0) {
+        shutdown(bufferevent_getfd(bev_), SHUT_WR);
+        arm_timer(kLingerTime);
+    }
+    // else on_write half-closes once the output has drained
+}
+
+void ClientH1::destroy() {
+    if (destroying_) return;
+    destroying_ = true;
+    bufferevent_disable(bev_, EV_READ | EV_WRITE);
+    evtimer_del(timer_);
+    event_active(next_, 0, 0);  // delete once the current callback chain has unwound
+}
+
+void ClientH1::drain() {
+    draining_ = true;
+    if (state_ == State::Idle) destroy();
+    else keep_alive_ = false;
+}
+
+void ClientH1::close_now() {
+    if (exchange_) exchange_->abort();
+    worker_.connection_closed(this);
+    delete this;
+}
+
+evbuffer* ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
+                                   http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
+    status_ = status;
+    if (exchange_) {
+        instance_id_ = exchange_->routed_id();
+        backend_ = exchange_->routed_backend();
+    }
+    std::string out;
+    out.reserve(256 + headers.size() * 48);
+    out.append("HTTP/1.1 ");
+    out.append(std::to_string(status));
+    out += ' ';
+    out.append(reason.empty() ? std::string_view(http1::status_reason(status)) : reason);
+    out.append("\r\n");
+    for (const auto& h : headers) {
+        out.append(h.name);
+        out.append(": ");
+        out.append(h.value);
+        out.append("\r\n");
+    }
+    chunked_out = false;
+    switch (upstream_framing) {
+    case http1::Framing::Length:
+        out.append("Content-Length: ");
+        out.append(std::to_string(content_length));
+        out.append("\r\n");
+        break;
+    case http1::Framing::Chunked:
+    case http1::Framing::UntilClose:
+        if (request_.version_minor == 1) {
+            out.append("Transfer-Encoding: chunked\r\n");
+            chunked_out = true;
+        } else {
+            keep_alive_ = false;  // an HTTP/1.0 client learns the end from the close
+        }
+        break;
+    case http1::Framing::None: break;
+    }
+    if (!keep_alive_) out.append("Connection: close\r\n");
+    out.append("\r\n");
+    evbuffer* output = bufferevent_get_output(bev_);
+    evbuffer_add(output, out.data(), out.size());
+    return output;
+}
+
+void ClientH1::interim_response(int status, std::string_view reason) {
+    if (request_.version_minor < 1) return;
+    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reason) + "\r\n\r\n";
+    evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
+}
+
+void ClientH1::response_data() {}
+
+bool ClientH1::response_sink_full() {
+    if (evbuffer_get_length(bufferevent_get_output(bev_)) <= kOutputHighWater) return false;
+    exchange_paused_ = true;
+    bufferevent_setwatermark(bev_, EV_WRITE, kOutputLowWater, 0);
+    return true;
+}
+
+void ClientH1::response_done() {
+    bytes_out_ = exchange_->response_bytes();
+    Metrics::get().client_sent_bytes.Increment(double(bytes_out_));
+    retired_ = std::move(exchange_);
+    finish_request();
+}
+
+void ClientH1::exchange_failed(int status, const char* why, bool response_started) {
+    Decision decision = exchange_->decision();
+    instance_id_ = exchange_->routed_id();
+    backend_ = exchange_->routed_backend();
+    bytes_out_ = exchange_->response_bytes();
+    retired_ = std::move(exchange_);
+    if (response_started) {
+        // The response is already on its way: end the connection without the closing framing,
+        // so the client sees the stream break instead of a silent truncation.
+        log::warn("response cut short", {{"instance", instance_id_}, {"reason", why}, {"client", client_ip_}});
+        keep_alive_ = false;
+        log_access();
+        close_after_flush();
+        return;
+    }
+    if (!request_done_) keep_alive_ = false;
+    std::string body;
+    std::string extra;
+    if (decision == Decision::Pinned && status == 503) {
+        std::string data = "\"instanceId\":" + json_string(request_.get(worker_.config().instance_header)) +
+                           ",\"reason\":\"connect-failed\"";
+        body = jsonrpc_error("null", -32000, "Instance not available", data);
+        extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
+    } else if (status == 503) {
+        body = jsonrpc_error("null", -32000, "No healthy instance available", "\"reason\":" + json_string(why));
+        extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
+    } else {
+        body = jsonrpc_error("null", -32000, http1::status_reason(status), "\"reason\":" + json_string(why));
+    }
+    send_local(status, "application/json", body, extra);
+    finish_request();
+}
+
+}  // namespace stepflow

@@ -1,0 +1,99 @@
+// A client connection speaking HTTP/1.1: reads request heads, hands each request to an Exchange,
+// streams the request body up and the response back, keeps the connection alive between
+// requests, and answers malformed input itself without contacting a worker.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "proxy/client.h"
+#include "proxy/exchange.h"
+#include "proxy/http1.h"
+
+struct bufferevent;
+struct event;
+struct evbuffer;
+
+namespace stepflow {
+
+class Worker;
+
+class ClientH1 final : public ClientConnection, public Downstream {
+public:
+    ClientH1(Worker& worker, int fd, std::string client_ip, bool tls);
+    ~ClientH1() override;
+
+    void drain() override;
+    void close_now() override;
+
+    // Downstream
+    evbuffer* start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
+                             http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) override;
+    void interim_response(int status, std::string_view reason) override;
+    void response_data() override;
+    bool response_sink_full() override;
+    void response_done() override;
+    void exchange_failed(int status, const char* why, bool response_started) override;
+    void request_sink_ready() override;
+
+private:
+    enum class State {
+        Idle,         // between requests, nothing received yet
+        ReadingHead,  // part of a head received
+        Proxying,     // an exchange is under way
+        LocalBody,    // reading a request body to answer it ourselves
+        Closing,      // flushing the last bytes, then close
+    };
+
+    static void on_read(bufferevent*, void* arg);
+    static void on_write(bufferevent*, void* arg);
+    static void on_event(bufferevent*, short what, void* arg);
+    static void on_timer(int, short, void* arg);
+    static void on_next(int, short, void* arg);
+
+    void process_input();
+    void parse_head();
+    void pump_request_body();
+    void collect_local_body();
+    void answer_locally();
+    void finish_request();
+    void enter_idle();
+    void send_error(int status, const char* why);
+    void send_local(int status, std::string_view content_type, const std::string& body, std::string_view extra_headers);
+    void close_after_flush();
+    void destroy();
+    void arm_timer(Millis ms);
+    void log_access();
+
+    Worker& worker_;
+    bufferevent* bev_ = nullptr;
+    event* timer_ = nullptr;
+    event* next_ = nullptr;  // deferred work: runs after the current callback chain unwinds
+    std::string client_ip_;
+    bool tls_;
+    State state_ = State::Idle;
+    bool keep_alive_ = true;
+    bool draining_ = false;
+    bool destroying_ = false;
+    bool request_done_ = false;
+    bool exchange_paused_ = false;  // the worker is not being read until the client catches up
+    size_t scan_from_ = 0;
+    uint64_t requests_ = 0;
+
+    http1::Head request_;
+    http1::BodyPump request_pump_;
+    std::unique_ptr<Exchange> exchange_;
+    std::unique_ptr<Exchange> retired_;  // kept alive until no callback of it is on the stack
+
+    // Local answers (routing misses) and the request's outcome for the access log.
+    RouteOutcome local_;
+    evbuffer* local_body_ = nullptr;
+    int status_ = 0;
+    Decision decision_ = Decision::None;
+    std::string instance_id_, backend_;
+    uint64_t bytes_in_ = 0, bytes_out_ = 0;
+    std::chrono::steady_clock::time_point started_;
+};
+
+}  // namespace stepflow

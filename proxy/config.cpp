@@ -1,0 +1,232 @@
+#include "proxy/config.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include "proxy/net.h"
+
+namespace stepflow {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) {
+    std::fprintf(stderr, "stepflow-lb: configuration error: %s\n(see stepflow-lb --help)\n", message.c_str());
+    std::exit(2);
+}
+
+void duration_flag(const std::string& name, const std::string& text, Millis& out, bool allow_zero) {
+    if (text.empty()) return;
+    if (!parse_duration(text, out)) fail(name + ": '" + text + "' is not a duration (examples: 250ms, 10s, 2m, 1)");
+    if (!allow_zero && out.count() <= 0) fail(name + ": must be greater than zero");
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    size_t start = 0;
+    while (start <= s.size()) {
+        size_t comma = s.find(',', start);
+        if (comma == std::string::npos) comma = s.size();
+        std::string item = s.substr(start, comma - start);
+        while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+        while (!item.empty() && item.back() == ' ') item.pop_back();
+        if (!item.empty()) out.push_back(item);
+        start = comma + 1;
+    }
+    return out;
+}
+
+bool valid_header_name(const std::string& s) {
+    if (s.empty()) return false;
+    for (unsigned char c : s)
+        if (!(std::isalnum(c) || std::string_view("!#$%&'*+-.^_`|~").find(static_cast<char>(c)) != std::string_view::npos))
+            return false;
+    return true;
+}
+
+}  // namespace
+
+bool parse_duration(const std::string& text, Millis& out) {
+    if (text.empty()) return false;
+    size_t pos = 0;
+    double value = 0;
+    try {
+        value = std::stod(text, &pos);
+    } catch (...) {
+        return false;
+    }
+    if (!std::isfinite(value) || value < 0 || text[0] == '-' || text[0] == '+' || std::isspace(static_cast<unsigned char>(text[0])))
+        return false;
+    std::string unit = text.substr(pos);
+    double ms;
+    if (unit.empty() || unit == "s") ms = value * 1000;
+    else if (unit == "ms") ms = value;
+    else if (unit == "m") ms = value * 60 * 1000;
+    else if (unit == "h") ms = value * 3600 * 1000;
+    else return false;
+    if (ms > 1e12) return false;
+    out = Millis(static_cast<int64_t>(std::llround(ms)));
+    return true;
+}
+
+Config parse_config(int argc, char** argv) {
+    Config cfg;
+    CLI::App app{"stepflow-lb: an instance-aware load balancer for Stepflow component workers.\n"
+                 "Durations take a unit (250ms, 10s, 2m, 1h) or are seconds. Every flag can also be set\n"
+                 "through the environment variable shown beside it; a flag wins over its variable."};
+    app.set_help_flag("-h,--help", "Print this help and exit");
+    app.get_formatter()->column_width(44);
+
+    std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
+    std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
+        keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, drain_timeout, dns_interval;
+
+    app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
+        ->envname("BIND_ADDRESS")->capture_default_str();
+    app.add_option("--admin-listen", cfg.admin_listen, "Admin listener: /health /ready /metrics /debug/backends")
+        ->envname("METRICS_ADDRESS")->capture_default_str();
+    app.add_option("--threads", cfg.threads, "Event-loop threads for proxied traffic (0: one per core)")
+        ->envname("STEPFLOW_LB_THREADS")->capture_default_str();
+
+    app.add_option("--discovery", discovery,
+                   "static|dns|kubernetes (default: static with --backends, dns with --upstream-service, "
+                   "kubernetes inside a pod)")->envname("STEPFLOW_LB_DISCOVERY");
+    app.add_option("--backends", backends, "Static backends: host:port,host:port,...")->envname("STEPFLOW_LB_BACKENDS");
+    app.add_option("--upstream-service", cfg.upstream_service, "DNS mode: host:port re-resolved every --dns-interval")
+        ->envname("UPSTREAM_SERVICE");
+    app.add_option("--dns-interval", dns_interval, "DNS mode: re-resolution interval [10s]")->envname("STEPFLOW_LB_DNS_INTERVAL");
+    app.add_option("--namespace", cfg.k8s_namespace, "Kubernetes: worker namespace (default: the service account's)")
+        ->envname("STEPFLOW_LB_NAMESPACE");
+    app.add_option("--service", cfg.k8s_service, "Kubernetes: worker Service name")->envname("STEPFLOW_LB_SERVICE");
+    app.add_option("--port-name", cfg.k8s_port_name, "Kubernetes: EndpointSlice port name to use")
+        ->envname("STEPFLOW_LB_WORKER_PORT_NAME");
+    app.add_option("--port", cfg.k8s_port, "Kubernetes: EndpointSlice port number to use")->envname("STEPFLOW_LB_WORKER_PORT");
+    app.add_option("--k8s-api", k8s_api, "Kubernetes: endpointslices|endpoints [endpointslices]")->envname("STEPFLOW_LB_K8S_API");
+    app.add_option("--k8s-api-server", cfg.k8s_api_server,
+                   "Kubernetes: API server URL (default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)")
+        ->envname("STEPFLOW_LB_K8S_API_SERVER");
+    app.add_option("--k8s-token-file", cfg.k8s_token_file, "Kubernetes: bearer token file")
+        ->envname("STEPFLOW_LB_K8S_TOKEN_FILE")->capture_default_str();
+    app.add_option("--k8s-ca-file", cfg.k8s_ca_file, "Kubernetes: CA bundle for the API server")
+        ->envname("STEPFLOW_LB_K8S_CA_FILE")->capture_default_str();
+
+    app.add_option("--health-interval", health_interval, "Active /health check interval [5s]")->envname("HEALTH_CHECK_INTERVAL");
+    app.add_option("--health-timeout", health_timeout, "Active /health check timeout [2s]")->envname("HEALTH_CHECK_TIMEOUT");
+    app.add_option("--max-failures", cfg.max_failures, "Consecutive failures that make an instance unhealthy")
+        ->envname("MAX_FAILURES")->capture_default_str();
+
+    app.add_option("--instance-header", cfg.instance_header, "Header that pins a request to an instance")
+        ->envname("STEPFLOW_LB_INSTANCE_HEADER")->capture_default_str();
+    app.add_option("--retry-after", cfg.retry_after_seconds, "Retry-After seconds on 503 answers")
+        ->envname("STEPFLOW_LB_RETRY_AFTER")->capture_default_str();
+
+    app.add_option("--connect-timeout", connect_timeout, "Upstream connect timeout [2s]")->envname("STEPFLOW_LB_CONNECT_TIMEOUT");
+    app.add_option("--upstream-header-timeout", upstream_header_timeout,
+                   "Time for an upstream to send its response head [5m]")->envname("STEPFLOW_LB_UPSTREAM_HEADER_TIMEOUT");
+    app.add_option("--request-header-timeout", request_header_timeout, "Time for a client to send a request head (408 after) [10s]")
+        ->envname("STEPFLOW_LB_REQUEST_HEADER_TIMEOUT");
+    app.add_option("--keepalive-idle-timeout", keepalive_idle_timeout, "Idle time allowed between client requests [60s]")
+        ->envname("STEPFLOW_LB_KEEPALIVE_IDLE_TIMEOUT");
+    app.add_option("--stream-idle-timeout", stream_idle_timeout,
+                   "Cut a response body (e.g. SSE) silent for this long; 0 = never [0]")->envname("STEPFLOW_LB_STREAM_IDLE_TIMEOUT");
+    app.add_option("--upstream-idle-timeout", upstream_idle_timeout, "Close pooled idle upstream connections after [30s]")
+        ->envname("STEPFLOW_LB_UPSTREAM_IDLE_TIMEOUT");
+    app.add_option("--drain-timeout", drain_timeout, "On SIGTERM, time given to requests in flight [30s]")
+        ->envname("STEPFLOW_LB_DRAIN_TIMEOUT");
+
+    app.add_option("--max-header-size", cfg.max_header_size, "Largest request head in bytes (431 beyond)")
+        ->envname("STEPFLOW_LB_MAX_HEADER_SIZE")->capture_default_str();
+    app.add_option("--max-headers", cfg.max_headers, "Most header fields in a request (431 beyond)")
+        ->envname("STEPFLOW_LB_MAX_HEADERS")->capture_default_str();
+
+    app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->envname("STEPFLOW_LOG_LEVEL")->capture_default_str();
+    app.add_option("--log-format", log_format, "json|text")->envname("STEPFLOW_LOG_FORMAT")->capture_default_str();
+    app.add_option("--access-log", access_log, "on|off: one log line per request")->envname("STEPFLOW_LB_ACCESS_LOG")
+        ->capture_default_str();
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+        std::fputs(app.help().c_str(), stdout);
+        std::exit(0);
+    } catch (const CLI::ParseError& e) {
+        fail(e.what());
+    }
+
+    if (!log::parse_level(log_level, cfg.log_level)) fail("--log-level: '" + log_level + "' is not one of trace|debug|info|warn|error");
+    if (!log::parse_format(log_format, cfg.log_format)) fail("--log-format: '" + log_format + "' is not json or text");
+    if (access_log == "on" || access_log == "true" || access_log == "1") cfg.access_log = true;
+    else if (access_log == "off" || access_log == "false" || access_log == "0") cfg.access_log = false;
+    else fail("--access-log: '" + access_log + "' is not on or off");
+
+    duration_flag("--health-interval", health_interval, cfg.health_interval, false);
+    duration_flag("--health-timeout", health_timeout, cfg.health_timeout, false);
+    duration_flag("--connect-timeout", connect_timeout, cfg.connect_timeout, false);
+    duration_flag("--upstream-header-timeout", upstream_header_timeout, cfg.upstream_header_timeout, false);
+    duration_flag("--request-header-timeout", request_header_timeout, cfg.request_header_timeout, false);
+    duration_flag("--keepalive-idle-timeout", keepalive_idle_timeout, cfg.keepalive_idle_timeout, false);
+    duration_flag("--stream-idle-timeout", stream_idle_timeout, cfg.stream_idle_timeout, true);
+    duration_flag("--upstream-idle-timeout", upstream_idle_timeout, cfg.upstream_idle_timeout, false);
+    duration_flag("--drain-timeout", drain_timeout, cfg.drain_timeout, true);
+    duration_flag("--dns-interval", dns_interval, cfg.dns_interval, false);
+
+    if (cfg.threads < 0 || cfg.threads > 256) fail("--threads: must be between 0 and 256");
+    if (cfg.threads == 0) cfg.threads = std::max(1u, std::thread::hardware_concurrency());
+    if (cfg.max_failures < 1 || cfg.max_failures > 1000) fail("--max-failures: must be between 1 and 1000");
+    if (cfg.retry_after_seconds < 0 || cfg.retry_after_seconds > 3600) fail("--retry-after: must be between 0 and 3600");
+    if (cfg.max_header_size < 1024 || cfg.max_header_size > 1024 * 1024)
+        fail("--max-header-size: must be between 1024 and 1048576");
+    if (cfg.max_headers < 8 || cfg.max_headers > 10000) fail("--max-headers: must be between 8 and 10000");
+    if (!valid_header_name(cfg.instance_header)) fail("--instance-header: '" + cfg.instance_header + "' is not a header name");
+
+    HostPort hp;
+    if (!parse_host_port(cfg.listen, hp)) fail("--listen: '" + cfg.listen + "' is not host:port");
+    if (!parse_host_port(cfg.admin_listen, hp)) fail("--admin-listen: '" + cfg.admin_listen + "' is not host:port");
+
+    cfg.backends = split_list(backends);
+    for (const auto& b : cfg.backends)
+        if (!parse_host_port(b, hp) || hp.port == 0) fail("--backends: '" + b + "' is not host:port");
+
+    if (!k8s_api.empty()) {
+        if (k8s_api == "endpointslices") cfg.k8s_api = K8sApi::EndpointSlices;
+        else if (k8s_api == "endpoints") cfg.k8s_api = K8sApi::Endpoints;
+        else fail("--k8s-api: '" + k8s_api + "' is not endpointslices or endpoints");
+    }
+
+    if (discovery.empty()) {
+        if (!cfg.backends.empty()) cfg.discovery = DiscoveryMode::Static;
+        else if (!cfg.upstream_service.empty()) cfg.discovery = DiscoveryMode::Dns;
+        else if (std::getenv("KUBERNETES_SERVICE_HOST")) cfg.discovery = DiscoveryMode::Kubernetes;
+        else fail("no backends: give --backends host:port,..., --upstream-service host:port, or run in a pod "
+                  "with --service");
+    } else if (discovery == "static") {
+        cfg.discovery = DiscoveryMode::Static;
+    } else if (discovery == "dns") {
+        cfg.discovery = DiscoveryMode::Dns;
+    } else if (discovery == "kubernetes") {
+        cfg.discovery = DiscoveryMode::Kubernetes;
+    } else {
+        fail("--discovery: '" + discovery + "' is not static, dns or kubernetes");
+    }
+
+    switch (cfg.discovery) {
+    case DiscoveryMode::Static:
+        if (cfg.backends.empty()) fail("--discovery static needs --backends host:port,...");
+        break;
+    case DiscoveryMode::Dns:
+        if (!parse_host_port(cfg.upstream_service, hp) || hp.port == 0)
+            fail("--discovery dns needs --upstream-service host:port (got '" + cfg.upstream_service + "')");
+        break;
+    case DiscoveryMode::Kubernetes:
+        if (cfg.k8s_service.empty()) fail("--discovery kubernetes needs --service (the worker Service's name)");
+        if (cfg.k8s_port < 0 || cfg.k8s_port > 65535) fail("--port: must be between 1 and 65535");
+        if (!cfg.k8s_port_name.empty() && cfg.k8s_port != 0) fail("give --port-name or --port, not both");
+        break;
+    }
+    return cfg;
+}
+
+}  // namespace stepflow

@@ -1,0 +1,75 @@
+// Every setting of the balancer, parsed once from flags and environment at start-up.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "proxy/log.h"
+
+namespace stepflow {
+
+using Millis = std::chrono::milliseconds;
+
+enum class DiscoveryMode { Static, Dns, Kubernetes };
+enum class K8sApi { EndpointSlices, Endpoints };
+
+struct Config {
+    // Listeners
+    std::string listen = "0.0.0.0:8080";
+    std::string admin_listen = "0.0.0.0:9090";
+    int threads = 0;  // 0: one per core
+
+    // Discovery
+    DiscoveryMode discovery = DiscoveryMode::Static;
+    std::vector<std::string> backends;  // static mode
+    std::string upstream_service;       // dns mode: host:port
+    Millis dns_interval{10000};
+    std::string k8s_namespace;
+    std::string k8s_service;
+    std::string k8s_port_name;
+    int k8s_port = 0;
+    K8sApi k8s_api = K8sApi::EndpointSlices;
+    std::string k8s_api_server;  // URL; default from KUBERNETES_SERVICE_HOST/PORT
+    std::string k8s_token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    std::string k8s_ca_file = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+    // Health
+    Millis health_interval{5000};
+    Millis health_timeout{2000};
+    int max_failures = 3;
+
+    // Routing
+    std::string instance_header = "Stepflow-Instance-Id";
+    int retry_after_seconds = 1;
+
+    // Timeouts (0 = off where noted)
+    Millis connect_timeout{2000};
+    Millis upstream_header_timeout{300000};
+    Millis request_header_timeout{10000};
+    Millis keepalive_idle_timeout{60000};
+    Millis stream_idle_timeout{0};    // off: an open SSE stream is never cut for being quiet
+    Millis upstream_idle_timeout{30000};  // pooled idle upstream connections
+    Millis drain_timeout{30000};
+
+    // Limits
+    size_t max_header_size = 64 * 1024;
+    int max_headers = 100;
+    size_t max_idle_upstream_per_instance = 64;  // per thread
+
+    // Logging
+    log::Level log_level = log::Level::Info;
+    log::Format log_format = log::Format::Json;
+    bool access_log = true;
+};
+
+// Parses argv and the environment. On --help prints usage and exits 0; on bad input prints one
+// clear message to stderr and exits 2.
+Config parse_config(int argc, char** argv);
+
+// "250ms", "10s", "2m", "1h" or a bare number of seconds ("1", "0.5"). False when malformed.
+bool parse_duration(const std::string& text, Millis& out);
+
+}  // namespace stepflow

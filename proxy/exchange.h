@@ -1,0 +1,120 @@
+// One request's trip to a worker and back: route it, connect (retrying new work elsewhere when
+// a connection cannot be opened), send the head and body, stream the response back. The client
+// side is behind the Downstream interface so HTTP/1.1 and HTTP/2 connections share this code.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "discovery/instance.h"
+#include "proxy/http1.h"
+#include "proxy/metrics.h"
+#include "proxy/upstream.h"
+
+struct evbuffer;
+
+namespace stepflow {
+
+class Worker;
+
+// Everything the exchange needs to tell the client side. Calls come from the event loop.
+class Downstream {
+public:
+    virtual ~Downstream() = default;
+    // The worker's response head, filtered of hop-by-hop fields, plus the routing headers.
+    // Returns where body payload goes and whether the pump must chunk-encode it.
+    virtual evbuffer* start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
+                                     http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) = 0;
+    virtual void interim_response(int status, std::string_view reason) = 0;  // 100 Continue, 103
+    virtual void response_data() = 0;                                         // more bytes in the sink
+    virtual bool response_sink_full() = 0;                                    // stop reading the worker
+    virtual void response_done() = 0;
+    // The exchange failed. Before the response head: answer `status` with a JSON-RPC error.
+    // After it: the response is cut short and the client must see an error.
+    virtual void exchange_failed(int status, const char* why, bool response_started) = 0;
+    // The upstream request head went out; body bytes may be written to `request_sink` now.
+    virtual void request_sink_ready() = 0;
+};
+
+struct RouteOutcome {
+    enum Kind { Routed, PinnedMiss, NoInstance } kind = Routed;
+    stepflow::PinnedMiss miss = stepflow::PinnedMiss::UnknownInstance;
+    std::string pinned_id;
+};
+
+class Exchange final : public UpstreamConn::Handler {
+public:
+    Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, std::string client_ip,
+             bool client_tls);
+    ~Exchange() override;
+
+    // Chooses an instance and starts connecting. On a routing miss nothing is started.
+    RouteOutcome route();
+
+    // Where request body bytes go (the upstream connection's output), nullptr until connected.
+    evbuffer* request_sink() const;
+    bool request_sink_full() const;
+    bool request_chunked() const { return request_chunked_; }
+    // The client finished sending the request body.
+    void request_body_done();
+    // The client can take more response bytes again.
+    void resume_response();
+    // The client went away or the exchange must stop: close the upstream connection, which is the
+    // worker's signal that the request was cancelled.
+    void abort();
+
+    Decision decision() const { return decision_; }
+    // The instance the request went to (empty before routing): kept after the exchange ends, for logs.
+    const std::string& routed_id() const { return instance_ ? instance_->id : routed_id_; }
+    const std::string& routed_backend() const { return instance_ ? instance_->address : routed_backend_; }
+    int response_status() const { return status_; }
+    uint64_t response_bytes() const { return response_pump_.payload_bytes(); }
+    bool response_is_sse() const { return sse_; }
+    bool finished() const { return finished_; }
+
+    // UpstreamConn::Handler
+    void upstream_connected() override;
+    void upstream_readable() override;
+    void upstream_writable() override;
+    void upstream_closed(bool eof, const char* why) override;
+
+private:
+    bool connect_to(const InstancePtr& inst);
+    void connect_failed(const char* why);
+    void send_request_head();
+    bool parse_response_head();
+    void pump_response();
+    void complete_response();
+    void finish(bool reuse_connection);
+    void fail(int status, const char* why);
+    void release_instance();
+    void release_instance_keep_id();
+
+    Worker& worker_;
+    Downstream& downstream_;
+    const http1::Head& request_;
+    std::string client_ip_;
+    bool client_tls_;
+
+    Decision decision_ = Decision::None;
+    InstancePtr instance_;  // holds the in-flight count while set
+    std::string routed_id_, routed_backend_;
+    std::vector<Instance*> tried_;
+    std::unique_ptr<UpstreamConn> conn_;
+    bool request_chunked_ = false;
+    bool request_done_ = false;
+    bool head_sent_ = false;
+    bool response_started_ = false;
+    bool response_done_ = false;
+    bool finished_ = false;
+    bool sse_ = false;
+    int status_ = 0;
+    size_t scan_from_ = 0;
+    http1::Head response_;
+    http1::BodyPump response_pump_;
+    evbuffer* sink_ = nullptr;
+};
+
+}  // namespace stepflow

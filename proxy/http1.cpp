@@ -1,0 +1,407 @@
+#include "proxy/http1.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <cstring>
+
+#include <event2/buffer.h>
+
+namespace stepflow::http1 {
+namespace {
+
+constexpr std::array<bool, 256> make_tchar_table() {
+    std::array<bool, 256> t{};
+    for (int c = '0'; c <= '9'; ++c) t[size_t(c)] = true;
+    for (int c = 'a'; c <= 'z'; ++c) t[size_t(c)] = true;
+    for (int c = 'A'; c <= 'Z'; ++c) t[size_t(c)] = true;
+    for (char c : std::string_view("!#$%&'*+-.^_`|~")) t[static_cast<unsigned char>(c)] = true;
+    return t;
+}
+constexpr std::array<bool, 256> kTchar = make_tchar_table();
+
+bool is_tchar(unsigned char c) { return kTchar[c]; }
+
+bool is_token(std::string_view s) {
+    if (s.empty()) return false;
+    for (unsigned char c : s)
+        if (!is_tchar(c)) return false;
+    return true;
+}
+
+// Field values: VCHAR, obs-text, SP and HTAB; never CR, LF or NUL.
+bool valid_field_value(std::string_view v) {
+    for (unsigned char c : v)
+        if ((c < 0x20 && c != '\t') || c == 0x7f) return false;
+    return true;
+}
+
+std::string_view trim_ows(std::string_view v) {
+    while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+    while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.remove_suffix(1);
+    return v;
+}
+
+bool parse_decimal(std::string_view s, uint64_t& out) {
+    if (s.empty() || s.size() > 18) return false;
+    uint64_t v = 0;
+    for (char c : s) {
+        if (c < '0' || c > '9') return false;
+        v = v * 10 + uint64_t(c - '0');
+    }
+    out = v;
+    return true;
+}
+
+// Calls fn(element) for each comma-separated element of a list-valued header, trimmed.
+template <class Fn>
+void for_each_element(std::string_view v, Fn fn) {
+    while (!v.empty()) {
+        size_t comma = v.find(',');
+        std::string_view item = trim_ows(v.substr(0, comma));
+        if (!item.empty()) fn(item);
+        if (comma == std::string_view::npos) break;
+        v.remove_prefix(comma + 1);
+    }
+}
+
+// Splits head.raw into the start line and header fields. Every line must end in CRLF.
+Error split_lines(Head& head, std::string_view& start_line, const Limits& limits) {
+    std::string_view rest(head.raw);
+    size_t eol = rest.find("\r\n");
+    if (eol == std::string_view::npos) return {400, "bad start line"};
+    start_line = rest.substr(0, eol);
+    rest.remove_prefix(eol + 2);
+    head.headers.clear();
+    while (true) {
+        eol = rest.find("\r\n");
+        if (eol == std::string_view::npos) return {400, "bad header line"};
+        std::string_view line = rest.substr(0, eol);
+        rest.remove_prefix(eol + 2);
+        if (line.empty()) break;
+        if (line.front() == ' ' || line.front() == '\t') return {400, "obsolete header folding"};
+        size_t colon = line.find(':');
+        if (colon == std::string_view::npos) return {400, "header line without colon"};
+        std::string_view name = line.substr(0, colon);
+        if (!is_token(name)) return {400, "bad header name"};
+        std::string_view value = trim_ows(line.substr(colon + 1));
+        if (!valid_field_value(value)) return {400, "bad header value"};
+        if (static_cast<int>(head.headers.size()) >= limits.max_headers) return {431, "too many header fields"};
+        head.headers.push_back({name, value});
+    }
+    return {};
+}
+
+// Shared by requests and responses: Content-Length, Transfer-Encoding, Connection.
+Error read_framing_headers(Head& head, bool& has_te, bool& has_cl) {
+    has_te = has_cl = false;
+    bool chunked_last = false, close = false, keep_alive = false;
+    for (const auto& h : head.headers) {
+        if (iequals(h.name, "content-length")) {
+            uint64_t v = 0;
+            if (!parse_decimal(h.value, v)) return {400, "bad content-length"};
+            if (has_cl && v != head.content_length) return {400, "conflicting content-length"};
+            has_cl = true;
+            head.content_length = v;
+        } else if (iequals(h.name, "transfer-encoding")) {
+            has_te = true;
+            // Only "chunked", once, as the final coding is something we can frame.
+            int count = 0;
+            bool ok = true;
+            for_each_element(h.value, [&](std::string_view c) {
+                ++count;
+                if (!iequals(c, "chunked")) ok = false;
+            });
+            if (!ok || count != 1 || chunked_last) return {501, "unsupported transfer-encoding"};
+            chunked_last = true;
+        } else if (iequals(h.name, "connection")) {
+            for_each_element(h.value, [&](std::string_view c) {
+                if (iequals(c, "close")) close = true;
+                else if (iequals(c, "keep-alive")) keep_alive = true;
+            });
+        }
+    }
+    if (has_te && !chunked_last) return {400, "bad transfer-encoding"};
+    head.keep_alive = close ? false : (head.version_minor == 1 ? true : keep_alive);
+    return {};
+}
+
+}  // namespace
+
+bool iequals(std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+        char x = a[i], y = b[i];
+        if (x >= 'A' && x <= 'Z') x = char(x + 32);
+        if (y >= 'A' && y <= 'Z') y = char(y + 32);
+        if (x != y) return false;
+    }
+    return true;
+}
+
+std::string_view Head::get(std::string_view name) const {
+    for (const auto& h : headers)
+        if (iequals(h.name, name)) return h.value;
+    return {};
+}
+
+bool Head::has(std::string_view name) const {
+    for (const auto& h : headers)
+        if (iequals(h.name, name)) return true;
+    return false;
+}
+
+size_t find_head_end(evbuffer* in, size_t limit, size_t& scan_from) {
+    size_t len = evbuffer_get_length(in);
+    size_t start = scan_from > 3 ? scan_from - 3 : 0;
+    if (start < len) {
+        evbuffer_ptr from;
+        evbuffer_ptr_set(in, &from, start, EVBUFFER_PTR_SET);
+        evbuffer_ptr found = evbuffer_search(in, "\r\n\r\n", 4, &from);
+        if (found.pos >= 0) {
+            size_t end = static_cast<size_t>(found.pos) + 4;
+            return end > limit ? SIZE_MAX : end;
+        }
+    }
+    scan_from = len;
+    return len >= limit ? SIZE_MAX : 0;
+}
+
+Error parse_request(Head& head, const Limits& limits) {
+    std::string_view line;
+    if (auto e = split_lines(head, line, limits)) return e;
+
+    size_t sp1 = line.find(' ');
+    size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+    if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos)
+        return {400, "bad request line"};
+    head.method = line.substr(0, sp1);
+    head.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+    std::string_view version = line.substr(sp2 + 1);
+    if (!is_token(head.method)) return {400, "bad method"};
+    if (head.target.empty()) return {400, "empty request target"};
+    for (unsigned char c : head.target)
+        if (c <= 0x20 || c == 0x7f) return {400, "bad request target"};
+    if (version == "HTTP/1.1") head.version_minor = 1;
+    else if (version == "HTTP/1.0") head.version_minor = 0;
+    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/") return {505, "unsupported HTTP version"};
+    else return {400, "bad HTTP version"};
+    head.is_head_method = head.method == "HEAD";
+
+    bool has_te, has_cl;
+    if (auto e = read_framing_headers(head, has_te, has_cl)) return e;
+    if (has_te && has_cl) return {400, "both content-length and transfer-encoding"};
+    if (has_te && head.version_minor == 0) return {400, "transfer-encoding in HTTP/1.0"};
+    head.framing = has_te ? Framing::Chunked : (has_cl && head.content_length > 0 ? Framing::Length : Framing::None);
+
+    int hosts = 0;
+    for (const auto& h : head.headers) {
+        if (iequals(h.name, "host")) {
+            ++hosts;
+            head.host = h.value;
+        } else if (iequals(h.name, "expect")) {
+            if (iequals(h.value, "100-continue")) head.expect_continue = true;
+        }
+    }
+    if (hosts > 1) return {400, "more than one Host header"};
+    if (hosts == 0 && head.version_minor == 1) return {400, "missing Host header"};
+    return {};
+}
+
+Error parse_response(Head& head, bool request_was_head) {
+    std::string_view line;
+    Limits loose{1024 * 1024, 1000};
+    if (auto e = split_lines(head, line, loose)) return e;
+    if (line.size() < 12 || line.substr(0, 7) != "HTTP/1." || (line[7] != '0' && line[7] != '1') || line[8] != ' ')
+        return {502, "bad upstream status line"};
+    head.version_minor = line[7] - '0';
+    std::string_view code = line.substr(9, 3);
+    if (!std::all_of(code.begin(), code.end(), [](char c) { return c >= '0' && c <= '9'; }))
+        return {502, "bad upstream status code"};
+    head.status = (code[0] - '0') * 100 + (code[1] - '0') * 10 + (code[2] - '0');
+    if (head.status < 100) return {502, "bad upstream status code"};
+    if (line.size() > 12 && line[12] != ' ') return {502, "bad upstream status line"};
+    head.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
+
+    bool has_te, has_cl;
+    if (auto e = read_framing_headers(head, has_te, has_cl)) return {502, e.reason};
+    if (request_was_head || head.status < 200 || head.status == 204 || head.status == 304)
+        head.framing = Framing::None;
+    else if (has_te)
+        head.framing = Framing::Chunked;  // wins over any Content-Length (RFC 9112 §6.3)
+    else if (has_cl)
+        head.framing = head.content_length > 0 ? Framing::Length : Framing::None;
+    else
+        head.framing = Framing::UntilClose;
+    if (head.framing == Framing::UntilClose) head.keep_alive = false;
+    return {};
+}
+
+HopByHop::HopByHop(const Head& head) {
+    for (const auto& h : head.headers)
+        if (iequals(h.name, "connection")) for_each_element(h.value, [&](std::string_view c) { listed_.push_back(c); });
+}
+
+bool HopByHop::contains(std::string_view name) const {
+    static constexpr std::string_view fixed[] = {"connection", "keep-alive",        "proxy-connection", "te",
+                                                 "trailer",    "transfer-encoding", "upgrade"};
+    for (auto f : fixed)
+        if (iequals(name, f)) return true;
+    for (auto l : listed_)
+        if (iequals(name, l)) return true;
+    return false;
+}
+
+void BodyPump::start(Framing in_framing, uint64_t content_length, bool chunked_out) {
+    framing_ = in_framing;
+    chunked_out_ = chunked_out && in_framing != Framing::None;
+    payload_bytes_ = 0;
+    trailer_bytes_ = 0;
+    error_ = "";
+    switch (in_framing) {
+    case Framing::None: state_ = State::Done; break;
+    case Framing::Length: state_ = State::Data; remaining_ = content_length; break;
+    case Framing::UntilClose: state_ = State::Data; remaining_ = UINT64_MAX; break;
+    case Framing::Chunked: state_ = State::ChunkSize; break;
+    }
+}
+
+BodyPump::Status BodyPump::fail(const char* why) {
+    state_ = State::Failed;
+    error_ = why;
+    return Status::Error;
+}
+
+void BodyPump::emit_payload(evbuffer* in, evbuffer* out, size_t n) {
+    if (chunked_out_) {
+        char line[24];
+        int len = std::snprintf(line, sizeof line, "%zx\r\n", n);
+        evbuffer_add(out, line, static_cast<size_t>(len));
+    }
+    evbuffer_remove_buffer(in, out, n);
+    if (chunked_out_) evbuffer_add(out, "\r\n", 2);
+    payload_bytes_ += n;
+}
+
+void BodyPump::emit_end(evbuffer* out) {
+    if (chunked_out_) evbuffer_add(out, "0\r\n\r\n", 5);
+    state_ = State::Done;
+}
+
+void BodyPump::finish_on_close(evbuffer* out) {
+    if (framing_ == Framing::UntilClose && state_ == State::Data) emit_end(out);
+}
+
+BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
+    while (true) {
+        size_t avail = evbuffer_get_length(in);
+        switch (state_) {
+        case State::Done: return Status::Done;
+        case State::Failed: return Status::Error;
+        case State::Data: {
+            size_t n = static_cast<size_t>(std::min<uint64_t>(avail, remaining_));
+            if (n > 0) {
+                emit_payload(in, out, n);
+                if (framing_ == Framing::Length) remaining_ -= n;
+            }
+            if (framing_ == Framing::Length && remaining_ == 0) {
+                emit_end(out);
+                return Status::Done;
+            }
+            return Status::More;
+        }
+        case State::ChunkSize: {
+            size_t eol_len = 0;
+            evbuffer_ptr eol = evbuffer_search_eol(in, nullptr, &eol_len, EVBUFFER_EOL_CRLF_STRICT);
+            if (eol.pos < 0) {
+                if (avail > 1024) return fail("chunk size line too long");
+                return Status::More;
+            }
+            if (eol.pos > 1024) return fail("chunk size line too long");
+            char line[1030];
+            evbuffer_remove(in, line, static_cast<size_t>(eol.pos) + 2);
+            std::string_view sv(line, static_cast<size_t>(eol.pos));
+            size_t semi = sv.find(';');
+            std::string_view digits = sv.substr(0, semi);
+            if (semi != std::string_view::npos) digits = trim_ows(digits);
+            if (digits.empty() || digits.size() > 15) return fail("bad chunk size");
+            uint64_t size = 0;
+            for (char c : digits) {
+                int d;
+                if (c >= '0' && c <= '9') d = c - '0';
+                else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+                else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+                else return fail("bad chunk size");
+                size = size * 16 + uint64_t(d);
+            }
+            if (semi != std::string_view::npos && !valid_field_value(sv.substr(semi))) return fail("bad chunk extension");
+            if (size == 0) {
+                state_ = State::Trailers;
+            } else {
+                remaining_ = size;
+                state_ = State::ChunkData;
+            }
+            break;
+        }
+        case State::ChunkData: {
+            size_t n = static_cast<size_t>(std::min<uint64_t>(avail, remaining_));
+            if (n == 0) return Status::More;
+            emit_payload(in, out, n);
+            remaining_ -= n;
+            if (remaining_ == 0) state_ = State::ChunkDataEnd;
+            break;
+        }
+        case State::ChunkDataEnd: {
+            if (avail < 2) return Status::More;
+            char crlf[2];
+            evbuffer_remove(in, crlf, 2);
+            if (crlf[0] != '\r' || crlf[1] != '\n') return fail("chunk data not followed by CRLF");
+            state_ = State::ChunkSize;
+            break;
+        }
+        case State::Trailers: {
+            // Trailer fields are checked for shape and dropped: nothing downstream relies on them.
+            size_t eol_len = 0;
+            evbuffer_ptr eol = evbuffer_search_eol(in, nullptr, &eol_len, EVBUFFER_EOL_CRLF_STRICT);
+            if (eol.pos < 0) {
+                if (avail + trailer_bytes_ > 16 * 1024) return fail("trailers too large");
+                return Status::More;
+            }
+            size_t line_len = static_cast<size_t>(eol.pos);
+            trailer_bytes_ += line_len + 2;
+            if (trailer_bytes_ > 16 * 1024) return fail("trailers too large");
+            evbuffer_drain(in, line_len + 2);
+            if (line_len == 0) {
+                emit_end(out);
+                return Status::Done;
+            }
+            break;
+        }
+        }
+    }
+}
+
+const char* status_reason(int status) {
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+}  // namespace stepflow::http1

@@ -1,0 +1,113 @@
+// HTTP/1.1 message heads and body framing (RFC 9112), written for a proxy: heads are parsed from
+// one contiguous copy (they are small); bodies are never copied, only moved chain by chain
+// between libevent buffers while their framing is checked and re-emitted.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+struct evbuffer;
+
+namespace stepflow::http1 {
+
+struct Header {
+    std::string_view name;
+    std::string_view value;
+};
+
+enum class Framing { None, Length, Chunked, UntilClose };
+
+struct Limits {
+    size_t max_head_size = 64 * 1024;
+    int max_headers = 100;
+};
+
+// Why a request cannot be served; `status` is what the client is told (400, 431, 501, 505).
+struct Error {
+    int status = 0;
+    const char* reason = "";
+    explicit operator bool() const { return status != 0; }
+};
+
+struct Head {
+    std::string raw;  // owns the bytes every string_view below points into
+    std::vector<Header> headers;
+    int version_minor = 1;
+    Framing framing = Framing::None;
+    uint64_t content_length = 0;
+    bool keep_alive = true;
+
+    // Request fields
+    std::string_view method;
+    std::string_view target;
+    std::string_view host;
+    bool expect_continue = false;
+    bool is_head_method = false;
+
+    // Response fields
+    int status = 0;
+    std::string_view reason;
+
+    // First value of a header (case-insensitive name), empty view when absent.
+    std::string_view get(std::string_view name) const;
+    bool has(std::string_view name) const;
+};
+
+bool iequals(std::string_view a, std::string_view b);
+
+// Looks for a complete head at the front of `in`. Returns its length including the blank line,
+// 0 while incomplete, or SIZE_MAX when `limit` bytes arrived without one. `scan_from` remembers
+// how far earlier calls looked, so a slowly arriving head is not rescanned from the start.
+size_t find_head_end(evbuffer* in, size_t limit, size_t& scan_from);
+
+// Parse a complete head (as moved out of the buffer into `head.raw`).
+Error parse_request(Head& head, const Limits& limits);
+Error parse_response(Head& head, bool request_was_head);
+
+// Which headers never travel past this hop: the fixed set of RFC 9110 §7.6.1 plus any named in
+// the message's own Connection header.
+class HopByHop {
+public:
+    explicit HopByHop(const Head& head);
+    bool contains(std::string_view name) const;
+
+private:
+    std::vector<std::string_view> listed_;
+};
+
+// Streams a body from `in` to `out`, checking the incoming framing and emitting the outgoing
+// one (chunked or raw). Payload bytes are moved, not copied.
+class BodyPump {
+public:
+    enum class Status { More, Done, Error };
+
+    void start(Framing in_framing, uint64_t content_length, bool chunked_out);
+    // Moves what is available; Done once the body's end was seen (the end framing is written).
+    Status pump(evbuffer* in, evbuffer* out);
+    // For UntilClose bodies: the peer closed, which ends the body. Writes the end framing.
+    void finish_on_close(evbuffer* out);
+    bool done() const { return state_ == State::Done; }
+    bool until_close() const { return framing_ == Framing::UntilClose; }
+    uint64_t payload_bytes() const { return payload_bytes_; }
+    const char* error() const { return error_; }
+
+private:
+    enum class State { Data, ChunkSize, ChunkData, ChunkDataEnd, Trailers, Done, Failed };
+    Status fail(const char* why);
+    void emit_payload(evbuffer* in, evbuffer* out, size_t n);
+    void emit_end(evbuffer* out);
+
+    Framing framing_ = Framing::None;
+    bool chunked_out_ = false;
+    State state_ = State::Done;
+    uint64_t remaining_ = 0;
+    uint64_t payload_bytes_ = 0;
+    size_t trailer_bytes_ = 0;
+    const char* error_ = "";
+};
+
+const char* status_reason(int status);
+
+}  // namespace stepflow::http1

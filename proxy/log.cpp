@@ -1,0 +1,149 @@
+#include "proxy/log.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <unistd.h>
+
+namespace stepflow::log {
+namespace {
+
+std::atomic<Level> g_level{Level::Info};
+std::atomic<Format> g_format{Format::Json};
+
+const char* level_name(Level l) {
+    switch (l) {
+    case Level::Trace: return "trace";
+    case Level::Debug: return "debug";
+    case Level::Info: return "info";
+    case Level::Warn: return "warn";
+    case Level::Error: return "error";
+    }
+    return "info";
+}
+
+void append_time(std::string& out) {
+    auto now = std::chrono::system_clock::now();
+    auto secs = std::chrono::system_clock::to_time_t(now);
+    auto micros = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() % 1000000;
+    std::tm tm{};
+    gmtime_r(&secs, &tm);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<long long>(micros));
+    out += buf;
+}
+
+void append_value(std::string& out, const Field& f, bool json) {
+    if (auto s = std::get_if<std::string_view>(&f.value)) {
+        if (json) {
+            out += '"';
+            append_json_escaped(out, *s);
+            out += '"';
+        } else {
+            bool quote = s->empty() || s->find_first_of(" \"=") != std::string_view::npos;
+            if (quote) out += '"';
+            append_json_escaped(out, *s);
+            if (quote) out += '"';
+        }
+    } else if (auto i = std::get_if<int64_t>(&f.value)) {
+        out += std::to_string(*i);
+    } else if (auto d = std::get_if<double>(&f.value)) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.3f", *d);
+        out += buf;
+    } else if (auto b = std::get_if<bool>(&f.value)) {
+        out += *b ? "true" : "false";
+    }
+}
+
+}  // namespace
+
+bool parse_level(std::string_view s, Level& out) {
+    static constexpr std::pair<std::string_view, Level> names[] = {
+        {"trace", Level::Trace}, {"debug", Level::Debug}, {"info", Level::Info},
+        {"warn", Level::Warn},   {"warning", Level::Warn}, {"error", Level::Error}};
+    for (auto& [name, level] : names)
+        if (s == name) { out = level; return true; }
+    return false;
+}
+
+bool parse_format(std::string_view s, Format& out) {
+    if (s == "json") { out = Format::Json; return true; }
+    if (s == "text") { out = Format::Text; return true; }
+    return false;
+}
+
+void configure(Level level, Format format) {
+    g_level.store(level);
+    g_format.store(format);
+}
+
+bool enabled(Level level) { return level >= g_level.load(std::memory_order_relaxed); }
+
+void append_json_escaped(std::string& out, std::string_view s) {
+    static const char* hex = "0123456789abcdef";
+    for (unsigned char c : s) {
+        switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+            if (c < 0x20) {
+                out += "\\u00";
+                out += hex[c >> 4];
+                out += hex[c & 15];
+            } else {
+                out += static_cast<char>(c);
+            }
+        }
+    }
+}
+
+void write(Level level, std::string_view message, std::initializer_list<Field> fields) {
+    std::string line;
+    line.reserve(160);
+    if (g_format.load(std::memory_order_relaxed) == Format::Json) {
+        line += "{\"time\":\"";
+        append_time(line);
+        line += "\",\"level\":\"";
+        line += level_name(level);
+        line += "\",\"message\":\"";
+        append_json_escaped(line, message);
+        line += '"';
+        for (const auto& f : fields) {
+            line += ",\"";
+            append_json_escaped(line, f.key);
+            line += "\":";
+            append_value(line, f, true);
+        }
+        line += "}\n";
+    } else {
+        append_time(line);
+        line += ' ';
+        line += level_name(level);
+        line += ' ';
+        line += message;
+        for (const auto& f : fields) {
+            line += ' ';
+            line += f.key;
+            line += '=';
+            append_value(line, f, false);
+        }
+        line += '\n';
+    }
+    // One write per line keeps lines from different threads whole.
+    const char* p = line.data();
+    size_t left = line.size();
+    while (left > 0) {
+        ssize_t n = ::write(STDERR_FILENO, p, left);
+        if (n <= 0) break;
+        p += n;
+        left -= static_cast<size_t>(n);
+    }
+}
+
+}  // namespace stepflow::log

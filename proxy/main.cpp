@@ -1,0 +1,149 @@
+// stepflow-lb: wiring. The control thread runs discovery, health checks and the admin listener;
+// N worker threads run the data path. See docs/architecture.md.
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <unistd.h>
+
+#include "discovery/fleet_manager.h"
+#include "discovery/sources.h"
+#include "proxy/admin.h"
+#include "proxy/config.h"
+#include "proxy/log.h"
+#include "proxy/net.h"
+#include "proxy/worker.h"
+
+using namespace stepflow;
+
+namespace {
+
+[[noreturn]] void startup_error(const std::string& message) {
+    log::error("cannot start", {{"reason", message}});
+    std::fprintf(stderr, "stepflow-lb: %s\n", message.c_str());
+    std::exit(2);
+}
+
+// Opens one SO_REUSEPORT socket per thread on `spec`. With port 0 the first socket picks the
+// port and the others join it, so tests can ask for a free port without a race.
+std::vector<int> open_listeners(const std::string& spec, int count, std::string& bound) {
+    HostPort hp;
+    sockaddr_storage addr;
+    socklen_t len;
+    if (!parse_host_port(spec, hp) || !numeric_sockaddr(hp, addr, len))
+        startup_error("'" + spec + "' is not a numeric ip:port to listen on");
+    std::vector<int> fds;
+    for (int i = 0; i < count; ++i) {
+        std::string error;
+        int fd = open_listener(addr, len, true, error);
+        if (fd < 0) startup_error("cannot listen on " + spec + ": " + error);
+        if (i == 0) {
+            sockaddr_storage actual;
+            socklen_t actual_len = sizeof actual;
+            getsockname(fd, reinterpret_cast<sockaddr*>(&actual), &actual_len);
+            addr = actual;
+            bound = format_sockaddr(reinterpret_cast<sockaddr*>(&actual));
+        }
+        fds.push_back(fd);
+    }
+    return fds;
+}
+
+struct Shutdown {
+    event_base* base;
+    AdminServer* admin;
+    std::vector<std::unique_ptr<Worker>>* workers;
+    const Config* config;
+    event* poll = nullptr;
+    std::chrono::steady_clock::time_point deadline;
+    bool started = false;
+};
+
+void on_shutdown_poll(int, short, void* arg) {
+    auto* s = static_cast<Shutdown*>(arg);
+    size_t open = 0;
+    for (auto& w : *s->workers) open += w->open_connections();
+    if (open == 0) {
+        log::info("drained: exiting");
+        event_base_loopexit(s->base, nullptr);
+        return;
+    }
+    if (std::chrono::steady_clock::now() >= s->deadline) {
+        log::warn("drain timeout: closing remaining connections", {{"connections", uint64_t(open)}});
+        for (auto& w : *s->workers) w->force_stop();
+        event_base_loopexit(s->base, nullptr);
+        return;
+    }
+    timeval tv{0, 50 * 1000};
+    evtimer_add(s->poll, &tv);
+}
+
+void on_signal(int sig, short, void* arg) {
+    auto* s = static_cast<Shutdown*>(arg);
+    if (s->started) {
+        log::warn("second signal: exiting now");
+        for (auto& w : *s->workers) w->force_stop();
+        event_base_loopexit(s->base, nullptr);
+        return;
+    }
+    s->started = true;
+    log::info("shutting down: draining", {{"signal", sig}, {"drain_timeout_ms", int64_t(s->config->drain_timeout.count())}});
+    s->admin->set_shutting_down();
+    for (auto& w : *s->workers) w->begin_drain();
+    s->deadline = std::chrono::steady_clock::now() + s->config->drain_timeout;
+    s->poll = evtimer_new(s->base, on_shutdown_poll, s);
+    timeval tv{0, 0};
+    evtimer_add(s->poll, &tv);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Config config = parse_config(argc, argv);
+    log::configure(config.log_level, config.log_format);
+    std::signal(SIGPIPE, SIG_IGN);
+    evthread_use_pthreads();
+
+    event_base* control = event_base_new();
+    std::string error;
+    auto source = make_endpoint_source(config, control, error);
+    if (!source) startup_error(error);
+
+    std::string proxy_bound, admin_bound;
+    std::vector<int> proxy_fds = open_listeners(config.listen, config.threads, proxy_bound);
+    std::vector<int> admin_fds = open_listeners(config.admin_listen, 1, admin_bound);
+
+    FleetPublisher publisher;
+    FleetManager fleet(control, config, publisher);
+    AdminServer admin(control, admin_fds[0], fleet, source->describe());
+
+    std::vector<std::unique_ptr<Worker>> workers;
+    for (int i = 0; i < config.threads; ++i)
+        workers.push_back(std::make_unique<Worker>(i, config, publisher, std::vector<Listener>{{proxy_fds[size_t(i)], false}}));
+
+    Shutdown shutdown{control, &admin, &workers, &config, nullptr, {}, false};
+    event* sigterm = evsignal_new(control, SIGTERM, on_signal, &shutdown);
+    event* sigint = evsignal_new(control, SIGINT, on_signal, &shutdown);
+    event_add(sigterm, nullptr);
+    event_add(sigint, nullptr);
+
+    source->start([&fleet](std::vector<Endpoint> endpoints) { fleet.update(std::move(endpoints)); });
+    for (auto& w : workers) w->start();
+    log::info("listening", {{"proxy", proxy_bound}, {"admin", admin_bound}, {"threads", config.threads},
+                            {"discovery", source->describe()}, {"pid", int64_t(getpid())}});
+
+    event_base_dispatch(control);
+
+    for (auto& w : workers) w->join();
+    workers.clear();
+    event_free(sigterm);
+    event_free(sigint);
+    if (shutdown.poll) event_free(shutdown.poll);
+    source.reset();
+    log::info("stopped");
+    return 0;
+}

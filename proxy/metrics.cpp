@@ -1,0 +1,188 @@
+#include "proxy/metrics.h"
+
+#include <set>
+
+#include <prometheus/text_serializer.h>
+
+#include "discovery/fleet.h"
+
+namespace stepflow {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+
+std::mutex g_family_mutex;  // Family::Add is internally locked; this guards our lazy caches
+
+}  // namespace
+
+const char* to_string(Decision d) {
+    switch (d) {
+    case Decision::Pinned: return "pinned";
+    case Decision::LeastLoad: return "least-load";
+    case Decision::None: return "none";
+    }
+    return "none";
+}
+
+static constexpr const char* kMethods[kMethodLabels] = {"POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER"};
+
+uint8_t method_index(std::string_view method) {
+    for (uint8_t i = 0; i + 1 < kMethodLabels; ++i)
+        if (method == kMethods[i]) return i;
+    return kMethodLabels - 1;
+}
+
+const char* method_label(uint8_t index) { return kMethods[index < kMethodLabels ? index : kMethodLabels - 1]; }
+
+Metrics& Metrics::get() {
+    static Metrics* metrics = new Metrics(std::make_shared<prometheus::Registry>());
+    return *metrics;
+}
+
+Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
+    : requests_total(BuildCounter().Name("stepflow_lb_requests_total")
+                         .Help("Requests answered, by backend address, HTTP status and method").Register(*r)),
+      request_duration_ms(BuildHistogram().Name("stepflow_lb_request_duration_ms")
+                              .Help("Request duration in milliseconds (compatible name), by backend and method")
+                              .Register(*r)),
+      request_duration_seconds(BuildHistogram().Name("stepflow_lb_request_duration_seconds")
+                                   .Help("Request duration in seconds, head received to response end, by routing decision")
+                                   .Register(*r)),
+      active_connections(BuildGauge().Name("stepflow_lb_active_connections")
+                             .Help("Requests in flight per backend address (compatible name)").Register(*r)),
+      instance_in_flight(BuildGauge().Name("stepflow_lb_instance_in_flight")
+                             .Help("Requests in flight per instance, SSE streams included").Register(*r)),
+      backend_health(BuildGauge().Name("stepflow_lb_backend_health")
+                         .Help("1 when the instance takes new work, else 0").Register(*r)),
+      backend_pool_size(BuildGauge().Name("stepflow_lb_backend_pool_size")
+                            .Help("Instances that take new work (healthy, not draining)").Register(*r).Add({})),
+      backends_known(BuildGauge().Name("stepflow_lb_backends_known")
+                         .Help("Backends discovery currently reports, whatever their state").Register(*r).Add({})),
+      discovery_operations_total(BuildCounter().Name("stepflow_lb_discovery_operations_total")
+                                     .Help("Discovery operations by operation and result").Register(*r)),
+      health_checks_total(BuildCounter().Name("stepflow_lb_health_checks_total")
+                              .Help("Active /health checks by result").Register(*r)),
+      no_healthy_instance(BuildCounter().Name("stepflow_lb_no_healthy_instance_total")
+                              .Help("Unpinned requests answered 503 because no instance takes new work")
+                              .Register(*r).Add({})),
+      rejected_requests(BuildCounter().Name("stepflow_lb_rejected_requests_total")
+                            .Help("Malformed or oversized requests answered without contacting a worker")
+                            .Register(*r).Add({})),
+      upstream_connect_errors(BuildCounter().Name("stepflow_lb_upstream_connect_errors_total")
+                                  .Help("Failed connection attempts to workers").Register(*r).Add({})),
+      upstream_retries(BuildCounter().Name("stepflow_lb_upstream_retries_total")
+                           .Help("Unpinned requests re-sent to another instance after a connect failure")
+                           .Register(*r).Add({})),
+      sse_streams_open(BuildGauge().Name("stepflow_lb_sse_streams_open")
+                           .Help("text/event-stream responses currently streaming").Register(*r).Add({})),
+      sse_streams_total(BuildCounter().Name("stepflow_lb_sse_streams_total")
+                            .Help("text/event-stream responses started").Register(*r).Add({})),
+      client_received_bytes(BuildCounter().Name("stepflow_lb_client_received_bytes_total")
+                                .Help("Request body bytes received from clients").Register(*r).Add({})),
+      client_sent_bytes(BuildCounter().Name("stepflow_lb_client_sent_bytes_total")
+                            .Help("Response body bytes sent to clients").Register(*r).Add({})),
+      client_connections(BuildGauge().Name("stepflow_lb_client_connections")
+                             .Help("Open client connections").Register(*r).Add({})),
+      registry_(std::move(r)) {
+    auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
+                          .Help("Requests routed, by decision").Register(*registry_);
+    routing_decisions[size_t(Decision::Pinned)] = &decisions.Add({{"decision", "pinned"}});
+    routing_decisions[size_t(Decision::LeastLoad)] = &decisions.Add({{"decision", "least-load"}});
+    routing_decisions[size_t(Decision::None)] = &decisions.Add({{"decision", "none"}});
+    auto& misses = BuildCounter().Name("stepflow_lb_pinned_misses_total")
+                       .Help("Pinned requests answered 503 Instance not available, by reason").Register(*registry_);
+    pinned_misses[size_t(PinnedMiss::UnknownInstance)] = &misses.Add({{"reason", "unknown-instance"}});
+    pinned_misses[size_t(PinnedMiss::NotServing)] = &misses.Add({{"reason", "not-serving"}});
+    pinned_misses[size_t(PinnedMiss::ConnectFailed)] = &misses.Add({{"reason", "connect-failed"}});
+    auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")
+                          .Help("Responses received from workers, by status class").Register(*registry_);
+    const char* classes[] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
+    for (size_t i = 0; i < upstream_responses.size(); ++i)
+        upstream_responses[i] = &responses.Add({{"class", classes[i]}});
+}
+
+prometheus::Counter& Metrics::discovery_op(const std::string& operation, const std::string& result) {
+    return discovery_operations_total.Add({{"operation", operation}, {"result", result}});
+}
+
+std::string Metrics::render(const Fleet& fleet, size_t known) {
+    {
+        std::lock_guard lock(fleet_series_mutex_);
+        std::set<std::string> live_ids, live_backends;
+        std::map<std::string, double> per_backend;
+        double pool = 0;
+        for (const auto& inst : fleet.instances) {
+            live_ids.insert(inst->id);
+            live_backends.insert(inst->address);
+            auto it = instance_series_.find(inst->id);
+            if (it == instance_series_.end()) {
+                prometheus::Labels labels{{"backend", inst->address}, {"instance_id", inst->id}};
+                it = instance_series_.emplace(inst->id, std::make_pair(&backend_health.Add(labels),
+                                                                        &instance_in_flight.Add(labels))).first;
+            }
+            bool takes = inst->takes_new_work();
+            pool += takes ? 1 : 0;
+            double in_flight = inst->in_flight.load(std::memory_order_relaxed);
+            it->second.first->Set(takes ? 1 : 0);
+            it->second.second->Set(in_flight);
+            per_backend[inst->address] += in_flight;
+        }
+        for (auto it = instance_series_.begin(); it != instance_series_.end();) {
+            if (live_ids.count(it->first)) { ++it; continue; }
+            backend_health.Remove(it->second.first);
+            instance_in_flight.Remove(it->second.second);
+            it = instance_series_.erase(it);
+        }
+        for (auto& [backend, value] : per_backend) {
+            auto it = backend_series_.find(backend);
+            if (it == backend_series_.end())
+                it = backend_series_.emplace(backend, &active_connections.Add({{"backend", backend}})).first;
+            it->second->Set(value);
+        }
+        for (auto it = backend_series_.begin(); it != backend_series_.end();) {
+            if (live_backends.count(it->first)) { ++it; continue; }
+            active_connections.Remove(it->second);
+            it = backend_series_.erase(it);
+        }
+        backend_pool_size.Set(pool);
+        backends_known.Set(double(known));
+    }
+    return prometheus::TextSerializer{}.Serialize(registry_->Collect());
+}
+
+void RequestSeries::observe(const std::string& backend, int status, std::string_view method, double duration_ms,
+                            Decision decision) {
+    auto& m = Metrics::get();
+    uint8_t mi = method_index(method);
+    Key key{backend, status, mi};
+    auto it = counters_.find(key);
+    if (it == counters_.end()) {
+        std::lock_guard lock(g_family_mutex);
+        auto* c = &m.requests_total.Add({{"backend", backend}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
+        it = counters_.emplace(std::move(key), c).first;
+    }
+    it->second->Increment();
+
+    DurationKey dkey{backend, mi};
+    auto dit = durations_.find(dkey);
+    if (dit == durations_.end()) {
+        std::lock_guard lock(g_family_mutex);
+        static const prometheus::Histogram::BucketBoundaries ms_buckets{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
+        auto* h = &m.request_duration_ms.Add({{"backend", backend}, {"method", method_label(mi)}}, ms_buckets);
+        dit = durations_.emplace(std::move(dkey), h).first;
+    }
+    dit->second->Observe(duration_ms);
+
+    auto& sec = seconds_[size_t(decision)];
+    if (!sec) {
+        std::lock_guard lock(g_family_mutex);
+        static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                                       0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
+        sec = &m.request_duration_seconds.Add({{"decision", to_string(decision)}}, s_buckets);
+    }
+    sec->Observe(duration_ms / 1000.0);
+}
+
+}  // namespace stepflow

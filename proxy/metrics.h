@@ -1,0 +1,110 @@
+// The Prometheus registry and every metric the balancer exports. Families are created once;
+// request threads keep pointers to the series they touch (label sets never come from clients).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+namespace stepflow {
+
+struct Fleet;
+
+enum class Decision : uint8_t { Pinned, LeastLoad, None };
+const char* to_string(Decision d);
+
+// Reasons a pinned request could not reach its instance (label values of pinned_misses_total).
+enum class PinnedMiss : uint8_t { UnknownInstance, NotServing, ConnectFailed, Count };
+
+// HTTP methods we label by; anything else is "OTHER" so clients cannot mint series.
+uint8_t method_index(std::string_view method);
+const char* method_label(uint8_t index);
+constexpr uint8_t kMethodLabels = 8;
+
+class Metrics {
+public:
+    static Metrics& get();
+
+    prometheus::Registry& registry() { return *registry_; }
+    // Refreshes the gauges that mirror fleet state, then renders the text exposition.
+    std::string render(const Fleet& fleet, size_t backends_known);
+
+    // Families (public so the few places that add series can reach them).
+    prometheus::Family<prometheus::Counter>& requests_total;
+    prometheus::Family<prometheus::Histogram>& request_duration_ms;
+    prometheus::Family<prometheus::Histogram>& request_duration_seconds;
+    prometheus::Family<prometheus::Gauge>& active_connections;
+    prometheus::Family<prometheus::Gauge>& instance_in_flight;
+    prometheus::Family<prometheus::Gauge>& backend_health;
+    prometheus::Gauge& backend_pool_size;
+    prometheus::Gauge& backends_known;
+    prometheus::Family<prometheus::Counter>& discovery_operations_total;
+    prometheus::Family<prometheus::Counter>& health_checks_total;
+
+    std::array<prometheus::Counter*, 3> routing_decisions{};
+    std::array<prometheus::Counter*, size_t(PinnedMiss::Count)> pinned_misses{};
+    prometheus::Counter& no_healthy_instance;
+    prometheus::Counter& rejected_requests;  // malformed requests answered without an upstream
+    prometheus::Counter& upstream_connect_errors;
+    prometheus::Counter& upstream_retries;
+    std::array<prometheus::Counter*, 6> upstream_responses{};  // index = status / 100 (0: none)
+    prometheus::Gauge& sse_streams_open;
+    prometheus::Counter& sse_streams_total;
+    prometheus::Counter& client_received_bytes;
+    prometheus::Counter& client_sent_bytes;
+    prometheus::Gauge& client_connections;
+
+    prometheus::Counter& discovery_op(const std::string& operation, const std::string& result);
+
+private:
+    Metrics(std::shared_ptr<prometheus::Registry> registry);
+    std::shared_ptr<prometheus::Registry> registry_;
+    std::mutex fleet_series_mutex_;
+    std::map<std::string, std::pair<prometheus::Gauge*, prometheus::Gauge*>> instance_series_;  // key id
+    std::map<std::string, prometheus::Gauge*> backend_series_;
+};
+
+// A request thread's cache of per-(backend, status, method) series, so finishing a request costs a
+// hash lookup rather than the registry's mutex.
+class RequestSeries {
+public:
+    void observe(const std::string& backend, int status, std::string_view method, double duration_ms,
+                 Decision decision);
+
+private:
+    struct Key {
+        std::string backend;
+        int status;
+        uint8_t method;
+        bool operator==(const Key&) const = default;
+    };
+    struct KeyHash {
+        size_t operator()(const Key& k) const {
+            return std::hash<std::string>{}(k.backend) ^ (size_t(k.status) << 8) ^ k.method;
+        }
+    };
+    struct DurationKey {
+        std::string backend;
+        uint8_t method;
+        bool operator==(const DurationKey&) const = default;
+    };
+    struct DurationKeyHash {
+        size_t operator()(const DurationKey& k) const { return std::hash<std::string>{}(k.backend) ^ k.method; }
+    };
+    std::unordered_map<Key, prometheus::Counter*, KeyHash> counters_;
+    std::unordered_map<DurationKey, prometheus::Histogram*, DurationKeyHash> durations_;
+    std::array<prometheus::Histogram*, 3> seconds_{};
+};
+
+}  // namespace stepflow

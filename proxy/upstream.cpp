@@ -1,0 +1,147 @@
+#include "proxy/upstream.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "proxy/metrics.h"
+
+namespace stepflow {
+namespace {
+
+timeval to_timeval(Millis ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+}  // namespace
+
+UpstreamConn::UpstreamConn(UpstreamPool& pool, InstancePtr instance) : pool_(pool), instance_(std::move(instance)) {}
+
+UpstreamConn::~UpstreamConn() {
+    if (idle_timer_) event_free(idle_timer_);
+    if (bev_) bufferevent_free(bev_);
+}
+
+bool UpstreamConn::connect(Millis timeout) {
+    bev_ = bufferevent_socket_new(pool_.base(), -1, BEV_OPT_CLOSE_ON_FREE);
+    if (!bev_) return false;
+    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
+    // libevent reports a connect that outlasts the write timeout as a timeout event.
+    timeval tv = to_timeval(timeout);
+    bufferevent_set_timeouts(bev_, nullptr, &tv);
+    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+                                   static_cast<int>(instance_->sockaddr_len)) != 0) {
+        return false;
+    }
+    return true;
+}
+
+void UpstreamConn::set_read_timeout(Millis timeout) {
+    if (timeout.count() > 0) {
+        timeval tv = to_timeval(timeout);
+        bufferevent_set_timeouts(bev_, &tv, nullptr);
+    } else {
+        bufferevent_set_timeouts(bev_, nullptr, nullptr);
+    }
+}
+
+void UpstreamConn::on_read(bufferevent*, void* arg) {
+    auto* self = static_cast<UpstreamConn*>(arg);
+    if (self->handler_) {
+        self->handler_->upstream_readable();
+    } else {
+        // Bytes on an idle connection: the worker broke the protocol; do not reuse it.
+        self->pool_.drop_idle(self);
+    }
+}
+
+void UpstreamConn::on_write(bufferevent*, void* arg) {
+    auto* self = static_cast<UpstreamConn*>(arg);
+    if (self->handler_) self->handler_->upstream_writable();
+}
+
+void UpstreamConn::on_event(bufferevent* bev, short what, void* arg) {
+    auto* self = static_cast<UpstreamConn*>(arg);
+    if (what & BEV_EVENT_CONNECTED) {
+        self->connected_ = true;
+        int one = 1;
+        setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        bufferevent_set_timeouts(bev, nullptr, nullptr);
+        if (self->handler_) self->handler_->upstream_connected();
+        return;
+    }
+    if (!self->handler_) {
+        self->pool_.drop_idle(self);
+        return;
+    }
+    const char* why = (what & BEV_EVENT_TIMEOUT) ? (self->connected_ ? "upstream timeout" : "connect timeout")
+                      : (what & BEV_EVENT_EOF) ? "upstream closed the connection"
+                      : (self->connected_ ? "upstream connection reset" : "connect failed");
+    self->handler_->upstream_closed((what & BEV_EVENT_EOF) != 0, why);
+}
+
+void UpstreamConn::on_idle_timeout(int, short, void* arg) {
+    auto* self = static_cast<UpstreamConn*>(arg);
+    self->pool_.drop_idle(self);
+}
+
+UpstreamPool::~UpstreamPool() = default;
+
+std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance, UpstreamConn::Handler* handler) {
+    auto it = idle_.find(instance.get());
+    if (it != idle_.end() && !it->second.empty()) {
+        std::unique_ptr<UpstreamConn> conn = std::move(it->second.back());
+        it->second.pop_back();
+        if (it->second.empty()) idle_.erase(it);
+        evtimer_del(conn->idle_timer_);
+        conn->reused_ = true;
+        conn->attach(handler);
+        bufferevent_enable(conn->bev_, EV_READ | EV_WRITE);
+        return conn;
+    }
+    auto conn = std::make_unique<UpstreamConn>(*this, instance);
+    conn->attach(handler);
+    if (!conn->connect(config_.connect_timeout)) return nullptr;
+    return conn;
+}
+
+void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
+    auto& list = idle_[conn->instance_.get()];
+    if (list.size() >= config_.max_idle_upstream_per_instance ||
+        conn->instance_->membership.load(std::memory_order_relaxed) == Membership::Gone) {
+        return;  // conn is destroyed here, closing the socket
+    }
+    conn->attach(nullptr);
+    conn->set_read_timeout(Millis(0));
+    // Keep reading while idle so a close by the worker is noticed and the socket dropped.
+    bufferevent_setwatermark(conn->bev_, EV_WRITE, 0, 0);
+    bufferevent_enable(conn->bev_, EV_READ);
+    if (!conn->idle_timer_) conn->idle_timer_ = evtimer_new(base_, UpstreamConn::on_idle_timeout, conn.get());
+    timeval tv = to_timeval(config_.upstream_idle_timeout);
+    evtimer_add(conn->idle_timer_, &tv);
+    list.push_back(std::move(conn));
+}
+
+void UpstreamPool::drop_idle(UpstreamConn* conn) {
+    auto it = idle_.find(conn->instance_.get());
+    if (it == idle_.end()) return;
+    auto& list = it->second;
+    for (auto i = list.begin(); i != list.end(); ++i) {
+        if (i->get() == conn) {
+            list.erase(i);  // destroys conn
+            break;
+        }
+    }
+    if (list.empty()) idle_.erase(it);
+}
+
+size_t UpstreamPool::idle_count() const {
+    size_t n = 0;
+    for (const auto& [_, list] : idle_) n += list.size();
+    return n;
+}
+
+}  // namespace stepflow

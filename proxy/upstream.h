@@ -1,0 +1,86 @@
+// Connections from one event-loop thread to worker instances, and the keep-alive pool that
+// reuses them. Each thread has its own pool, so nothing here is shared between threads.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "discovery/instance.h"
+#include "proxy/config.h"
+
+struct event_base;
+struct bufferevent;
+struct event;
+
+namespace stepflow {
+
+class UpstreamPool;
+
+// One TCP connection to one instance. While idle it sits in the pool; while in use the owning
+// exchange receives its events.
+class UpstreamConn {
+public:
+    struct Handler {
+        virtual ~Handler() = default;
+        virtual void upstream_connected() = 0;
+        virtual void upstream_readable() = 0;
+        virtual void upstream_writable() = 0;  // output drained below the low watermark
+        virtual void upstream_closed(bool eof, const char* why) = 0;
+    };
+
+    UpstreamConn(UpstreamPool& pool, InstancePtr instance);
+    ~UpstreamConn();
+    UpstreamConn(const UpstreamConn&) = delete;
+    UpstreamConn& operator=(const UpstreamConn&) = delete;
+
+    bool connect(Millis timeout);
+    void attach(Handler* handler) { handler_ = handler; }
+    bufferevent* bev() const { return bev_; }
+    Instance& instance() const { return *instance_; }
+    const InstancePtr& instance_ptr() const { return instance_; }
+    bool connected() const { return connected_; }
+    bool reused() const { return reused_; }
+    void set_read_timeout(Millis timeout);  // 0 = none
+
+private:
+    friend class UpstreamPool;
+    static void on_read(bufferevent*, void* arg);
+    static void on_write(bufferevent*, void* arg);
+    static void on_event(bufferevent*, short what, void* arg);
+    static void on_idle_timeout(int, short, void* arg);
+
+    UpstreamPool& pool_;
+    InstancePtr instance_;
+    bufferevent* bev_ = nullptr;
+    event* idle_timer_ = nullptr;
+    Handler* handler_ = nullptr;
+    bool connected_ = false;
+    bool reused_ = false;
+};
+
+class UpstreamPool {
+public:
+    UpstreamPool(event_base* base, const Config& config) : base_(base), config_(config) {}
+    ~UpstreamPool();
+
+    // An idle connection to `instance`, or a new one still connecting (handler gets
+    // upstream_connected). nullptr when the socket could not even be created.
+    std::unique_ptr<UpstreamConn> acquire(const InstancePtr& instance, UpstreamConn::Handler* handler);
+    // Gives a connection whose last exchange ended cleanly back for reuse.
+    void release(std::unique_ptr<UpstreamConn> conn);
+
+    event_base* base() const { return base_; }
+    size_t idle_count() const;
+
+private:
+    friend class UpstreamConn;
+    void drop_idle(UpstreamConn* conn);  // closed or timed out while idle
+
+    event_base* base_;
+    const Config& config_;
+    std::unordered_map<Instance*, std::vector<std::unique_ptr<UpstreamConn>>> idle_;
+};
+
+}  // namespace stepflow

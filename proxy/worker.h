@@ -1,0 +1,77 @@
+// One event-loop thread of the data path: its own listening socket (SO_REUSEPORT), its client
+// connections, its upstream pool and its view of the fleet. Threads share nothing but the fleet
+// publisher and the instance records' atomics.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <unordered_set>
+#include <vector>
+
+#include "discovery/fleet.h"
+#include "proxy/config.h"
+#include "proxy/metrics.h"
+#include "proxy/router.h"
+#include "proxy/upstream.h"
+
+struct event_base;
+struct evconnlistener;
+struct event;
+
+namespace stepflow {
+
+class ClientConnection;
+
+struct Listener {
+    int fd = -1;
+    bool tls = false;
+};
+
+class Worker {
+public:
+    Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners);
+    ~Worker();
+
+    void start();  // runs the loop on a new thread
+    void join();
+    // From any thread: stop accepting, close idle connections, finish the rest.
+    void begin_drain();
+    // From any thread, after the drain timeout: close everything and end the loop.
+    void force_stop();
+    size_t open_connections() const { return open_connections_.load(); }
+
+    event_base* base() const { return base_; }
+    const Config& config() const { return config_; }
+    FleetView& fleet() { return fleet_; }
+    Rng& rng() { return rng_; }
+    UpstreamPool& pool() { return *pool_; }
+    RequestSeries& series() { return series_; }
+    bool draining() const { return draining_; }
+
+    void connection_closed(ClientConnection* conn);
+
+private:
+    static void on_accept(evconnlistener*, int fd, sockaddr* addr, int len, void* arg);
+    static void on_drain(int, short, void* arg);
+    static void on_force_stop(int, short, void* arg);
+    void maybe_exit();
+
+    int index_;
+    const Config& config_;
+    FleetView fleet_;
+    Rng rng_;
+    event_base* base_ = nullptr;
+    std::unique_ptr<UpstreamPool> pool_;
+    RequestSeries series_;
+    std::vector<Listener> listener_specs_;
+    std::vector<evconnlistener*> listeners_;
+    std::unordered_set<ClientConnection*> connections_;
+    std::atomic<size_t> open_connections_{0};
+    event* drain_event_ = nullptr;
+    event* stop_event_ = nullptr;
+    bool draining_ = false;
+    std::thread thread_;
+};
+
+}  // namespace stepflow
