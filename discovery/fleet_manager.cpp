@@ -20,6 +20,7 @@ Membership FleetManager::membership_of(const Endpoint& e) {
 }
 
 void FleetManager::update(std::vector<Endpoint> endpoints) {
+    Metrics::get().discovery_op("update", "success").Increment();
     bool changed = false;
     std::set<std::string> seen;
     for (auto& e : endpoints) {

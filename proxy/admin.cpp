@@ -43,7 +43,7 @@ Counts count(const std::vector<FleetManager::BackendView>& backends) {
 
 AdminServer::AdminServer(event_base* base, int listen_fd, FleetManager& fleet, std::string discovery_name)
     : fleet_(fleet), discovery_name_(std::move(discovery_name)) {
-    listener_ = evconnlistener_new(base, on_accept, this, LEV_OPT_CLOSE_ON_FREE, -1, listen_fd);
+    listener_ = evconnlistener_new(base, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, listen_fd);
 }
 
 AdminServer::~AdminServer() {

@@ -163,6 +163,12 @@ void ClientH1::parse_head() {
         send_error(err.status, err.reason);
         return;
     }
+    if (request_.framing == http1::Framing::Chunked) {
+        if (const char* why = precheck_chunked_body()) {
+            send_error(400, why);
+            return;
+        }
+    }
     evtimer_del(timer_);
     ++requests_;
     keep_alive_ = request_.keep_alive && !draining_;
@@ -187,6 +193,24 @@ void ClientH1::parse_head() {
     local_body_ = evbuffer_new();
     request_pump_.start(request_.framing, request_.content_length, false);
     collect_local_body();
+}
+
+// Checks the chunk framing that arrived with the head before any worker is contacted, so the
+// common malformed case (a bad first chunk size) never reaches one. Later chunks are checked as
+// they stream; a bad one then cuts the exchange.
+const char* ClientH1::precheck_chunked_body() {
+    evbuffer* in = bufferevent_get_input(bev_);
+    size_t n = std::min<size_t>(evbuffer_get_length(in), 4096);
+    if (n == 0) return nullptr;
+    evbuffer* copy = evbuffer_new();
+    evbuffer* scratch = evbuffer_new();
+    evbuffer_add(copy, evbuffer_pullup(in, static_cast<ssize_t>(n)), n);
+    http1::BodyPump check;
+    check.start(http1::Framing::Chunked, 0, false);
+    const char* why = check.pump(copy, scratch) == http1::BodyPump::Status::Error ? check.error() : nullptr;
+    evbuffer_free(copy);
+    evbuffer_free(scratch);
+    return why;
 }
 
 void ClientH1::pump_request_body() {

@@ -55,6 +55,7 @@ private:
     void process_input();
     void parse_head();
     void pump_request_body();
+    const char* precheck_chunked_body();
     void collect_local_body();
     void answer_locally();
     void finish_request();

@@ -79,6 +79,7 @@ Config parse_config(int argc, char** argv) {
                  "through the environment variable shown beside it; a flag wins over its variable."};
     app.set_help_flag("-h,--help", "Print this help and exit");
     app.get_formatter()->column_width(44);
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
 
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,

@@ -17,7 +17,7 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     base_ = event_base_new();
     pool_ = std::make_unique<UpstreamPool>(base_, config_);
     for (const auto& spec : listener_specs_) {
-        auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, -1, spec.fd);
+        auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
         listeners_.push_back(l);
     }
     drain_event_ = event_new(base_, -1, 0, on_drain, this);

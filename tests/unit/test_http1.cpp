@@ -1,1 +1,190 @@
 #include <catch2/catch.hpp>
+
+#include <string>
+
+#include <event2/buffer.h>
+
+#include "proxy/http1.h"
+
+using namespace stepflow::http1;
+
+namespace {
+
+Error parse(const std::string& text, Head& head, Limits limits = {}) {
+    head = Head{};
+    head.raw = text;
+    return parse_request(head, limits);
+}
+
+struct Buf {
+    evbuffer* b = evbuffer_new();
+    ~Buf() { evbuffer_free(b); }
+    void add(const std::string& s) { evbuffer_add(b, s.data(), s.size()); }
+    std::string str() const {
+        std::string s(evbuffer_get_length(b), '\0');
+        evbuffer_copyout(b, s.data(), s.size());
+        return s;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a well-formed request head parses", "[http1]") {
+    Head h;
+    REQUIRE_FALSE(parse("POST /rpc?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-A:  v  \r\n\r\n", h));
+    CHECK(h.method == "POST");
+    CHECK(h.target == "/rpc?x=1");
+    CHECK(h.version_minor == 1);
+    CHECK(h.framing == Framing::Length);
+    CHECK(h.content_length == 12);
+    CHECK(h.get("x-a") == "v");
+    CHECK(h.keep_alive);
+}
+
+TEST_CASE("malformed request heads are rejected with the right status", "[http1]") {
+    Head h;
+    struct Case {
+        const char* text;
+        int status;
+    } cases[] = {
+        {"GET / HTTP/1.1\r\n\r\n", 400},                                               // no Host
+        {"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400},                         // two Hosts
+        {"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501},
+        {"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 501},
+        {"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400},                                   // double space
+        {"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505},
+        {"GET / FOO/1.1\r\nHost: a\r\n\r\n", 400},
+        {"G@T / HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400},                                   // space before colon
+        {"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n", 400},
+        {"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+    };
+    for (const auto& c : cases) {
+        INFO(c.text);
+        Error e = parse(c.text, h);
+        CHECK(e.status == c.status);
+    }
+}
+
+TEST_CASE("identical repeated Content-Length is accepted", "[http1]") {
+    Head h;
+    REQUIRE_FALSE(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", h));
+    CHECK(h.content_length == 3);
+}
+
+TEST_CASE("too many header fields give 431", "[http1]") {
+    std::string text = "GET / HTTP/1.1\r\nHost: a\r\n";
+    for (int i = 0; i < 20; ++i) text += "X-" + std::to_string(i) + ": v\r\n";
+    text += "\r\n";
+    Head h;
+    CHECK(parse(text, h, {64 * 1024, 10}).status == 431);
+}
+
+TEST_CASE("HTTP/1.0 and Connection decide keep-alive", "[http1]") {
+    Head h;
+    REQUIRE_FALSE(parse("GET / HTTP/1.0\r\n\r\n", h));
+    CHECK_FALSE(h.keep_alive);
+    REQUIRE_FALSE(parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", h));
+    CHECK(h.keep_alive);
+    REQUIRE_FALSE(parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", h));
+    CHECK_FALSE(h.keep_alive);
+}
+
+TEST_CASE("hop-by-hop set includes fields named by Connection", "[http1]") {
+    Head h;
+    REQUIRE_FALSE(parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret, close\r\nX-Secret: 1\r\n\r\n", h));
+    HopByHop hop(h);
+    CHECK(hop.contains("X-Secret"));
+    CHECK(hop.contains("keep-alive"));
+    CHECK(hop.contains("Transfer-Encoding"));
+    CHECK_FALSE(hop.contains("traceparent"));
+}
+
+TEST_CASE("find_head_end finds the blank line and enforces the limit", "[http1]") {
+    Buf in;
+    size_t scan = 0;
+    in.add("GET / HTTP/1.1\r\nHost: a\r\n");
+    CHECK(find_head_end(in.b, 1024, scan) == 0);
+    in.add("\r\nBODY");
+    CHECK(find_head_end(in.b, 1024, scan) == 27);
+    Buf big;
+    size_t scan2 = 0;
+    big.add(std::string(2000, 'a'));
+    CHECK(find_head_end(big.b, 1024, scan2) == SIZE_MAX);
+}
+
+TEST_CASE("chunked bodies decode across arbitrary splits and re-encode", "[http1]") {
+    const std::string wire = "5\r\nhello\r\n1;ext=1\r\n \r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\n";
+    for (size_t step : {size_t(1), size_t(2), size_t(7), wire.size()}) {
+        INFO("step " << step);
+        Buf in, raw, rechunked;
+        BodyPump to_raw, to_chunked;
+        to_raw.start(Framing::Chunked, 0, false);
+        BodyPump::Status st = BodyPump::Status::More;
+        for (size_t i = 0; i < wire.size(); i += step) {
+            in.add(wire.substr(i, step));
+            st = to_raw.pump(in.b, raw.b);
+            REQUIRE(st != BodyPump::Status::Error);
+        }
+        CHECK(st == BodyPump::Status::Done);
+        CHECK(raw.str() == "hello 0123456789abcdef");
+        CHECK(to_raw.payload_bytes() == 22);
+
+        Buf in2;
+        in2.add(wire);
+        to_chunked.start(Framing::Chunked, 0, true);
+        CHECK(to_chunked.pump(in2.b, rechunked.b) == BodyPump::Status::Done);
+        CHECK(rechunked.str() == "5\r\nhello\r\n1\r\n \r\n10\r\n0123456789abcdef\r\n0\r\n\r\n");
+    }
+}
+
+TEST_CASE("bad chunk framing is an error", "[http1]") {
+    for (std::string wire : {"zz\r\nab\r\n", "3\r\nabcX\r\n", "-1\r\n", "1234567890123456\r\n", "\r\n"}) {
+        INFO(wire);
+        Buf in, out;
+        BodyPump p;
+        p.start(Framing::Chunked, 0, false);
+        in.add(wire);
+        CHECK(p.pump(in.b, out.b) == BodyPump::Status::Error);
+    }
+}
+
+TEST_CASE("content-length bodies stop at the length and leave the next request", "[http1]") {
+    Buf in, out;
+    BodyPump p;
+    p.start(Framing::Length, 5, false);
+    in.add("hel");
+    CHECK(p.pump(in.b, out.b) == BodyPump::Status::More);
+    in.add("loGET /");
+    CHECK(p.pump(in.b, out.b) == BodyPump::Status::Done);
+    CHECK(out.str() == "hello");
+    CHECK(evbuffer_get_length(in.b) == 5);
+}
+
+TEST_CASE("response heads decide their framing", "[http1]") {
+    Head h;
+    h.raw = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    REQUIRE_FALSE(parse_response(h, false));
+    CHECK(h.framing == Framing::Chunked);
+    h = Head{};
+    h.raw = "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n";
+    REQUIRE_FALSE(parse_response(h, false));
+    CHECK(h.framing == Framing::None);
+    h = Head{};
+    h.raw = "HTTP/1.0 200 OK\r\n\r\n";
+    REQUIRE_FALSE(parse_response(h, false));
+    CHECK(h.framing == Framing::UntilClose);
+    CHECK_FALSE(h.keep_alive);
+    h = Head{};
+    h.raw = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+    REQUIRE_FALSE(parse_response(h, true));
+    CHECK(h.framing == Framing::None);
+    h = Head{};
+    h.raw = "HTTP/1.1 2x0 OK\r\n\r\n";
+    CHECK(parse_response(h, false).status == 502);
+}

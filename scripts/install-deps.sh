@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages stepflow-lb needs. Idempotent; asks apt only when something
+# is missing. Profiles: build (compile only), run (build + the example workers), test (default:
+# build and run every test), bench (test + HAProxy, nginx, wrk for bench/).
+set -euo pipefail
+profile="${1:-test}"
+
+build=(g++ meson ninja-build pkg-config libevent-dev libnghttp2-dev libssl-dev libsimdjson-dev
+       prometheus-cpp-dev libcli11-dev)
+run=(python3)
+test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps)
+bench=(haproxy nginx wrk nghttp2-client valgrind)
+
+case "$profile" in
+  build) pkgs=("${build[@]}") ;;
+  run) pkgs=("${build[@]}" "${run[@]}") ;;
+  test) pkgs=("${build[@]}" "${run[@]}" "${test[@]}") ;;
+  bench) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${bench[@]}") ;;
+  *) echo "usage: $0 [build|run|test|bench]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+echo "installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian starts these daemons on install; the project only ever runs its own instances.
+for svc in nginx haproxy prometheus prometheus-node-exporter; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $sudo systemctl stop "$svc" || true
+  fi
+done

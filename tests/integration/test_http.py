@@ -1,0 +1,197 @@
+"""HTTP/1.1 behaviour of the data path: streaming bodies in both framings, strict framing with
+answers that never reach a worker, SSE delivered event by event, client cancel, header rules."""
+
+import hashlib
+import json
+import socket
+import time
+
+from harness import Balancer, Worker, check, client, run_tests, test, wait_for
+
+import example_worker  # noqa: E402  (harness puts tests/worker on the path)
+
+MB = 1024 * 1024
+
+
+def upstream_responses(lb):
+    return lb.metric("stepflow_lb_upstream_responses_total") or 0
+
+
+@test
+def multi_megabyte_bodies_are_byte_identical_in_both_framings():
+    w = Worker("big")
+    lb = Balancer([w.address])
+    pad = "".join(chr(33 + (i * 7919) % 90) for i in range(6 * MB))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                       "params": {"component": "/digest", "input": {"pad": pad}}}).encode()
+    expected = hashlib.sha256(body).hexdigest()
+    for chunked in (False, True):
+        r = lb.post(body, chunked=chunked, chunk_size=100003, timeout=60)
+        check(r.status == 200, r.status)
+        res = r.json()["result"]
+        check(res["bytes"] == len(body) and res["sha256"] == expected, f"request body intact (chunked={chunked})")
+    for chunked in (False, True):
+        r = lb.execute("/blob", {"bytes": 7 * MB + 13, "chunked": chunked, "seed": 5}, timeout=60)
+        check(r.status == 200 and len(r.body) == 7 * MB + 13, f"blob length (chunked={chunked})")
+        check(hashlib.sha256(r.body).hexdigest() == example_worker.blob_sha256(7 * MB + 13, 5),
+              f"response body intact (chunked={chunked})")
+
+
+@test
+def malformed_requests_are_answered_without_a_worker():
+    w = Worker("strict")
+    lb = Balancer([w.address], args=["--max-header-size", "4096", "--max-headers", "20"])
+    before = upstream_responses(lb)
+    big_header = b"X-Big: " + b"a" * 5000 + b"\r\n"
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(30))
+    cases = [
+        ("content-length and chunked", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        ("two content-lengths", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+        ("bad chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+        ("unsupported coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        ("bad request line", b"POST /  HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("garbage", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+        ("missing host", b"GET / HTTP/1.1\r\n\r\n", 400),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("header folding", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  2\r\n\r\n", 400),
+        ("oversized head", b"GET / HTTP/1.1\r\nHost: a\r\n" + big_header + b"\r\n", 431),
+        ("too many fields", b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n", 431),
+        ("http/2 version", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    ]
+    for name, data, status in cases:
+        raw = client.raw_request("127.0.0.1", lb.port, data)
+        check(raw.startswith(b"HTTP/1.1 %d " % status), f"{name}: expected {status}, got {raw[:60]!r}")
+        check(b"connection: close" in raw.lower(), f"{name}: connection closed after the error")
+    check(upstream_responses(lb) == before, "no request reached the worker")
+    check(lb.metric("stepflow_lb_rejected_requests_total") == len(cases), "rejections counted")
+
+
+@test
+def slow_request_head_gets_408():
+    w = Worker("slow")
+    lb = Balancer([w.address], args=["--request-header-timeout", "300ms"])
+    start = time.monotonic()
+    raw = client.raw_request("127.0.0.1", lb.port, b"POST / HTTP/1.1\r\nHost: a\r\n", timeout=10)
+    check(raw.startswith(b"HTTP/1.1 408 "), raw[:80])
+    check(time.monotonic() - start < 5, "answered at the deadline, not later")
+
+
+@test
+def idle_keepalive_connection_is_closed_silently():
+    w = Worker("idle")
+    lb = Balancer([w.address], args=["--keepalive-idle-timeout", "300ms"])
+    start = time.monotonic()
+    raw = client.raw_request("127.0.0.1", lb.port, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n", timeout=10,
+                             responses=None)
+    check(raw.startswith(b"HTTP/1.1 200 ") and raw.count(b"HTTP/1.1") == 1, raw[:80])
+    check(time.monotonic() - start < 5, "closed after the idle timeout, not at the reader's deadline")
+
+
+@test
+def first_sse_event_arrives_while_the_stream_is_open():
+    w = Worker("sse")
+    lb = Balancer([w.address])
+    body = {"jsonrpc": "2.0", "id": "s1", "method": "components/execute",
+            "params": {"component": "/callbacks", "input": {"count": 1}}}
+    reader = client.SseReader("127.0.0.1", lb.port, body)
+    check(reader.status == 200 and reader.is_sse, "SSE response")
+    check(reader.headers.get("transfer-encoding") == "chunked", reader.headers)
+    first = reader.next_event(timeout=10)
+    # The worker cannot go on until we answer, so the stream is necessarily still open here.
+    check(first is not None and first.json()["method"] == "runs/submit", first)
+    check(not reader.ended, "stream still open when the first event arrived")
+    answer = client.post_json("127.0.0.1", lb.port, {"jsonrpc": "2.0", "id": first.json()["id"], "result": {"r": 1}},
+                              headers={"Stepflow-Instance-Id": reader.instance_id})
+    check(answer.status == 202, answer.status)
+    final = reader.next_event(timeout=10)
+    check(final.json()["result"]["answers"] == [{"r": 1}], final)
+    check(reader.next_event(timeout=10) is None and not reader.ended_abnormally, "clean end")
+    check(lb.metric("stepflow_lb_sse_streams_total") == 1, "SSE stream counted")
+    wait_for(lambda: lb.metric("stepflow_lb_sse_streams_open") == 0, 5, "no SSE stream open")
+
+
+@test
+def client_disconnect_cancels_the_worker_request():
+    w = Worker("cancel")
+    lb = Balancer([w.address])
+    hold = {"jsonrpc": "2.0", "id": "h", "method": "components/execute",
+            "params": {"component": "/stream", "input": {"events": 1, "hold": True}}}
+    for abort in (False, True):
+        before = w.health()["cancelledStreams"]
+        reader = client.SseReader("127.0.0.1", lb.port, hold)
+        check(reader.next_event(timeout=10) is not None, "first event")
+        wait_for(lambda: lb.in_flight_total() == 1, 5, "stream in flight")
+        reader.close(abort=abort)
+        wait_for(lambda: w.health()["cancelledStreams"] == before + 1, 10, "worker saw the cancel")
+        wait_for(lambda: lb.in_flight_total() == 0, 5, "in-flight back to 0")
+
+
+@test
+def headers_trace_forwarding_and_hop_by_hop():
+    w = Worker("hdrs")
+    lb = Balancer([w.address])
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    r = lb.post({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                 "params": {"component": "/echo", "input": {}}},
+                headers={"traceparent": tp, "tracestate": "a=1", "baggage": "k=v", "X-Forwarded-For": "10.9.8.7",
+                         "Connection": "X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5"})
+    check(r.status == 200, r.status)
+    check(r.headers.get("x-seen-traceparent") == tp, "traceparent unchanged")
+    check(r.headers.get("x-seen-tracestate") == "a=1" and r.headers.get("x-seen-baggage") == "k=v", r.headers)
+    check(r.headers.get("x-seen-forwarded-for") == "10.9.8.7, 127.0.0.1", r.headers.get("x-seen-forwarded-for"))
+    check(r.headers.get("x-seen-forwarded-proto") == "http", r.headers)
+    check("x-seen-connection" not in r.headers, "Connection not forwarded")
+    check(r.headers.get("x-stepflow-routing-decision") == "least-load", r.headers)
+
+
+@test
+def keepalive_pipelining_and_http10():
+    w = Worker("ka")
+    lb = Balancer([w.address])
+    one = (b'POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 86\r\n\r\n'
+           b'{"jsonrpc":"2.0","id":1,"method":"components/execute","params":{"component":"/echo"}} ')
+    check(len(one.split(b"\r\n\r\n", 1)[1]) == 86, "fixture length")
+    raw = client.raw_request("127.0.0.1", lb.port, one * 3, responses=3)
+    check(raw.count(b"HTTP/1.1 200 OK") == 3, raw[:300])
+    conn = client.HttpConnection("127.0.0.1", lb.port)
+    for i in range(5):
+        r = conn.request("POST", "/", json.dumps({"jsonrpc": "2.0", "id": i, "method": "components/list"}).encode(),
+                         {"Content-Type": "application/json"})
+        check(r.status == 200 and r.json()["id"] == i, r)
+    conn.close()
+    raw = client.raw_request("127.0.0.1", lb.port,
+                             b'POST / HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 86\r\n\r\n'
+                             b'{"jsonrpc":"2.0","id":1,"method":"components/execute","params":{"component":"/echo"}} ',
+                             responses=None)
+    check(raw.startswith(b"HTTP/1.1 200 ") and b"connection: close" in raw.lower(), raw[:200])
+    # an SSE answer to an HTTP/1.0 client is delimited by the close
+    sse = b'{"jsonrpc":"2.0","id":1,"method":"components/execute","params":{"component":"/stream","input":{}}}'
+    raw = client.raw_request("127.0.0.1", lb.port,
+                             b'POST / HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s'
+                             % (len(sse), sse), responses=None)
+    check(b"transfer-encoding" not in raw.lower() and raw.count(b"data: ") >= 2, raw[:400])
+
+
+@test
+def expect_100_continue_is_relayed():
+    w = Worker("exp")
+    lb = Balancer([w.address])
+    body = b'{"jsonrpc":"2.0","id":1,"method":"components/list"}'
+    s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body))
+    got = s.recv(4096)
+    check(got.startswith(b"HTTP/1.1 100 Continue"), got)
+    s.sendall(body)
+    data = b""
+    while b'"result"' not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    check(b"HTTP/1.1 200 OK" in data, data[:200])
+
+
+if __name__ == "__main__":
+    run_tests()
