@@ -17,13 +17,13 @@ WORKDIR /src
 # Install the toolchain and -dev packages first, from the scripts alone, so
 # that this layer stays cached while only the sources change.
 COPY scripts/ scripts/
-RUN bash scripts/install-deps.sh \
+RUN bash scripts/install-deps.sh build \
  && rm -rf /var/lib/apt/lists/*
 
 COPY . .
 
 # build.sh appends $MESON_ARGS to `meson setup`; the image needs no tests.
-ENV MESON_ARGS="-Dtests=false"
+ENV MESON_ARGS="-Dtests=false -Dbuildtype=release"
 RUN bash scripts/build.sh build \
  && install -D -m 0755 build/stepflow-lb /out/stepflow-lb
 
