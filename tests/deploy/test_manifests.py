@@ -321,8 +321,8 @@ def check_balancer(rel, docs):
               {"POD_NAME", "POD_NAMESPACE"} <= set(used)
               and all(v in names[:pos] for v in used), f"uses {used}, env order {names}")
 
-    # Service `stepflow-lb` would otherwise inject STEPFLOW_LB_PORT=tcp://...,
-    # which the binary reads as --port.
+    # Service `stepflow-lb` would otherwise inject STEPFLOW_LB_PORT=tcp://... and friends into the
+    # balancer's own STEPFLOW_LB_* variable namespace.
     check(f"{name}: enableServiceLinks false (no STEPFLOW_LB_* docker-link variables)",
           pod.get("enableServiceLinks") is False)
     check(f"{name}: STEPFLOW_LB_SERVICE names the worker Service",
