@@ -1,10 +1,11 @@
 #include "discovery/sources.h"
 
+#include "discovery/k8s_source.h"
 #include "discovery/static_source.h"
 
 namespace stepflow {
 
-std::unique_ptr<EndpointSource> make_endpoint_source(const Config& config, event_base*, std::string& error) {
+std::unique_ptr<EndpointSource> make_endpoint_source(const Config& config, event_base* control_base, std::string& error) {
     switch (config.discovery) {
     case DiscoveryMode::Static: {
         std::vector<Endpoint> endpoints;
@@ -15,7 +16,11 @@ std::unique_ptr<EndpointSource> make_endpoint_source(const Config& config, event
         return std::make_unique<StaticSource>(std::move(endpoints));
     }
     case DiscoveryMode::Dns: error = "--discovery dns is not available in this build yet"; return nullptr;
-    case DiscoveryMode::Kubernetes: error = "--discovery kubernetes is not available in this build yet"; return nullptr;
+    case DiscoveryMode::Kubernetes: {
+        K8sSettings settings;
+        if (!k8s_settings_from_config(config, settings, error)) return nullptr;
+        return K8sSource::create(control_base, std::move(settings), error);
+    }
     }
     error = "unknown discovery mode";
     return nullptr;
