@@ -24,23 +24,12 @@ timeval to_timeval(Millis ms) {
     return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
 }
 
-const char* miss_reason(PinnedMiss m) {
-    switch (m) {
-    case PinnedMiss::UnknownInstance: return "unknown-instance";
-    case PinnedMiss::NotServing: return "not-serving";
-    case PinnedMiss::ConnectFailed: return "connect-failed";
-    default: return "unknown";
-    }
-}
-
 }  // namespace
 
-ClientH1::ClientH1(Worker& worker, int fd, std::string client_ip, bool tls)
-    : worker_(worker), client_ip_(std::move(client_ip)), tls_(tls) {
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    bev_ = bufferevent_socket_new(worker.base(), fd, BEV_OPT_CLOSE_ON_FREE);
+ClientH1::ClientH1(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
     bufferevent_setcb(bev_, on_read, on_write, on_event, this);
+    bufferevent_set_timeouts(bev_, nullptr, nullptr);
     // Reading pauses by itself once this much waits unforwarded: the client's bytes stay in the
     // kernel until the worker takes what we already have.
     size_t high = std::max<size_t>(worker.config().max_header_size + 1, kOutputHighWater);
@@ -50,6 +39,7 @@ ClientH1::ClientH1(Worker& worker, int fd, std::string client_ip, bool tls)
     next_ = event_new(worker.base(), -1, 0, on_next, this);
     Metrics::get().client_connections.Increment();
     arm_timer(worker.config().request_header_timeout);
+    if (evbuffer_get_length(bufferevent_get_input(bev_)) > 0) event_active(next_, 0, 0);
 }
 
 ClientH1::~ClientH1() {
@@ -73,12 +63,7 @@ void ClientH1::on_write(bufferevent*, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
     evbuffer* out = bufferevent_get_output(self->bev_);
     if (self->state_ == State::Closing) {
-        if (evbuffer_get_length(out) == 0) {
-            // Everything is sent: half-close and linger so unread client bytes do not turn
-            // our last response into a reset.
-            shutdown(bufferevent_getfd(self->bev_), SHUT_WR);
-            self->arm_timer(kLingerTime);
-        }
+        if (evbuffer_get_length(out) == 0) self->linger();
         return;
     }
     if (self->exchange_paused_ && self->exchange_) {
@@ -94,9 +79,8 @@ void ClientH1::on_event(bufferevent*, short what, void* arg) {
     if (self->state_ == State::Proxying && self->exchange_) {
         // The client went away: closing the worker connection is how the worker learns of it.
         self->exchange_->abort();
-        if (self->status_ == 0) self->status_ = 499;
-        self->instance_id_ = self->exchange_->routed_id();
-        self->backend_ = self->exchange_->routed_backend();
+        self->record_.note_route(*self->exchange_);
+        if (self->record_.status == 0) self->record_.status = 499;
         self->log_access();
     }
     self->destroy();
@@ -145,12 +129,7 @@ void ClientH1::parse_head() {
     size_t n = http1::find_head_end(in, cfg.max_header_size, scan_from_);
     if (n == 0) return;
     retired_.reset();
-    started_ = std::chrono::steady_clock::now();
-    status_ = 0;
-    decision_ = Decision::None;
-    instance_id_.clear();
-    backend_.clear();
-    bytes_in_ = bytes_out_ = 0;
+    record_.begin();
     request_ = http1::Head{};
     scan_from_ = 0;
     if (n == SIZE_MAX) {
@@ -178,10 +157,9 @@ void ClientH1::parse_head() {
     state_ = State::Proxying;
     exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
     local_ = exchange_->route();  // may start sending at once on a pooled connection
-    decision_ = exchange_ ? exchange_->decision() : decision_;
     if (local_.kind == RouteOutcome::Routed) return;
 
-    decision_ = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+    record_.decision = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
     exchange_.reset();
     state_ = State::LocalBody;
     if (request_done_ || request_.expect_continue) {
@@ -219,13 +197,14 @@ void ClientH1::pump_request_body() {
     if (!sink) return;  // not connected yet: the bytes wait in our input buffer
     evbuffer* in = bufferevent_get_input(bev_);
     auto status = request_pump_.pump(in, sink);
-    bytes_in_ = request_pump_.payload_bytes();
+    record_.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
         const char* why = request_pump_.error();
         exchange_->abort();
+        record_.note_route(*exchange_);
         retired_ = std::move(exchange_);
         keep_alive_ = false;
-        if (status_ == 0) {
+        if (record_.status == 0) {
             send_error(400, why);
         } else {
             log_access();
@@ -235,7 +214,7 @@ void ClientH1::pump_request_body() {
     }
     if (status == http1::BodyPump::Status::Done) {
         request_done_ = true;
-        Metrics::get().client_received_bytes.Increment(double(bytes_in_));
+        Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
         exchange_->request_body_done();
     }
 }
@@ -245,6 +224,7 @@ void ClientH1::request_sink_ready() { pump_request_body(); }
 void ClientH1::collect_local_body() {
     evbuffer* in = bufferevent_get_input(bev_);
     auto status = request_pump_.pump(in, local_body_);
+    record_.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
         send_error(400, request_pump_.error());
         return;
@@ -264,22 +244,19 @@ void ClientH1::answer_locally() {
         evbuffer_free(local_body_);
         local_body_ = nullptr;
     }
-    std::string body;
-    if (local_.kind == RouteOutcome::PinnedMiss) {
-        std::string data = "\"instanceId\":" + json_string(local_.pinned_id) + ",\"reason\":\"" +
-                           miss_reason(local_.miss) + "\"";
-        body = jsonrpc_error(id, -32000, "Instance not available", data);
-    } else {
-        body = jsonrpc_error(id, -32000, "No healthy instance available", "");
-    }
-    std::string extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
-    send_local(503, "application/json", body, extra);
+    send_answer(answer_routing_miss(local_, id));
     finish_request();
+}
+
+void ClientH1::send_answer(const LocalAnswer& answer) {
+    std::string extra;
+    if (answer.retry_after) extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
+    send_local(answer.status, "application/json", answer.body, extra);
 }
 
 void ClientH1::send_local(int status, std::string_view content_type, const std::string& body,
                           std::string_view extra_headers) {
-    status_ = status;
+    record_.status = status;
     std::string out = "HTTP/1.1 " + std::to_string(status) + " " + http1::status_reason(status) + "\r\n";
     out.append("Content-Type: ");
     out.append(content_type);
@@ -291,7 +268,7 @@ void ClientH1::send_local(int status, std::string_view content_type, const std::
     out.append("\r\n");
     out.append(body);
     evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
-    bytes_out_ = body.size();
+    record_.bytes_out = body.size();
 }
 
 void ClientH1::send_error(int status, const char* why) {
@@ -318,33 +295,26 @@ void ClientH1::enter_idle() {
     event_active(next_, 0, 0);  // a pipelined request may already be buffered
 }
 
-void ClientH1::log_access() {
-    auto elapsed = std::chrono::steady_clock::now() - started_;
-    double ms = std::chrono::duration<double, std::milli>(elapsed).count();
-    worker_.series().observe(backend_.empty() ? std::string("none") : backend_, status_, request_.method, ms, decision_);
-    if (!worker_.config().access_log) return;
-    std::string_view path = request_.target.substr(0, request_.target.find('?'));
-    log::info("request", {{"method", request_.method},
-                          {"path", path},
-                          {"status", status_},
-                          {"instance", instance_id_},
-                          {"decision", to_string(decision_)},
-                          {"duration_ms", ms},
-                          {"bytes_in", bytes_in_},
-                          {"bytes_out", bytes_out_},
-                          {"client", client_ip_}});
-}
+void ClientH1::log_access() { record_.finish(worker_, request_.method, request_.target, client_ip_); }
 
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
     evtimer_del(timer_);
     bufferevent_setwatermark(bev_, EV_WRITE, 0, 0);
     evbuffer* out = bufferevent_get_output(bev_);
-    if (evbuffer_get_length(out) == 0) {
-        shutdown(bufferevent_getfd(bev_), SHUT_WR);
-        arm_timer(kLingerTime);
+    if (evbuffer_get_length(out) == 0) linger();
+    // else on_write lingers once the output has drained
+}
+
+// Everything is sent: half-close and keep reading (and discarding) for a while, so client bytes
+// still in flight do not turn our last response into a reset. TLS has its own close_notify.
+void ClientH1::linger() {
+    if (tls_) {
+        destroy();
+        return;
     }
-    // else on_write half-closes once the output has drained
+    shutdown(bufferevent_getfd(bev_), SHUT_WR);
+    arm_timer(kLingerTime);
 }
 
 void ClientH1::destroy() {
@@ -369,11 +339,8 @@ void ClientH1::close_now() {
 
 evbuffer* ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
                                    http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
-    status_ = status;
-    if (exchange_) {
-        instance_id_ = exchange_->routed_id();
-        backend_ = exchange_->routed_backend();
-    }
+    record_.status = status;
+    if (exchange_) record_.note_route(*exchange_);
     std::string out;
     out.reserve(256 + headers.size() * 48);
     out.append("HTTP/1.1 ");
@@ -428,42 +395,26 @@ bool ClientH1::response_sink_full() {
 }
 
 void ClientH1::response_done() {
-    bytes_out_ = exchange_->response_bytes();
-    Metrics::get().client_sent_bytes.Increment(double(bytes_out_));
+    record_.note_route(*exchange_);
+    Metrics::get().client_sent_bytes.Increment(double(record_.bytes_out));
     retired_ = std::move(exchange_);
     finish_request();
 }
 
 void ClientH1::exchange_failed(int status, const char* why, bool response_started) {
-    Decision decision = exchange_->decision();
-    instance_id_ = exchange_->routed_id();
-    backend_ = exchange_->routed_backend();
-    bytes_out_ = exchange_->response_bytes();
+    record_.note_route(*exchange_);
     retired_ = std::move(exchange_);
     if (response_started) {
         // The response is already on its way: end the connection without the closing framing,
         // so the client sees the stream break instead of a silent truncation.
-        log::warn("response cut short", {{"instance", instance_id_}, {"reason", why}, {"client", client_ip_}});
+        log::warn("response cut short", {{"instance", record_.instance_id}, {"reason", why}, {"client", client_ip_}});
         keep_alive_ = false;
         log_access();
         close_after_flush();
         return;
     }
     if (!request_done_) keep_alive_ = false;
-    std::string body;
-    std::string extra;
-    if (decision == Decision::Pinned && status == 503) {
-        std::string data = "\"instanceId\":" + json_string(request_.get(worker_.config().instance_header)) +
-                           ",\"reason\":\"connect-failed\"";
-        body = jsonrpc_error("null", -32000, "Instance not available", data);
-        extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
-    } else if (status == 503) {
-        body = jsonrpc_error("null", -32000, "No healthy instance available", "\"reason\":" + json_string(why));
-        extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
-    } else {
-        body = jsonrpc_error("null", -32000, http1::status_reason(status), "\"reason\":" + json_string(why));
-    }
-    send_local(status, "application/json", body, extra);
+    send_answer(answer_exchange_failure(status, why, record_.decision, request_.get(worker_.config().instance_header)));
     finish_request();
 }
 

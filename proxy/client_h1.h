@@ -9,7 +9,9 @@
 
 #include "proxy/client.h"
 #include "proxy/exchange.h"
+#include "proxy/local_response.h"
 #include "proxy/http1.h"
+#include "proxy/request_record.h"
 
 struct bufferevent;
 struct event;
@@ -21,7 +23,8 @@ class Worker;
 
 class ClientH1 final : public ClientConnection, public Downstream {
 public:
-    ClientH1(Worker& worker, int fd, std::string client_ip, bool tls);
+    // Takes over `bev` (plain or TLS), which may already hold the first bytes of a request.
+    ClientH1(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
     ~ClientH1() override;
 
     void drain() override;
@@ -62,7 +65,9 @@ private:
     void enter_idle();
     void send_error(int status, const char* why);
     void send_local(int status, std::string_view content_type, const std::string& body, std::string_view extra_headers);
+    void send_answer(const LocalAnswer& answer);
     void close_after_flush();
+    void linger();
     void destroy();
     void arm_timer(Millis ms);
     void log_access();
@@ -90,11 +95,7 @@ private:
     // Local answers (routing misses) and the request's outcome for the access log.
     RouteOutcome local_;
     evbuffer* local_body_ = nullptr;
-    int status_ = 0;
-    Decision decision_ = Decision::None;
-    std::string instance_id_, backend_;
-    uint64_t bytes_in_ = 0, bytes_out_ = 0;
-    std::chrono::steady_clock::time_point started_;
+    RequestRecord record_;
 };
 
 }  // namespace stepflow

@@ -39,6 +39,12 @@ std::vector<std::string> split_list(const std::string& s) {
     return out;
 }
 
+void switch_flag(const std::string& name, const std::string& text, bool& out) {
+    if (text == "on" || text == "true" || text == "1") out = true;
+    else if (text == "off" || text == "false" || text == "0") out = false;
+    else fail(name + ": '" + text + "' is not on or off");
+}
+
 bool valid_header_name(const std::string& s) {
     if (s.empty()) return false;
     for (unsigned char c : s)
@@ -82,6 +88,7 @@ Config parse_config(int argc, char** argv) {
     app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
 
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
+    std::string upstream_tls = "off", upstream_insecure = "off";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, drain_timeout, dns_interval;
 
@@ -91,6 +98,28 @@ Config parse_config(int argc, char** argv) {
         ->envname("METRICS_ADDRESS")->capture_default_str();
     app.add_option("--threads", cfg.threads, "Event-loop threads for proxied traffic (0: one per core)")
         ->envname("STEPFLOW_LB_THREADS")->capture_default_str();
+
+    app.add_option("--tls-listen", cfg.tls_listen, "TLS listener host:port (HTTP/1.1 and h2 via ALPN); needs --tls-cert/--tls-key")
+        ->envname("STEPFLOW_LB_TLS_LISTEN");
+    app.add_option("--tls-cert", cfg.tls_cert, "PEM certificate chain for --tls-listen (reloaded on SIGHUP)")
+        ->envname("STEPFLOW_LB_TLS_CERT");
+    app.add_option("--tls-key", cfg.tls_key, "PEM private key for --tls-listen (reloaded on SIGHUP)")->envname("STEPFLOW_LB_TLS_KEY");
+    app.add_option("--h2-max-concurrent-streams", cfg.h2_max_concurrent_streams,
+                   "HTTP/2: streams a client may open at once (more are refused)")
+        ->envname("STEPFLOW_LB_H2_MAX_CONCURRENT_STREAMS")->capture_default_str();
+    app.add_option("--h2-initial-window-size", cfg.h2_initial_window_size,
+                   "HTTP/2: per-stream receive window in bytes (request body buffered per stream)")
+        ->envname("STEPFLOW_LB_H2_INITIAL_WINDOW_SIZE")->capture_default_str();
+    app.add_option("--h2-max-header-list-size", cfg.h2_max_header_list_size,
+                   "HTTP/2: largest header list a client may send, in bytes")
+        ->envname("STEPFLOW_LB_H2_MAX_HEADER_LIST_SIZE")->capture_default_str();
+    app.add_option("--upstream-tls", upstream_tls, "on|off: speak TLS to workers [off]")->envname("STEPFLOW_LB_UPSTREAM_TLS");
+    app.add_option("--upstream-ca", cfg.upstream_ca, "PEM CA bundle that verifies workers (default: system store)")
+        ->envname("STEPFLOW_LB_UPSTREAM_CA");
+    app.add_option("--upstream-sni", cfg.upstream_sni, "Server name sent to and verified on workers (default: their address)")
+        ->envname("STEPFLOW_LB_UPSTREAM_SNI");
+    app.add_option("--upstream-insecure", upstream_insecure, "on|off: skip verifying workers' certificates [off]")
+        ->envname("STEPFLOW_LB_UPSTREAM_INSECURE");
 
     app.add_option("--discovery", discovery,
                    "static|dns|kubernetes (default: static with --backends, dns with --upstream-service, "
@@ -157,11 +186,24 @@ Config parse_config(int argc, char** argv) {
         fail(e.what());
     }
 
+    HostPort hp;
     if (!log::parse_level(log_level, cfg.log_level)) fail("--log-level: '" + log_level + "' is not one of trace|debug|info|warn|error");
     if (!log::parse_format(log_format, cfg.log_format)) fail("--log-format: '" + log_format + "' is not json or text");
-    if (access_log == "on" || access_log == "true" || access_log == "1") cfg.access_log = true;
-    else if (access_log == "off" || access_log == "false" || access_log == "0") cfg.access_log = false;
-    else fail("--access-log: '" + access_log + "' is not on or off");
+    switch_flag("--access-log", access_log, cfg.access_log);
+    switch_flag("--upstream-tls", upstream_tls, cfg.upstream_tls);
+    switch_flag("--upstream-insecure", upstream_insecure, cfg.upstream_insecure);
+    if (!cfg.tls_listen.empty()) {
+        if (!parse_host_port(cfg.tls_listen, hp)) fail("--tls-listen: '" + cfg.tls_listen + "' is not host:port");
+        if (cfg.tls_cert.empty() || cfg.tls_key.empty()) fail("--tls-listen needs --tls-cert and --tls-key");
+    } else if (!cfg.tls_cert.empty() || !cfg.tls_key.empty()) {
+        fail("--tls-cert/--tls-key given without --tls-listen");
+    }
+    if (cfg.h2_max_concurrent_streams < 1 || cfg.h2_max_concurrent_streams > 10000)
+        fail("--h2-max-concurrent-streams: must be between 1 and 10000");
+    if (cfg.h2_initial_window_size < 16384 || cfg.h2_initial_window_size > 16 * 1024 * 1024)
+        fail("--h2-initial-window-size: must be between 16384 and 16777216");
+    if (cfg.h2_max_header_list_size < 1024 || cfg.h2_max_header_list_size > 1024 * 1024)
+        fail("--h2-max-header-list-size: must be between 1024 and 1048576");
 
     duration_flag("--health-interval", health_interval, cfg.health_interval, false);
     duration_flag("--health-timeout", health_timeout, cfg.health_timeout, false);
@@ -183,7 +225,6 @@ Config parse_config(int argc, char** argv) {
     if (cfg.max_headers < 8 || cfg.max_headers > 10000) fail("--max-headers: must be between 8 and 10000");
     if (!valid_header_name(cfg.instance_header)) fail("--instance-header: '" + cfg.instance_header + "' is not a header name");
 
-    HostPort hp;
     if (!parse_host_port(cfg.listen, hp)) fail("--listen: '" + cfg.listen + "' is not host:port");
     if (!parse_host_port(cfg.admin_listen, hp)) fail("--admin-listen: '" + cfg.admin_listen + "' is not host:port");
 

@@ -22,6 +22,22 @@ struct Config {
     std::string admin_listen = "0.0.0.0:9090";
     int threads = 0;  // 0: one per core
 
+    // TLS termination (a second listener beside the plain one)
+    std::string tls_listen;
+    std::string tls_cert;
+    std::string tls_key;
+
+    // HTTP/2 (h2c with prior knowledge on --listen, h2 via ALPN on --tls-listen)
+    uint32_t h2_max_concurrent_streams = 100;
+    uint32_t h2_initial_window_size = 256 * 1024;
+    uint32_t h2_max_header_list_size = 64 * 1024;
+
+    // TLS to workers
+    bool upstream_tls = false;
+    std::string upstream_ca;   // PEM bundle; default: the system store
+    std::string upstream_sni;  // default: the worker's address host
+    bool upstream_insecure = false;
+
     // Discovery
     DiscoveryMode discovery = DiscoveryMode::Static;
     std::vector<std::string> backends;  // static mode

@@ -16,6 +16,7 @@
 #include "proxy/config.h"
 #include "proxy/log.h"
 #include "proxy/net.h"
+#include "proxy/tls.h"
 #include "proxy/worker.h"
 
 using namespace stepflow;
@@ -82,6 +83,13 @@ void on_shutdown_poll(int, short, void* arg) {
     evtimer_add(s->poll, &tv);
 }
 
+void on_reload(int, short, void* arg) {
+    auto* tls = static_cast<TlsServer*>(arg);
+    std::string error;
+    if (tls->reload(error)) log::info("TLS certificate reloaded");
+    else log::error("TLS certificate reload failed: keeping the previous one", {{"reason", error}});
+}
+
 void on_signal(int sig, short, void* arg) {
     auto* s = static_cast<Shutdown*>(arg);
     if (s->started) {
@@ -113,8 +121,21 @@ int main(int argc, char** argv) {
     auto source = make_endpoint_source(config, control, error);
     if (!source) startup_error(error);
 
-    std::string proxy_bound, admin_bound;
+    std::unique_ptr<TlsServer> tls_server;
+    if (!config.tls_listen.empty()) {
+        tls_server = std::make_unique<TlsServer>();
+        if (!tls_server->load(config.tls_cert, config.tls_key, error)) startup_error("--tls-cert/--tls-key: " + error);
+    }
+    std::unique_ptr<TlsClient> tls_client;
+    if (config.upstream_tls) {
+        tls_client = std::make_unique<TlsClient>();
+        if (!tls_client->init(config, error)) startup_error(error);
+    }
+
+    std::string proxy_bound, admin_bound, tls_bound;
     std::vector<int> proxy_fds = open_listeners(config.listen, config.threads, proxy_bound);
+    std::vector<int> tls_fds;
+    if (tls_server) tls_fds = open_listeners(config.tls_listen, config.threads, tls_bound);
     std::vector<int> admin_fds = open_listeners(config.admin_listen, 1, admin_bound);
 
     FleetPublisher publisher;
@@ -122,18 +143,25 @@ int main(int argc, char** argv) {
     AdminServer admin(control, admin_fds[0], fleet, source->describe());
 
     std::vector<std::unique_ptr<Worker>> workers;
-    for (int i = 0; i < config.threads; ++i)
-        workers.push_back(std::make_unique<Worker>(i, config, publisher, std::vector<Listener>{{proxy_fds[size_t(i)], false}}));
+    for (int i = 0; i < config.threads; ++i) {
+        std::vector<Listener> listeners{{proxy_fds[size_t(i)], false}};
+        if (tls_server) listeners.push_back({tls_fds[size_t(i)], true});
+        workers.push_back(
+            std::make_unique<Worker>(i, config, publisher, std::move(listeners), tls_server.get(), tls_client.get()));
+    }
 
     Shutdown shutdown{control, &admin, &workers, &config, nullptr, {}, false};
     event* sigterm = evsignal_new(control, SIGTERM, on_signal, &shutdown);
     event* sigint = evsignal_new(control, SIGINT, on_signal, &shutdown);
+    event* sighup = evsignal_new(control, SIGHUP, on_reload, tls_server.get());
     event_add(sigterm, nullptr);
     event_add(sigint, nullptr);
+    if (tls_server) event_add(sighup, nullptr);
+    else std::signal(SIGHUP, SIG_IGN);
 
     source->start([&fleet](std::vector<Endpoint> endpoints) { fleet.update(std::move(endpoints)); });
     for (auto& w : workers) w->start();
-    log::info("listening", {{"proxy", proxy_bound}, {"admin", admin_bound}, {"threads", config.threads},
+    log::info("listening", {{"proxy", proxy_bound}, {"tls", tls_bound}, {"admin", admin_bound}, {"threads", config.threads},
                             {"discovery", source->describe()}, {"pid", int64_t(getpid())}});
 
     event_base_dispatch(control);
@@ -142,6 +170,7 @@ int main(int argc, char** argv) {
     workers.clear();
     event_free(sigterm);
     event_free(sigint);
+    event_free(sighup);
     if (shutdown.poll) event_free(shutdown.poll);
     source.reset();
     log::info("stopped");

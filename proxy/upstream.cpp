@@ -7,7 +7,11 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include <event2/bufferevent_ssl.h>
+#include <openssl/ssl.h>
+
 #include "proxy/metrics.h"
+#include "proxy/tls.h"
 
 namespace stepflow {
 namespace {
@@ -26,7 +30,15 @@ UpstreamConn::~UpstreamConn() {
 }
 
 bool UpstreamConn::connect(Millis timeout) {
-    bev_ = bufferevent_socket_new(pool_.base(), -1, BEV_OPT_CLOSE_ON_FREE);
+    if (pool_.tls_) {
+        std::string host = instance_->address.substr(0, instance_->address.rfind(':'));
+        if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
+        SSL* ssl = pool_.tls_->new_connection(host);
+        if (!ssl) return false;
+        bev_ = bufferevent_openssl_socket_new(pool_.base(), -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+    } else {
+        bev_ = bufferevent_socket_new(pool_.base(), -1, BEV_OPT_CLOSE_ON_FREE);
+    }
     if (!bev_) return false;
     bufferevent_setcb(bev_, on_read, on_write, on_event, this);
     // libevent reports a connect that outlasts the write timeout as a timeout event.

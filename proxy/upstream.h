@@ -17,6 +17,7 @@ struct event;
 namespace stepflow {
 
 class UpstreamPool;
+class TlsClient;
 
 // One TCP connection to one instance. While idle it sits in the pool; while in use the owning
 // exchange receives its events.
@@ -46,6 +47,7 @@ public:
 
 private:
     friend class UpstreamPool;
+class TlsClient;
     static void on_read(bufferevent*, void* arg);
     static void on_write(bufferevent*, void* arg);
     static void on_event(bufferevent*, short what, void* arg);
@@ -62,7 +64,7 @@ private:
 
 class UpstreamPool {
 public:
-    UpstreamPool(event_base* base, const Config& config) : base_(base), config_(config) {}
+    UpstreamPool(event_base* base, const Config& config, TlsClient* tls) : base_(base), config_(config), tls_(tls) {}
     ~UpstreamPool();
 
     // An idle connection to `instance`, or a new one still connecting (handler gets
@@ -80,6 +82,7 @@ private:
 
     event_base* base_;
     const Config& config_;
+    TlsClient* tls_;  // null unless --upstream-tls
     std::unordered_map<Instance*, std::vector<std::unique_ptr<UpstreamConn>>> idle_;
 };
 

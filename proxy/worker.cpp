@@ -5,17 +5,26 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
-#include "proxy/client_h1.h"
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/ssl.h>
+
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+
+#include "proxy/accept.h"
+#include "proxy/tls.h"
 #include "proxy/log.h"
 #include "proxy/net.h"
 
 namespace stepflow {
 
-Worker::Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners)
-    : index_(index), config_(config), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
+Worker::Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
+               TlsServer* tls_server, TlsClient* tls_client)
+    : index_(index), config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
       listener_specs_(std::move(listeners)) {
     base_ = event_base_new();
-    pool_ = std::make_unique<UpstreamPool>(base_, config_);
+    pool_ = std::make_unique<UpstreamPool>(base_, config_, tls_client_);
     for (const auto& spec : listener_specs_) {
         auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
         listeners_.push_back(l);
@@ -60,9 +69,32 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
     bool tls = false;
     for (size_t i = 0; i < self->listeners_.size(); ++i)
         if (self->listeners_[i] == listener) tls = self->listener_specs_[i].tls;
-    auto* conn = new ClientH1(*self, fd, std::move(ip), tls);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    bufferevent* bev = nullptr;
+    if (tls) {
+        SSL* ssl = self->tls_server_ ? self->tls_server_->new_connection() : nullptr;
+        if (!ssl) {
+            evutil_closesocket(fd);
+            return;
+        }
+        bev = bufferevent_openssl_socket_new(self->base_, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                             BEV_OPT_CLOSE_ON_FREE);
+    } else {
+        bev = bufferevent_socket_new(self->base_, fd, BEV_OPT_CLOSE_ON_FREE);
+    }
+    if (!bev) {
+        evutil_closesocket(fd);
+        return;
+    }
+    auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
     self->connections_.insert(conn);
     self->open_connections_.store(self->connections_.size());
+}
+
+void Worker::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {
+    connections_.erase(old_conn);
+    connections_.insert(new_conn);
 }
 
 void Worker::connection_closed(ClientConnection* conn) {

@@ -22,6 +22,8 @@ struct event;
 namespace stepflow {
 
 class ClientConnection;
+class TlsServer;
+class TlsClient;
 
 struct Listener {
     int fd = -1;
@@ -30,7 +32,8 @@ struct Listener {
 
 class Worker {
 public:
-    Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners);
+    Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
+           TlsServer* tls_server, TlsClient* tls_client);
     ~Worker();
 
     void start();  // runs the loop on a new thread
@@ -47,9 +50,11 @@ public:
     Rng& rng() { return rng_; }
     UpstreamPool& pool() { return *pool_; }
     RequestSeries& series() { return series_; }
+    TlsClient* upstream_tls() const { return tls_client_; }
     bool draining() const { return draining_; }
 
     void connection_closed(ClientConnection* conn);
+    void connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn);
 
 private:
     static void on_accept(evconnlistener*, int fd, sockaddr* addr, int len, void* arg);
@@ -59,6 +64,8 @@ private:
 
     int index_;
     const Config& config_;
+    TlsServer* tls_server_;
+    TlsClient* tls_client_;
     FleetView fleet_;
     Rng rng_;
     event_base* base_ = nullptr;

@@ -1,0 +1,85 @@
+#include "proxy/accept.h"
+
+#include <cstring>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/bufferevent_ssl.h>
+
+#include "proxy/client_h1.h"
+#include "proxy/client_h2.h"
+#include "proxy/log.h"
+#include "proxy/tls.h"
+#include "proxy/worker.h"
+
+namespace stepflow {
+namespace {
+
+constexpr char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+constexpr size_t kPrefaceLen = sizeof kPreface - 1;
+
+timeval to_timeval(Millis ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+}  // namespace
+
+ProtocolSniffer::ProtocolSniffer(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
+    bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
+    // The first bytes (or the TLS handshake) must come within the request-head time.
+    timeval tv = to_timeval(worker.config().request_header_timeout);
+    bufferevent_set_timeouts(bev_, &tv, &tv);
+    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+}
+
+ProtocolSniffer::~ProtocolSniffer() {
+    if (bev_) bufferevent_free(bev_);
+}
+
+void ProtocolSniffer::close_now() {
+    worker_.connection_closed(this);
+    delete this;
+}
+
+void ProtocolSniffer::on_read(bufferevent*, void* arg) {
+    auto* self = static_cast<ProtocolSniffer*>(arg);
+    if (!self->tls_) self->decide();
+}
+
+void ProtocolSniffer::decide() {
+    evbuffer* in = bufferevent_get_input(bev_);
+    size_t len = evbuffer_get_length(in);
+    size_t n = len < kPrefaceLen ? len : kPrefaceLen;
+    if (n == 0) return;
+    const char* head = reinterpret_cast<const char*>(evbuffer_pullup(in, static_cast<ssize_t>(n)));
+    if (std::memcmp(head, kPreface, n) != 0) return hand_over(false);
+    if (n == kPrefaceLen) return hand_over(true);
+    // A prefix of the preface so far: wait for more.
+}
+
+void ProtocolSniffer::on_event(bufferevent* bev, short what, void* arg) {
+    auto* self = static_cast<ProtocolSniffer*>(arg);
+    if ((what & BEV_EVENT_CONNECTED) && self->tls_) {
+        SSL* ssl = bufferevent_openssl_get_ssl(bev);
+        self->hand_over(negotiated_protocol(ssl) == "h2");
+        return;
+    }
+    if (what & BEV_EVENT_ERROR && self->tls_)
+        log::debug("TLS handshake failed", {{"client", self->client_ip_}});
+    self->close_now();
+}
+
+void ProtocolSniffer::hand_over(bool http2) {
+    bufferevent* bev = bev_;
+    bev_ = nullptr;
+    bufferevent_set_timeouts(bev, nullptr, nullptr);
+    ClientConnection* conn;
+    if (http2) conn = new ClientH2(worker_, bev, client_ip_, tls_);
+    else conn = new ClientH1(worker_, bev, client_ip_, tls_);
+    worker_.connection_replaced(this, conn);
+    delete this;
+}
+
+}  // namespace stepflow

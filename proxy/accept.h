@@ -1,0 +1,35 @@
+// A new client connection before we know its protocol: on the plain listener the first bytes
+// tell (the HTTP/2 connection preface, or anything else for HTTP/1.1); on the TLS listener the
+// handshake's ALPN result tells. Then the connection is handed to ClientH1 or ClientH2.
+#pragma once
+
+#include <string>
+
+#include "proxy/client.h"
+
+struct bufferevent;
+
+namespace stepflow {
+
+class Worker;
+
+class ProtocolSniffer final : public ClientConnection {
+public:
+    ProtocolSniffer(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
+    ~ProtocolSniffer() override;
+    void drain() override { close_now(); }
+    void close_now() override;
+
+private:
+    static void on_read(bufferevent*, void* arg);
+    static void on_event(bufferevent*, short what, void* arg);
+    void decide();
+    void hand_over(bool http2);
+
+    Worker& worker_;
+    bufferevent* bev_;
+    std::string client_ip_;
+    bool tls_;
+};
+
+}  // namespace stepflow

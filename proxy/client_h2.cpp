@@ -1,0 +1,521 @@
+#include "proxy/client_h2.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "proxy/log.h"
+#include "proxy/worker.h"
+
+namespace stepflow {
+namespace {
+
+constexpr size_t kStreamBufferHigh = 64 * 1024;   // response bytes waiting per stream
+constexpr size_t kStreamBufferLow = 16 * 1024;
+constexpr size_t kConnectionOutputHigh = 128 * 1024;
+constexpr size_t kLocalBodyLimit = 1024 * 1024;
+constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
+
+timeval to_timeval(Millis ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+nghttp2_nv make_nv(std::string_view name, std::string_view value) {
+    return {reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
+            reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(), value.size(),
+            NGHTTP2_NV_FLAG_NONE};
+}
+
+// Fields HTTP/2 forbids (RFC 9113 §8.2.2); the exchange already dropped the hop-by-hop ones.
+bool connection_specific(std::string_view lower) {
+    return lower == "connection" || lower == "keep-alive" || lower == "proxy-connection" ||
+           lower == "transfer-encoding" || lower == "upgrade" || lower == "te";
+}
+
+}  // namespace
+
+class ClientH2::Stream final : public Downstream {
+public:
+    Stream(ClientH2& conn, int32_t id) : conn_(conn), id_(id), req_buf_(evbuffer_new()), resp_buf_(evbuffer_new()) {
+        record_.begin();
+    }
+    ~Stream() override {
+        exchange_.reset();
+        retired_.reset();
+        evbuffer_free(req_buf_);
+        evbuffer_free(resp_buf_);
+    }
+
+    // --- request side (called from nghttp2 callbacks) ---
+    void header(std::string_view name, std::string_view value) {
+        header_bytes_ += name.size() + value.size() + 32;
+        if (header_bytes_ > conn_.worker_.config().h2_max_header_list_size ||
+            ++header_count_ > conn_.worker_.config().max_headers) {
+            header_overflow_ = true;
+            return;
+        }
+        if (name == ":method") method_ = value;
+        else if (name == ":path") path_ = value;
+        else if (name == ":authority") authority_ = value;
+        else if (name[0] != ':') fields_.emplace_back(name, value);
+    }
+
+    void begin(bool end_stream) {
+        request_ended_ = end_stream;
+        if (header_overflow_) return reject(431, "request header list too large");
+        // Reuse the HTTP/1.1 rules by writing the request as an HTTP/1.1 head: nghttp2 has
+        // already enforced HTTP/2's own (lower-case names, pseudo-header order, no
+        // connection-specific fields), so what is left is what both versions share.
+        std::string text;
+        text.reserve(256);
+        text.append(method_).append(" ").append(path_.empty() ? "*" : path_).append(" HTTP/1.1\r\n");
+        if (!authority_.empty()) text.append("host: ").append(authority_).append("\r\n");
+        for (const auto& [name, value] : fields_) {
+            if (name == "host" && !authority_.empty()) continue;  // :authority wins (RFC 9113 §8.3.1)
+            text.append(name).append(": ").append(value).append("\r\n");
+        }
+        text.append("\r\n");
+        fields_.clear();
+        head_.raw = std::move(text);
+        const Config& cfg = conn_.worker_.config();
+        if (auto err = http1::parse_request(head_, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
+            return reject(err.status, err.reason);
+        if (!request_ended_ && head_.framing == http1::Framing::None && !head_.has("content-length")) {
+            head_.framing = http1::Framing::Chunked;  // length unknown: chunked to the worker
+            chunked_up_ = true;
+        }
+        if (request_ended_) head_.framing = http1::Framing::None;
+        exchange_ = std::make_unique<Exchange>(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
+        local_ = exchange_->route();
+        if (local_.kind == RouteOutcome::Routed) return;
+        record_.decision = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+        exchange_.reset();
+        local_mode_ = true;
+        if (request_ended_) answer_locally();
+    }
+
+    void data(const uint8_t* bytes, size_t len) {
+        record_.bytes_in += len;
+        if (exchange_ && !answered_) {
+            evbuffer_add(req_buf_, bytes, len);
+            unconsumed_ += len;
+            pump_request_body();
+            return;
+        }
+        // Answered already, or collecting a body only to read its JSON-RPC id.
+        nghttp2_session_consume(conn_.session_, id_, len);
+        if (local_mode_ && !answered_) {
+            evbuffer_add(req_buf_, bytes, len);
+            if (evbuffer_get_length(req_buf_) > kLocalBodyLimit) answer_locally();
+        }
+    }
+
+    void end_of_request() {
+        request_ended_ = true;
+        if (local_mode_ && !answered_) answer_locally();
+        else pump_request_body();
+    }
+
+    // The client closed or reset the stream, or it ended normally.
+    void closed() {
+        if (exchange_) {
+            exchange_->abort();  // a reset stream cancels the worker's request
+            record_.note_route(*exchange_);
+            if (record_.status == 0 || !response_done_) record_.status = record_.status ? record_.status : 499;
+        }
+        if (unconsumed_ > 0) nghttp2_session_consume_connection(conn_.session_, unconsumed_);
+        unconsumed_ = 0;
+        finish_log();
+    }
+
+    // --- response side ---
+    ssize_t read_response(uint8_t* buf, size_t length, uint32_t* flags) {
+        size_t n = std::min(length, evbuffer_get_length(resp_buf_));
+        if (n > 0) evbuffer_remove(resp_buf_, buf, n);
+        if (evbuffer_get_length(resp_buf_) == 0 && response_done_) *flags |= NGHTTP2_DATA_FLAG_EOF;
+        else if (n == 0) return NGHTTP2_ERR_DEFERRED;
+        if (paused_ && evbuffer_get_length(resp_buf_) < kStreamBufferLow) {
+            paused_ = false;
+            resume_pending_ = true;  // resumed outside nghttp2's send loop
+        }
+        return static_cast<ssize_t>(n);
+    }
+
+    void run_pending_resume() {
+        if (!resume_pending_) return;
+        resume_pending_ = false;
+        if (exchange_) exchange_->resume_response();
+    }
+
+    // --- Downstream ---
+    evbuffer* start_response(int status, std::string_view, const std::vector<http1::Header>& headers,
+                             http1::Framing framing, uint64_t content_length, bool& chunked_out) override {
+        chunked_out = false;
+        record_.status = status;
+        if (exchange_) record_.note_route(*exchange_);
+        std::string status_text = std::to_string(status), length_text = std::to_string(content_length);
+        std::vector<std::string> names;
+        names.reserve(headers.size());
+        std::vector<nghttp2_nv> nva;
+        nva.reserve(headers.size() + 2);
+        nva.push_back(make_nv(":status", status_text));
+        for (const auto& h : headers) {
+            std::string lower(h.name);
+            std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+            if (connection_specific(lower)) continue;
+            names.push_back(std::move(lower));
+            nva.push_back(make_nv(names.back(), h.value));
+        }
+        if (framing == http1::Framing::Length) nva.push_back(make_nv("content-length", length_text));
+        submit(nva, framing != http1::Framing::None);
+        return resp_buf_;
+    }
+
+    void interim_response(int, std::string_view) override {}  // 1xx are not relayed over HTTP/2
+
+    void response_data() override {
+        nghttp2_session_resume_data(conn_.session_, id_);
+        conn_.schedule_send();
+    }
+
+    bool response_sink_full() override {
+        if (evbuffer_get_length(resp_buf_) <= kStreamBufferHigh) return false;
+        paused_ = true;
+        return true;
+    }
+
+    void response_done() override {
+        response_done_ = true;
+        record_.note_route(*exchange_);
+        Metrics::get().client_sent_bytes.Increment(double(record_.bytes_out));
+        retired_ = std::move(exchange_);
+        nghttp2_session_resume_data(conn_.session_, id_);
+        conn_.schedule_send();
+        finish_log();
+    }
+
+    void exchange_failed(int status, const char* why, bool response_started) override {
+        record_.note_route(*exchange_);
+        retired_ = std::move(exchange_);
+        if (response_started) {
+            log::warn("response cut short", {{"instance", record_.instance_id}, {"reason", why}, {"client", conn_.client_ip_}});
+            nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, NGHTTP2_INTERNAL_ERROR);
+            conn_.schedule_send();
+            finish_log();
+            return;
+        }
+        answer(answer_exchange_failure(status, why, record_.decision, head_.get(conn_.worker_.config().instance_header)));
+    }
+
+    void request_sink_ready() override { pump_request_body(); }
+
+private:
+    void pump_request_body() {
+        if (!exchange_ || body_forwarded_) return;
+        evbuffer* sink = exchange_->request_sink();
+        if (!sink || exchange_->request_sink_full()) return;  // unconsumed bytes hold the client's window
+        size_t n = evbuffer_get_length(req_buf_);
+        if (n > 0) {
+            if (chunked_up_) {
+                char line[24];
+                int len = std::snprintf(line, sizeof line, "%zx\r\n", n);
+                evbuffer_add(sink, line, size_t(len));
+            }
+            evbuffer_remove_buffer(req_buf_, sink, n);
+            if (chunked_up_) evbuffer_add(sink, "\r\n", 2);
+            nghttp2_session_consume(conn_.session_, id_, n);
+            unconsumed_ -= n;
+            conn_.schedule_send();  // window updates
+        }
+        if (request_ended_) {
+            if (chunked_up_) evbuffer_add(sink, "0\r\n\r\n", 5);
+            body_forwarded_ = true;
+            Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
+            exchange_->request_body_done();
+        }
+    }
+
+    void reject(int status, const char* why) {
+        Metrics::get().rejected_requests.Increment();
+        log::debug("request rejected", {{"client", conn_.client_ip_}, {"status", status}, {"reason", why}});
+        std::string body = "{\"error\":" + json_string(http1::status_reason(status)) + ",\"reason\":" + json_string(why) + "}";
+        answer({status, body, false});
+    }
+
+    void answer_locally() {
+        std::string id = jsonrpc_id_of(req_buf_);
+        evbuffer_drain(req_buf_, evbuffer_get_length(req_buf_));
+        answer(answer_routing_miss(local_, id));
+    }
+
+    void answer(const LocalAnswer& a) {
+        answered_ = true;
+        record_.status = a.status;
+        record_.bytes_out = a.body.size();
+        evbuffer_add(resp_buf_, a.body.data(), a.body.size());
+        response_done_ = true;
+        std::string status_text = std::to_string(a.status), length_text = std::to_string(a.body.size());
+        std::string retry = std::to_string(conn_.worker_.config().retry_after_seconds);
+        std::vector<nghttp2_nv> nva = {make_nv(":status", status_text), make_nv("content-type", "application/json"),
+                                       make_nv("content-length", length_text)};
+        if (a.retry_after) nva.push_back(make_nv("retry-after", retry));
+        submit(nva, true);
+        finish_log();
+    }
+
+    void submit(const std::vector<nghttp2_nv>& nva, bool has_body) {
+        nghttp2_data_provider provider;
+        provider.source.ptr = this;
+        provider.read_callback = [](nghttp2_session*, int32_t, uint8_t* buf, size_t length, uint32_t* flags,
+                                    nghttp2_data_source* source, void*) -> ssize_t {
+            return static_cast<Stream*>(source->ptr)->read_response(buf, length, flags);
+        };
+        nghttp2_submit_response(conn_.session_, id_, nva.data(), nva.size(), has_body ? &provider : nullptr);
+        conn_.schedule_send();
+    }
+
+    void finish_log() {
+        if (logged_) return;
+        logged_ = true;
+        record_.finish(conn_.worker_, method_, path_, conn_.client_ip_);
+    }
+
+    ClientH2& conn_;
+    int32_t id_;
+    std::string method_, path_, authority_;
+    std::vector<std::pair<std::string, std::string>> fields_;
+    size_t header_bytes_ = 0;
+    int header_count_ = 0;
+    bool header_overflow_ = false;
+    http1::Head head_;
+    evbuffer* req_buf_;
+    evbuffer* resp_buf_;
+    size_t unconsumed_ = 0;
+    bool request_ended_ = false, body_forwarded_ = false, chunked_up_ = false;
+    bool local_mode_ = false, answered_ = false;
+    bool response_done_ = false, paused_ = false, resume_pending_ = false, logged_ = false;
+    std::unique_ptr<Exchange> exchange_, retired_;
+    RouteOutcome local_;
+    RequestRecord record_;
+
+    friend class ClientH2;
+};
+
+ClientH2::ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
+    const Config& cfg = worker.config();
+    nghttp2_session_callbacks* callbacks;
+    nghttp2_session_callbacks_new(&callbacks);
+    nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close);
+    nghttp2_option* option;
+    nghttp2_option_new(&option);
+    // Windows open only as the worker takes request bytes (see Stream::pump_request_body).
+    nghttp2_option_set_no_auto_window_update(option, 1);
+    // The library's defences: rapid reset (CVE-2023-44487) and CONTINUATION floods.
+    nghttp2_option_set_stream_reset_rate_limit(option, 1000, 33);
+    nghttp2_option_set_max_continuations(option, 8);
+    nghttp2_session_server_new2(&session_, callbacks, this, option);
+    nghttp2_option_del(option);
+    nghttp2_session_callbacks_del(callbacks);
+
+    nghttp2_settings_entry settings[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, cfg.h2_max_concurrent_streams},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg.h2_initial_window_size},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg.h2_max_header_list_size},
+    };
+    nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, sizeof settings / sizeof settings[0]);
+    nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
+
+    deferred_ = event_new(worker.base(), -1, 0, on_deferred, this);
+    idle_ = evtimer_new(worker.base(), on_idle, this);
+    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
+    bufferevent_setwatermark(bev_, EV_WRITE, kConnectionOutputHigh / 4, 0);
+    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    Metrics::get().client_connections.Increment();
+    arm_idle();
+    receive();  // the preface (and maybe more) is already buffered
+}
+
+ClientH2::~ClientH2() {
+    streams_.clear();
+    closed_.clear();
+    nghttp2_session_del(session_);
+    event_free(deferred_);
+    event_free(idle_);
+    bufferevent_free(bev_);
+    Metrics::get().client_connections.Decrement();
+}
+
+void ClientH2::arm_idle() {
+    timeval tv = to_timeval(worker_.config().keepalive_idle_timeout);
+    evtimer_add(idle_, &tv);
+}
+
+void ClientH2::on_idle(int, short, void* arg) {
+    auto* self = static_cast<ClientH2*>(arg);
+    if (!self->streams_.empty()) return;
+    nghttp2_session_terminate_session(self->session_, NGHTTP2_NO_ERROR);
+    self->send();
+    self->maybe_close();
+}
+
+void ClientH2::on_read(bufferevent*, void* arg) { static_cast<ClientH2*>(arg)->receive(); }
+
+void ClientH2::on_write(bufferevent*, void* arg) {
+    auto* self = static_cast<ClientH2*>(arg);
+    self->send();
+    self->maybe_close();
+}
+
+void ClientH2::on_event(bufferevent*, short what, void* arg) {
+    auto* self = static_cast<ClientH2*>(arg);
+    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) self->destroy();
+}
+
+void ClientH2::receive() {
+    if (destroying_) return;
+    evbuffer* in = bufferevent_get_input(bev_);
+    while (size_t len = evbuffer_get_contiguous_space(in)) {
+        const uint8_t* data = evbuffer_pullup(in, static_cast<ssize_t>(len));
+        ssize_t rv = nghttp2_session_mem_recv(session_, data, len);
+        if (rv < 0) {
+            log::debug("HTTP/2 session error", {{"client", client_ip_}, {"reason", nghttp2_strerror(int(rv))}});
+            send();  // GOAWAY, when the library queued one
+            destroy();
+            return;
+        }
+        evbuffer_drain(in, size_t(rv));
+    }
+    send();
+    closed_.clear();
+    maybe_close();
+}
+
+void ClientH2::schedule_send() {
+    if (!destroying_) event_active(deferred_, 0, 0);
+}
+
+void ClientH2::on_deferred(int, short, void* arg) {
+    auto* self = static_cast<ClientH2*>(arg);
+    if (self->destroying_) {
+        self->worker_.connection_closed(self);
+        delete self;
+        return;
+    }
+    for (auto& [_, stream] : self->streams_) stream->run_pending_resume();
+    self->send();
+    self->closed_.clear();
+    self->maybe_close();
+}
+
+void ClientH2::send() {
+    if (destroying_) return;
+    evbuffer* out = bufferevent_get_output(bev_);
+    while (evbuffer_get_length(out) < kConnectionOutputHigh) {
+        const uint8_t* data = nullptr;
+        ssize_t n = nghttp2_session_mem_send(session_, &data);
+        if (n < 0) {
+            destroy();
+            return;
+        }
+        if (n == 0) break;
+        evbuffer_add(out, data, size_t(n));
+    }
+}
+
+void ClientH2::maybe_close() {
+    if (destroying_) return;
+    bool done = !nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_);
+    if (draining_ && streams_.empty()) done = true;
+    if (done && evbuffer_get_length(bufferevent_get_output(bev_)) == 0) destroy();
+}
+
+void ClientH2::destroy() {
+    if (destroying_) return;
+    destroying_ = true;
+    bufferevent_disable(bev_, EV_READ | EV_WRITE);
+    evtimer_del(idle_);
+    event_active(deferred_, 0, 0);
+}
+
+void ClientH2::drain() {
+    draining_ = true;
+    nghttp2_submit_goaway(session_, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(session_),
+                          NGHTTP2_NO_ERROR, nullptr, 0);
+    send();
+    maybe_close();
+}
+
+void ClientH2::close_now() {
+    worker_.connection_closed(this);
+    delete this;
+}
+
+void ClientH2::stream_closed(Stream* stream) {
+    auto it = streams_.find(stream->id_);
+    if (it == streams_.end()) return;
+    closed_.push_back(std::move(it->second));
+    streams_.erase(it);
+    if (streams_.empty()) arm_idle();
+}
+
+int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
+    auto* self = static_cast<ClientH2*>(user);
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    auto stream = std::make_unique<Stream>(*self, frame->hd.stream_id);
+    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, stream.get());
+    self->streams_[frame->hd.stream_id] = std::move(stream);
+    evtimer_del(self->idle_);
+    return 0;
+}
+
+int ClientH2::on_header(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
+                        const uint8_t* value, size_t valuelen, uint8_t, void*) {
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // trailers: dropped
+    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (stream)
+        stream->header({reinterpret_cast<const char*>(name), namelen}, {reinterpret_cast<const char*>(value), valuelen});
+    return 0;
+}
+
+int ClientH2::on_frame_recv(nghttp2_session* session, const nghttp2_frame* frame, void*) {
+    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (!stream) return 0;
+    bool end_stream = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
+    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        stream->begin(end_stream);
+    } else if ((frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS) && end_stream) {
+        stream->end_of_request();
+    }
+    return 0;
+}
+
+int ClientH2::on_data_chunk(nghttp2_session* session, uint8_t, int32_t stream_id, const uint8_t* data, size_t len,
+                            void*) {
+    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, stream_id));
+    if (!stream) {
+        nghttp2_session_consume_connection(session, len);
+        return 0;
+    }
+    stream->data(data, len);
+    return 0;
+}
+
+int ClientH2::on_stream_close(nghttp2_session* session, int32_t stream_id, uint32_t, void* user) {
+    auto* self = static_cast<ClientH2*>(user);
+    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, stream_id));
+    if (!stream) return 0;
+    stream->closed();
+    self->stream_closed(stream);
+    return 0;
+}
+
+}  // namespace stepflow

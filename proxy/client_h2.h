@@ -1,0 +1,75 @@
+// A client connection speaking HTTP/2 (h2c with prior knowledge, or h2 over TLS). Each stream
+// is one request through the same Exchange, routing and metrics as HTTP/1.1. Flow control runs
+// both ways: a request body is acknowledged to the client only as the worker takes it, and a
+// response body is read from the worker only as the client's window lets it out.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <nghttp2/nghttp2.h>
+
+#include "proxy/client.h"
+#include "proxy/exchange.h"
+#include "proxy/local_response.h"
+#include "proxy/request_record.h"
+
+struct bufferevent;
+struct event;
+struct evbuffer;
+
+namespace stepflow {
+
+class Worker;
+
+class ClientH2 final : public ClientConnection {
+public:
+    ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
+    ~ClientH2() override;
+
+    void drain() override;
+    void close_now() override;
+
+    class Stream;
+
+private:
+    friend class Stream;
+    static void on_read(bufferevent*, void* arg);
+    static void on_write(bufferevent*, void* arg);
+    static void on_event(bufferevent*, short what, void* arg);
+    static void on_deferred(int, short, void* arg);
+    static void on_idle(int, short, void* arg);
+
+    // nghttp2 callbacks
+    static int on_begin_headers(nghttp2_session*, const nghttp2_frame*, void*);
+    static int on_header(nghttp2_session*, const nghttp2_frame*, const uint8_t*, size_t, const uint8_t*, size_t, uint8_t,
+                         void*);
+    static int on_frame_recv(nghttp2_session*, const nghttp2_frame*, void*);
+    static int on_data_chunk(nghttp2_session*, uint8_t, int32_t, const uint8_t*, size_t, void*);
+    static int on_stream_close(nghttp2_session*, int32_t, uint32_t, void*);
+
+    void receive();
+    void send();             // write what nghttp2 has to send, bounded by the socket's pace
+    void schedule_send();    // send() after the current callback chain unwinds
+    void stream_closed(Stream* stream);
+    void maybe_close();
+    void destroy();
+    void arm_idle();
+
+    Worker& worker_;
+    bufferevent* bev_;
+    std::string client_ip_;
+    bool tls_;
+    nghttp2_session* session_ = nullptr;
+    event* deferred_ = nullptr;
+    event* idle_ = nullptr;
+    std::unordered_map<int32_t, std::unique_ptr<Stream>> streams_;
+    std::vector<std::unique_ptr<Stream>> closed_;  // freed once no callback of theirs is on the stack
+    bool draining_ = false;
+    bool destroying_ = false;
+};
+
+}  // namespace stepflow

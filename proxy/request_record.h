@@ -1,0 +1,33 @@
+// What a client connection remembers about one request for its access-log line and metrics,
+// whichever protocol carried it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proxy/metrics.h"
+
+namespace stepflow {
+
+class Exchange;
+class Worker;
+
+struct RequestRecord {
+    std::chrono::steady_clock::time_point started;
+    int status = 0;
+    Decision decision = Decision::None;
+    std::string instance_id;
+    std::string backend;
+    uint64_t bytes_in = 0;
+    uint64_t bytes_out = 0;
+
+    void begin();
+    // Copies where the exchange went (kept after the exchange is gone).
+    void note_route(const Exchange& exchange);
+    // Observes the request metrics and writes the access-log line.
+    void finish(Worker& worker, std::string_view method, std::string_view target, const std::string& client) const;
+};
+
+}  // namespace stepflow
