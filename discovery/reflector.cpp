@@ -32,6 +32,7 @@ Reflector::Request Reflector::next(Request::Kind kind, std::string token, Millis
         }
     } else {
         if (!watch_after_list_) hooks_->watch_restart();
+        watch_follows_list_ = watch_after_list_;
         watch_after_list_ = false;
         watch_saw_events_ = false;
     }
@@ -40,6 +41,17 @@ Reflector::Request Reflector::next(Request::Kind kind, std::string token, Millis
 }
 
 Reflector::Request Reflector::relist_now() { return next(Request::Kind::List, "", Millis(0)); }
+
+Reflector::Request Reflector::relist_after_expiry() {
+    // A version that expires twice in a row before its watch said anything, straight after the
+    // list that gave it, means relisting at once does not help (a server stuck behind its own compaction): back
+    // off instead of spinning list → 410 → list.
+    if (watch_follows_list_ && !watch_saw_events_ && ++expiry_streak_ >= 2) {
+        ++failures_;
+        return next(Request::Kind::List, "", backoff());
+    }
+    return relist_now();
+}
 
 Reflector::Millis Reflector::backoff() {
     // Exponential in the number of consecutive failures, capped, with "equal jitter": half the
@@ -95,7 +107,7 @@ std::optional<Reflector::Request> Reflector::watch_event(uint64_t id, K8sWatchEv
     hooks_->event(ev.type);
     switch (ev.type) {
     case K8sWatchEvent::Type::Error:
-        if (ev.error_code == 410) return relist_now();  // our version is too old: start over
+        if (ev.error_code == 410) return relist_after_expiry();  // our version is too old: start over
         hooks_->api_error(ev.error_code);
         return after_failure(Request::Kind::Watch, ev.error_code, Millis(0));
     case K8sWatchEvent::Type::Added:
@@ -114,6 +126,7 @@ std::optional<Reflector::Request> Reflector::watch_event(uint64_t id, K8sWatchEv
         break;
     }
     watch_saw_events_ = true;
+    expiry_streak_ = 0;
     failures_ = 0;
     hooks_->synced();
     return std::nullopt;
@@ -122,7 +135,7 @@ std::optional<Reflector::Request> Reflector::watch_event(uint64_t id, K8sWatchEv
 std::optional<Reflector::Request> Reflector::watch_failed(uint64_t id, int status, Millis retry_after) {
     if (!current(id) || in_flight_ != Request::Kind::Watch) return std::nullopt;
     hooks_->api_error(status);
-    if (status == 410) return relist_now();
+    if (status == 410) return relist_after_expiry();
     return after_failure(Request::Kind::Watch, status, retry_after);
 }
 

@@ -78,6 +78,7 @@ public:
 private:
     Request next(Request::Kind kind, std::string token, Millis delay);
     Request relist_now();
+    Request relist_after_expiry();
     Request after_failure(Request::Kind kind, int status, Millis retry_after);
     Millis backoff();
     bool current(uint64_t id) const { return id == id_; }
@@ -93,7 +94,9 @@ private:
     bool changed_ = false;
     bool watch_after_list_ = false;  // the next watch is the first after a list
     bool watch_saw_events_ = false;
+    bool watch_follows_list_ = false;  // the current watch is the first after a list
     int failures_ = 0;
+    int expiry_streak_ = 0;  // 410s right after a list, with no event between
     int last_failure_status_ = -1;
     std::string resource_version_;
     std::vector<K8sObject> pending_items_;  // pages of a list in progress

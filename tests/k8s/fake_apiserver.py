@@ -217,7 +217,8 @@ class FakeApiServer:
     def compact(self):
         """Forget history: any watch from an older version now gets 410 Gone."""
         with self.cond:
-            self.compacted_rv = self.rv + 1
+            self.rv += 1  # as if unrelated writes happened: every version we handed out is now too old
+            self.compacted_rv = self.rv
             self.history = []
             self._snapshots.clear()
 

@@ -240,3 +240,18 @@ TEST_CASE("reflector: a garbled line or watch ERROR other than 410", "[reflector
     CHECK_FALSE(r.list_failed(w2->id, 500));
     CHECK_FALSE(r.list_page(w2->id, page({}, "99")));
 }
+
+TEST_CASE("reflector: a version that keeps expiring right after its list backs off instead of spinning", "[reflector]") {
+    SliceStore store;
+    Reflector r(store, fixed_jitter(1.0));
+    auto w = r.list_page(r.start().id, page({}, "10"));
+    auto l1 = r.watch_failed(w->id, 410);
+    CHECK(l1->delay == Millis(0));  // the first time: relist at once
+    auto w2 = r.list_page(l1->id, page({}, "11"));
+    auto l2 = r.watch_event(w2->id, error_event(410));
+    CHECK(l2->kind == Kind::List);
+    CHECK(l2->delay == Millis(500));  // again with nothing in between: back off
+    auto w3 = r.list_page(l2->id, page({}, "12"));
+    r.watch_event(w3->id, event(K8sWatchEvent::Type::Bookmark, K8sObject{"", "13", {}}));
+    CHECK(r.watch_event(w3->id, error_event(410))->delay == Millis(0));  // progress resets it
+}
