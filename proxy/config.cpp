@@ -162,7 +162,7 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_KEEPALIVE_IDLE_TIMEOUT");
     app.add_option("--stream-idle-timeout", stream_idle_timeout,
                    "Cut a response body (e.g. SSE) silent for this long; 0 = never [0]")->envname("STEPFLOW_LB_STREAM_IDLE_TIMEOUT");
-    app.add_option("--upstream-idle-timeout", upstream_idle_timeout, "Close pooled idle upstream connections after [30s]")
+    app.add_option("--upstream-idle-timeout", upstream_idle_timeout, "Close pooled idle worker connections after (keep below the workers' own keep-alive) [4s]")
         ->envname("STEPFLOW_LB_UPSTREAM_IDLE_TIMEOUT");
     app.add_option("--drain-timeout", drain_timeout, "On SIGTERM, time given to requests in flight [30s]")
         ->envname("STEPFLOW_LB_DRAIN_TIMEOUT");

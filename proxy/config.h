@@ -67,7 +67,9 @@ struct Config {
     Millis request_header_timeout{10000};
     Millis keepalive_idle_timeout{60000};
     Millis stream_idle_timeout{0};    // off: an open SSE stream is never cut for being quiet
-    Millis upstream_idle_timeout{30000};  // pooled idle upstream connections
+    // Pooled idle worker connections. Below uvicorn's 5 s keep-alive default, so the worker is
+    // not the one closing a connection we are about to reuse.
+    Millis upstream_idle_timeout{4000};
     Millis drain_timeout{30000};
 
     // Limits

@@ -269,14 +269,15 @@ void Exchange::complete_response() {
     downstream_.response_done();  // last: the downstream may let go of this exchange
 }
 
-void Exchange::upstream_closed(bool eof, const char* why) {
+void Exchange::upstream_closed(UpstreamClose how) {
     if (finished_) return;
+    const char* why = describe(how);
     if (!head_sent_) {
         connect_failed(why);
         return;
     }
     Instance& inst = conn_->instance();
-    if (response_started_ && eof && response_pump_.until_close()) {
+    if (response_started_ && how == UpstreamClose::Eof && response_pump_.until_close()) {
         pump_response();
         if (finished_) return;
         response_pump_.finish_on_close(sink_);
@@ -284,12 +285,20 @@ void Exchange::upstream_closed(bool eof, const char* why) {
         complete_response();
         return;
     }
-    bool timed_out = std::string_view(why) == "upstream timeout";
+    // A slow worker is not a broken one: timeouts do not count against its health.
+    bool timed_out = how == UpstreamClose::Timeout;
     if (!timed_out && inst.record_failure(worker_.config().max_failures, why))
         log::warn("instance marked unhealthy", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
-    if (!response_started_ && decision_ == Decision::Pinned && !timed_out)
+    int status = 502;
+    if (!response_started_ && timed_out) {
+        status = 504;
+    } else if (!response_started_ && decision_ == Decision::Pinned) {
+        // The instance holding the session is gone or broken: the orchestrator must hear
+        // "Instance not available", not a generic gateway error.
         Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
-    fail(timed_out && !response_started_ ? 504 : (decision_ == Decision::Pinned && !response_started_ ? 503 : 502), why);
+        status = 503;
+    }
+    fail(status, why);
 }
 
 void Exchange::fail(int status, const char* why) {

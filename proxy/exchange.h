@@ -78,7 +78,7 @@ public:
     void upstream_connected() override;
     void upstream_readable() override;
     void upstream_writable() override;
-    void upstream_closed(bool eof, const char* why) override;
+    void upstream_closed(UpstreamClose how) override;
 
 private:
     bool connect_to(const InstancePtr& inst);

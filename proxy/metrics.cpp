@@ -152,34 +152,37 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
     return prometheus::TextSerializer{}.Serialize(registry_->Collect());
 }
 
-void RequestSeries::observe(const std::string& backend, int status, std::string_view method, double duration_ms,
+void RequestSeries::observe(std::string_view backend, int status, std::string_view method, double duration_ms,
                             Decision decision) {
+    static const prometheus::Histogram::BucketBoundaries ms_buckets{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
+    static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                                   0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
     auto& m = Metrics::get();
     uint8_t mi = method_index(method);
-    Key key{backend, status, mi};
-    auto it = counters_.find(key);
-    if (it == counters_.end()) {
-        std::lock_guard lock(g_family_mutex);
-        auto* c = &m.requests_total.Add({{"backend", backend}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
-        it = counters_.emplace(std::move(key), c).first;
-    }
-    it->second->Increment();
+    auto it = backends_.find(backend);
+    if (it == backends_.end()) it = backends_.emplace(std::string(backend), PerBackend{}).first;
+    PerBackend& per = it->second;
 
-    DurationKey dkey{backend, mi};
-    auto dit = durations_.find(dkey);
-    if (dit == durations_.end()) {
+    uint32_t key = uint32_t(status) * 16 + mi;
+    auto cit = per.requests.find(key);
+    if (cit == per.requests.end()) {
         std::lock_guard lock(g_family_mutex);
-        static const prometheus::Histogram::BucketBoundaries ms_buckets{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
-        auto* h = &m.request_duration_ms.Add({{"backend", backend}, {"method", method_label(mi)}}, ms_buckets);
-        dit = durations_.emplace(std::move(dkey), h).first;
+        auto* c = &m.requests_total.Add(
+            {{"backend", std::string(backend)}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
+        cit = per.requests.emplace(key, c).first;
     }
-    dit->second->Observe(duration_ms);
+    cit->second->Increment();
+
+    auto& hist = per.durations[mi];
+    if (!hist) {
+        std::lock_guard lock(g_family_mutex);
+        hist = &m.request_duration_ms.Add({{"backend", std::string(backend)}, {"method", method_label(mi)}}, ms_buckets);
+    }
+    hist->Observe(duration_ms);
 
     auto& sec = seconds_[size_t(decision)];
     if (!sec) {
         std::lock_guard lock(g_family_mutex);
-        static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                                                       0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
         sec = &m.request_duration_seconds.Add({{"decision", to_string(decision)}}, s_buckets);
     }
     sec->Observe(duration_ms / 1000.0);

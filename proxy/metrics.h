@@ -75,35 +75,22 @@ private:
     std::map<std::string, prometheus::Gauge*> backend_series_;
 };
 
-// A request thread's cache of per-(backend, status, method) series, so finishing a request costs a
-// hash lookup rather than the registry's mutex.
+// A request thread's cache of per-(backend, status, method) series, so finishing a request costs
+// two hash lookups without allocating, rather than the registry's mutex.
 class RequestSeries {
 public:
-    void observe(const std::string& backend, int status, std::string_view method, double duration_ms,
-                 Decision decision);
+    void observe(std::string_view backend, int status, std::string_view method, double duration_ms, Decision decision);
 
 private:
-    struct Key {
-        std::string backend;
-        int status;
-        uint8_t method;
-        bool operator==(const Key&) const = default;
+    struct PerBackend {
+        std::unordered_map<uint32_t, prometheus::Counter*> requests;  // key: status * 16 + method index
+        std::array<prometheus::Histogram*, kMethodLabels> durations{};
     };
-    struct KeyHash {
-        size_t operator()(const Key& k) const {
-            return std::hash<std::string>{}(k.backend) ^ (size_t(k.status) << 8) ^ k.method;
-        }
+    struct StringHash {
+        using is_transparent = void;
+        size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
     };
-    struct DurationKey {
-        std::string backend;
-        uint8_t method;
-        bool operator==(const DurationKey&) const = default;
-    };
-    struct DurationKeyHash {
-        size_t operator()(const DurationKey& k) const { return std::hash<std::string>{}(k.backend) ^ k.method; }
-    };
-    std::unordered_map<Key, prometheus::Counter*, KeyHash> counters_;
-    std::unordered_map<DurationKey, prometheus::Histogram*, DurationKeyHash> durations_;
+    std::unordered_map<std::string, PerBackend, StringHash, std::equal_to<>> backends_;
     std::array<prometheus::Histogram*, 3> seconds_{};
 };
 

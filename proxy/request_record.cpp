@@ -25,8 +25,8 @@ void RequestRecord::note_route(const Exchange& exchange) {
 void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
                            const std::string& client) const {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
-    static const std::string none = "none";
-    worker.series().observe(backend.empty() ? none : backend, status, method, ms, decision);
+    worker.series().observe(backend.empty() ? std::string_view("none") : std::string_view(backend), status, method, ms,
+                            decision);
     if (!worker.config().access_log) return;
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},

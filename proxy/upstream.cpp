@@ -22,6 +22,17 @@ timeval to_timeval(Millis ms) {
 
 }  // namespace
 
+const char* describe(UpstreamClose how) {
+    switch (how) {
+    case UpstreamClose::ConnectFailed: return "connect failed";
+    case UpstreamClose::ConnectTimeout: return "connect timeout";
+    case UpstreamClose::Timeout: return "upstream timeout";
+    case UpstreamClose::Eof: return "upstream closed the connection";
+    case UpstreamClose::Reset: return "upstream connection reset";
+    }
+    return "upstream error";
+}
+
 UpstreamConn::UpstreamConn(UpstreamPool& pool, InstancePtr instance) : pool_(pool), instance_(std::move(instance)) {}
 
 UpstreamConn::~UpstreamConn() {
@@ -89,10 +100,10 @@ void UpstreamConn::on_event(bufferevent* bev, short what, void* arg) {
         self->pool_.drop_idle(self);
         return;
     }
-    const char* why = (what & BEV_EVENT_TIMEOUT) ? (self->connected_ ? "upstream timeout" : "connect timeout")
-                      : (what & BEV_EVENT_EOF) ? "upstream closed the connection"
-                      : (self->connected_ ? "upstream connection reset" : "connect failed");
-    self->handler_->upstream_closed((what & BEV_EVENT_EOF) != 0, why);
+    UpstreamClose how = (what & BEV_EVENT_TIMEOUT) ? (self->connected_ ? UpstreamClose::Timeout : UpstreamClose::ConnectTimeout)
+                        : (what & BEV_EVENT_EOF) ? UpstreamClose::Eof
+                        : (self->connected_ ? UpstreamClose::Reset : UpstreamClose::ConnectFailed);
+    self->handler_->upstream_closed(how);
 }
 
 void UpstreamConn::on_idle_timeout(int, short, void* arg) {

@@ -19,6 +19,16 @@ namespace stepflow {
 class UpstreamPool;
 class TlsClient;
 
+// How a worker connection ended, as far as the socket can tell.
+enum class UpstreamClose {
+    ConnectFailed,   // refused, unreachable
+    ConnectTimeout,  // --connect-timeout passed
+    Timeout,         // no bytes within the read timeout in force
+    Eof,             // the worker closed its side
+    Reset,           // error on an established connection
+};
+const char* describe(UpstreamClose how);
+
 // One TCP connection to one instance. While idle it sits in the pool; while in use the owning
 // exchange receives its events.
 class UpstreamConn {
@@ -28,7 +38,7 @@ public:
         virtual void upstream_connected() = 0;
         virtual void upstream_readable() = 0;
         virtual void upstream_writable() = 0;  // output drained below the low watermark
-        virtual void upstream_closed(bool eof, const char* why) = 0;
+        virtual void upstream_closed(UpstreamClose how) = 0;
     };
 
     UpstreamConn(UpstreamPool& pool, InstancePtr instance);
