@@ -1,5 +1,6 @@
 #include "discovery/sources.h"
 
+#include "discovery/dns_source.h"
 #include "discovery/k8s_source.h"
 #include "discovery/static_source.h"
 
@@ -15,7 +16,14 @@ std::unique_ptr<EndpointSource> make_endpoint_source(const Config& config, event
         }
         return std::make_unique<StaticSource>(std::move(endpoints));
     }
-    case DiscoveryMode::Dns: error = "--discovery dns is not available in this build yet"; return nullptr;
+    case DiscoveryMode::Dns: {
+        HostPort target;
+        if (!parse_host_port(config.upstream_service, target) || target.port == 0) {
+            error = "--upstream-service: '" + config.upstream_service + "' is not host:port";
+            return nullptr;
+        }
+        return std::make_unique<DnsSource>(control_base, std::move(target), config.dns_interval);
+    }
     case DiscoveryMode::Kubernetes: {
         K8sSettings settings;
         if (!k8s_settings_from_config(config, settings, error)) return nullptr;
