@@ -88,7 +88,7 @@ Config parse_config(int argc, char** argv) {
     app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
 
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
-    std::string upstream_tls = "off", upstream_insecure = "off";
+    std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, drain_timeout, dns_interval;
 
@@ -172,6 +172,10 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--max-headers", cfg.max_headers, "Most header fields in a request (431 beyond)")
         ->envname("STEPFLOW_LB_MAX_HEADERS")->capture_default_str();
 
+    app.add_option("--compat-metrics", compat_metrics,
+                   "on|off: also export stepflow_lb_request_duration_ms for dashboards of the balancer we replace "
+                   "(off gives a promtool-clean exposition) [on]")
+        ->envname("STEPFLOW_LB_COMPAT_METRICS");
     app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->envname("STEPFLOW_LOG_LEVEL")->capture_default_str();
     app.add_option("--log-format", log_format, "json|text")->envname("STEPFLOW_LOG_FORMAT")->capture_default_str();
     app.add_option("--access-log", access_log, "on|off: one log line per request")->envname("STEPFLOW_LB_ACCESS_LOG")
@@ -192,6 +196,7 @@ Config parse_config(int argc, char** argv) {
     switch_flag("--access-log", access_log, cfg.access_log);
     switch_flag("--upstream-tls", upstream_tls, cfg.upstream_tls);
     switch_flag("--upstream-insecure", upstream_insecure, cfg.upstream_insecure);
+    switch_flag("--compat-metrics", compat_metrics, cfg.compat_metrics);
     if (!cfg.tls_listen.empty()) {
         if (!parse_host_port(cfg.tls_listen, hp)) fail("--tls-listen: '" + cfg.tls_listen + "' is not host:port");
         if (cfg.tls_cert.empty() || cfg.tls_key.empty()) fail("--tls-listen needs --tls-cert and --tls-key");

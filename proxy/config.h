@@ -81,6 +81,9 @@ struct Config {
     log::Level log_level = log::Level::Info;
     log::Format log_format = log::Format::Json;
     bool access_log = true;
+
+    // Metrics
+    bool compat_metrics = true;  // also export stepflow_lb_request_duration_ms (old dashboards)
 };
 
 // Parses argv and the environment. On --help prints usage and exits 0; on bad input prints one

@@ -15,6 +15,7 @@
 #include "proxy/admin.h"
 #include "proxy/config.h"
 #include "proxy/log.h"
+#include "proxy/metrics.h"
 #include "proxy/net.h"
 #include "proxy/tls.h"
 #include "proxy/worker.h"
@@ -113,6 +114,7 @@ void on_signal(int sig, short, void* arg) {
 int main(int argc, char** argv) {
     Config config = parse_config(argc, argv);
     log::configure(config.log_level, config.log_format);
+    Metrics::get().set_compat_metrics(config.compat_metrics);
     std::signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
 

@@ -103,6 +103,11 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
         upstream_responses[i] = &responses.Add({{"class", classes[i]}});
 }
 
+void Metrics::set_compat_metrics(bool on) {
+    if (compat_metrics_ && !on) registry_->Remove(request_duration_ms);
+    compat_metrics_ = on;
+}
+
 prometheus::Counter& Metrics::discovery_op(const std::string& operation, const std::string& result) {
     return discovery_operations_total.Add({{"operation", operation}, {"result", result}});
 }
@@ -173,12 +178,15 @@ void RequestSeries::observe(std::string_view backend, int status, std::string_vi
     }
     cit->second->Increment();
 
-    auto& hist = per.durations[mi];
-    if (!hist) {
-        std::lock_guard lock(g_family_mutex);
-        hist = &m.request_duration_ms.Add({{"backend", std::string(backend)}, {"method", method_label(mi)}}, ms_buckets);
+    if (m.compat_metrics()) {
+        auto& hist = per.durations[mi];
+        if (!hist) {
+            std::lock_guard lock(g_family_mutex);
+            hist = &m.request_duration_ms.Add({{"backend", std::string(backend)}, {"method", method_label(mi)}},
+                                              ms_buckets);
+        }
+        hist->Observe(duration_ms);
     }
-    hist->Observe(duration_ms);
 
     auto& sec = seconds_[size_t(decision)];
     if (!sec) {

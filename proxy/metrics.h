@@ -37,6 +37,10 @@ public:
     static Metrics& get();
 
     prometheus::Registry& registry() { return *registry_; }
+    // Without compatible metrics the millisecond histogram is not exported (promtool objects to
+    // the unit in its name); stepflow_lb_request_duration_seconds carries the same data.
+    void set_compat_metrics(bool on);
+    bool compat_metrics() const { return compat_metrics_; }
     // Refreshes the gauges that mirror fleet state, then renders the text exposition.
     std::string render(const Fleet& fleet, size_t backends_known);
 
@@ -70,6 +74,7 @@ public:
 private:
     Metrics(std::shared_ptr<prometheus::Registry> registry);
     std::shared_ptr<prometheus::Registry> registry_;
+    bool compat_metrics_ = true;
     std::mutex fleet_series_mutex_;
     std::map<std::string, std::pair<prometheus::Gauge*, prometheus::Gauge*>> instance_series_;  // key id
     std::map<std::string, prometheus::Gauge*> backend_series_;

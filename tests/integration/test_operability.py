@@ -314,6 +314,15 @@ def promtool_checks_the_metrics_output():
     rc, out = promtool_check(rest)
     check(rc == 0 and out == "", f"promtool on the rest ({rc}): {out}")
 
+    # With --compat-metrics off the balancer itself exports a lint-clean exposition.
+    lean = Balancer([a.address, b.address], args=["--compat-metrics", "off"])
+    lean.wait_healthy(2)
+    mixed_run(lean)
+    text = lean.metrics_text()
+    check("stepflow_lb_request_duration_seconds_bucket" in text and "_duration_ms" not in text, "no ms histogram")
+    rc, out = promtool_check(text)
+    check(rc == 0 and out == "", f"promtool on --compat-metrics off ({rc}): {out}")
+
 
 def free_port():
     s = socket.socket()
