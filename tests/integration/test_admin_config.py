@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 
-from harness import Balancer, Worker, check, lb_binary, run_tests, test, wait_for
+from harness import ROOT, Balancer, Worker, check, lb_binary, run_tests, test, wait_for
 
 
 @test
@@ -48,6 +48,21 @@ def every_flag_has_help():
     for env in ("BIND_ADDRESS", "METRICS_ADDRESS", "HEALTH_CHECK_INTERVAL", "HEALTH_CHECK_TIMEOUT", "MAX_FAILURES",
                 "STEPFLOW_LOG_LEVEL", "STEPFLOW_LOG_FORMAT", "UPSTREAM_SERVICE"):
         check(env in out.stdout, f"--help names {env}")
+
+
+@test
+def configuration_reference_lists_every_flag_and_variable():
+    import re
+    out = subprocess.run([lb_binary(), "--help"], capture_output=True, text=True, timeout=10).stdout
+    flags = set(re.findall(r"^\s+(--[a-z0-9-]+)", out, re.M)) - {"--help"}
+    envs = set(re.findall(r"\(Env:([A-Z0-9_]+)\)", out))
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        doc = f.read()
+    check(len(flags) > 30, f"parsed the flags from --help: {sorted(flags)}")
+    missing = sorted(f for f in flags if f"`{f}`" not in doc)
+    check(not missing, f"flags missing from docs/configuration.md: {missing}")
+    missing = sorted(e for e in envs if f"`{e}`" not in doc)
+    check(not missing, f"variables missing from docs/configuration.md: {missing}")
 
 
 @test
