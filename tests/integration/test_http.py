@@ -193,5 +193,48 @@ def expect_100_continue_is_relayed():
     check(b"HTTP/1.1 200 OK" in data, data[:200])
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@test
+def slow_reader_applies_back_pressure_instead_of_buffering():
+    w = Worker("slowread")
+    lb = Balancer([w.address], threads=1)
+    size = 96 * MB
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                       "params": {"component": "/blob", "input": {"bytes": size, "chunked": False, "seed": 3}}}).encode()
+    s = socket.create_connection(("127.0.0.1", lb.port), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    check(head.startswith(b"HTTP/1.1 200"), head[:100])
+    baseline = rss_kib(lb.proc.pid)
+    # Unthrottled, the worker would hand the balancer all 96 MiB within a second or two. While the
+    # client reads nothing, the balancer's memory must stay within its per-stream bounds.
+    peak = baseline
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_kib(lb.proc.pid))
+        time.sleep(0.05)
+    check(peak - baseline < 16 * 1024, f"balancer grew {peak - baseline} KiB while the client read nothing")
+    digest = hashlib.sha256()
+    got = 0
+    while got < size:
+        chunk = s.recv(1 << 20)
+        check(chunk, f"connection ended after {got} of {size} bytes")
+        digest.update(chunk)
+        got += len(chunk)
+    s.close()
+    check(digest.hexdigest() == example_worker.blob_sha256(size, 3), "body intact after the stall")
+
+
 if __name__ == "__main__":
     run_tests()
