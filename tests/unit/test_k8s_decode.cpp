@@ -5,6 +5,13 @@
 
 #include <event2/buffer.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#include <unistd.h>
+
+#include "discovery/k8s_client.h"
 #include "discovery/k8s_line_splitter.h"
 #include "discovery/k8s_objects.h"
 #include "discovery/k8s_slice_store.h"
@@ -222,4 +229,47 @@ TEST_CASE("line splitter: events split across reads, several per read, never hal
     CHECK(lines.back() == "y");
     // A line beyond the limit fails the stream.
     CHECK_FALSE(splitter.feed(std::string(2000, 'z'), collect));
+}
+
+TEST_CASE("token source: re-read at least once a minute and at once after invalidate", "[k8s]") {
+    char path[] = "/tmp/k8s-token-XXXXXX";
+    int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    auto write_token = [&](const std::string& t) {
+        FILE* f = std::fopen(path, "w");
+        std::fputs(t.c_str(), f);
+        std::fclose(f);
+    };
+    write_token("one\n");
+    TokenSource tokens(path);
+    auto now = std::chrono::steady_clock::time_point{} + std::chrono::hours(1);
+    tokens.now = [&] { return now; };
+    CHECK(tokens.get() == "one");
+    write_token("two");
+    now += std::chrono::seconds(30);
+    CHECK(tokens.get() == "one");  // cached within the minute
+    tokens.invalidate();           // a 401
+    CHECK(tokens.get() == "two");
+    write_token("three");
+    now += std::chrono::seconds(61);
+    CHECK(tokens.get() == "three");
+    std::remove(path);
+    now += std::chrono::seconds(61);
+    CHECK(tokens.get() == "three");  // a briefly missing file keeps the last token
+    ::close(fd);
+}
+
+TEST_CASE("API server URLs and query encoding", "[k8s]") {
+    ApiServer s;
+    std::string error;
+    REQUIRE(parse_api_server("https://10.96.0.1:443", s, error));
+    CHECK((s.tls && s.host == "10.96.0.1" && s.port == 443 && s.base_path.empty()));
+    REQUIRE(parse_api_server("http://127.0.0.1:8001/proxy/", s, error));
+    CHECK((!s.tls && s.port == 8001 && s.base_path == "/proxy"));
+    REQUIRE(parse_api_server("https://[::1]:6443", s, error));
+    CHECK((s.host == "::1" && s.port == 6443));
+    REQUIRE(parse_api_server("https://[fd00::1]", s, error));
+    CHECK((s.host == "fd00::1" && s.port == 443));
+    CHECK_FALSE(parse_api_server("ftp://x", s, error));
+    CHECK(url_encode("kubernetes.io/service-name=w") == "kubernetes.io%2Fservice-name%3Dw");
 }
