@@ -24,6 +24,25 @@ timeval to_timeval(Millis ms) {
     return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
 }
 
+// The concurrent-stream limit nghttp2 itself enforces (see the ClientH2 constructor): high
+// enough that streams refused but not yet reset never reach it in normal use.
+uint32_t library_stream_limit(uint32_t configured) { return configured * 2 + 100; }
+
+// Rewrites SETTINGS_MAX_CONCURRENT_STREAMS in our first SETTINGS frame from the library's
+// limit to the configured one.
+void advertise_stream_limit(std::string& frame, uint32_t configured) {
+    if (frame.size() < 9 || frame[3] != NGHTTP2_SETTINGS) return;
+    auto* p = reinterpret_cast<unsigned char*>(frame.data());
+    size_t len = (size_t(p[0]) << 16) | (size_t(p[1]) << 8) | p[2];
+    for (size_t i = 9; i + 6 <= 9 + len && i + 6 <= frame.size(); i += 6) {
+        if (((p[i] << 8) | p[i + 1]) != NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) continue;
+        p[i + 2] = uint8_t(configured >> 24);
+        p[i + 3] = uint8_t(configured >> 16);
+        p[i + 4] = uint8_t(configured >> 8);
+        p[i + 5] = uint8_t(configured);
+    }
+}
+
 nghttp2_nv make_nv(std::string_view name, std::string_view value) {
     return {reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
             reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(), value.size(),
@@ -65,6 +84,7 @@ public:
     }
 
     void begin(bool end_stream) {
+        began_ = true;
         request_ended_ = end_stream;
         if (header_overflow_) return reject(431, "request header list too large");
         // Reuse the HTTP/1.1 rules by writing the request as an HTTP/1.1 head: nghttp2 has
@@ -120,15 +140,28 @@ public:
         else pump_request_body();
     }
 
-    // The client closed or reset the stream, or it ended normally.
-    void closed() {
+    // The client closed or reset the stream, or it ended normally; `error_code` is that of the
+    // RST_STREAM either side sent (PROTOCOL_ERROR: nghttp2 found the request malformed).
+    void closed(uint32_t error_code) {
+        bool malformed = error_code == NGHTTP2_PROTOCOL_ERROR;
         if (exchange_) {
             exchange_->abort();  // a reset stream cancels the worker's request
             record_.note_route(*exchange_);
-            if (record_.status == 0 || !response_done_) record_.status = record_.status ? record_.status : 499;
         }
+        if (record_.status == 0) record_.status = malformed ? 400 : 499;  // ended before any answer
         if (unconsumed_ > 0) nghttp2_session_consume_connection(conn_.session_, unconsumed_);
         unconsumed_ = 0;
+        if (!began_) {
+            // The head never completed (an invalid field, or a reset during it): not a request,
+            // so no access-log line or request metric; a malformed one counts as rejected.
+            logged_ = true;
+            if (malformed) {
+                Metrics::get().rejected_requests.Increment();
+                log::debug("request rejected", {{"client", conn_.client_ip_}, {"status", 400},
+                                                {"reason", "malformed HTTP/2 request (stream error)"}});
+            }
+            return;
+        }
         finish_log();
     }
 
@@ -141,6 +174,9 @@ public:
         if (paused_ && evbuffer_get_length(resp_buf_) < kStreamBufferLow) {
             paused_ = false;
             resume_pending_ = true;  // resumed outside nghttp2's send loop
+            // This may run from the socket's write callback, not from on_deferred: without
+            // scheduling a pass, nothing would ever resume the worker and the stream would stall.
+            conn_.schedule_send();
         }
         return static_cast<ssize_t>(n);
     }
@@ -296,7 +332,7 @@ private:
     evbuffer* resp_buf_;
     size_t unconsumed_ = 0;
     bool request_ended_ = false, body_forwarded_ = false, chunked_up_ = false;
-    bool local_mode_ = false, answered_ = false;
+    bool began_ = false, local_mode_ = false, answered_ = false;
     bool response_done_ = false, paused_ = false, resume_pending_ = false, logged_ = false;
     std::unique_ptr<Exchange> exchange_, retired_;
     RouteOutcome local_;
@@ -326,8 +362,13 @@ ClientH2::ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool
     nghttp2_option_del(option);
     nghttp2_session_callbacks_del(callbacks);
 
+    // nghttp2 treats a stream beyond the *acknowledged* SETTINGS_MAX_CONCURRENT_STREAMS as a
+    // connection error (GOAWAY PROTOCOL_ERROR), which would take every other stream of the
+    // connection down with it; RFC 9113 §5.1.2 asks for a stream error. So the library is given
+    // a higher limit, the client is told the configured one (send() rewrites the value in this
+    // first SETTINGS frame), and on_begin_headers refuses the excess with REFUSED_STREAM.
     nghttp2_settings_entry settings[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, cfg.h2_max_concurrent_streams},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, library_stream_limit(cfg.h2_max_concurrent_streams)},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg.h2_initial_window_size},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg.h2_max_header_list_size},
     };
@@ -388,8 +429,19 @@ void ClientH2::receive() {
         ssize_t rv = nghttp2_session_mem_recv(session_, data, len);
         if (rv < 0) {
             log::debug("HTTP/2 session error", {{"client", client_ip_}, {"reason", nghttp2_strerror(int(rv))}});
-            send();  // GOAWAY, when the library queued one
-            destroy();
+            if (rv == NGHTTP2_ERR_BAD_CLIENT_MAGIC) {  // not HTTP/2 at all: nothing to say
+                destroy();
+                return;
+            }
+            // A connection error: tell the client why with a GOAWAY (RFC 9113 §5.4.1) — the
+            // library's fatal errors queue none — and close once it is written. Destroying at
+            // once would drop the output buffer with the GOAWAY in it.
+            bool abuse = rv == NGHTTP2_ERR_FLOODED || rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS;
+            nghttp2_session_terminate_session(session_, abuse ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR);
+            evbuffer_drain(in, evbuffer_get_length(in));
+            bufferevent_disable(bev_, EV_READ);
+            send();
+            maybe_close();
             return;
         }
         evbuffer_drain(in, size_t(rv));
@@ -427,6 +479,13 @@ void ClientH2::send() {
             return;
         }
         if (n == 0) break;
+        if (!settings_sent_) {
+            settings_sent_ = true;  // a server's first frame is its SETTINGS (see the constructor)
+            std::string frame(reinterpret_cast<const char*>(data), size_t(n));
+            advertise_stream_limit(frame, worker_.config().h2_max_concurrent_streams);
+            evbuffer_add(out, frame.data(), frame.size());
+            continue;
+        }
         evbuffer_add(out, data, size_t(n));
     }
 }
@@ -470,6 +529,13 @@ void ClientH2::stream_closed(Stream* stream) {
 int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
     auto* self = static_cast<ClientH2*>(user);
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    if (self->streams_.size() >= self->worker_.config().h2_max_concurrent_streams) {
+        // No Stream object: the refused stream's fields and DATA are ignored.
+        log::debug("HTTP/2 stream refused: too many concurrent streams",
+                   {{"client", self->client_ip_}, {"stream", int64_t(frame->hd.stream_id)}});
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM);
+        return 0;
+    }
     auto stream = std::make_unique<Stream>(*self, frame->hd.stream_id);
     nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, stream.get());
     self->streams_[frame->hd.stream_id] = std::move(stream);
@@ -509,11 +575,11 @@ int ClientH2::on_data_chunk(nghttp2_session* session, uint8_t, int32_t stream_id
     return 0;
 }
 
-int ClientH2::on_stream_close(nghttp2_session* session, int32_t stream_id, uint32_t, void* user) {
+int ClientH2::on_stream_close(nghttp2_session* session, int32_t stream_id, uint32_t error_code, void* user) {
     auto* self = static_cast<ClientH2*>(user);
     auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, stream_id));
     if (!stream) return 0;
-    stream->closed();
+    stream->closed(error_code);
     self->stream_closed(stream);
     return 0;
 }

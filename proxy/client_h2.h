@@ -70,6 +70,7 @@ private:
     std::vector<std::unique_ptr<Stream>> closed_;  // freed once no callback of theirs is on the stack
     bool draining_ = false;
     bool destroying_ = false;
+    bool settings_sent_ = false;  // our first SETTINGS frame went out (see send())
 };
 
 }  // namespace stepflow
