@@ -132,6 +132,7 @@ class Balancer:
             raise RuntimeError("stepflow-lb exited at start-up; logs:\n" + self.log_text())
         self.port = int(info["proxy"].rsplit(":", 1)[1])
         self.admin_port = int(info["admin"].rsplit(":", 1)[1])
+        self.tls_port = int(info["tls"].rsplit(":", 1)[1]) if info.get("tls") else None  # with --tls-listen
         if wait_ready:
             self.wait_ready()
 
