@@ -8,8 +8,8 @@
 
 namespace stepflow {
 
-FleetManager::FleetManager(event_base* base, const Config& config, FleetPublisher& publisher)
-    : base_(base), config_(config), publisher_(publisher) {}
+FleetManager::FleetManager(event_base* base, const Config& config, FleetPublisher& publisher, TlsClient* tls)
+    : base_(base), config_(config), publisher_(publisher), tls_(tls) {}
 
 FleetManager::~FleetManager() = default;
 
@@ -47,7 +47,7 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
         b->endpoint = e;
         Backend* raw = b.get();
         b->probe = std::make_unique<HealthProbe>(base_, b->addr, b->addr_len, e.address, config_.health_interval,
-                                                 config_.health_timeout,
+                                                 config_.health_timeout, tls_,
                                                  [this, raw](const HealthResult& r) { on_health(*raw, r); });
         log::info("backend added", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(membership_of(e))}});
         b->probe->start();

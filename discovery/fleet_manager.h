@@ -19,7 +19,8 @@ namespace stepflow {
 
 class FleetManager {
 public:
-    FleetManager(event_base* base, const Config& config, FleetPublisher& publisher);
+    // `tls` (may be null) is the worker TLS context when --upstream-tls is on.
+    FleetManager(event_base* base, const Config& config, FleetPublisher& publisher, TlsClient* tls);
     ~FleetManager();
 
     // The complete endpoint set, as a source reports it. Unknown addresses start being probed;
@@ -55,6 +56,7 @@ private:
     event_base* base_;
     const Config& config_;
     FleetPublisher& publisher_;
+    TlsClient* tls_;
     std::map<std::string, std::unique_ptr<Backend>> backends_;  // by address
     uint64_t version_ = 0;
 };

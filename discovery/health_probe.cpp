@@ -2,8 +2,12 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
+#include <openssl/ssl.h>
 #include <simdjson.h>
+
+#include "proxy/tls.h"
 
 namespace stepflow {
 namespace {
@@ -54,9 +58,10 @@ HealthResult parse_health_body(int status, std::string_view body) {
 }
 
 HealthProbe::HealthProbe(event_base* base, const sockaddr_storage& addr, socklen_t len, std::string host_header,
-                         std::chrono::milliseconds interval, std::chrono::milliseconds timeout, Callback callback)
+                         std::chrono::milliseconds interval, std::chrono::milliseconds timeout, TlsClient* tls,
+                         Callback callback)
     : base_(base), addr_(addr), addr_len_(len), host_header_(std::move(host_header)), interval_(interval),
-      timeout_(timeout), callback_(std::move(callback)) {
+      timeout_(timeout), tls_(tls), callback_(std::move(callback)) {
     tick_ = evtimer_new(base_, on_tick, this);
     deadline_ = evtimer_new(base_, on_deadline, this);
 }
@@ -81,7 +86,16 @@ void HealthProbe::begin_check() {
     timeval deadline = to_timeval(timeout_);
     evtimer_add(deadline_, &deadline);
 
-    bev_ = bufferevent_socket_new(base_, -1, BEV_OPT_CLOSE_ON_FREE);
+    SSL* ssl = nullptr;
+    if (tls_) {
+        std::string host = host_header_.substr(0, host_header_.rfind(':'));
+        if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
+        ssl = tls_->new_connection(host);
+        if (!ssl) return complete({false, "", "cannot create a TLS connection"});
+        bev_ = bufferevent_openssl_socket_new(base_, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+    } else {
+        bev_ = bufferevent_socket_new(base_, -1, BEV_OPT_CLOSE_ON_FREE);
+    }
     bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
     scan_from_ = 0;
     head_parsed_ = false;
@@ -107,7 +121,9 @@ void HealthProbe::on_event(bufferevent*, short what, void* arg) {
         self->try_parse(true);
         return;
     }
-    self->complete({false, "", self->head_parsed_ ? "connection reset" : "connect failed"});
+    const char* why = self->head_parsed_ ? "connection reset" : "connect failed";
+    if (self->tls_ && !self->head_parsed_) why = "connect or TLS handshake failed";
+    self->complete({false, "", why});
 }
 
 void HealthProbe::try_parse(bool eof) {

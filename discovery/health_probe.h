@@ -17,6 +17,8 @@ struct evbuffer;
 
 namespace stepflow {
 
+class TlsClient;
+
 struct HealthResult {
     bool healthy = false;
     std::string instance_id;  // empty when the body did not name one
@@ -30,8 +32,10 @@ class HealthProbe {
 public:
     using Callback = std::function<void(const HealthResult&)>;
 
+    // With `tls` set (--upstream-tls) the check runs over TLS, as live traffic does.
     HealthProbe(event_base* base, const sockaddr_storage& addr, socklen_t len, std::string host_header,
-                std::chrono::milliseconds interval, std::chrono::milliseconds timeout, Callback callback);
+                std::chrono::milliseconds interval, std::chrono::milliseconds timeout, TlsClient* tls,
+                Callback callback);
     ~HealthProbe();
     HealthProbe(const HealthProbe&) = delete;
     HealthProbe& operator=(const HealthProbe&) = delete;
@@ -53,6 +57,7 @@ private:
     socklen_t addr_len_;
     std::string host_header_;
     std::chrono::milliseconds interval_, timeout_;
+    TlsClient* tls_;
     Callback callback_;
     event* tick_ = nullptr;
     event* deadline_ = nullptr;

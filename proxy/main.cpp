@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
     std::vector<int> admin_fds = open_listeners(config.admin_listen, 1, admin_bound);
 
     FleetPublisher publisher;
-    FleetManager fleet(control, config, publisher);
+    FleetManager fleet(control, config, publisher, tls_client.get());
     AdminServer admin(control, admin_fds[0], fleet, source->describe());
 
     std::vector<std::unique_ptr<Worker>> workers;

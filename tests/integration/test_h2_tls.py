@@ -674,9 +674,9 @@ def sighup_reloads_the_certificate_without_dropping_connections():
 
 
 class TlsSniffingFront:
-    """A stand-in for a worker behind TLS: relays to a plain worker, terminating TLS for
-    connections that start with a TLS record and passing others through in the clear. The clear
-    path exists because the balancer's health probes are plain HTTP even with --upstream-tls."""
+    """A stand-in for a worker behind TLS: terminates TLS and relays to a plain worker. A
+    connection that does not start with a TLS record is counted in `plain` and closed: with
+    --upstream-tls, health probes and live traffic must both speak TLS."""
 
     def __init__(self, target_port, cert, key):
         self.target_port = target_port
@@ -715,6 +715,7 @@ class TlsSniffingFront:
             else:
                 with self.lock:
                     self.plain += 1
+                return
             with socket.create_connection(("127.0.0.1", self.target_port), timeout=10) as upstream:
                 conn.settimeout(None)
                 upstream.settimeout(None)
@@ -761,7 +762,8 @@ def upstream_tls_verifies_workers():
         reader_body = json.loads(rpc("/stream", {"events": 3}))
         r = lb.post(reader_body)
         check(r.status == 200 and len(sse_events(r.body)) == 4, "SSE through an upstream TLS connection")
-        check(front.tls_ok >= 1, f"requests went over TLS ({front.tls_ok} TLS, {front.plain} clear connections)")
+        check(front.tls_ok >= 1 and front.plain == 0,
+              f"probes and requests went over TLS ({front.tls_ok} TLS, {front.plain} clear connections)")
         lb.stop()
 
         # --upstream-sni names the certificate's DNS name instead of the address.
@@ -771,17 +773,18 @@ def upstream_tls_verifies_workers():
         check(lb.post(echo).status == 200, "verified by DNS name")
         lb.stop()
 
-        # A CA that did not sign the worker's certificate, or a name it does not carry: no request
-        # is sent; the connect failures are counted and the client gets the balancer's 503.
+        # A CA that did not sign the worker's certificate, or a name it does not carry: the health
+        # probe's handshake fails, so the worker never becomes an instance and nothing is sent.
         wrong_ca = pki("wrong")
+        address = f"127.0.0.1:{front.port}"
         for args in (["--upstream-ca", wrong_ca.ca_cert], ["--upstream-ca", ca.ca_cert, "--upstream-sni", "elsewhere.test"]):
             failed_before = front.tls_failed
-            lb = Balancer([f"127.0.0.1:{front.port}"], args=["--upstream-tls", "on", *args])
-            lb.wait_healthy(1)
+            lb = Balancer([address], args=["--upstream-tls", "on", *args], wait_ready=False)
+            wait_for(lambda: (lb.backend(address) or {}).get("lastError"), 10, "the probe's failure is reported")
+            check(lb.backend(address)["state"] == "unreachable", lb.backend(address))
+            check("TLS" in lb.backend(address)["lastError"], lb.backend(address)["lastError"])
             r = lb.post(echo)
-            check(r.status in (502, 503), f"{args}: {r.status}")
-            check(r.json()["error"]["code"] == -32000, f"JSON-RPC error: {r.body[:200]}")
-            check((lb.metric("stepflow_lb_upstream_connect_errors_total") or 0) >= 1, "connect errors counted")
+            check(r.status == 503 and r.json()["error"]["code"] == -32000, f"{args}: {r.status} {r.body[:200]}")
             wait_for(lambda: front.tls_failed > failed_before, 5, "the worker side saw the handshake fail")
             lb.stop()
 
