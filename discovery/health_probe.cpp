@@ -7,16 +7,13 @@
 #include <openssl/ssl.h>
 #include <simdjson.h>
 
+#include "proxy/config.h"
 #include "proxy/tls.h"
 
 namespace stepflow {
 namespace {
 
 constexpr size_t kMaxHealthResponse = 64 * 1024;
-
-timeval to_timeval(std::chrono::milliseconds ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "proxy/config.h"
 #include "proxy/net.h"
 
 namespace stepflow {
@@ -20,10 +21,6 @@ namespace {
 constexpr size_t kMaxHead = 64 * 1024;
 constexpr size_t kMaxWholeBody = 64 * 1024 * 1024;  // a list page of many slices stays far below
 constexpr size_t kMaxErrorBody = 64 * 1024;
-
-timeval to_timeval(std::chrono::milliseconds ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 bool is_ip_literal(const std::string& host) {
     sockaddr_storage ss;

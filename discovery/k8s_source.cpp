@@ -17,10 +17,6 @@ namespace {
 
 constexpr const char* kNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
-timeval to_timeval(std::chrono::milliseconds ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
-
 bool readable(const std::string& path) { return !path.empty() && std::ifstream(path).good(); }
 
 const char* kind_name(K8sKind k) { return k == K8sKind::EndpointSlices ? "endpointslices" : "endpoints"; }

@@ -7,6 +7,7 @@
 #include <event2/event.h>
 #include <event2/bufferevent_ssl.h>
 
+#include "proxy/config.h"
 #include "proxy/client_h1.h"
 #include "proxy/client_h2.h"
 #include "proxy/log.h"
@@ -18,10 +19,6 @@ namespace {
 
 constexpr char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 constexpr size_t kPrefaceLen = sizeof kPreface - 1;
-
-timeval to_timeval(Millis ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 }  // namespace
 

@@ -8,6 +8,7 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "proxy/config.h"
 #include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/worker.h"
@@ -19,10 +20,6 @@ constexpr size_t kOutputHighWater = 256 * 1024;  // stop reading the worker beyo
 constexpr size_t kOutputLowWater = 64 * 1024;    // ... and resume below this
 constexpr size_t kLocalBodyLimit = 1024 * 1024;  // body read to echo a JSON-RPC id in a 503
 constexpr Millis kLingerTime{2000};
-
-timeval to_timeval(Millis ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 }  // namespace
 

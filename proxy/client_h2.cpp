@@ -8,6 +8,7 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "proxy/config.h"
 #include "proxy/log.h"
 #include "proxy/worker.h"
 
@@ -19,10 +20,6 @@ constexpr size_t kStreamBufferLow = 16 * 1024;
 constexpr size_t kConnectionOutputHigh = 128 * 1024;
 constexpr size_t kLocalBodyLimit = 1024 * 1024;
 constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
-
-timeval to_timeval(Millis ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 // The concurrent-stream limit nghttp2 itself enforces (see the ClientH2 constructor): high
 // enough that streams refused but not yet reset never reach it in normal use.

@@ -7,11 +7,18 @@
 #include <string>
 #include <vector>
 
+#include <sys/time.h>
+
 #include "proxy/log.h"
 
 namespace stepflow {
 
 using Millis = std::chrono::milliseconds;
+
+// libevent takes timeouts as timeval.
+inline timeval to_timeval(Millis ms) {
+    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
 
 enum class DiscoveryMode { Static, Dns, Kubernetes };
 enum class K8sApi { EndpointSlices, Endpoints };

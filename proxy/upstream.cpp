@@ -10,15 +10,12 @@
 #include <event2/bufferevent_ssl.h>
 #include <openssl/ssl.h>
 
+#include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/tls.h"
 
 namespace stepflow {
 namespace {
-
-timeval to_timeval(Millis ms) {
-    return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
 
 }  // namespace
 
