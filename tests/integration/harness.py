@@ -66,6 +66,15 @@ def wait_for(predicate, timeout=10.0, what="condition", interval=0.02):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
+def http_get(port, path, timeout=5):
+    """(status, body) of GET http://127.0.0.1:port/path; error statuses are returned, not raised."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 class Worker:
     """An example worker process (tests/worker/example_worker.py)."""
 
@@ -159,11 +168,7 @@ class Balancer:
 
     # Admin API
     def admin_get(self, path):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        return http_get(self.admin_port, path)
 
     def backends(self):
         return json.loads(self.admin_get("/debug/backends")[1])["backends"]

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 
 import harness
-from harness import ROOT, Balancer, Worker, check, client, lb_binary, run_tests, test, wait_for
+from harness import ROOT, Balancer, Worker, check, client, http_get, lb_binary, run_tests, test, wait_for
 
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "stepflow-lb.json")
 METRICS_DOC = os.path.join(ROOT, "docs", "metrics.md")
@@ -363,11 +363,7 @@ class Prometheus:
         raise RuntimeError("prometheus did not start:\n" + self.log_tail())
 
     def _get(self, path):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        return http_get(self.port, path)
 
     def query(self, promql):
         status, body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
