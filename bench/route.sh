@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Routing-decision micro-benchmark (Google Benchmark): pinned and least-load on fleets of 10, 100
+# and 1,000 instances. Builds build-bench/ (release, -Dbenchmarks=true) if needed, runs pinned to
+# one core, prints median (min..max) of 5 repetitions and writes .bench-out/route-*.{json,md}.
+#   bench/route.sh [extra Google Benchmark flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${BENCH_BUILD_DIR:-build-bench}
+[ -f "$build/build.ninja" ] || meson setup "$build" -Dbuildtype=release -Dtests=false -Dbenchmarks=true >/dev/null
+ninja -C "$build" bench/route-bench >/dev/null
+mkdir -p .bench-out
+stamp=$(date +%Y%m%d-%H%M%S)
+json=.bench-out/route-$stamp.json
+taskset -c "${BENCH_PROXY_CPU:-0}" "$build/bench/route-bench" --benchmark_repetitions=5 \
+  --benchmark_min_time=0.3 --benchmark_out="$json" --benchmark_out_format=json "$@" >/dev/null 2>".bench-out/route-$stamp.log"
+python3 - "$json" .bench-out/route-$stamp.md <<'PY'
+import json, statistics, sys
+runs = {}
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    if b.get("run_type") == "iteration":
+        runs.setdefault(b["run_name"], []).append(b["cpu_time"])
+rows = ["| benchmark | instances | ns per decision, median (min..max) | target at 1,000 (≤ 200 ns) |",
+        "|---|---|---|---|"]
+for name, ts in runs.items():
+    fn, n = name.rsplit("/", 1)
+    target = ""
+    if n == "1000" and fn in ("BM_RoutePinned", "BM_RouteLeastLoad"):
+        target = "met" if statistics.median(ts) <= 200 else "NOT met"
+    rows.append(f"| {fn[3:]} | {n} | {statistics.median(ts):.1f} ({min(ts):.1f}..{max(ts):.1f}) | {target} |")
+text = "### Routing decision (Google Benchmark, 5 repetitions, one core)\n\n" + "\n".join(rows)
+print(text)
+open(sys.argv[2], "w").write(text + "\n")
+open(sys.argv[2].rsplit("/", 1)[0] + "/route-latest.md", "w").write(text + "\n")
+PY

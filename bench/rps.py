@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""HTTP/1.1 keep-alive POST of a small JSON-RPC body through stepflow-lb, HAProxy and nginx.
+
+    python3 bench/rps.py [--rounds 5] [--duration 8] [--connections 64]
+
+The balancer runs on one core, wrk and the nginx backends on the other. Rounds interleave the
+proxies (A, B, C, A, B, C, ...). Per run: req/s, p50, p99 (wrk --latency) and the balancer's CPU
+time per request (utime+stime from /proc/PID/stat over the run). Ratios are to HAProxy in the
+same round. A final "direct" row (wrk straight to the backend) shows the load side's ceiling.
+Before each run the script waits (10 s at most) for other processes to go quiet; a run during
+which they used more than 0.3 cores is repeated once and the less disturbed one is kept.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+
+import benchlib as B
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)$", text)
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def wrk_script():
+    path = os.path.join(B.tmpdir(), "post.lua")
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                f"wrk.body = '{B.RPC_BODY.decode()}'\n"
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                'wrk.headers["Accept"] = "application/json, text/event-stream"\n')
+    return path
+
+
+def run_wrk(port, seconds, connections, pid=None):
+    argv = ["taskset", "-c", B.LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "-s", wrk_script(), f"http://127.0.0.1:{port}/"]
+    if pid:
+        B.wait_quiet()
+    with B.Foreign() as foreign:
+        u0, s0 = B.cpu_split(pid) if pid else (0.0, 0.0)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+        u1, s1 = B.cpu_split(pid) if pid else (0.0, 0.0)
+    res = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+           "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+           "foreign_cores": round(foreign.cores, 2)}
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        res[key] = to_ms(re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    res["errors"] = (int(bad.group(1)) if bad else 0)
+    if sock:
+        res["errors"] += sum(int(x) for x in re.findall(r"\d+", sock.group(1)))
+    if pid:
+        res["cpu_user_s"], res["cpu_sys_s"] = round(u1 - u0, 2), round(s1 - s0, 2)
+        res["cpu_us_per_req"] = (u1 - u0 + s1 - s0) * 1e6 / max(1, res["requests"])
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=8, help="seconds per run")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--retries", type=int, default=1, help="repeats of a run disturbed by other processes")
+    ap.add_argument("--proxies", default=",".join(B.PROXIES))
+    ap.add_argument("--no-direct", action="store_true", help="skip the direct-to-backend row")
+    args = ap.parse_args()
+    kinds = args.proxies.split(",")
+
+    backends = [B.free_port(), B.free_port()]
+    B.start_nginx_backends(backends)
+    procs = {}
+    for kind in kinds:
+        port = B.free_port()
+        procs[kind] = (port, B.start_proxy(kind, port, backends))
+        B.wait_http_ok(port, "/", method_body=B.RPC_BODY)
+        run_wrk(port, 2, args.connections)  # warm-up: connections, pools, caches
+        B.log(f"{kind} ready on :{port}")
+
+    rounds = []
+    for r in range(args.rounds):
+        rnd = {}
+        for kind in kinds:
+            port, proc = procs[kind]
+            rnd[kind] = B.quietest(lambda: run_wrk(port, args.duration, args.connections, pid=proc.pid),
+                                   args.retries)
+            B.log(f"round {r + 1} {kind}: {rnd[kind]}")
+        if not args.no_direct:
+            rnd["direct"] = run_wrk(backends[0], args.duration, args.connections)
+            B.log(f"round {r + 1} direct: {rnd['direct']}")
+        rounds.append(rnd)
+
+    def split(kind):
+        """Median user and system CPU µs per request."""
+        per = lambda key: statistics.median(r[kind][key] * 1e6 / max(1, r[kind]["requests"]) for r in rounds)
+        return f"{per('cpu_user_s'):.1f} + {per('cpu_sys_s'):.1f}"
+
+    rows = []
+    for kind in kinds + ([] if args.no_direct else ["direct"]):
+        col = lambda key: [rnd[kind].get(key) for rnd in rounds]
+        ratio = lambda key: (B.med_range(B.ratios(rounds, kind, key), "{:.2f}")
+                             if kind in ("stepflow-lb", "nginx") and "haproxy" in kinds else "")
+        rows.append([kind,
+                     B.med_range(col("rps"), "{:.0f}"), ratio("rps"),
+                     B.med_range(col("p50_ms"), "{:.2f}"), B.med_range(col("p99_ms"), "{:.2f}"), ratio("p99_ms"),
+                     B.med_range(col("cpu_us_per_req"), "{:.1f}") if kind != "direct" else "-",
+                     split(kind) if kind != "direct" else "-",
+                     ratio("cpu_us_per_req"),
+                     sum(rnd[kind]["errors"] for rnd in rounds)])
+    head = ["proxy", "req/s", "x HAProxy", "p50 ms", "p99 ms", "x HAProxy", "CPU µs/req", "user + sys", "x HAProxy", "errors"]
+    text = (f"### HTTP/1.1 keep-alive POST, {args.connections} connections, {args.rounds} rounds x "
+            f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(head, rows) + B.noise_note(rounds))
+    print(text)
+    B.save("rps", {"args": vars(args), "versions": B.versions(), "rounds": rounds}, text)
+
+
+if __name__ == "__main__":
+    main()
