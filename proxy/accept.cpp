@@ -9,6 +9,7 @@
 
 #include "proxy/config.h"
 #include "proxy/client_h1.h"
+#include "proxy/conn.h"
 #include "proxy/client_h2.h"
 #include "proxy/log.h"
 #include "proxy/tls.h"
@@ -22,17 +23,17 @@ constexpr size_t kPrefaceLen = sizeof kPreface - 1;
 
 }  // namespace
 
-ProtocolSniffer::ProtocolSniffer(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+ProtocolSniffer::ProtocolSniffer(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
-    bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
+    bev_->set_callbacks(on_read, nullptr, on_event, this);
     // The first bytes (or the TLS handshake) must come within the request-head time.
     timeval tv = to_timeval(worker.config().request_header_timeout);
-    bufferevent_set_timeouts(bev_, &tv, &tv);
-    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    bev_->set_timeouts(&tv, &tv);
+    bev_->enable(EV_READ | EV_WRITE);
 }
 
 ProtocolSniffer::~ProtocolSniffer() {
-    if (bev_) bufferevent_free(bev_);
+    if (bev_) delete bev_;
 }
 
 void ProtocolSniffer::close_now() {
@@ -40,13 +41,13 @@ void ProtocolSniffer::close_now() {
     delete this;
 }
 
-void ProtocolSniffer::on_read(bufferevent*, void* arg) {
+void ProtocolSniffer::on_read(Conn*, void* arg) {
     auto* self = static_cast<ProtocolSniffer*>(arg);
     if (!self->tls_) self->decide();
 }
 
 void ProtocolSniffer::decide() {
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     size_t len = evbuffer_get_length(in);
     size_t n = len < kPrefaceLen ? len : kPrefaceLen;
     if (n == 0) return;
@@ -56,10 +57,10 @@ void ProtocolSniffer::decide() {
     // A prefix of the preface so far: wait for more.
 }
 
-void ProtocolSniffer::on_event(bufferevent* bev, short what, void* arg) {
+void ProtocolSniffer::on_event(Conn* bev, short what, void* arg) {
     auto* self = static_cast<ProtocolSniffer*>(arg);
     if ((what & BEV_EVENT_CONNECTED) && self->tls_) {
-        SSL* ssl = bufferevent_openssl_get_ssl(bev);
+        SSL* ssl = bev->ssl();
         self->hand_over(negotiated_protocol(ssl) == "h2");
         return;
     }
@@ -69,9 +70,9 @@ void ProtocolSniffer::on_event(bufferevent* bev, short what, void* arg) {
 }
 
 void ProtocolSniffer::hand_over(bool http2) {
-    bufferevent* bev = bev_;
+    Conn* bev = bev_;
     bev_ = nullptr;
-    bufferevent_set_timeouts(bev, nullptr, nullptr);
+    bev->set_timeouts(nullptr, nullptr);
     ClientConnection* conn;
     if (http2) conn = new ClientH2(worker_, bev, client_ip_, tls_);
     else conn = new ClientH1(worker_, bev, client_ip_, tls_);

@@ -7,27 +7,28 @@
 
 #include "proxy/client.h"
 
-struct bufferevent;
 
 namespace stepflow {
+
+class Conn;
 
 class Worker;
 
 class ProtocolSniffer final : public ClientConnection {
 public:
-    ProtocolSniffer(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
+    ProtocolSniffer(Worker& worker, Conn* bev, std::string client_ip, bool tls);
     ~ProtocolSniffer() override;
     void drain() override { close_now(); }
     void close_now() override;
 
 private:
-    static void on_read(bufferevent*, void* arg);
-    static void on_event(bufferevent*, short what, void* arg);
+    static void on_read(Conn*, void* arg);
+    static void on_event(Conn*, short what, void* arg);
     void decide();
     void hand_over(bool http2);
 
     Worker& worker_;
-    bufferevent* bev_;
+    Conn* bev_;
     std::string client_ip_;
     bool tls_;
 };

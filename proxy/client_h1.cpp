@@ -9,6 +9,7 @@
 #include <event2/event.h>
 
 #include "proxy/config.h"
+#include "proxy/conn.h"
 #include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/worker.h"
@@ -23,20 +24,20 @@ constexpr Millis kLingerTime{2000};
 
 }  // namespace
 
-ClientH1::ClientH1(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+ClientH1::ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
-    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
-    bufferevent_set_timeouts(bev_, nullptr, nullptr);
+    bev_->set_callbacks(on_read, on_write, on_event, this);
+    bev_->set_timeouts(nullptr, nullptr);
     // Reading pauses by itself once this much waits unforwarded: the client's bytes stay in the
     // kernel until the worker takes what we already have.
     size_t high = std::max<size_t>(worker.config().max_header_size + 1, kOutputHighWater);
-    bufferevent_setwatermark(bev_, EV_READ, 0, high);
-    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    bev_->set_watermark(EV_READ, 0, high);
+    bev_->enable(EV_READ | EV_WRITE);
     timer_ = evtimer_new(worker.base(), on_timer, this);
     next_ = event_new(worker.base(), -1, 0, on_next, this);
     Metrics::get().client_connections.Increment();
     arm_timer(worker.config().request_header_timeout);
-    if (evbuffer_get_length(bufferevent_get_input(bev_)) > 0) event_active(next_, 0, 0);
+    if (evbuffer_get_length(bev_->input()) > 0) event_active(next_, 0, 0);
 }
 
 ClientH1::~ClientH1() {
@@ -45,7 +46,7 @@ ClientH1::~ClientH1() {
     if (local_body_) evbuffer_free(local_body_);
     if (timer_) event_free(timer_);
     if (next_) event_free(next_);
-    if (bev_) bufferevent_free(bev_);
+    if (bev_) delete bev_;
     Metrics::get().client_connections.Decrement();
 }
 
@@ -54,23 +55,23 @@ void ClientH1::arm_timer(Millis ms) {
     evtimer_add(timer_, &tv);
 }
 
-void ClientH1::on_read(bufferevent*, void* arg) { static_cast<ClientH1*>(arg)->process_input(); }
+void ClientH1::on_read(Conn*, void* arg) { static_cast<ClientH1*>(arg)->process_input(); }
 
-void ClientH1::on_write(bufferevent*, void* arg) {
+void ClientH1::on_write(Conn*, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
-    evbuffer* out = bufferevent_get_output(self->bev_);
+    evbuffer* out = self->bev_->output();
     if (self->state_ == State::Closing) {
         if (evbuffer_get_length(out) == 0) self->linger();
         return;
     }
     if (self->exchange_paused_ && self->exchange_) {
         self->exchange_paused_ = false;
-        bufferevent_setwatermark(self->bev_, EV_WRITE, 0, 0);
+        self->bev_->set_watermark(EV_WRITE, 0, 0);
         self->exchange_->resume_response();
     }
 }
 
-void ClientH1::on_event(bufferevent*, short what, void* arg) {
+void ClientH1::on_event(Conn*, short what, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
     if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) return;
     if (self->state_ == State::Proxying && self->exchange_) {
@@ -105,7 +106,7 @@ void ClientH1::on_next(int, short, void* arg) {
 
 void ClientH1::process_input() {
     if (destroying_) return;
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     switch (state_) {
     case State::Idle:
     case State::ReadingHead: parse_head(); break;
@@ -116,7 +117,7 @@ void ClientH1::process_input() {
 }
 
 void ClientH1::parse_head() {
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     if (evbuffer_get_length(in) == 0) return;
     if (state_ == State::Idle) {
         state_ = State::ReadingHead;
@@ -174,7 +175,7 @@ void ClientH1::parse_head() {
 // common malformed case (a bad first chunk size) never reaches one. Later chunks are checked as
 // they stream; a bad one then cuts the exchange.
 const char* ClientH1::precheck_chunked_body() {
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     size_t n = std::min<size_t>(evbuffer_get_length(in), 4096);
     if (n == 0) return nullptr;
     evbuffer* copy = evbuffer_new();
@@ -192,7 +193,7 @@ void ClientH1::pump_request_body() {
     if (state_ != State::Proxying || request_done_ || !exchange_) return;
     evbuffer* sink = exchange_->request_sink();
     if (!sink) return;  // not connected yet: the bytes wait in our input buffer
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     auto status = request_pump_.pump(in, sink);
     record_.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
@@ -219,7 +220,7 @@ void ClientH1::pump_request_body() {
 void ClientH1::request_sink_ready() { pump_request_body(); }
 
 void ClientH1::collect_local_body() {
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     auto status = request_pump_.pump(in, local_body_);
     record_.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
@@ -264,7 +265,7 @@ void ClientH1::send_local(int status, std::string_view content_type, const std::
     if (!keep_alive_) out.append("Connection: close\r\n");
     out.append("\r\n");
     out.append(body);
-    evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
+    evbuffer_add(bev_->output(), out.data(), out.size());
     record_.bytes_out = body.size();
 }
 
@@ -297,8 +298,8 @@ void ClientH1::log_access() { record_.finish(worker_, request_.method, request_.
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
     evtimer_del(timer_);
-    bufferevent_setwatermark(bev_, EV_WRITE, 0, 0);
-    evbuffer* out = bufferevent_get_output(bev_);
+    bev_->set_watermark(EV_WRITE, 0, 0);
+    evbuffer* out = bev_->output();
     if (evbuffer_get_length(out) == 0) linger();
     // else on_write lingers once the output has drained
 }
@@ -310,14 +311,14 @@ void ClientH1::linger() {
         destroy();
         return;
     }
-    shutdown(bufferevent_getfd(bev_), SHUT_WR);
+    shutdown(bev_->fd(), SHUT_WR);
     arm_timer(kLingerTime);
 }
 
 void ClientH1::destroy() {
     if (destroying_) return;
     destroying_ = true;
-    bufferevent_disable(bev_, EV_READ | EV_WRITE);
+    bev_->disable(EV_READ | EV_WRITE);
     evtimer_del(timer_);
     event_active(next_, 0, 0);  // delete once the current callback chain has unwound
 }
@@ -371,7 +372,7 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     }
     if (!keep_alive_) out.append("Connection: close\r\n");
     out.append("\r\n");
-    evbuffer* output = bufferevent_get_output(bev_);
+    evbuffer* output = bev_->output();
     evbuffer_add(output, out.data(), out.size());
     return output;
 }
@@ -379,15 +380,15 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
 void ClientH1::interim_response(int status, std::string_view reason) {
     if (request_.version_minor < 1) return;
     std::string out = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reason) + "\r\n\r\n";
-    evbuffer_add(bufferevent_get_output(bev_), out.data(), out.size());
+    evbuffer_add(bev_->output(), out.data(), out.size());
 }
 
 void ClientH1::response_data() {}
 
 bool ClientH1::response_sink_full() {
-    if (evbuffer_get_length(bufferevent_get_output(bev_)) <= kOutputHighWater) return false;
+    if (evbuffer_get_length(bev_->output()) <= kOutputHighWater) return false;
     exchange_paused_ = true;
-    bufferevent_setwatermark(bev_, EV_WRITE, kOutputLowWater, 0);
+    bev_->set_watermark(EV_WRITE, kOutputLowWater, 0);
     return true;
 }
 

@@ -13,18 +13,19 @@
 #include "proxy/http1.h"
 #include "proxy/request_record.h"
 
-struct bufferevent;
 struct event;
 struct evbuffer;
 
 namespace stepflow {
+
+class Conn;
 
 class Worker;
 
 class ClientH1 final : public ClientConnection, public Downstream {
 public:
     // Takes over `bev` (plain or TLS), which may already hold the first bytes of a request.
-    ClientH1(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
+    ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls);
     ~ClientH1() override;
 
     void drain() override;
@@ -49,9 +50,9 @@ private:
         Closing,      // flushing the last bytes, then close
     };
 
-    static void on_read(bufferevent*, void* arg);
-    static void on_write(bufferevent*, void* arg);
-    static void on_event(bufferevent*, short what, void* arg);
+    static void on_read(Conn*, void* arg);
+    static void on_write(Conn*, void* arg);
+    static void on_event(Conn*, short what, void* arg);
     static void on_timer(int, short, void* arg);
     static void on_next(int, short, void* arg);
 
@@ -73,7 +74,7 @@ private:
     void log_access();
 
     Worker& worker_;
-    bufferevent* bev_ = nullptr;
+    Conn* bev_ = nullptr;
     event* timer_ = nullptr;
     event* next_ = nullptr;  // deferred work: runs after the current callback chain unwinds
     std::string client_ip_;

@@ -9,6 +9,7 @@
 #include <event2/event.h>
 
 #include "proxy/config.h"
+#include "proxy/conn.h"
 #include "proxy/log.h"
 #include "proxy/worker.h"
 
@@ -338,7 +339,7 @@ private:
     friend class ClientH2;
 };
 
-ClientH2::ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool tls)
+ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
     const Config& cfg = worker.config();
     nghttp2_session_callbacks* callbacks;
@@ -374,9 +375,9 @@ ClientH2::ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool
 
     deferred_ = event_new(worker.base(), -1, 0, on_deferred, this);
     idle_ = evtimer_new(worker.base(), on_idle, this);
-    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
-    bufferevent_setwatermark(bev_, EV_WRITE, kConnectionOutputHigh / 4, 0);
-    bufferevent_enable(bev_, EV_READ | EV_WRITE);
+    bev_->set_callbacks(on_read, on_write, on_event, this);
+    bev_->set_watermark(EV_WRITE, kConnectionOutputHigh / 4, 0);
+    bev_->enable(EV_READ | EV_WRITE);
     Metrics::get().client_connections.Increment();
     arm_idle();
     receive();  // the preface (and maybe more) is already buffered
@@ -388,7 +389,7 @@ ClientH2::~ClientH2() {
     nghttp2_session_del(session_);
     event_free(deferred_);
     event_free(idle_);
-    bufferevent_free(bev_);
+    delete bev_;
     Metrics::get().client_connections.Decrement();
 }
 
@@ -405,22 +406,22 @@ void ClientH2::on_idle(int, short, void* arg) {
     self->maybe_close();
 }
 
-void ClientH2::on_read(bufferevent*, void* arg) { static_cast<ClientH2*>(arg)->receive(); }
+void ClientH2::on_read(Conn*, void* arg) { static_cast<ClientH2*>(arg)->receive(); }
 
-void ClientH2::on_write(bufferevent*, void* arg) {
+void ClientH2::on_write(Conn*, void* arg) {
     auto* self = static_cast<ClientH2*>(arg);
     self->send();
     self->maybe_close();
 }
 
-void ClientH2::on_event(bufferevent*, short what, void* arg) {
+void ClientH2::on_event(Conn*, short what, void* arg) {
     auto* self = static_cast<ClientH2*>(arg);
     if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) self->destroy();
 }
 
 void ClientH2::receive() {
     if (destroying_) return;
-    evbuffer* in = bufferevent_get_input(bev_);
+    evbuffer* in = bev_->input();
     while (size_t len = evbuffer_get_contiguous_space(in)) {
         const uint8_t* data = evbuffer_pullup(in, static_cast<ssize_t>(len));
         ssize_t rv = nghttp2_session_mem_recv(session_, data, len);
@@ -436,7 +437,7 @@ void ClientH2::receive() {
             bool abuse = rv == NGHTTP2_ERR_FLOODED || rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS;
             nghttp2_session_terminate_session(session_, abuse ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR);
             evbuffer_drain(in, evbuffer_get_length(in));
-            bufferevent_disable(bev_, EV_READ);
+            bev_->disable(EV_READ);
             send();
             maybe_close();
             return;
@@ -467,7 +468,7 @@ void ClientH2::on_deferred(int, short, void* arg) {
 
 void ClientH2::send() {
     if (destroying_) return;
-    evbuffer* out = bufferevent_get_output(bev_);
+    evbuffer* out = bev_->output();
     while (evbuffer_get_length(out) < kConnectionOutputHigh) {
         const uint8_t* data = nullptr;
         ssize_t n = nghttp2_session_mem_send(session_, &data);
@@ -491,13 +492,13 @@ void ClientH2::maybe_close() {
     if (destroying_) return;
     bool done = !nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_);
     if (draining_ && streams_.empty()) done = true;
-    if (done && evbuffer_get_length(bufferevent_get_output(bev_)) == 0) destroy();
+    if (done && evbuffer_get_length(bev_->output()) == 0) destroy();
 }
 
 void ClientH2::destroy() {
     if (destroying_) return;
     destroying_ = true;
-    bufferevent_disable(bev_, EV_READ | EV_WRITE);
+    bev_->disable(EV_READ | EV_WRITE);
     evtimer_del(idle_);
     event_active(deferred_, 0, 0);
 }

@@ -17,17 +17,18 @@
 #include "proxy/local_response.h"
 #include "proxy/request_record.h"
 
-struct bufferevent;
 struct event;
 struct evbuffer;
 
 namespace stepflow {
 
+class Conn;
+
 class Worker;
 
 class ClientH2 final : public ClientConnection {
 public:
-    ClientH2(Worker& worker, bufferevent* bev, std::string client_ip, bool tls);
+    ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls);
     ~ClientH2() override;
 
     void drain() override;
@@ -37,9 +38,9 @@ public:
 
 private:
     friend class Stream;
-    static void on_read(bufferevent*, void* arg);
-    static void on_write(bufferevent*, void* arg);
-    static void on_event(bufferevent*, short what, void* arg);
+    static void on_read(Conn*, void* arg);
+    static void on_write(Conn*, void* arg);
+    static void on_event(Conn*, short what, void* arg);
     static void on_deferred(int, short, void* arg);
     static void on_idle(int, short, void* arg);
 
@@ -60,7 +61,7 @@ private:
     void arm_idle();
 
     Worker& worker_;
-    bufferevent* bev_;
+    Conn* bev_;
     std::string client_ip_;
     bool tls_;
     nghttp2_session* session_ = nullptr;

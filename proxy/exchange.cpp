@@ -2,6 +2,7 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include "proxy/conn.h"
 #include <event2/event.h>
 
 #include "proxy/log.h"
@@ -150,16 +151,16 @@ void Exchange::send_request_head() {
         head.append("Content-Length: 0\r\n");
     }
     head.append("\r\n");
-    bufferevent* bev = conn_->bev();
-    evbuffer_add(bufferevent_get_output(bev), head.data(), head.size());
+    Conn* bev = conn_->bev();
+    evbuffer_add(bev->output(), head.data(), head.size());
     conn_->set_read_timeout(worker_.config().upstream_header_timeout);
-    bufferevent_enable(bev, EV_READ | EV_WRITE);
+    bev->enable(EV_READ | EV_WRITE);
     downstream_.request_sink_ready();
 }
 
 evbuffer* Exchange::request_sink() const {
     if (!conn_ || !head_sent_ || finished_) return nullptr;
-    return bufferevent_get_output(conn_->bev());
+    return conn_->bev()->output();
 }
 
 bool Exchange::request_sink_full() const {
@@ -180,7 +181,7 @@ void Exchange::upstream_readable() {
 }
 
 bool Exchange::parse_response_head() {
-    evbuffer* in = bufferevent_get_input(conn_->bev());
+    evbuffer* in = conn_->bev()->input();
     while (true) {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
@@ -240,7 +241,7 @@ bool Exchange::parse_response_head() {
 }
 
 void Exchange::pump_response() {
-    evbuffer* in = bufferevent_get_input(conn_->bev());
+    evbuffer* in = conn_->bev()->input();
     auto status = response_pump_.pump(in, sink_);
     if (status == http1::BodyPump::Status::Error) {
         downstream_.response_data();
@@ -252,19 +253,19 @@ void Exchange::pump_response() {
         complete_response();
         return;
     }
-    if (downstream_.response_sink_full()) bufferevent_disable(conn_->bev(), EV_READ);
+    if (downstream_.response_sink_full()) conn_->bev()->disable(EV_READ);
 }
 
 void Exchange::resume_response() {
     if (finished_ || !conn_ || !response_started_) return;
-    bufferevent_enable(conn_->bev(), EV_READ);
+    conn_->bev()->enable(EV_READ);
     pump_response();
 }
 
 void Exchange::complete_response() {
     response_done_ = true;
     bool reuse = request_done_ && response_.keep_alive && !response_pump_.until_close() &&
-                 evbuffer_get_length(bufferevent_get_input(conn_->bev())) == 0;
+                 evbuffer_get_length(conn_->bev()->input()) == 0;
     finish(reuse);
     downstream_.response_done();  // last: the downstream may let go of this exchange
 }

@@ -5,6 +5,7 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include "proxy/conn.h"
 #include <event2/event.h>
 
 #include <event2/bufferevent_ssl.h>
@@ -34,7 +35,7 @@ UpstreamConn::UpstreamConn(UpstreamPool& pool, InstancePtr instance) : pool_(poo
 
 UpstreamConn::~UpstreamConn() {
     if (idle_timer_) event_free(idle_timer_);
-    if (bev_) bufferevent_free(bev_);
+    if (bev_) delete bev_;
 }
 
 bool UpstreamConn::connect(Millis timeout) {
@@ -43,32 +44,30 @@ bool UpstreamConn::connect(Millis timeout) {
         if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
         SSL* ssl = pool_.tls_->new_connection(host);
         if (!ssl) return false;
-        bev_ = bufferevent_openssl_socket_new(pool_.base(), -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+        bev_ = Conn::connect_tls(pool_.base(), ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+                                 instance_->sockaddr_len);
     } else {
-        bev_ = bufferevent_socket_new(pool_.base(), -1, BEV_OPT_CLOSE_ON_FREE);
+        bev_ = Conn::connect(pool_.base(), reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+                             instance_->sockaddr_len);
     }
     if (!bev_) return false;
-    bufferevent_setcb(bev_, on_read, on_write, on_event, this);
-    // libevent reports a connect that outlasts the write timeout as a timeout event.
+    bev_->set_callbacks(on_read, on_write, on_event, this);
+    // A connect that outlasts the write timeout is reported as a timeout event.
     timeval tv = to_timeval(timeout);
-    bufferevent_set_timeouts(bev_, nullptr, &tv);
-    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
-                                   static_cast<int>(instance_->sockaddr_len)) != 0) {
-        return false;
-    }
+    bev_->set_timeouts(nullptr, &tv);
     return true;
 }
 
 void UpstreamConn::set_read_timeout(Millis timeout) {
     if (timeout.count() > 0) {
         timeval tv = to_timeval(timeout);
-        bufferevent_set_timeouts(bev_, &tv, nullptr);
+        bev_->set_timeouts(&tv, nullptr);
     } else {
-        bufferevent_set_timeouts(bev_, nullptr, nullptr);
+        bev_->set_timeouts(nullptr, nullptr);
     }
 }
 
-void UpstreamConn::on_read(bufferevent*, void* arg) {
+void UpstreamConn::on_read(Conn*, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
     if (self->handler_) {
         self->handler_->upstream_readable();
@@ -78,18 +77,18 @@ void UpstreamConn::on_read(bufferevent*, void* arg) {
     }
 }
 
-void UpstreamConn::on_write(bufferevent*, void* arg) {
+void UpstreamConn::on_write(Conn*, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
     if (self->handler_) self->handler_->upstream_writable();
 }
 
-void UpstreamConn::on_event(bufferevent* bev, short what, void* arg) {
+void UpstreamConn::on_event(Conn* bev, short what, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
     if (what & BEV_EVENT_CONNECTED) {
         self->connected_ = true;
         int one = 1;
-        setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        bufferevent_set_timeouts(bev, nullptr, nullptr);
+        setsockopt(bev->fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        bev->set_timeouts(nullptr, nullptr);
         if (self->handler_) self->handler_->upstream_connected();
         return;
     }
@@ -119,7 +118,7 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
         evtimer_del(conn->idle_timer_);
         conn->reused_ = true;
         conn->attach(handler);
-        bufferevent_enable(conn->bev_, EV_READ | EV_WRITE);
+        conn->bev_->enable(EV_READ | EV_WRITE);
         return conn;
     }
     auto conn = std::make_unique<UpstreamConn>(*this, instance);
@@ -137,8 +136,8 @@ void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
     conn->attach(nullptr);
     conn->set_read_timeout(Millis(0));
     // Keep reading while idle so a close by the worker is noticed and the socket dropped.
-    bufferevent_setwatermark(conn->bev_, EV_WRITE, 0, 0);
-    bufferevent_enable(conn->bev_, EV_READ);
+    conn->bev_->set_watermark(EV_WRITE, 0, 0);
+    conn->bev_->enable(EV_READ);
     if (!conn->idle_timer_) conn->idle_timer_ = evtimer_new(base_, UpstreamConn::on_idle_timeout, conn.get());
     timeval tv = to_timeval(config_.upstream_idle_timeout);
     evtimer_add(conn->idle_timer_, &tv);

@@ -11,13 +11,13 @@
 #include "proxy/config.h"
 
 struct event_base;
-struct bufferevent;
 struct event;
 
 namespace stepflow {
 
 class UpstreamPool;
 class TlsClient;
+class Conn;
 
 // How a worker connection ended, as far as the socket can tell.
 enum class UpstreamClose {
@@ -48,7 +48,7 @@ public:
 
     bool connect(Millis timeout);
     void attach(Handler* handler) { handler_ = handler; }
-    bufferevent* bev() const { return bev_; }
+    Conn* bev() const { return bev_; }
     Instance& instance() const { return *instance_; }
     const InstancePtr& instance_ptr() const { return instance_; }
     bool connected() const { return connected_; }
@@ -57,15 +57,14 @@ public:
 
 private:
     friend class UpstreamPool;
-class TlsClient;
-    static void on_read(bufferevent*, void* arg);
-    static void on_write(bufferevent*, void* arg);
-    static void on_event(bufferevent*, short what, void* arg);
+    static void on_read(Conn*, void* arg);
+    static void on_write(Conn*, void* arg);
+    static void on_event(Conn*, short what, void* arg);
     static void on_idle_timeout(int, short, void* arg);
 
     UpstreamPool& pool_;
     InstancePtr instance_;
-    bufferevent* bev_ = nullptr;
+    Conn* bev_ = nullptr;
     event* idle_timer_ = nullptr;
     Handler* handler_ = nullptr;
     bool connected_ = false;

@@ -2,6 +2,9 @@
 
 #include <random>
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <event2/event.h>
 #include <event2/listener.h>
 
@@ -13,6 +16,7 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "proxy/accept.h"
+#include "proxy/conn.h"
 #include "proxy/tls.h"
 #include "proxy/log.h"
 #include "proxy/net.h"
@@ -23,14 +27,20 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
                TlsServer* tls_server, TlsClient* tls_client)
     : index_(index), config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
       listener_specs_(std::move(listeners)) {
-    base_ = event_base_new();
+    // Each loop is touched by its own thread only, so it needs no locks (libevent would take one
+    // per event operation otherwise). Other threads reach it through wake_fd_.
+    event_config* cfg = event_config_new();
+    event_config_set_flag(cfg, EVENT_BASE_FLAG_NOLOCK);
+    base_ = event_base_new_with_config(cfg);
+    event_config_free(cfg);
     pool_ = std::make_unique<UpstreamPool>(base_, config_, tls_client_);
     for (const auto& spec : listener_specs_) {
         auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
         listeners_.push_back(l);
     }
-    drain_event_ = event_new(base_, -1, 0, on_drain, this);
-    stop_event_ = event_new(base_, -1, 0, on_force_stop, this);
+    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    wake_event_ = event_new(base_, wake_fd_, EV_READ | EV_PERSIST, on_wake, this);
+    event_add(wake_event_, nullptr);
 }
 
 Worker::~Worker() {
@@ -38,19 +48,15 @@ Worker::~Worker() {
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
     pool_.reset();
-    event_free(drain_event_);
-    event_free(stop_event_);
+    event_free(wake_event_);
+    ::close(wake_fd_);
     event_base_free(base_);
 }
 
 void Worker::start() {
     thread_ = std::thread([this] {
-        // Keep the loop alive while idle; it ends through maybe_exit() or force_stop().
-        event* keepalive = event_new(base_, -1, EV_PERSIST, [](int, short, void*) {}, nullptr);
-        timeval day{86400, 0};
-        event_add(keepalive, &day);
+        // The wake event keeps the loop alive while idle; it ends through maybe_exit() or force_stop().
         event_base_dispatch(base_);
-        event_free(keepalive);
     });
 }
 
@@ -58,8 +64,23 @@ void Worker::join() {
     if (thread_.joinable()) thread_.join();
 }
 
-void Worker::begin_drain() { event_active(drain_event_, 0, 0); }
-void Worker::force_stop() { event_active(stop_event_, 0, 0); }
+void Worker::post(unsigned command) {
+    commands_.fetch_or(command);
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+}
+
+void Worker::begin_drain() { post(kDrain); }
+void Worker::force_stop() { post(kStop); }
+
+void Worker::on_wake(int fd, short, void* arg) {
+    auto* self = static_cast<Worker*>(arg);
+    uint64_t count;
+    [[maybe_unused]] ssize_t n = ::read(fd, &count, sizeof count);
+    unsigned commands = self->commands_.exchange(0);
+    if (commands & kStop) return self->stop_now();
+    if ((commands & kDrain) && !self->draining_) self->drain_now();
+}
 
 void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, void* arg) {
     auto* self = static_cast<Worker*>(arg);
@@ -71,21 +92,20 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
         if (self->listeners_[i] == listener) tls = self->listener_specs_[i].tls;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    bufferevent* bev = nullptr;
+    Conn* bev = nullptr;
     if (tls) {
         SSL* ssl = self->tls_server_ ? self->tls_server_->new_connection() : nullptr;
-        if (!ssl) {
+        bufferevent* tls_bev = ssl ? bufferevent_openssl_socket_new(self->base_, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                                                    BEV_OPT_CLOSE_ON_FREE)
+                                   : nullptr;
+        if (!tls_bev) {
+            if (ssl) SSL_free(ssl);
             evutil_closesocket(fd);
             return;
         }
-        bev = bufferevent_openssl_socket_new(self->base_, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
-                                             BEV_OPT_CLOSE_ON_FREE);
+        bev = Conn::tls(tls_bev);
     } else {
-        bev = bufferevent_socket_new(self->base_, fd, BEV_OPT_CLOSE_ON_FREE);
-    }
-    if (!bev) {
-        evutil_closesocket(fd);
-        return;
+        bev = Conn::plain(self->base_, fd);
     }
     auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
     self->connections_.insert(conn);
@@ -103,27 +123,23 @@ void Worker::connection_closed(ClientConnection* conn) {
     if (draining_) maybe_exit();
 }
 
-void Worker::on_drain(int, short, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
-    self->draining_ = true;
-    for (auto*& l : self->listeners_) {
+void Worker::drain_now() {
+    draining_ = true;
+    for (auto*& l : listeners_) {
         if (l) evconnlistener_free(l);
         l = nullptr;
     }
-    for (auto* conn : std::vector<ClientConnection*>(self->connections_.begin(), self->connections_.end()))
-        conn->drain();
-    self->maybe_exit();
+    for (auto* conn : std::vector<ClientConnection*>(connections_.begin(), connections_.end())) conn->drain();
+    maybe_exit();
 }
 
 void Worker::maybe_exit() {
     if (connections_.empty()) event_base_loopexit(base_, nullptr);
 }
 
-void Worker::on_force_stop(int, short, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
-    for (auto* conn : std::vector<ClientConnection*>(self->connections_.begin(), self->connections_.end()))
-        conn->close_now();
-    event_base_loopexit(self->base_, nullptr);
+void Worker::stop_now() {
+    for (auto* conn : std::vector<ClientConnection*>(connections_.begin(), connections_.end())) conn->close_now();
+    event_base_loopexit(base_, nullptr);
 }
 
 }  // namespace stepflow

@@ -58,8 +58,11 @@ public:
 
 private:
     static void on_accept(evconnlistener*, int fd, sockaddr* addr, int len, void* arg);
-    static void on_drain(int, short, void* arg);
-    static void on_force_stop(int, short, void* arg);
+    static constexpr unsigned kDrain = 1, kStop = 2;
+    void post(unsigned command);  // any thread
+    static void on_wake(int fd, short, void* arg);
+    void drain_now();
+    void stop_now();
     void maybe_exit();
 
     int index_;
@@ -75,8 +78,9 @@ private:
     std::vector<evconnlistener*> listeners_;
     std::unordered_set<ClientConnection*> connections_;
     std::atomic<size_t> open_connections_{0};
-    event* drain_event_ = nullptr;
-    event* stop_event_ = nullptr;
+    int wake_fd_ = -1;  // eventfd: how other threads wake this loop
+    event* wake_event_ = nullptr;
+    std::atomic<unsigned> commands_{0};
     bool draining_ = false;
     std::thread thread_;
 };

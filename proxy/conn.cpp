@@ -1,0 +1,332 @@
+#include "proxy/conn.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <fcntl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+
+namespace stepflow {
+namespace {
+
+constexpr size_t kReadSize = 16 * 1024;  // one recv per readable event, as HAProxy's buffers
+
+bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
+
+int64_t to_us(const timeval& tv) { return int64_t(tv.tv_sec) * 1000000 + tv.tv_usec; }
+
+}  // namespace
+
+Conn* Conn::plain(event_base* base, int fd) {
+    auto* c = new Conn(base);
+    c->init_plain(fd, false);
+    return c;
+}
+
+Conn* Conn::connect(event_base* base, const sockaddr* addr, socklen_t len) {
+    int fd = ::socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return nullptr;
+    auto* c = new Conn(base);
+    c->init_plain(fd, true);
+    if (::connect(fd, addr, len) != 0 && errno != EINPROGRESS) {
+        // Reported from the loop, after the caller has set its callbacks.
+        c->failed_ = true;
+        timeval now{0, 0};
+        evtimer_add(c->timer_, &now);
+        return c;
+    }
+    // Writable once the connection is up (or has failed): see on_writable.
+    event_add(c->write_ev_, nullptr);
+    c->write_armed_ = true;
+    return c;
+}
+
+Conn* Conn::connect_tls(event_base* base, SSL* ssl, const sockaddr* addr, socklen_t len) {
+    bufferevent* bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+    if (!bev) return nullptr;
+    Conn* c = tls(bev);
+    if (bufferevent_socket_connect(bev, addr, static_cast<int>(len)) != 0) {
+        delete c;
+        return nullptr;
+    }
+    c->fd_ = bufferevent_getfd(bev);
+    return c;
+}
+
+Conn* Conn::tls(bufferevent* bev) {
+    auto* c = new Conn(bufferevent_get_base(bev));
+    c->tls_ = bev;
+    c->fd_ = bufferevent_getfd(bev);
+    c->in_ = bufferevent_get_input(bev);
+    c->out_ = bufferevent_get_output(bev);
+    bufferevent_setcb(bev, tls_read, tls_write, tls_event, c);
+    return c;
+}
+
+void Conn::init_plain(int fd, bool connecting) {
+    fd_ = fd;
+    connecting_ = connecting;
+    in_ = evbuffer_new();
+    out_ = evbuffer_new();
+    read_ev_ = event_new(base_, fd, EV_READ | EV_PERSIST, on_readable, this);
+    write_ev_ = event_new(base_, fd, EV_WRITE | EV_PERSIST, on_writable, this);
+    timer_ = evtimer_new(base_, on_timer, this);
+    // Output is written once the callbacks that filled it have run, so a head and the body
+    // bytes that follow it leave in one writev.
+    evbuffer_defer_callbacks(out_, base_);
+    evbuffer_add_cb(out_, on_output_added, this);
+    evbuffer_add_cb(in_, on_input_drained, this);
+}
+
+Conn::~Conn() {
+    if (tls_) {
+        bufferevent_free(tls_);
+        return;
+    }
+    event_free(read_ev_);
+    event_free(write_ev_);
+    event_free(timer_);
+    evbuffer_free(in_);
+    evbuffer_free(out_);
+    if (fd_ >= 0) ::close(fd_);
+}
+
+SSL* Conn::ssl() const { return tls_ ? bufferevent_openssl_get_ssl(tls_) : nullptr; }
+
+void Conn::set_callbacks(DataCallback read, DataCallback write, EventCallback event, void* arg) {
+    read_cb_ = read;
+    write_cb_ = write;
+    event_cb_ = event;
+    arg_ = arg;
+}
+
+void Conn::set_timeouts(const timeval* read, const timeval* write) {
+    if (tls_) {
+        bufferevent_set_timeouts(tls_, read, write);
+        return;
+    }
+    has_read_timeout_ = read != nullptr;
+    has_write_timeout_ = write != nullptr;
+    if (read) read_timeout_ = *read;
+    if (write) write_timeout_ = *write;
+    event_base_gettimeofday_cached(base_, &last_read_);
+    last_write_ = last_read_;
+    arm_timer();
+}
+
+void Conn::set_watermark(short events, size_t low, size_t high) {
+    if (tls_) {
+        bufferevent_setwatermark(tls_, events, low, high);
+        return;
+    }
+    if (events & EV_READ) {
+        read_high_ = high;
+        update_read_event();
+    }
+    if (events & EV_WRITE) write_low_ = low;
+}
+
+void Conn::enable(short events) {
+    if (tls_) {
+        bufferevent_enable(tls_, events);
+        return;
+    }
+    if (events & EV_READ) {
+        reading_ = true;
+        update_read_event();
+    }
+    if ((events & EV_WRITE) && !write_enabled_) {
+        // Pending output goes when the socket is next writable; new output is written by the
+        // deferred callback as usual.
+        write_enabled_ = true;
+        if (evbuffer_get_length(out_) > 0 && !write_armed_ && !connecting_) {
+            event_add(write_ev_, nullptr);
+            write_armed_ = true;
+        }
+    }
+}
+
+void Conn::disable(short events) {
+    if (tls_) {
+        bufferevent_disable(tls_, events);
+        return;
+    }
+    if (events & EV_READ) {
+        reading_ = false;
+        update_read_event();
+    }
+    if (events & EV_WRITE) {
+        write_enabled_ = false;
+        if (write_armed_ && !connecting_) {
+            event_del(write_ev_);
+            write_armed_ = false;
+        }
+    }
+}
+
+void Conn::update_read_event() {
+    bool want = reading_ && !connecting_ && !failed_ && !(read_high_ && evbuffer_get_length(in_) >= read_high_);
+    if (want == read_armed_) return;
+    if (want) event_add(read_ev_, nullptr);
+    else event_del(read_ev_);
+    read_armed_ = want;
+}
+
+void Conn::flush() {
+    if (connecting_ || failed_ || !write_enabled_) return;
+    while (evbuffer_get_length(out_) > 0) {
+        int n = evbuffer_write(out_, fd_);
+        if (n > 0) {
+            event_base_gettimeofday_cached(base_, &last_write_);
+            continue;
+        }
+        if (n < 0 && !would_block(errno)) {
+            failed_ = true;
+            break;
+        }
+        break;
+    }
+    bool pending = evbuffer_get_length(out_) > 0 && !failed_;
+    if (pending != write_armed_) {
+        if (pending) event_add(write_ev_, nullptr);
+        else event_del(write_ev_);
+        write_armed_ = pending;
+    }
+    if (pending && has_write_timeout_ && !timer_armed_) arm_timer();
+}
+
+void Conn::on_output_added(evbuffer*, const evbuffer_cb_info* info, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (info->n_added == 0 || self->tls_) return;
+    size_t before = evbuffer_get_length(self->out_);
+    self->flush();
+    if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
+    size_t after = evbuffer_get_length(self->out_);
+    if (after < before && after <= self->write_low_ && self->write_cb_) self->write_cb_(self, self->arg_);
+}
+
+void Conn::on_input_drained(evbuffer*, const evbuffer_cb_info* info, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (info->n_deleted > 0 && self->read_high_ && !self->read_armed_) self->update_read_event();
+}
+
+void Conn::on_readable(int fd, short, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    size_t want = kReadSize;
+    if (self->read_high_) {
+        size_t have = evbuffer_get_length(self->in_);
+        if (have >= self->read_high_) return self->update_read_event();
+        want = std::min(want, self->read_high_ - have);
+    }
+    evbuffer_iovec vec[2];
+    int nvec = evbuffer_reserve_space(self->in_, static_cast<ev_ssize_t>(want), vec, 2);
+    iovec iov[2];
+    for (int i = 0; i < nvec; ++i) iov[i] = {vec[i].iov_base, vec[i].iov_len};
+    ssize_t n = ::readv(fd, iov, nvec);
+    if (n <= 0) {
+        evbuffer_commit_space(self->in_, vec, 0);
+        if (n < 0 && would_block(errno)) return;
+        self->failed_ = n < 0;
+        self->reading_ = false;
+        self->update_read_event();
+        return self->report(short(BEV_EVENT_READING | (n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR)));
+    }
+    size_t left = size_t(n);
+    for (int i = 0; i < nvec; ++i) {
+        vec[i].iov_len = std::min(vec[i].iov_len, left);
+        left -= vec[i].iov_len;
+    }
+    evbuffer_commit_space(self->in_, vec, nvec);
+    event_base_gettimeofday_cached(self->base_, &self->last_read_);
+    if (self->read_cb_) self->read_cb_(self, self->arg_);  // last: the callback may free us
+}
+
+void Conn::on_writable(int fd, short, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (self->connecting_) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err != 0) {
+            errno = err;
+            self->failed_ = true;
+            event_del(self->write_ev_);
+            self->write_armed_ = false;
+            return self->report(BEV_EVENT_ERROR);
+        }
+        self->connecting_ = false;
+        event_base_gettimeofday_cached(self->base_, &self->last_read_);
+        self->last_write_ = self->last_read_;
+        self->update_read_event();
+        self->flush();  // disarms EV_WRITE once nothing is pending
+        return self->report(BEV_EVENT_CONNECTED);
+    }
+    self->flush();
+    if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
+    if (evbuffer_get_length(self->out_) <= self->write_low_ && self->write_cb_) self->write_cb_(self, self->arg_);
+}
+
+void Conn::arm_timer() {
+    int64_t now;
+    {
+        timeval tv;
+        event_base_gettimeofday_cached(base_, &tv);
+        now = to_us(tv);
+    }
+    int64_t next = INT64_MAX;
+    if (has_read_timeout_ && reading_) next = std::min(next, to_us(last_read_) + to_us(read_timeout_));
+    if (has_write_timeout_ && (connecting_ || evbuffer_get_length(out_) > 0))
+        next = std::min(next, to_us(last_write_) + to_us(write_timeout_));
+    if (next == INT64_MAX) {
+        if (timer_armed_) evtimer_del(timer_);
+        timer_armed_ = false;
+        return;
+    }
+    int64_t wait = std::max<int64_t>(0, next - now);
+    timeval tv{static_cast<time_t>(wait / 1000000), static_cast<suseconds_t>(wait % 1000000)};
+    evtimer_add(timer_, &tv);
+    timer_armed_ = true;
+}
+
+// Deadlines are checked lazily: reads and writes only note the time, and the timer, when it
+// fires, either reports a timeout or sleeps again until the new deadline.
+void Conn::on_timer(int, short, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    self->timer_armed_ = false;
+    if (self->failed_ && self->connecting_) return self->report(BEV_EVENT_ERROR);
+    timeval tv;
+    event_base_gettimeofday_cached(self->base_, &tv);
+    int64_t now = to_us(tv);
+    if (self->has_read_timeout_ && self->reading_ &&
+        now - to_us(self->last_read_) >= to_us(self->read_timeout_))
+        return self->report(BEV_EVENT_TIMEOUT | BEV_EVENT_READING);
+    if (self->has_write_timeout_ && (self->connecting_ || evbuffer_get_length(self->out_) > 0) &&
+        now - to_us(self->last_write_) >= to_us(self->write_timeout_))
+        return self->report(BEV_EVENT_TIMEOUT | BEV_EVENT_WRITING);
+    self->arm_timer();
+}
+
+void Conn::report(short what) {
+    if (event_cb_) event_cb_(this, what, arg_);  // last: the callback may free us
+}
+
+void Conn::tls_read(bufferevent*, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (self->read_cb_) self->read_cb_(self, self->arg_);
+}
+
+void Conn::tls_write(bufferevent*, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (self->write_cb_) self->write_cb_(self, self->arg_);
+}
+
+void Conn::tls_event(bufferevent*, short what, void* arg) { static_cast<Conn*>(arg)->report(what); }
+
+}  // namespace stepflow
