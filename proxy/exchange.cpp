@@ -128,10 +128,10 @@ void Exchange::send_request_head() {
     std::string_view forwarded_for;
     bool has_cl = false;
     for (const auto& h : request_.headers) {
-        if (hop.contains(h.name)) continue;
-        if (http1::iequals(h.name, "content-length")) { has_cl = true; continue; }
-        if (http1::iequals(h.name, "x-forwarded-for")) { forwarded_for = h.value; continue; }
-        if (http1::iequals(h.name, "x-forwarded-proto")) continue;
+        if (hop.contains(h)) continue;
+        if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
+        if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
+        if (h.field == http1::Field::XForwardedProto) continue;
         append_header(head, h.name, h.value);
     }
     head.append("X-Forwarded-For: ");
@@ -218,10 +218,10 @@ bool Exchange::parse_response_head() {
     http1::HopByHop hop(response_);
     bool has_instance_header = false;
     for (const auto& h : response_.headers) {
-        if (hop.contains(h.name)) continue;
-        if (http1::iequals(h.name, "content-length") && response_.framing != http1::Framing::None) continue;
+        if (hop.contains(h)) continue;
+        if (h.field == http1::Field::ContentLength && response_.framing != http1::Framing::None) continue;
         if (http1::iequals(h.name, header_name)) has_instance_header = true;
-        if (http1::iequals(h.name, "content-type") && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
+        if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
     }
     if (!has_instance_header) headers.push_back({header_name, inst.id});

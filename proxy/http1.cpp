@@ -73,6 +73,7 @@ Error split_lines(Head& head, std::string_view& start_line, const Limits& limits
     start_line = rest.substr(0, eol);
     rest.remove_prefix(eol + 2);
     head.headers.clear();
+    head.headers.reserve(16);
     while (true) {
         eol = rest.find("\r\n");
         if (eol == std::string_view::npos) return {400, "bad header line"};
@@ -87,7 +88,7 @@ Error split_lines(Head& head, std::string_view& start_line, const Limits& limits
         std::string_view value = trim_ows(line.substr(colon + 1));
         if (!valid_field_value(value)) return {400, "bad header value"};
         if (static_cast<int>(head.headers.size()) >= limits.max_headers) return {431, "too many header fields"};
-        head.headers.push_back({name, value});
+        head.headers.push_back({name, value, classify(name)});
     }
     return {};
 }
@@ -97,13 +98,13 @@ Error read_framing_headers(Head& head, bool& has_te, bool& has_cl) {
     has_te = has_cl = false;
     bool chunked_last = false, close = false, keep_alive = false;
     for (const auto& h : head.headers) {
-        if (iequals(h.name, "content-length")) {
+        if (h.field == Field::ContentLength) {
             uint64_t v = 0;
             if (!parse_decimal(h.value, v)) return {400, "bad content-length"};
             if (has_cl && v != head.content_length) return {400, "conflicting content-length"};
             has_cl = true;
             head.content_length = v;
-        } else if (iequals(h.name, "transfer-encoding")) {
+        } else if (h.field == Field::TransferEncoding) {
             has_te = true;
             // Only "chunked", once, as the final coding is something we can frame.
             int count = 0;
@@ -114,7 +115,7 @@ Error read_framing_headers(Head& head, bool& has_te, bool& has_cl) {
             });
             if (!ok || count != 1 || chunked_last) return {501, "unsupported transfer-encoding"};
             chunked_last = true;
-        } else if (iequals(h.name, "connection")) {
+        } else if (h.field == Field::Connection) {
             for_each_element(h.value, [&](std::string_view c) {
                 if (iequals(c, "close")) close = true;
                 else if (iequals(c, "keep-alive")) keep_alive = true;
@@ -137,6 +138,26 @@ bool iequals(std::string_view a, std::string_view b) {
         if (x != y) return false;
     }
     return true;
+}
+
+Field classify(std::string_view name) {
+    auto is = [&](std::string_view lower) { return iequals(name, lower); };
+    switch (name.size()) {
+    case 2: return is("te") ? Field::TE : Field::Other;
+    case 4: return is("host") ? Field::Host : Field::Other;
+    case 6: return is("expect") ? Field::Expect : Field::Other;
+    case 7: return is("trailer") ? Field::Trailer : is("upgrade") ? Field::Upgrade : Field::Other;
+    case 10: return is("connection") ? Field::Connection : is("keep-alive") ? Field::KeepAlive : Field::Other;
+    case 12: return is("content-type") ? Field::ContentType : Field::Other;
+    case 14: return is("content-length") ? Field::ContentLength : Field::Other;
+    case 15: return is("x-forwarded-for") ? Field::XForwardedFor : Field::Other;
+    case 16: return is("proxy-connection") ? Field::ProxyConnection : Field::Other;
+    case 17:
+        return is("transfer-encoding") ? Field::TransferEncoding
+               : is("x-forwarded-proto") ? Field::XForwardedProto
+                                         : Field::Other;
+    default: return Field::Other;
+    }
 }
 
 std::string_view Head::get(std::string_view name) const {
@@ -196,10 +217,10 @@ Error parse_request(Head& head, const Limits& limits) {
 
     int hosts = 0;
     for (const auto& h : head.headers) {
-        if (iequals(h.name, "host")) {
+        if (h.field == Field::Host) {
             ++hosts;
             head.host = h.value;
-        } else if (iequals(h.name, "expect")) {
+        } else if (h.field == Field::Expect) {
             if (iequals(h.value, "100-continue")) head.expect_continue = true;
         }
     }
@@ -239,16 +260,25 @@ Error parse_response(Head& head, bool request_was_head) {
 
 HopByHop::HopByHop(const Head& head) {
     for (const auto& h : head.headers)
-        if (iequals(h.name, "connection")) for_each_element(h.value, [&](std::string_view c) { listed_.push_back(c); });
+        if (h.field == Field::Connection)
+            for_each_element(h.value, [&](std::string_view c) {
+                if (!iequals(c, "close") && !iequals(c, "keep-alive")) listed_.push_back(c);
+            });
 }
 
-bool HopByHop::contains(std::string_view name) const {
-    static constexpr std::string_view fixed[] = {"connection", "keep-alive",        "proxy-connection", "te",
-                                                 "trailer",    "transfer-encoding", "upgrade"};
-    for (auto f : fixed)
-        if (iequals(name, f)) return true;
+bool HopByHop::contains(const Header& h) const {
+    switch (h.field) {
+    case Field::Connection:
+    case Field::KeepAlive:
+    case Field::ProxyConnection:
+    case Field::TE:
+    case Field::Trailer:
+    case Field::TransferEncoding:
+    case Field::Upgrade: return true;
+    default: break;
+    }
     for (auto l : listed_)
-        if (iequals(name, l)) return true;
+        if (iequals(h.name, l)) return true;
     return false;
 }
 

@@ -12,9 +12,31 @@ struct evbuffer;
 
 namespace stepflow::http1 {
 
+// The fields a proxy acts on, recognised once when a head is split so that later checks compare
+// a byte instead of a case-insensitive string.
+enum class Field : uint8_t {
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Host,
+    Expect,
+    KeepAlive,
+    ProxyConnection,
+    TE,
+    Trailer,
+    Upgrade,
+    XForwardedFor,
+    XForwardedProto,
+    ContentType,
+};
+
+Field classify(std::string_view name);
+
 struct Header {
     std::string_view name;
     std::string_view value;
+    Field field = Field::Other;
 };
 
 enum class Framing { None, Length, Chunked, UntilClose };
@@ -71,10 +93,10 @@ Error parse_response(Head& head, bool request_was_head);
 class HopByHop {
 public:
     explicit HopByHop(const Head& head);
-    bool contains(std::string_view name) const;
+    bool contains(const Header& h) const;
 
 private:
-    std::vector<std::string_view> listed_;
+    std::vector<std::string_view> listed_;  // usually empty
 };
 
 // Streams a body from `in` to `out`, checking the incoming framing and emitting the outgoing

@@ -99,10 +99,23 @@ TEST_CASE("hop-by-hop set includes fields named by Connection", "[http1]") {
     Head h;
     REQUIRE_FALSE(parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret, close\r\nX-Secret: 1\r\n\r\n", h));
     HopByHop hop(h);
-    CHECK(hop.contains("X-Secret"));
-    CHECK(hop.contains("keep-alive"));
-    CHECK(hop.contains("Transfer-Encoding"));
-    CHECK_FALSE(hop.contains("traceparent"));
+    auto field = [](std::string_view name) { return Header{name, "", classify(name)}; };
+    CHECK(hop.contains(field("X-Secret")));
+    CHECK(hop.contains(field("keep-alive")));
+    CHECK(hop.contains(field("Transfer-Encoding")));
+    CHECK(hop.contains(field("TE")));
+    CHECK_FALSE(hop.contains(field("traceparent")));
+    CHECK_FALSE(hop.contains(field("Content-Length")));
+}
+
+TEST_CASE("field names are classified case-insensitively", "[http1]") {
+    CHECK(classify("Content-Length") == Field::ContentLength);
+    CHECK(classify("TRANSFER-ENCODING") == Field::TransferEncoding);
+    CHECK(classify("x-forwarded-proto") == Field::XForwardedProto);
+    CHECK(classify("Host") == Field::Host);
+    CHECK(classify("Hosts") == Field::Other);
+    CHECK(classify("content-lengtH") == Field::ContentLength);
+    CHECK(classify("content_length") == Field::Other);
 }
 
 TEST_CASE("find_head_end finds the blank line and enforces the limit", "[http1]") {
