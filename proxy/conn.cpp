@@ -16,7 +16,11 @@
 namespace stepflow {
 namespace {
 
-constexpr size_t kReadSize = 16 * 1024;  // one recv per readable event, as HAProxy's buffers
+// One recv per readable event, into a buffer sized by what recent reads brought: small for
+// requests and SSE events (so thousands of quiet streams hold no large buffers, and the heap
+// does not balloon while they start at once), growing quickly for bulk bodies.
+constexpr size_t kMinRead = 2 * 1024;
+constexpr size_t kMaxRead = 64 * 1024;
 
 bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
 
@@ -39,11 +43,11 @@ Conn* Conn::connect(event_base* base, const sockaddr* addr, socklen_t len) {
         // Reported from the loop, after the caller has set its callbacks.
         c->failed_ = true;
         timeval now{0, 0};
-        evtimer_add(c->timer_, &now);
+        evtimer_add(c->timer(), &now);
         return c;
     }
     // Writable once the connection is up (or has failed): see on_writable.
-    event_add(c->write_ev_, nullptr);
+    event_add(c->write_event(), nullptr);
     c->write_armed_ = true;
     return c;
 }
@@ -76,13 +80,22 @@ void Conn::init_plain(int fd, bool connecting) {
     in_ = evbuffer_new();
     out_ = evbuffer_new();
     read_ev_ = event_new(base_, fd, EV_READ | EV_PERSIST, on_readable, this);
-    write_ev_ = event_new(base_, fd, EV_WRITE | EV_PERSIST, on_writable, this);
-    timer_ = evtimer_new(base_, on_timer, this);
     // Output is written once the callbacks that filled it have run, so a head and the body
     // bytes that follow it leave in one writev.
     evbuffer_defer_callbacks(out_, base_);
     evbuffer_add_cb(out_, on_output_added, this);
-    evbuffer_add_cb(in_, on_input_drained, this);
+}
+
+// The write event and the timer are made on first use: most connections never fill the kernel's
+// send buffer or set a timeout, and a few thousand quiet streams should not carry them.
+event* Conn::write_event() {
+    if (!write_ev_) write_ev_ = event_new(base_, fd_, EV_WRITE | EV_PERSIST, on_writable, this);
+    return write_ev_;
+}
+
+event* Conn::timer() {
+    if (!timer_) timer_ = evtimer_new(base_, on_timer, this);
+    return timer_;
 }
 
 Conn::~Conn() {
@@ -91,8 +104,8 @@ Conn::~Conn() {
         return;
     }
     event_free(read_ev_);
-    event_free(write_ev_);
-    event_free(timer_);
+    if (write_ev_) event_free(write_ev_);
+    if (timer_) event_free(timer_);
     evbuffer_free(in_);
     evbuffer_free(out_);
     if (fd_ >= 0) ::close(fd_);
@@ -127,6 +140,7 @@ void Conn::set_watermark(short events, size_t low, size_t high) {
         return;
     }
     if (events & EV_READ) {
+        if (high && !read_high_) evbuffer_add_cb(in_, on_input_drained, this);  // resumes reading
         read_high_ = high;
         update_read_event();
     }
@@ -147,7 +161,7 @@ void Conn::enable(short events) {
         // deferred callback as usual.
         write_enabled_ = true;
         if (evbuffer_get_length(out_) > 0 && !write_armed_ && !connecting_) {
-            event_add(write_ev_, nullptr);
+            event_add(write_event(), nullptr);
             write_armed_ = true;
         }
     }
@@ -195,7 +209,7 @@ void Conn::flush() {
     }
     bool pending = evbuffer_get_length(out_) > 0 && !failed_;
     if (pending != write_armed_) {
-        if (pending) event_add(write_ev_, nullptr);
+        if (pending) event_add(write_event(), nullptr);
         else event_del(write_ev_);
         write_armed_ = pending;
     }
@@ -219,7 +233,7 @@ void Conn::on_input_drained(evbuffer*, const evbuffer_cb_info* info, void* arg) 
 
 void Conn::on_readable(int fd, short, void* arg) {
     auto* self = static_cast<Conn*>(arg);
-    size_t want = kReadSize;
+    size_t want = self->read_size_;
     if (self->read_high_) {
         size_t have = evbuffer_get_length(self->in_);
         if (have >= self->read_high_) return self->update_read_event();
@@ -238,6 +252,8 @@ void Conn::on_readable(int fd, short, void* arg) {
         self->update_read_event();
         return self->report(short(BEV_EVENT_READING | (n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR)));
     }
+    if (size_t(n) == want && self->read_size_ < kMaxRead) self->read_size_ *= 2;
+    else if (size_t(n) < want / 4 && self->read_size_ > kMinRead) self->read_size_ /= 2;
     size_t left = size_t(n);
     for (int i = 0; i < nvec; ++i) {
         vec[i].iov_len = std::min(vec[i].iov_len, left);
@@ -285,13 +301,13 @@ void Conn::arm_timer() {
     if (has_write_timeout_ && (connecting_ || evbuffer_get_length(out_) > 0))
         next = std::min(next, to_us(last_write_) + to_us(write_timeout_));
     if (next == INT64_MAX) {
-        if (timer_armed_) evtimer_del(timer_);
+        if (timer_armed_) evtimer_del(timer());
         timer_armed_ = false;
         return;
     }
     int64_t wait = std::max<int64_t>(0, next - now);
     timeval tv{static_cast<time_t>(wait / 1000000), static_cast<suseconds_t>(wait % 1000000)};
-    evtimer_add(timer_, &tv);
+    evtimer_add(timer(), &tv);
     timer_armed_ = true;
 }
 

@@ -65,6 +65,8 @@ private:
     static void tls_write(bufferevent*, void* arg);
     static void tls_event(bufferevent*, short what, void* arg);
     void init_plain(int fd, bool connecting);
+    event* write_event();
+    event* timer();
     void update_read_event();
     void flush();  // write what output holds; arm EV_WRITE only if the kernel would block
     void arm_timer();
@@ -82,6 +84,7 @@ private:
     EventCallback event_cb_ = nullptr;
     void* arg_ = nullptr;
     size_t read_high_ = 0, write_low_ = 0;
+    size_t read_size_ = 2 * 1024;  // adapts between 2 and 64 KiB (see on_readable)
     timeval read_timeout_{}, write_timeout_{};
     bool has_read_timeout_ = false, has_write_timeout_ = false;
     timeval last_read_{}, last_write_{};

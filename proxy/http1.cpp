@@ -73,7 +73,6 @@ Error split_lines(Head& head, std::string_view& start_line, const Limits& limits
     start_line = rest.substr(0, eol);
     rest.remove_prefix(eol + 2);
     head.headers.clear();
-    head.headers.reserve(16);
     while (true) {
         eol = rest.find("\r\n");
         if (eol == std::string_view::npos) return {400, "bad header line"};

@@ -25,7 +25,8 @@ public:
         state_ ^= state_ >> 27;
         return state_ * 0x2545f4914f6cdd1dull;
     }
-    size_t below(size_t n) { return n ? size_t(next() % n) : 0; }
+    // Uniform in [0, n) for n < 2^32, by multiply-shift rather than a 64-bit division.
+    size_t below(size_t n) { return size_t(((next() >> 32) * uint64_t(n)) >> 32); }
 
 private:
     uint64_t state_;
