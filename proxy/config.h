@@ -82,7 +82,7 @@ struct Config {
     // Limits
     size_t max_header_size = 64 * 1024;
     int max_headers = 100;
-    size_t max_idle_upstream_per_instance = 64;  // per thread
+    size_t max_idle_upstream_per_instance = 256;  // per thread; above the requests a busy HTTP/2 client keeps in flight
 
     // Logging
     log::Level log_level = log::Level::Info;
