@@ -165,6 +165,13 @@ def cpu_split(pid):
     return user / CLK_TCK, system / CLK_TCK
 
 
+def add_cpu_per_request(res, before, after):
+    """Adds user/system CPU seconds and CPU µs per request (res["requests"]) to a run's result."""
+    (u0, s0), (u1, s1) = before, after
+    res["cpu_user_s"], res["cpu_sys_s"] = round(u1 - u0, 2), round(s1 - s0, 2)
+    res["cpu_us_per_req"] = (u1 - u0 + s1 - s0) * 1e6 / max(1, res["requests"])
+
+
 def cpu_seconds(pid):
     return sum(cpu_split(pid))
 

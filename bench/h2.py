@@ -64,8 +64,7 @@ def h2load(port, clients, streams, seconds=None, requests=None, pid=None, logfil
             res["p50_ms"] = durations[len(durations) // 2] / 1e3
             res["p99_ms"] = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1e3
     if pid:
-        res["cpu_user_s"], res["cpu_sys_s"] = round(u1 - u0, 2), round(s1 - s0, 2)
-        res["cpu_us_per_req"] = (u1 - u0 + s1 - s0) * 1e6 / max(1, res["requests"])
+        B.add_cpu_per_request(res, (u0, s0), (u1, s1))
     return res
 
 

@@ -56,8 +56,7 @@ def run_wrk(port, seconds, connections, pid=None):
     if sock:
         res["errors"] += sum(int(x) for x in re.findall(r"\d+", sock.group(1)))
     if pid:
-        res["cpu_user_s"], res["cpu_sys_s"] = round(u1 - u0, 2), round(s1 - s0, 2)
-        res["cpu_us_per_req"] = (u1 - u0 + s1 - s0) * 1e6 / max(1, res["requests"])
+        B.add_cpu_per_request(res, (u0, s0), (u1, s1))
     return res
 
 
