@@ -237,6 +237,11 @@ bool Exchange::parse_response_head() {
                                        chunked_out);
     response_pump_.start(response_.framing, response_.content_length, chunked_out);
     conn_->set_read_timeout(worker_.config().stream_idle_timeout);
+    // The head has been passed on; only its framing flags are needed from here. An SSE stream
+    // may stay open for minutes, so its head's bytes should not.
+    std::string().swap(response_.raw);
+    std::vector<http1::Header>().swap(response_.headers);
+    response_.reason = {};
     return true;
 }
 
