@@ -405,7 +405,7 @@ void ClientH1::exchange_failed(int status, const char* why, bool response_starte
     if (response_started) {
         // The response is already on its way: end the connection without the closing framing,
         // so the client sees the stream break instead of a silent truncation.
-        log::warn("response cut short", {{"instance", record_.instance_id}, {"reason", why}, {"client", client_ip_}});
+        log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", client_ip_}});
         keep_alive_ = false;
         log_access();
         close_after_flush();

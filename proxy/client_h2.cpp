@@ -236,7 +236,7 @@ public:
         record_.note_route(*exchange_);
         retired_ = std::move(exchange_);
         if (response_started) {
-            log::warn("response cut short", {{"instance", record_.instance_id}, {"reason", why}, {"client", conn_.client_ip_}});
+            log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", conn_.client_ip_}});
             nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, NGHTTP2_INTERNAL_ERROR);
             conn_.schedule_send();
             finish_log();

@@ -72,21 +72,25 @@ RouteOutcome Exchange::route() {
 bool Exchange::connect_to(const InstancePtr& inst) {
     instance_ = inst;
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
+    in_flight_counted_ = true;
     conn_ = worker_.pool().acquire(inst, this);
     if (!conn_) {
         Metrics::get().upstream_connect_errors.Increment();
         inst->record_failure(worker_.config().max_failures, "could not create a socket");
         release_instance();
+        instance_.reset();  // never reached: not where the request went
         return false;
     }
     if (conn_->connected()) send_request_head();  // a pooled connection: go at once
     return true;
 }
 
+// Ends this request's share of the instance's in-flight count. The record itself is kept: the
+// access log and metrics still name it, and holding it costs a pointer, not a copy of its id.
 void Exchange::release_instance() {
-    if (!instance_) return;
+    if (!in_flight_counted_) return;
     instance_->in_flight.fetch_sub(1, std::memory_order_relaxed);
-    instance_.reset();
+    in_flight_counted_ = false;
 }
 
 void Exchange::upstream_connected() { send_request_head(); }
@@ -99,6 +103,7 @@ void Exchange::connect_failed(const char* why) {
     log::debug("upstream connect failed", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
     conn_.reset();
     release_instance();
+    instance_.reset();  // never reached: not where the request went
     if (decision_ == Decision::LeastLoad) {
         // Nothing was sent: new work may go to the next candidate.
         const Fleet& fleet = worker_.fleet().get();
@@ -325,14 +330,6 @@ void Exchange::finish(bool reuse_connection) {
         conn_->attach(nullptr);
         if (reuse_connection) worker_.pool().release(std::move(conn_));
         else conn_.reset();
-    }
-    release_instance_keep_id();
-}
-
-void Exchange::release_instance_keep_id() {
-    if (instance_) {
-        routed_id_ = instance_->id;
-        routed_backend_ = instance_->address;
     }
     release_instance();
 }

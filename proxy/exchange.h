@@ -66,9 +66,9 @@ public:
     void abort();
 
     Decision decision() const { return decision_; }
-    // The instance the request went to (empty before routing): kept after the exchange ends, for logs.
-    const std::string& routed_id() const { return instance_ ? instance_->id : routed_id_; }
-    const std::string& routed_backend() const { return instance_ ? instance_->address : routed_backend_; }
+    // The instance the request went to (or last tried); null before routing. Kept after the
+    // exchange ends, for the access log and metrics.
+    const InstancePtr& routed_instance() const { return instance_; }
     int response_status() const { return status_; }
     uint64_t response_bytes() const { return response_pump_.payload_bytes(); }
     bool response_is_sse() const { return sse_; }
@@ -90,7 +90,6 @@ private:
     void finish(bool reuse_connection);
     void fail(int status, const char* why);
     void release_instance();
-    void release_instance_keep_id();
 
     Worker& worker_;
     Downstream& downstream_;
@@ -99,8 +98,8 @@ private:
     bool client_tls_;
 
     Decision decision_ = Decision::None;
-    InstancePtr instance_;  // holds the in-flight count while set
-    std::string routed_id_, routed_backend_;
+    InstancePtr instance_;
+    bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
     std::vector<Instance*> tried_;
     std::unique_ptr<UpstreamConn> conn_;
     bool request_chunked_ = false;

@@ -10,28 +10,26 @@ void RequestRecord::begin() {
     started = std::chrono::steady_clock::now();
     status = 0;
     decision = Decision::None;
-    instance_id.clear();
-    backend.clear();
+    instance.reset();
     bytes_in = bytes_out = 0;
 }
 
 void RequestRecord::note_route(const Exchange& exchange) {
     decision = exchange.decision();
-    instance_id = exchange.routed_id();
-    backend = exchange.routed_backend();
+    instance = exchange.routed_instance();
     bytes_out = exchange.response_bytes();
 }
 
 void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
                            const std::string& client) const {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
-    worker.series().observe(backend.empty() ? std::string_view("none") : std::string_view(backend), status, method, ms,
-                            decision);
+    worker.series().observe(instance ? std::string_view(instance->address) : std::string_view("none"), status, method,
+                            ms, decision);
     if (!worker.config().access_log) return;
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},
                           {"status", status},
-                          {"instance", instance_id},
+                          {"instance", instance_id()},
                           {"decision", to_string(decision)},
                           {"duration_ms", ms},
                           {"bytes_in", bytes_in},

@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 
+#include "discovery/instance.h"
 #include "proxy/metrics.h"
 
 namespace stepflow {
@@ -18,12 +19,12 @@ struct RequestRecord {
     std::chrono::steady_clock::time_point started;
     int status = 0;
     Decision decision = Decision::None;
-    std::string instance_id;
-    std::string backend;
+    InstancePtr instance;  // where the request went; null when the balancer answered itself
     uint64_t bytes_in = 0;
     uint64_t bytes_out = 0;
 
     void begin();
+    std::string_view instance_id() const { return instance ? std::string_view(instance->id) : std::string_view(); }
     // Copies where the exchange went (kept after the exchange is gone).
     void note_route(const Exchange& exchange);
     // Observes the request metrics and writes the access-log line.
