@@ -71,8 +71,6 @@ public:
         }
         return *fleet_;
     }
-    // Keeps the snapshot alive beyond the next refresh (e.g. while a request uses it).
-    FleetPtr shared() { get(); return fleet_; }
 
 private:
     const FleetPublisher& publisher_;

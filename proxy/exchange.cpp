@@ -14,7 +14,6 @@ namespace {
 
 constexpr size_t kMaxResponseHead = 256 * 1024;
 constexpr size_t kSinkHighWater = 256 * 1024;
-constexpr int kMaxAttempts = 3;
 
 void append_header(std::string& out, std::string_view name, std::string_view value) {
     out.append(name);
@@ -55,14 +54,9 @@ RouteOutcome Exchange::route() {
         return {};
     }
     decision_ = Decision::LeastLoad;
-    while (static_cast<int>(tried_.size()) < kMaxAttempts) {
-        Instance* inst = route_least_load(fleet, worker_.rng(), tried_);
-        if (!inst) break;
-        tried_.push_back(inst);
-        if (connect_to(inst->shared_from_this())) {
-            metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
-            return {};
-        }
+    if (connect_next_candidate()) {
+        metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
+        return {};
     }
     decision_ = Decision::None;
     metrics.no_healthy_instance.Increment();
@@ -93,6 +87,21 @@ void Exchange::release_instance() {
     in_flight_counted_ = false;
 }
 
+// Connects to the least-loaded instance not tried yet, trying the next one when a socket cannot
+// even be created; false once none is left or kMaxAttempts were used. Every candidate after the
+// first is a retry.
+bool Exchange::connect_next_candidate() {
+    const Fleet& fleet = worker_.fleet().get();
+    while (tried_count_ < kMaxAttempts) {
+        Instance* inst = route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_});
+        if (!inst) return false;
+        if (tried_count_ > 0) Metrics::get().upstream_retries.Increment();
+        tried_[tried_count_++] = inst;
+        if (connect_to(inst->shared_from_this())) return true;
+    }
+    return false;
+}
+
 void Exchange::upstream_connected() { send_request_head(); }
 
 void Exchange::connect_failed(const char* why) {
@@ -106,15 +115,7 @@ void Exchange::connect_failed(const char* why) {
     instance_.reset();  // never reached: not where the request went
     if (decision_ == Decision::LeastLoad) {
         // Nothing was sent: new work may go to the next candidate.
-        const Fleet& fleet = worker_.fleet().get();
-        while (static_cast<int>(tried_.size()) < kMaxAttempts) {
-            Instance* next = route_least_load(fleet, worker_.rng(), tried_);
-            if (!next) break;
-            tried_.push_back(next);
-            Metrics::get().upstream_retries.Increment();
-            if (connect_to(next->shared_from_this())) return;
-        }
-        fail(503, "no instance could be reached");
+        if (!connect_next_candidate()) fail(503, "no instance could be reached");
         return;
     }
     Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();

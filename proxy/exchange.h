@@ -3,6 +3,7 @@
 // side is behind the Downstream interface so HTTP/1.1 and HTTP/2 connections share this code.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -56,7 +57,6 @@ public:
     // Where request body bytes go (the upstream connection's output), nullptr until connected.
     evbuffer* request_sink() const;
     bool request_sink_full() const;
-    bool request_chunked() const { return request_chunked_; }
     // The client finished sending the request body.
     void request_body_done();
     // The client can take more response bytes again.
@@ -69,10 +69,7 @@ public:
     // The instance the request went to (or last tried); null before routing. Kept after the
     // exchange ends, for the access log and metrics.
     const InstancePtr& routed_instance() const { return instance_; }
-    int response_status() const { return status_; }
     uint64_t response_bytes() const { return response_pump_.payload_bytes(); }
-    bool response_is_sse() const { return sse_; }
-    bool finished() const { return finished_; }
 
     // UpstreamConn::Handler
     void upstream_connected() override;
@@ -82,6 +79,7 @@ public:
 
 private:
     bool connect_to(const InstancePtr& inst);
+    bool connect_next_candidate();
     void connect_failed(const char* why);
     void send_request_head();
     bool parse_response_head();
@@ -100,7 +98,9 @@ private:
     Decision decision_ = Decision::None;
     InstancePtr instance_;
     bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
-    std::vector<Instance*> tried_;
+    static constexpr size_t kMaxAttempts = 3;  // instances tried for one unpinned request
+    std::array<Instance*, kMaxAttempts> tried_{};
+    size_t tried_count_ = 0;
     std::unique_ptr<UpstreamConn> conn_;
     bool request_chunked_ = false;
     bool request_done_ = false;

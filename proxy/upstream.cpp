@@ -116,7 +116,6 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
         it->second.pop_back();
         if (it->second.empty()) idle_.erase(it);
         evtimer_del(conn->idle_timer_);
-        conn->reused_ = true;
         conn->attach(handler);
         conn->bev_->enable(EV_READ | EV_WRITE);
         return conn;
@@ -155,12 +154,6 @@ void UpstreamPool::drop_idle(UpstreamConn* conn) {
         }
     }
     if (list.empty()) idle_.erase(it);
-}
-
-size_t UpstreamPool::idle_count() const {
-    size_t n = 0;
-    for (const auto& [_, list] : idle_) n += list.size();
-    return n;
 }
 
 }  // namespace stepflow

@@ -52,7 +52,6 @@ public:
     Instance& instance() const { return *instance_; }
     const InstancePtr& instance_ptr() const { return instance_; }
     bool connected() const { return connected_; }
-    bool reused() const { return reused_; }
     void set_read_timeout(Millis timeout);  // 0 = none
 
 private:
@@ -68,7 +67,6 @@ private:
     event* idle_timer_ = nullptr;
     Handler* handler_ = nullptr;
     bool connected_ = false;
-    bool reused_ = false;
 };
 
 class UpstreamPool {
@@ -83,7 +81,6 @@ public:
     void release(std::unique_ptr<UpstreamConn> conn);
 
     event_base* base() const { return base_; }
-    size_t idle_count() const;
 
 private:
     friend class UpstreamConn;

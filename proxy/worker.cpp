@@ -25,7 +25,7 @@ namespace stepflow {
 
 Worker::Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
                TlsServer* tls_server, TlsClient* tls_client)
-    : index_(index), config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
+    : config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
       listener_specs_(std::move(listeners)) {
     // Each loop is touched by its own thread only, so it needs no locks (libevent would take one
     // per event operation otherwise). Other threads reach it through wake_fd_.

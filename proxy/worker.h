@@ -51,7 +51,6 @@ public:
     UpstreamPool& pool() { return *pool_; }
     RequestSeries& series() { return series_; }
     TlsClient* upstream_tls() const { return tls_client_; }
-    bool draining() const { return draining_; }
 
     void connection_closed(ClientConnection* conn);
     void connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn);
@@ -65,7 +64,6 @@ private:
     void stop_now();
     void maybe_exit();
 
-    int index_;
     const Config& config_;
     TlsServer* tls_server_;
     TlsClient* tls_client_;
