@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Profile stepflow-lb under the rps load (HTTP/1.1 keep-alive POST, 64 connections).
+"""Profile stepflow-lb under the rps load (HTTP/1.1 keep-alive POST, 64 connections) or, with
+--load h2, the h2.py load (h2c prior knowledge, h2load 16 connections x 10 streams, same POST).
 
-    python3 bench/profile.py [--tool callgrind|perf|syscalls] [--duration 10] [--top 40]
+    python3 bench/profile.py [--tool callgrind|perf|syscalls] [--load http1|h2] [--duration 10] [--top 40]
 
   callgrind  valgrind --tool=callgrind on a release build with -g (build-prof/): user-space
              instructions, inclusive and exclusive, per function (the load is much slower
-             under valgrind, but instruction counts per request are what matter).
+             under valgrind, but instruction counts per request are what matter). Counters are
+             zeroed just before the measured load, so start-up and warm-up are left out and the
+             report's first line gives instructions per request.
   perf       perf record -e cpu-clock --call-graph dwarf: time samples, kernel included
              (hardware counters are not available on these VMs).
   syscalls   perf stat on the syscalls:sys_enter_* tracepoints: system calls per request for
@@ -24,6 +27,7 @@ import subprocess
 import time
 
 import benchlib as B
+import h2
 import rps
 
 SYSCALLS = ["read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg",
@@ -43,6 +47,18 @@ def build_prof():
     return os.path.join(build, "stepflow-lb")
 
 
+def run_load(args, port, seconds, pid=None):
+    """The measured load; returns at least {"requests": n}."""
+    if args.load == "h2":
+        return h2.h2load(port, 16, 10, seconds=seconds, pid=pid)
+    return rps.run_wrk(port, seconds, 64, pid=pid)
+
+
+def load_name(args):
+    return ("h2c POST, h2load 16 connections x 10 streams" if args.load == "h2"
+            else "HTTP/1.1 keep-alive POST, 64 connections")
+
+
 def start_lb(prefix, backends):
     port, admin = B.free_port(), B.free_port()
     argv = prefix + [build_prof(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
@@ -58,25 +74,38 @@ def start_lb(prefix, backends):
 def callgrind(args, backends, stamp):
     data = os.path.join(B.OUT, f"callgrind.out.{stamp}")
     port, proc = start_lb(["valgrind", "--tool=callgrind", f"--callgrind-out-file={data}"], backends)
-    res = rps.run_wrk(port, args.duration, 64, pid=proc.pid)
+    run_load(args, port, 2)  # warm-up (pool connections, lazily created events): not counted
+    subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+    res = run_load(args, port, args.duration, pid=proc.pid)
     B.log(f"under callgrind: {res}")
     B.stop(proc)
-    text = f"requests: {res['requests']} (+ a few readiness checks)\n"
+    # Calls still on the stack when the counters were zeroed are written as "calls=0", which
+    # callgrind_annotate then counts as the caller's own cost: make them one call.
+    with open(data) as f:
+        raw = f.read()
+    with open(data, "w") as f:
+        f.write(re.sub(r"^calls=0 ", "calls=1 ", raw, flags=re.M))
+    annotated = {}
     for inclusive in ("yes", "no"):
-        text += f"===== callgrind_annotate --inclusive={inclusive}\n"
-        text += subprocess.run(["callgrind_annotate", f"--inclusive={inclusive}", "--threshold=99", data],
-                               capture_output=True, text=True, check=True).stdout
+        annotated[inclusive] = subprocess.run(["callgrind_annotate", f"--inclusive={inclusive}", "--threshold=99", data],
+                                              capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^\s*([\d,]+)\s+(?:\(100.0%\)\s+)?PROGRAM TOTALS", annotated["no"], re.M)
+    total = int(m.group(1).replace(",", "")) if m else 0
+    text = (f"{load_name(args)}: {total / max(1, res['requests']):,.0f} instructions per request "
+            f"({total:,} instructions, {res['requests']} requests (+ a few health probes), {args.duration} s under valgrind)\n")
+    for inclusive in ("yes", "no"):
+        text += f"===== callgrind_annotate --inclusive={inclusive}\n" + annotated[inclusive]
     return text, data
 
 
 def perf(args, backends, stamp):
     data = os.path.join(B.OUT, f"perf.data.{stamp}")
     port, proc = start_lb([], backends)
-    rps.run_wrk(port, 2, 64)  # warm-up, not recorded
+    run_load(args, port, 2)  # warm-up, not recorded
     rec = B.start(["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384",
                    "-o", data, "-p", str(proc.pid)], name="perf")
     time.sleep(0.5)
-    res = rps.run_wrk(port, args.duration, 64, pid=proc.pid)
+    res = run_load(args, port, args.duration, pid=proc.pid)
     rec.send_signal(2)
     rec.wait(timeout=120)
     B.log(f"under perf: {res}")
@@ -94,14 +123,17 @@ def syscalls(args, backends, stamp):
     rows, per = [], {}
     for kind in B.PROXIES:
         port = B.free_port()
-        proc = B.start_proxy(kind, port, backends)
-        B.wait_http_ok(port, "/", method_body=B.RPC_BODY)
-        rps.run_wrk(port, 2, 64)
+        proc = B.start_proxy(kind, port, backends, h2=args.load == "h2")
+        if args.load == "h2":
+            B.wait_port(port, proc=proc)  # some only speak h2c on this port
+        else:
+            B.wait_http_ok(port, "/", method_body=B.RPC_BODY)
+        run_load(args, port, 2)
         pids = ",".join(str(p) for p in B.family(proc.pid))
         out = os.path.join(B.tmpdir(), "perf-stat.txt")
         stat = B.start(["perf", "stat", "-x", ",", "-o", out, "-e", events, "-p", pids], name="perf-stat")
         time.sleep(0.3)
-        res = rps.run_wrk(port, args.duration, 64, pid=proc.pid)
+        res = run_load(args, port, args.duration, pid=proc.pid)
         stat.send_signal(2)
         stat.wait(timeout=30)
         B.stop(proc)
@@ -116,7 +148,7 @@ def syscalls(args, backends, stamp):
     for n in names:
         rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in B.PROXIES])
     rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in B.PROXIES])
-    return "### System calls per request (HTTP/1.1 keep-alive POST, 64 connections)\n\n" + \
+    return f"### System calls per request ({load_name(args)})\n\n" + \
         B.table(["syscall"] + list(B.PROXIES), rows), None
 
 
@@ -179,6 +211,8 @@ def massif_summary(text, streams):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tool", choices=("callgrind", "perf", "syscalls", "massif"), default="callgrind")
+    ap.add_argument("--load", choices=("http1", "h2"), default="http1",
+                    help="callgrind, perf, syscalls: wrk HTTP/1.1 (rps.py) or h2load h2c (h2.py)")
     ap.add_argument("--streams", type=int, default=2000, help="open SSE streams for --tool massif")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--top", type=int, default=40)
