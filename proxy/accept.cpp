@@ -27,8 +27,7 @@ ProtocolSniffer::ProtocolSniffer(Worker& worker, Conn* bev, std::string client_i
     : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
     bev_->set_callbacks(on_read, nullptr, on_event, this);
     // The first bytes (or the TLS handshake) must come within the request-head time.
-    timeval tv = to_timeval(worker.config().request_header_timeout);
-    bev_->set_timeouts(&tv, &tv);
+    bev_->set_deadline(worker.config().request_header_timeout);
     bev_->enable(EV_READ | EV_WRITE);
 }
 
@@ -72,11 +71,14 @@ void ProtocolSniffer::on_event(Conn* bev, short what, void* arg) {
 void ProtocolSniffer::hand_over(bool http2) {
     Conn* bev = bev_;
     bev_ = nullptr;
-    bev->set_timeouts(nullptr, nullptr);
-    ClientConnection* conn;
-    if (http2) conn = new ClientH2(worker_, bev, client_ip_, tls_);
-    else conn = new ClientH1(worker_, bev, client_ip_, tls_);
-    worker_.connection_replaced(this, conn);
+    bev->set_deadline(Millis(0));
+    if (http2) {
+        worker_.connection_replaced(this, new ClientH2(worker_, bev, client_ip_, tls_));
+    } else {
+        auto* conn = new ClientH1(worker_, bev, client_ip_, tls_);
+        worker_.connection_replaced(this, conn);
+        conn->start();  // can only defer its own deletion, so `this` is still ours to delete
+    }
     delete this;
 }
 

@@ -27,32 +27,35 @@ constexpr Millis kLingerTime{2000};
 ClientH1::ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
     bev_->set_callbacks(on_read, on_write, on_event, this);
-    bev_->set_timeouts(nullptr, nullptr);
     // Reading pauses by itself once this much waits unforwarded: the client's bytes stay in the
     // kernel until the worker takes what we already have.
     size_t high = std::max<size_t>(worker.config().max_header_size + 1, kOutputHighWater);
     bev_->set_watermark(EV_READ, 0, high);
     bev_->enable(EV_READ | EV_WRITE);
-    timer_ = evtimer_new(worker.base(), on_timer, this);
-    next_ = event_new(worker.base(), -1, 0, on_next, this);
     Metrics::get().client_connections.Increment();
     arm_timer(worker.config().request_header_timeout);
-    if (evbuffer_get_length(bev_->input()) > 0) event_active(next_, 0, 0);
 }
+
+void ClientH1::start() { process_input(); }
 
 ClientH1::~ClientH1() {
     exchange_.reset();
     retired_.reset();
     if (local_body_) evbuffer_free(local_body_);
-    if (timer_) event_free(timer_);
     if (next_) event_free(next_);
     if (bev_) delete bev_;
     Metrics::get().client_connections.Decrement();
 }
 
-void ClientH1::arm_timer(Millis ms) {
-    timeval tv = to_timeval(ms);
-    evtimer_add(timer_, &tv);
+// The connection's own deadline serves as this connection's single timer: the client side
+// needs one only between requests, while a head arrives, and while lingering.
+void ClientH1::arm_timer(Millis ms) { bev_->set_deadline(ms); }
+
+// Runs process_input (or the deferred delete) once the current callback chain has unwound. The
+// event is made on first use: most connections never need it before they close.
+void ClientH1::defer() {
+    if (!next_) next_ = event_new(worker_.base(), -1, 0, on_next, this);
+    event_active(next_, 0, 0);
 }
 
 void ClientH1::on_read(Conn*, void* arg) { static_cast<ClientH1*>(arg)->process_input(); }
@@ -73,6 +76,7 @@ void ClientH1::on_write(Conn*, void* arg) {
 
 void ClientH1::on_event(Conn*, short what, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
+    if (what & BEV_EVENT_TIMEOUT) return self->timed_out();
     if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) return;
     if (self->state_ == State::Proxying && self->exchange_) {
         // The client went away: closing the worker connection is how the worker learns of it.
@@ -84,12 +88,11 @@ void ClientH1::on_event(Conn*, short what, void* arg) {
     self->destroy();
 }
 
-void ClientH1::on_timer(int, short, void* arg) {
-    auto* self = static_cast<ClientH1*>(arg);
-    switch (self->state_) {
-    case State::Idle: self->destroy(); break;  // keep-alive idle time is over
-    case State::ReadingHead: self->send_error(408, "request head not received in time"); break;
-    case State::Closing: self->destroy(); break;  // linger time is over
+void ClientH1::timed_out() {
+    switch (state_) {
+    case State::Idle: destroy(); break;  // keep-alive idle time is over
+    case State::ReadingHead: send_error(408, "request head not received in time"); break;
+    case State::Closing: destroy(); break;  // linger time is over
     default: break;
     }
 }
@@ -146,7 +149,7 @@ void ClientH1::parse_head() {
             return;
         }
     }
-    evtimer_del(timer_);
+    arm_timer(Millis(0));
     ++requests_;
     keep_alive_ = request_.keep_alive && !draining_;
     request_done_ = request_.framing == http1::Framing::None;
@@ -290,14 +293,14 @@ void ClientH1::finish_request() {
 void ClientH1::enter_idle() {
     state_ = State::Idle;
     arm_timer(worker_.config().keepalive_idle_timeout);
-    event_active(next_, 0, 0);  // a pipelined request may already be buffered
+    if (evbuffer_get_length(bev_->input()) > 0) defer();  // a pipelined request is buffered
 }
 
 void ClientH1::log_access() { record_.finish(worker_, request_.method, request_.target, client_ip_); }
 
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
-    evtimer_del(timer_);
+    arm_timer(Millis(0));
     bev_->set_watermark(EV_WRITE, 0, 0);
     evbuffer* out = bev_->output();
     if (evbuffer_get_length(out) == 0) linger();
@@ -319,8 +322,8 @@ void ClientH1::destroy() {
     if (destroying_) return;
     destroying_ = true;
     bev_->disable(EV_READ | EV_WRITE);
-    evtimer_del(timer_);
-    event_active(next_, 0, 0);  // delete once the current callback chain has unwound
+    arm_timer(Millis(0));
+    defer();  // delete once the current callback chain has unwound
 }
 
 void ClientH1::drain() {

@@ -27,6 +27,8 @@ public:
     // Takes over `bev` (plain or TLS), which may already hold the first bytes of a request.
     ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls);
     ~ClientH1() override;
+    // Serves what arrived with the connection (the protocol sniffer's bytes).
+    void start();
 
     void drain() override;
     void close_now() override;
@@ -53,7 +55,6 @@ private:
     static void on_read(Conn*, void* arg);
     static void on_write(Conn*, void* arg);
     static void on_event(Conn*, short what, void* arg);
-    static void on_timer(int, short, void* arg);
     static void on_next(int, short, void* arg);
 
     void process_input();
@@ -71,12 +72,13 @@ private:
     void linger();
     void destroy();
     void arm_timer(Millis ms);
+    void timed_out();
+    void defer();
     void log_access();
 
     Worker& worker_;
     Conn* bev_ = nullptr;
-    event* timer_ = nullptr;
-    event* next_ = nullptr;  // deferred work: runs after the current callback chain unwinds
+    event* next_ = nullptr;  // see defer()
     std::string client_ip_;
     bool tls_;
     State state_ = State::Idle;

@@ -24,26 +24,23 @@ constexpr size_t kMaxRead = 64 * 1024;
 
 bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
 
-int64_t to_us(const timeval& tv) { return int64_t(tv.tv_sec) * 1000000 + tv.tv_usec; }
-
 }  // namespace
 
-Conn* Conn::plain(event_base* base, int fd) {
-    auto* c = new Conn(base);
+Conn* Conn::plain(Timers& timers, int fd) {
+    auto* c = new Conn(timers);
     c->init_plain(fd, false);
     return c;
 }
 
-Conn* Conn::connect(event_base* base, const sockaddr* addr, socklen_t len) {
+Conn* Conn::connect(Timers& timers, const sockaddr* addr, socklen_t len) {
     int fd = ::socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return nullptr;
-    auto* c = new Conn(base);
+    auto* c = new Conn(timers);
     c->init_plain(fd, true);
     if (::connect(fd, addr, len) != 0 && errno != EINPROGRESS) {
-        // Reported from the loop, after the caller has set its callbacks.
+        // Reported from the loop (see on_writable), after the caller has set its callbacks.
         c->failed_ = true;
-        timeval now{0, 0};
-        evtimer_add(c->timer(), &now);
+        event_active(c->write_event(), EV_WRITE, 0);
         return c;
     }
     // Writable once the connection is up (or has failed): see on_writable.
@@ -52,10 +49,11 @@ Conn* Conn::connect(event_base* base, const sockaddr* addr, socklen_t len) {
     return c;
 }
 
-Conn* Conn::connect_tls(event_base* base, SSL* ssl, const sockaddr* addr, socklen_t len) {
-    bufferevent* bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+Conn* Conn::connect_tls(Timers& timers, SSL* ssl, const sockaddr* addr, socklen_t len) {
+    bufferevent* bev =
+        bufferevent_openssl_socket_new(timers.base(), -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
     if (!bev) return nullptr;
-    Conn* c = tls(bev);
+    Conn* c = tls(timers, bev);
     if (bufferevent_socket_connect(bev, addr, static_cast<int>(len)) != 0) {
         delete c;
         return nullptr;
@@ -64,8 +62,8 @@ Conn* Conn::connect_tls(event_base* base, SSL* ssl, const sockaddr* addr, sockle
     return c;
 }
 
-Conn* Conn::tls(bufferevent* bev) {
-    auto* c = new Conn(bufferevent_get_base(bev));
+Conn* Conn::tls(Timers& timers, bufferevent* bev) {
+    auto* c = new Conn(timers);
     c->tls_ = bev;
     c->fd_ = bufferevent_getfd(bev);
     c->in_ = bufferevent_get_input(bev);
@@ -79,23 +77,19 @@ void Conn::init_plain(int fd, bool connecting) {
     connecting_ = connecting;
     in_ = evbuffer_new();
     out_ = evbuffer_new();
-    read_ev_ = event_new(base_, fd, EV_READ | EV_PERSIST, on_readable, this);
+    read_ev_ = event_new(timers_.base(), fd, EV_READ | EV_PERSIST, on_readable, this);
     // Output is written once the callbacks that filled it have run, so a head and the body
     // bytes that follow it leave in one writev.
-    evbuffer_defer_callbacks(out_, base_);
+    evbuffer_defer_callbacks(out_, timers_.base());
     evbuffer_add_cb(out_, on_output_added, this);
 }
 
-// The write event and the timer are made on first use: most connections never fill the kernel's
-// send buffer or set a timeout, and a few thousand quiet streams should not carry them.
+// The write event is made on first use (and dropped once a connect completes): most
+// connections never fill the kernel's send buffer, and a few thousand quiet streams should not
+// carry one.
 event* Conn::write_event() {
-    if (!write_ev_) write_ev_ = event_new(base_, fd_, EV_WRITE | EV_PERSIST, on_writable, this);
+    if (!write_ev_) write_ev_ = event_new(timers_.base(), fd_, EV_WRITE | EV_PERSIST, on_writable, this);
     return write_ev_;
-}
-
-event* Conn::timer() {
-    if (!timer_) timer_ = evtimer_new(base_, on_timer, this);
-    return timer_;
 }
 
 Conn::~Conn() {
@@ -105,7 +99,6 @@ Conn::~Conn() {
     }
     event_free(read_ev_);
     if (write_ev_) event_free(write_ev_);
-    if (timer_) event_free(timer_);
     evbuffer_free(in_);
     evbuffer_free(out_);
     if (fd_ >= 0) ::close(fd_);
@@ -120,18 +113,41 @@ void Conn::set_callbacks(DataCallback read, DataCallback write, EventCallback ev
     arg_ = arg;
 }
 
-void Conn::set_timeouts(const timeval* read, const timeval* write) {
-    if (tls_) {
-        bufferevent_set_timeouts(tls_, read, write);
-        return;
-    }
-    has_read_timeout_ = read != nullptr;
-    has_write_timeout_ = write != nullptr;
-    if (read) read_timeout_ = *read;
-    if (write) write_timeout_ = *write;
-    event_base_gettimeofday_cached(base_, &last_read_);
-    last_write_ = last_read_;
-    arm_timer();
+void Conn::set_idle_timeout(Millis after) {
+    timeout_ = after;
+    idle_timeout_ = true;
+    deadline_.cancel();
+    update_deadline();
+}
+
+void Conn::set_deadline(Millis after) {
+    timeout_ = after;
+    idle_timeout_ = false;
+    deadline_.arm(timers_, after);
+}
+
+bool Conn::waiting() const {
+    return reading_ || connecting_ || (!failed_ && evbuffer_get_length(out_) > 0);
+}
+
+// An idle timeout runs only while there is something to wait for: a stream paused because its
+// client reads slowly is not idle on the worker's side.
+void Conn::update_deadline() {
+    if (!idle_timeout_ || timeout_.count() <= 0) return;
+    bool want = waiting();
+    if (want == deadline_.armed()) return;
+    if (want) deadline_.arm(timers_, timeout_);
+    else deadline_.cancel();
+}
+
+void Conn::progress() {
+    if (idle_timeout_) deadline_.restart();
+}
+
+void Conn::on_deadline(void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    bool writing = self->connecting_ || (!self->reading_ && evbuffer_get_length(self->out_) > 0);
+    self->report(short(BEV_EVENT_TIMEOUT | (writing ? BEV_EVENT_WRITING : BEV_EVENT_READING)));
 }
 
 void Conn::set_watermark(short events, size_t low, size_t high) {
@@ -148,14 +164,13 @@ void Conn::set_watermark(short events, size_t low, size_t high) {
 }
 
 void Conn::enable(short events) {
+    if (events & EV_READ) reading_ = true;
+    update_deadline();
     if (tls_) {
         bufferevent_enable(tls_, events);
         return;
     }
-    if (events & EV_READ) {
-        reading_ = true;
-        update_read_event();
-    }
+    if (events & EV_READ) update_read_event();
     if ((events & EV_WRITE) && !write_enabled_) {
         // Pending output goes when the socket is next writable; new output is written by the
         // deferred callback as usual.
@@ -168,14 +183,13 @@ void Conn::enable(short events) {
 }
 
 void Conn::disable(short events) {
+    if (events & EV_READ) reading_ = false;
+    update_deadline();
     if (tls_) {
         bufferevent_disable(tls_, events);
         return;
     }
-    if (events & EV_READ) {
-        reading_ = false;
-        update_read_event();
-    }
+    if (events & EV_READ) update_read_event();
     if (events & EV_WRITE) {
         write_enabled_ = false;
         if (write_armed_ && !connecting_) {
@@ -198,7 +212,7 @@ void Conn::flush() {
     while (evbuffer_get_length(out_) > 0) {
         int n = evbuffer_write(out_, fd_);
         if (n > 0) {
-            event_base_gettimeofday_cached(base_, &last_write_);
+            progress();
             continue;
         }
         if (n < 0 && !would_block(errno)) {
@@ -213,7 +227,7 @@ void Conn::flush() {
         else event_del(write_ev_);
         write_armed_ = pending;
     }
-    if (pending && has_write_timeout_ && !timer_armed_) arm_timer();
+    update_deadline();
 }
 
 void Conn::on_output_added(evbuffer*, const evbuffer_cb_info* info, void* arg) {
@@ -260,7 +274,7 @@ void Conn::on_readable(int fd, short, void* arg) {
         left -= vec[i].iov_len;
     }
     evbuffer_commit_space(self->in_, vec, nvec);
-    event_base_gettimeofday_cached(self->base_, &self->last_read_);
+    self->progress();
     if (self->read_cb_) self->read_cb_(self, self->arg_);  // last: the callback may free us
 }
 
@@ -269,64 +283,27 @@ void Conn::on_writable(int fd, short, void* arg) {
     if (self->connecting_) {
         int err = 0;
         socklen_t len = sizeof err;
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-        if (err != 0) {
-            errno = err;
+        if (!self->failed_) getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (self->failed_ || err != 0) {
+            if (err != 0) errno = err;
             self->failed_ = true;
             event_del(self->write_ev_);
             self->write_armed_ = false;
             return self->report(BEV_EVENT_ERROR);
         }
         self->connecting_ = false;
-        event_base_gettimeofday_cached(self->base_, &self->last_read_);
-        self->last_write_ = self->last_read_;
+        // Connected: the write event goes until the kernel next pushes back.
+        event_free(self->write_ev_);
+        self->write_ev_ = nullptr;
+        self->write_armed_ = false;
+        self->progress();
         self->update_read_event();
-        self->flush();  // disarms EV_WRITE once nothing is pending
+        self->flush();
         return self->report(BEV_EVENT_CONNECTED);
     }
     self->flush();
     if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
     if (evbuffer_get_length(self->out_) <= self->write_low_ && self->write_cb_) self->write_cb_(self, self->arg_);
-}
-
-void Conn::arm_timer() {
-    int64_t now;
-    {
-        timeval tv;
-        event_base_gettimeofday_cached(base_, &tv);
-        now = to_us(tv);
-    }
-    int64_t next = INT64_MAX;
-    if (has_read_timeout_ && reading_) next = std::min(next, to_us(last_read_) + to_us(read_timeout_));
-    if (has_write_timeout_ && (connecting_ || evbuffer_get_length(out_) > 0))
-        next = std::min(next, to_us(last_write_) + to_us(write_timeout_));
-    if (next == INT64_MAX) {
-        if (timer_armed_) evtimer_del(timer());
-        timer_armed_ = false;
-        return;
-    }
-    int64_t wait = std::max<int64_t>(0, next - now);
-    timeval tv{static_cast<time_t>(wait / 1000000), static_cast<suseconds_t>(wait % 1000000)};
-    evtimer_add(timer(), &tv);
-    timer_armed_ = true;
-}
-
-// Deadlines are checked lazily: reads and writes only note the time, and the timer, when it
-// fires, either reports a timeout or sleeps again until the new deadline.
-void Conn::on_timer(int, short, void* arg) {
-    auto* self = static_cast<Conn*>(arg);
-    self->timer_armed_ = false;
-    if (self->failed_ && self->connecting_) return self->report(BEV_EVENT_ERROR);
-    timeval tv;
-    event_base_gettimeofday_cached(self->base_, &tv);
-    int64_t now = to_us(tv);
-    if (self->has_read_timeout_ && self->reading_ &&
-        now - to_us(self->last_read_) >= to_us(self->read_timeout_))
-        return self->report(BEV_EVENT_TIMEOUT | BEV_EVENT_READING);
-    if (self->has_write_timeout_ && (self->connecting_ || evbuffer_get_length(self->out_) > 0) &&
-        now - to_us(self->last_write_) >= to_us(self->write_timeout_))
-        return self->report(BEV_EVENT_TIMEOUT | BEV_EVENT_WRITING);
-    self->arm_timer();
 }
 
 void Conn::report(short what) {
@@ -335,14 +312,21 @@ void Conn::report(short what) {
 
 void Conn::tls_read(bufferevent*, void* arg) {
     auto* self = static_cast<Conn*>(arg);
+    self->progress();
     if (self->read_cb_) self->read_cb_(self, self->arg_);
 }
 
 void Conn::tls_write(bufferevent*, void* arg) {
     auto* self = static_cast<Conn*>(arg);
+    self->progress();
+    self->update_deadline();
     if (self->write_cb_) self->write_cb_(self, self->arg_);
 }
 
-void Conn::tls_event(bufferevent*, short what, void* arg) { static_cast<Conn*>(arg)->report(what); }
+void Conn::tls_event(bufferevent*, short what, void* arg) {
+    auto* self = static_cast<Conn*>(arg);
+    if (what & BEV_EVENT_CONNECTED) self->progress();
+    self->report(what);
+}
 
 }  // namespace stepflow

@@ -10,7 +10,8 @@
 #include <cstddef>
 
 #include <sys/socket.h>
-#include <sys/time.h>
+
+#include "proxy/timers.h"
 
 struct bufferevent;
 struct event;
@@ -26,15 +27,15 @@ public:
     using DataCallback = void (*)(Conn*, void*);
     using EventCallback = void (*)(Conn*, short what, void*);  // BEV_EVENT_* flags
 
-    // Adopts a connected (or connecting, see connect()) socket.
-    static Conn* plain(event_base* base, int fd);
+    // Adopts a connected socket.
+    static Conn* plain(Timers& timers, int fd);
     // Connects a new socket; reports BEV_EVENT_CONNECTED or BEV_EVENT_ERROR through the event
     // callback. nullptr when no socket could be created.
-    static Conn* connect(event_base* base, const sockaddr* addr, socklen_t len);
+    static Conn* connect(Timers& timers, const sockaddr* addr, socklen_t len);
     // Takes over a bufferevent_openssl (accepting or connecting).
-    static Conn* tls(bufferevent* bev);
+    static Conn* tls(Timers& timers, bufferevent* bev);
     // A TLS connection to `addr`; the handshake completes before BEV_EVENT_CONNECTED.
-    static Conn* connect_tls(event_base* base, SSL* ssl, const sockaddr* addr, socklen_t len);
+    static Conn* connect_tls(Timers& timers, SSL* ssl, const sockaddr* addr, socklen_t len);
     ~Conn();
     Conn(const Conn&) = delete;
     Conn& operator=(const Conn&) = delete;
@@ -45,9 +46,13 @@ public:
     SSL* ssl() const;
 
     void set_callbacks(DataCallback read, DataCallback write, EventCallback event, void* arg);
-    // read: no bytes arrive for this long while reading (BEV_EVENT_TIMEOUT|READING); write:
-    // pending output (or a connect) makes no progress for this long. nullptr: none.
-    void set_timeouts(const timeval* read, const timeval* write);
+    // Both report BEV_EVENT_TIMEOUT, with BEV_EVENT_WRITING while connecting or while output
+    // waits and nothing is being read, else with BEV_EVENT_READING. One replaces the other;
+    // zero clears. Idle: no byte moves either way for this long while there is something to
+    // wait for (reading is enabled, output waits, or a connect). Deadline: this long from now,
+    // whatever moves.
+    void set_idle_timeout(Millis after);
+    void set_deadline(Millis after);
     // EV_READ: stop reading while `high` bytes wait in input (0: no limit). EV_WRITE: the write
     // callback runs when output drains to `low` or less.
     void set_watermark(short events, size_t low, size_t high);
@@ -55,10 +60,10 @@ public:
     void disable(short events);
 
 private:
-    explicit Conn(event_base* base) : base_(base) {}
+    explicit Conn(Timers& timers) : timers_(timers), deadline_(on_deadline, this) {}
     static void on_readable(int, short, void* arg);
     static void on_writable(int, short, void* arg);
-    static void on_timer(int, short, void* arg);
+    static void on_deadline(void* arg);
     static void on_output_added(evbuffer*, const evbuffer_cb_info* info, void* arg);
     static void on_input_drained(evbuffer*, const evbuffer_cb_info* info, void* arg);
     static void tls_read(bufferevent*, void* arg);
@@ -66,33 +71,32 @@ private:
     static void tls_event(bufferevent*, short what, void* arg);
     void init_plain(int fd, bool connecting);
     event* write_event();
-    event* timer();
     void update_read_event();
     void flush();  // write what output holds; arm EV_WRITE only if the kernel would block
-    void arm_timer();
+    bool waiting() const;
+    void update_deadline();
+    void progress();
     void report(short what);
 
-    event_base* base_;
+    Timers& timers_;
     bufferevent* tls_ = nullptr;
     int fd_ = -1;
     evbuffer* in_ = nullptr;
     evbuffer* out_ = nullptr;
     event* read_ev_ = nullptr;
     event* write_ev_ = nullptr;
-    event* timer_ = nullptr;
+    Deadline deadline_;
+    Millis timeout_{0};
     DataCallback read_cb_ = nullptr, write_cb_ = nullptr;
     EventCallback event_cb_ = nullptr;
     void* arg_ = nullptr;
     size_t read_high_ = 0, write_low_ = 0;
-    size_t read_size_ = 2 * 1024;  // adapts between 2 and 64 KiB (see on_readable)
-    timeval read_timeout_{}, write_timeout_{};
-    bool has_read_timeout_ = false, has_write_timeout_ = false;
-    timeval last_read_{}, last_write_{};
+    uint32_t read_size_ = 2 * 1024;  // adapts between 2 and 64 KiB (see on_readable)
+    bool idle_timeout_ = false;      // timeout_ restarts on progress (else a fixed deadline)
     bool reading_ = false;       // EV_READ enabled by the user
     bool read_armed_ = false;    // read event registered with the loop
     bool write_armed_ = false;   // write event registered (kernel buffer full, or connecting)
     bool connecting_ = false;
-    bool timer_armed_ = false;
     bool write_enabled_ = true;
     bool failed_ = false;
 };

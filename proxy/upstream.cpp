@@ -34,7 +34,6 @@ const char* describe(UpstreamClose how) {
 UpstreamConn::UpstreamConn(UpstreamPool& pool, InstancePtr instance) : pool_(pool), instance_(std::move(instance)) {}
 
 UpstreamConn::~UpstreamConn() {
-    if (idle_timer_) event_free(idle_timer_);
     if (bev_) delete bev_;
 }
 
@@ -44,28 +43,20 @@ bool UpstreamConn::connect(Millis timeout) {
         if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
         SSL* ssl = pool_.tls_->new_connection(host);
         if (!ssl) return false;
-        bev_ = Conn::connect_tls(pool_.base(), ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        bev_ = Conn::connect_tls(pool_.timers_, ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                                  instance_->sockaddr_len);
     } else {
-        bev_ = Conn::connect(pool_.base(), reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        bev_ = Conn::connect(pool_.timers_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                              instance_->sockaddr_len);
     }
     if (!bev_) return false;
     bev_->set_callbacks(on_read, on_write, on_event, this);
-    // A connect that outlasts the write timeout is reported as a timeout event.
-    timeval tv = to_timeval(timeout);
-    bev_->set_timeouts(nullptr, &tv);
+    // A connect that outlasts its deadline is reported as a timeout event.
+    bev_->set_deadline(timeout);
     return true;
 }
 
-void UpstreamConn::set_read_timeout(Millis timeout) {
-    if (timeout.count() > 0) {
-        timeval tv = to_timeval(timeout);
-        bev_->set_timeouts(&tv, nullptr);
-    } else {
-        bev_->set_timeouts(nullptr, nullptr);
-    }
-}
+void UpstreamConn::set_read_timeout(Millis timeout) { bev_->set_idle_timeout(timeout); }
 
 void UpstreamConn::on_read(Conn*, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
@@ -88,7 +79,7 @@ void UpstreamConn::on_event(Conn* bev, short what, void* arg) {
         self->connected_ = true;
         int one = 1;
         setsockopt(bev->fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        bev->set_timeouts(nullptr, nullptr);
+        bev->set_deadline(Millis(0));
         if (self->handler_) self->handler_->upstream_connected();
         return;
     }
@@ -102,11 +93,6 @@ void UpstreamConn::on_event(Conn* bev, short what, void* arg) {
     self->handler_->upstream_closed(how);
 }
 
-void UpstreamConn::on_idle_timeout(int, short, void* arg) {
-    auto* self = static_cast<UpstreamConn*>(arg);
-    self->pool_.drop_idle(self);
-}
-
 UpstreamPool::~UpstreamPool() = default;
 
 std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance, UpstreamConn::Handler* handler) {
@@ -115,7 +101,7 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
         std::unique_ptr<UpstreamConn> conn = std::move(it->second.back());
         it->second.pop_back();
         if (it->second.empty()) idle_.erase(it);
-        evtimer_del(conn->idle_timer_);
+        conn->bev_->set_deadline(Millis(0));
         conn->attach(handler);
         conn->bev_->enable(EV_READ | EV_WRITE);
         return conn;
@@ -137,9 +123,8 @@ void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
     // Keep reading while idle so a close by the worker is noticed and the socket dropped.
     conn->bev_->set_watermark(EV_WRITE, 0, 0);
     conn->bev_->enable(EV_READ);
-    if (!conn->idle_timer_) conn->idle_timer_ = evtimer_new(base_, UpstreamConn::on_idle_timeout, conn.get());
-    timeval tv = to_timeval(config_.upstream_idle_timeout);
-    evtimer_add(conn->idle_timer_, &tv);
+    // Its deadline ends in on_event with no handler, which drops it.
+    conn->bev_->set_deadline(config_.upstream_idle_timeout);
     list.push_back(std::move(conn));
 }
 

@@ -18,6 +18,7 @@ namespace stepflow {
 class UpstreamPool;
 class TlsClient;
 class Conn;
+class Timers;
 
 // How a worker connection ended, as far as the socket can tell.
 enum class UpstreamClose {
@@ -59,19 +60,17 @@ private:
     static void on_read(Conn*, void* arg);
     static void on_write(Conn*, void* arg);
     static void on_event(Conn*, short what, void* arg);
-    static void on_idle_timeout(int, short, void* arg);
 
     UpstreamPool& pool_;
     InstancePtr instance_;
     Conn* bev_ = nullptr;
-    event* idle_timer_ = nullptr;
     Handler* handler_ = nullptr;
     bool connected_ = false;
 };
 
 class UpstreamPool {
 public:
-    UpstreamPool(event_base* base, const Config& config, TlsClient* tls) : base_(base), config_(config), tls_(tls) {}
+    UpstreamPool(Timers& timers, const Config& config, TlsClient* tls) : timers_(timers), config_(config), tls_(tls) {}
     ~UpstreamPool();
 
     // An idle connection to `instance`, or a new one still connecting (handler gets
@@ -80,13 +79,11 @@ public:
     // Gives a connection whose last exchange ended cleanly back for reuse.
     void release(std::unique_ptr<UpstreamConn> conn);
 
-    event_base* base() const { return base_; }
-
 private:
     friend class UpstreamConn;
     void drop_idle(UpstreamConn* conn);  // closed or timed out while idle
 
-    event_base* base_;
+    Timers& timers_;
     const Config& config_;
     TlsClient* tls_;  // null unless --upstream-tls
     std::unordered_map<Instance*, std::vector<std::unique_ptr<UpstreamConn>>> idle_;

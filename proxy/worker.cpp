@@ -33,7 +33,8 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     event_config_set_flag(cfg, EVENT_BASE_FLAG_NOLOCK);
     base_ = event_base_new_with_config(cfg);
     event_config_free(cfg);
-    pool_ = std::make_unique<UpstreamPool>(base_, config_, tls_client_);
+    timers_ = std::make_unique<Timers>(base_);
+    pool_ = std::make_unique<UpstreamPool>(*timers_, config_, tls_client_);
     for (const auto& spec : listener_specs_) {
         auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
         listeners_.push_back(l);
@@ -48,6 +49,7 @@ Worker::~Worker() {
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
     pool_.reset();
+    timers_.reset();
     event_free(wake_event_);
     ::close(wake_fd_);
     event_base_free(base_);
@@ -103,9 +105,9 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
             evutil_closesocket(fd);
             return;
         }
-        bev = Conn::tls(tls_bev);
+        bev = Conn::tls(*self->timers_, tls_bev);
     } else {
-        bev = Conn::plain(self->base_, fd);
+        bev = Conn::plain(*self->timers_, fd);
     }
     auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
     self->connections_.insert(conn);

@@ -13,6 +13,7 @@
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/router.h"
+#include "proxy/timers.h"
 #include "proxy/upstream.h"
 
 struct event_base;
@@ -45,6 +46,7 @@ public:
     size_t open_connections() const { return open_connections_.load(); }
 
     event_base* base() const { return base_; }
+    Timers& timers() { return *timers_; }
     const Config& config() const { return config_; }
     FleetView& fleet() { return fleet_; }
     Rng& rng() { return rng_; }
@@ -70,6 +72,7 @@ private:
     FleetView fleet_;
     Rng rng_;
     event_base* base_ = nullptr;
+    std::unique_ptr<Timers> timers_;
     std::unique_ptr<UpstreamPool> pool_;
     RequestSeries series_;
     std::vector<Listener> listener_specs_;

@@ -66,6 +66,22 @@ def wait_for(predicate, timeout=10.0, what="condition", interval=0.02):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
+def connections_to(port):
+    """Established TCP connections whose remote end is loopback `port` (from /proc/net/tcp*)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except FileNotFoundError:
+            pass
+    return count
+
+
 def http_get(port, path, timeout=5):
     """(status, body) of GET http://127.0.0.1:port/path; error statuses are returned, not raised."""
     try:

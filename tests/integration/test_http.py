@@ -6,7 +6,7 @@ import json
 import socket
 import time
 
-from harness import Balancer, Worker, check, client, run_tests, test, wait_for
+from harness import Balancer, Worker, check, client, connections_to, run_tests, test, wait_for
 
 import example_worker  # noqa: E402  (harness puts tests/worker on the path)
 
@@ -85,6 +85,44 @@ def idle_keepalive_connection_is_closed_silently():
                              responses=None)
     check(raw.startswith(b"HTTP/1.1 200 ") and raw.count(b"HTTP/1.1") == 1, raw[:80])
     check(time.monotonic() - start < 5, "closed after the idle timeout, not at the reader's deadline")
+
+
+@test
+def slow_worker_gets_504_and_stays_healthy():
+    w = Worker("slowhead")
+    lb = Balancer([w.address], args=["--upstream-header-timeout", "300ms"])
+    start = time.monotonic()
+    r = lb.post({"jsonrpc": "2.0", "id": 5, "method": "components/execute",
+                 "params": {"component": "/sleep", "input": {"ms": 3000}}})
+    check(r.status == 504, r.status)
+    check(time.monotonic() - start < 2.5, "answered at the upstream header deadline, not when the worker replied")
+    check(lb.metric("stepflow_lb_backend_health", backend=w.address) == 1, "a slow worker is not marked unhealthy")
+
+
+@test
+def quiet_stream_is_cut_after_the_stream_idle_timeout():
+    w = Worker("quiet")
+    lb = Balancer([w.address], args=["--stream-idle-timeout", "300ms"])
+    hold = {"jsonrpc": "2.0", "id": "q", "method": "components/execute",
+            "params": {"component": "/stream", "input": {"events": 1, "hold": True}}}
+    before = w.health()["cancelledStreams"]
+    reader = client.SseReader("127.0.0.1", lb.port, hold)
+    check(reader.next_event(timeout=10) is not None, "first event")
+    check(reader.next_event(timeout=10) is None and reader.ended_abnormally, "the client sees the stream break")
+    wait_for(lambda: w.health()["cancelledStreams"] == before + 1, 10, "the worker saw the cancel")
+    wait_for(lambda: lb.in_flight_total() == 0, 5, "in-flight back to 0")
+
+
+@test
+def idle_pooled_connections_close_after_the_upstream_idle_timeout():
+    w = Worker("pool", extra=["--keepalive-timeout", "120"])  # only the balancer may close it
+    lb = Balancer([w.address], args=["--upstream-idle-timeout", "300ms"])
+    r = lb.post({"jsonrpc": "2.0", "id": 6, "method": "components/execute",
+                 "params": {"component": "/echo", "input": {}}})
+    check(r.status == 200, r.status)
+    port = int(w.address.rsplit(":", 1)[1])
+    check(connections_to(port) >= 1, "the connection was kept for reuse")
+    wait_for(lambda: connections_to(port) == 0, 10, "idle connection closed")
 
 
 @test
