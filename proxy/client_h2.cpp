@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstring>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -68,6 +69,9 @@ public:
     }
 
     // --- request side (called from nghttp2 callbacks) ---
+    // Each field is kept in head_.raw as [name length][value length][name][value] (lengths as
+    // uint32_t): one growing buffer instead of a string per name and value. begin() points the
+    // head's views into it once the block is complete, so no view is moved by a reallocation.
     void header(std::string_view name, std::string_view value) {
         header_bytes_ += name.size() + value.size() + 32;
         if (header_bytes_ > conn_.worker_.config().h2_max_header_list_size ||
@@ -75,34 +79,51 @@ public:
             header_overflow_ = true;
             return;
         }
-        if (name == ":method") method_ = value;
-        else if (name == ":path") path_ = value;
-        else if (name == ":authority") authority_ = value;
-        else if (name[0] != ':') fields_.emplace_back(name, value);
+        std::string& raw = head_.raw;
+        if (raw.capacity() < 256) raw.reserve(256);
+        uint32_t lengths[2] = {uint32_t(name.size()), uint32_t(value.size())};
+        raw.append(reinterpret_cast<const char*>(lengths), sizeof lengths).append(name).append(value);
+        if (name.empty() || name[0] != ':') ++field_count_;
     }
 
     void begin(bool end_stream) {
         began_ = true;
         request_ended_ = end_stream;
-        if (header_overflow_) return reject(431, "request header list too large");
-        // Reuse the HTTP/1.1 rules by writing the request as an HTTP/1.1 head: nghttp2 has
-        // already enforced HTTP/2's own (lower-case names, pseudo-header order, no
+        // HTTP/2 gives what an HTTP/1.1 head would hold as separate fields: build the head from
+        // them and apply the HTTP/1.1 checks (http1::check_request). nghttp2 has already
+        // enforced HTTP/2's own rules (lower-case names, pseudo-header order, no
         // connection-specific fields), so what is left is what both versions share.
-        std::string text;
-        text.reserve(256);
-        text.append(method_).append(" ").append(path_.empty() ? "*" : path_).append(" HTTP/1.1\r\n");
-        if (!authority_.empty()) text.append("host: ").append(authority_).append("\r\n");
-        for (const auto& [name, value] : fields_) {
-            if (name == "host" && !authority_.empty()) continue;  // :authority wins (RFC 9113 §8.3.1)
-            text.append(name).append(": ").append(value).append("\r\n");
+        head_.headers.reserve(field_count_ + 1);
+        bool authority = false;
+        std::string_view raw = head_.raw;
+        for (size_t at = 0; at < raw.size();) {
+            uint32_t lengths[2];
+            std::memcpy(lengths, raw.data() + at, sizeof lengths);
+            std::string_view name = raw.substr(at + sizeof lengths, lengths[0]);
+            std::string_view value = raw.substr(at + sizeof lengths + lengths[0], lengths[1]);
+            at += sizeof lengths + lengths[0] + lengths[1];
+            if (!name.empty() && name[0] == ':') {  // pseudo-header fields come first (nghttp2 checks)
+                if (name == ":method") head_.method = value;
+                else if (name == ":path") head_.target = value;
+                else if (name == ":authority" && !value.empty()) {
+                    authority = true;
+                    head_.headers.push_back({"host", value, http1::Field::Host});
+                }
+                continue;
+            }
+            http1::Field field = http1::classify(name);
+            if (field == http1::Field::Host && authority) continue;  // :authority wins (RFC 9113 §8.3.1)
+            head_.headers.push_back({name, value, field});
         }
-        text.append("\r\n");
-        fields_.clear();
-        head_.raw = std::move(text);
+        if (head_.target.empty()) head_.target = "*";
+        if (header_overflow_) return reject(431, "request header list too large");
         const Config& cfg = conn_.worker_.config();
-        if (auto err = http1::parse_request(head_, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
+        if (auto err = http1::check_request(head_, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
             return reject(err.status, err.reason);
-        if (!request_ended_ && head_.framing == http1::Framing::None && !head_.has("content-length")) {
+        bool has_length = std::any_of(head_.headers.begin(), head_.headers.end(), [](const http1::Header& h) {
+            return h.field == http1::Field::ContentLength;
+        });
+        if (!request_ended_ && head_.framing == http1::Framing::None && !has_length) {
             head_.framing = http1::Framing::Chunked;  // length unknown: chunked to the worker
             chunked_up_ = true;
         }
@@ -315,15 +336,14 @@ private:
     void finish_log() {
         if (logged_) return;
         logged_ = true;
-        record_.finish(conn_.worker_, method_, path_, conn_.client_ip_);
+        record_.finish(conn_.worker_, head_.method, head_.target, conn_.client_ip_);
     }
 
     ClientH2& conn_;
     int32_t id_;
-    std::string method_, path_, authority_;
-    std::vector<std::pair<std::string, std::string>> fields_;
     size_t header_bytes_ = 0;
     int header_count_ = 0;
+    size_t field_count_ = 0;  // regular (not pseudo-header) fields kept
     bool header_overflow_ = false;
     http1::Head head_;
     evbuffer* req_buf_;

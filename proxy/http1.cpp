@@ -187,27 +187,20 @@ size_t find_head_end(evbuffer* in, size_t limit, size_t& scan_from) {
     return len >= limit ? SIZE_MAX : 0;
 }
 
-Error parse_request(Head& head, const Limits& limits) {
-    std::string_view line;
-    if (auto e = split_lines(head, line, limits)) return e;
+namespace {
 
-    size_t sp1 = line.find(' ');
-    size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
-    if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos)
-        return {400, "bad request line"};
-    head.method = line.substr(0, sp1);
-    head.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
-    std::string_view version = line.substr(sp2 + 1);
+// parse_request and check_request: the method and target, once split.
+Error check_method_and_target(Head& head) {
     if (!is_token(head.method)) return {400, "bad method"};
     if (head.target.empty()) return {400, "empty request target"};
     for (unsigned char c : head.target)
         if (c <= 0x20 || c == 0x7f) return {400, "bad request target"};
-    if (version == "HTTP/1.1") head.version_minor = 1;
-    else if (version == "HTTP/1.0") head.version_minor = 0;
-    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/") return {505, "unsupported HTTP version"};
-    else return {400, "bad HTTP version"};
     head.is_head_method = head.method == "HEAD";
+    return {};
+}
 
+// parse_request and check_request: framing and Host, once the fields are split and classified.
+Error check_request_fields(Head& head) {
     bool has_te, has_cl;
     if (auto e = read_framing_headers(head, has_te, has_cl)) return e;
     if (has_te && has_cl) return {400, "both content-length and transfer-encoding"};
@@ -226,6 +219,39 @@ Error parse_request(Head& head, const Limits& limits) {
     if (hosts > 1) return {400, "more than one Host header"};
     if (hosts == 0 && head.version_minor == 1) return {400, "missing Host header"};
     return {};
+}
+
+}  // namespace
+
+Error parse_request(Head& head, const Limits& limits) {
+    std::string_view line;
+    if (auto e = split_lines(head, line, limits)) return e;
+
+    size_t sp1 = line.find(' ');
+    size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+    if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos)
+        return {400, "bad request line"};
+    head.method = line.substr(0, sp1);
+    head.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+    std::string_view version = line.substr(sp2 + 1);
+    if (auto e = check_method_and_target(head)) return e;
+    if (version == "HTTP/1.1") head.version_minor = 1;
+    else if (version == "HTTP/1.0") head.version_minor = 0;
+    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/") return {505, "unsupported HTTP version"};
+    else return {400, "bad HTTP version"};
+    return check_request_fields(head);
+}
+
+Error check_request(Head& head, const Limits& limits) {
+    if (static_cast<int>(head.headers.size()) > limits.max_headers) return {431, "too many header fields"};
+    for (auto& h : head.headers) {
+        if (!is_token(h.name)) return {400, "bad header name"};
+        h.value = trim_ows(h.value);
+        if (!valid_field_value(h.value)) return {400, "bad header value"};
+    }
+    if (auto e = check_method_and_target(head)) return e;
+    head.version_minor = 1;
+    return check_request_fields(head);
 }
 
 Error parse_response(Head& head, bool request_was_head) {

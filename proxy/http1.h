@@ -88,6 +88,13 @@ size_t find_head_end(evbuffer* in, size_t limit, size_t& scan_from);
 Error parse_request(Head& head, const Limits& limits);
 Error parse_response(Head& head, bool request_was_head);
 
+// parse_request's checks for a request head built from fields rather than split from text (an
+// HTTP/2 request): head.method, head.target and head.headers are set, each field classified
+// (classify()) and its views valid as long as the head. Checks the names, values (trimmed of
+// OWS here), their number, method, target, framing and Host as for HTTP/1.1, and sets the
+// derived members as parse_request does.
+Error check_request(Head& head, const Limits& limits);
+
 // Which headers never travel past this hop: the fixed set of RFC 9110 §7.6.1 plus any named in
 // the message's own Connection header.
 class HopByHop {

@@ -505,11 +505,17 @@ def malformed_requests_are_stream_errors_that_never_reach_a_worker():
     big = c.request(body, headers=[("x-big", "a" * 5000)])
     c.wait(lambda: c.streams[big].closed, what="oversized header list")
     check(c.streams[big].status == 431, f"431 for the oversized list, got {c.streams[big].status}")
+    # What nghttp2 accepts but the HTTP/1.1 rules the worker is spoken to with do not: a
+    # content-length of more than 18 digits is answered 400 by the balancer.
+    long_cl = c.new_stream_id()
+    c.send_headers(long_cl, base + [("content-length", "1" + "0" * 18)])
+    c.wait(lambda: c.streams[long_cl].status is not None, what="19-digit content-length")
+    check(c.streams[long_cl].status == 400, f"400 for a 19-digit content-length, got {c.streams[long_cl].status}")
     check(c.goaway is None, f"stream errors, not a connection error: {c.goaway}")
     check((lb.metric("stepflow_lb_upstream_responses_total") or 0) == upstream_before, "no worker answered any")
     check(w.health()["executions"] == executions, "the worker ran none of them")
-    check(lb.metric("stepflow_lb_rejected_requests_total") - rejected_before == len(head_cases) + 1,
-          "malformed heads and the oversized list counted as rejected")
+    check(lb.metric("stepflow_lb_rejected_requests_total") - rejected_before == len(head_cases) + 2,
+          "malformed heads, the oversized list and the long content-length counted as rejected")
     check(not lb.metric("stepflow_lb_requests_total", status="0"), "no request logged without a status")
     # The connection still serves well-formed requests (te: trailers is allowed).
     ok = c.request(body, headers=[("te", "trailers")])
