@@ -377,7 +377,24 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     out.append("\r\n");
     evbuffer* output = bev_->output();
     evbuffer_add(output, out.data(), out.size());
+    release_request_head();
     return output;
+}
+
+// Once the response is under way only the request line is still needed (for the access log). An
+// SSE stream may stay open for minutes, so the rest of the head should not.
+void ClientH1::release_request_head() {
+    size_t method_len = request_.method.size();
+    std::string line;
+    line.reserve(method_len + 1 + request_.target.size());
+    line.append(request_.method);
+    line += ' ';
+    line.append(request_.target);
+    request_.raw.swap(line);  // (assigning a short string would keep the old buffer)
+    request_.method = std::string_view(request_.raw).substr(0, method_len);
+    request_.target = std::string_view(request_.raw).substr(method_len + 1);
+    request_.host = {};
+    std::vector<http1::Header>().swap(request_.headers);
 }
 
 void ClientH1::interim_response(int status, std::string_view reason) {

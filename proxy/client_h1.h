@@ -75,6 +75,7 @@ private:
     void timed_out();
     void defer();
     void log_access();
+    void release_request_head();
 
     Worker& worker_;
     Conn* bev_ = nullptr;

@@ -24,9 +24,9 @@ void append_header(std::string& out, std::string_view name, std::string_view val
 
 }  // namespace
 
-Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, std::string client_ip,
+Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
                    bool client_tls)
-    : worker_(worker), downstream_(downstream), request_(request), client_ip_(std::move(client_ip)),
+    : worker_(worker), downstream_(downstream), request_(request), client_ip_(client_ip),
       client_tls_(client_tls) {
     request_chunked_ = request_.framing == http1::Framing::Chunked;
     request_done_ = request_.framing == http1::Framing::None;
@@ -186,8 +186,11 @@ void Exchange::upstream_readable() {
     pump_response();
 }
 
+// The parsed head lives only here: once passed on, only its framing is needed (kept by the
+// pump), and an SSE stream may stay open for minutes.
 bool Exchange::parse_response_head() {
     evbuffer* in = conn_->bev()->input();
+    http1::Head response;
     while (true) {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
@@ -195,24 +198,25 @@ bool Exchange::parse_response_head() {
             fail(502, "upstream response head too large");
             return false;
         }
-        response_ = http1::Head{};
-        response_.raw.resize(n);
-        evbuffer_remove(in, response_.raw.data(), n);
+        response = http1::Head{};
+        response.raw.resize(n);
+        evbuffer_remove(in, response.raw.data(), n);
         scan_from_ = 0;
-        if (auto err = http1::parse_response(response_, request_.is_head_method)) {
+        if (auto err = http1::parse_response(response, request_.is_head_method)) {
             fail(502, err.reason);
             return false;
         }
-        if (response_.status >= 200) break;
-        if (response_.status == 101) {
+        if (response.status >= 200) break;
+        if (response.status == 101) {
             fail(502, "upstream switched protocols");
             return false;
         }
-        downstream_.interim_response(response_.status, response_.reason);
+        downstream_.interim_response(response.status, response.reason);
     }
 
     response_started_ = true;
-    status_ = response_.status;
+    status_ = response.status;
+    response_keep_alive_ = response.keep_alive;
     Instance& inst = conn_->instance();
     inst.record_success();
     auto& metrics = Metrics::get();
@@ -220,12 +224,12 @@ bool Exchange::parse_response_head() {
 
     const std::string& header_name = worker_.config().instance_header;
     std::vector<http1::Header> headers;
-    headers.reserve(response_.headers.size() + 3);
-    http1::HopByHop hop(response_);
+    headers.reserve(response.headers.size() + 3);
+    http1::HopByHop hop(response);
     bool has_instance_header = false;
-    for (const auto& h : response_.headers) {
+    for (const auto& h : response.headers) {
         if (hop.contains(h)) continue;
-        if (h.field == http1::Field::ContentLength && response_.framing != http1::Framing::None) continue;
+        if (h.field == http1::Field::ContentLength && response.framing != http1::Framing::None) continue;
         if (http1::iequals(h.name, header_name)) has_instance_header = true;
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
@@ -239,15 +243,10 @@ bool Exchange::parse_response_head() {
     }
 
     bool chunked_out = false;
-    sink_ = downstream_.start_response(status_, response_.reason, headers, response_.framing, response_.content_length,
+    sink_ = downstream_.start_response(status_, response.reason, headers, response.framing, response.content_length,
                                        chunked_out);
-    response_pump_.start(response_.framing, response_.content_length, chunked_out);
+    response_pump_.start(response.framing, response.content_length, chunked_out);
     conn_->set_read_timeout(worker_.config().stream_idle_timeout);
-    // The head has been passed on; only its framing flags are needed from here. An SSE stream
-    // may stay open for minutes, so its head's bytes should not.
-    std::string().swap(response_.raw);
-    std::vector<http1::Header>().swap(response_.headers);
-    response_.reason = {};
     return true;
 }
 
@@ -275,7 +274,7 @@ void Exchange::resume_response() {
 
 void Exchange::complete_response() {
     response_done_ = true;
-    bool reuse = request_done_ && response_.keep_alive && !response_pump_.until_close() &&
+    bool reuse = request_done_ && response_keep_alive_ && !response_pump_.until_close() &&
                  evbuffer_get_length(conn_->bev()->input()) == 0;
     finish(reuse);
     downstream_.response_done();  // last: the downstream may let go of this exchange

@@ -47,7 +47,8 @@ struct RouteOutcome {
 
 class Exchange final : public UpstreamConn::Handler {
 public:
-    Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, std::string client_ip,
+    // `request` and `client_ip` belong to the client connection and outlive the exchange.
+    Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
              bool client_tls);
     ~Exchange() override;
 
@@ -92,7 +93,7 @@ private:
     Worker& worker_;
     Downstream& downstream_;
     const http1::Head& request_;
-    std::string client_ip_;
+    const std::string& client_ip_;
     bool client_tls_;
 
     Decision decision_ = Decision::None;
@@ -109,9 +110,9 @@ private:
     bool response_done_ = false;
     bool finished_ = false;
     bool sse_ = false;
+    bool response_keep_alive_ = false;
     int status_ = 0;
     size_t scan_from_ = 0;
-    http1::Head response_;
     http1::BodyPump response_pump_;
     evbuffer* sink_ = nullptr;
 };
