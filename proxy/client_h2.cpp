@@ -22,6 +22,7 @@ constexpr size_t kStreamBufferLow = 16 * 1024;
 constexpr size_t kConnectionOutputHigh = 128 * 1024;
 constexpr size_t kLocalBodyLimit = 1024 * 1024;
 constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
+constexpr size_t kCopyPayloadUpTo = 2 * 1024;      // DATA payloads copied; larger ones move chains
 
 // The concurrent-stream limit nghttp2 itself enforces (see the ClientH2 constructor): high
 // enough that streams refused but not yet reset never reach it in normal use.
@@ -185,12 +186,18 @@ public:
     }
 
     // --- response side ---
+    // A small payload is copied into nghttp2's frame buffer. A larger one is not copied at all:
+    // NO_COPY makes nghttp2 call on_send_data for the frame, which moves resp_buf_'s chains
+    // behind the frame header. (Moving costs a chain allocation on each side and an iovec more
+    // to write, more than copying a few hundred bytes.)
     ssize_t read_response(uint8_t* buf, size_t length, uint32_t* flags) {
-        size_t n = std::min(length, evbuffer_get_length(resp_buf_));
-        if (n > 0) evbuffer_remove(resp_buf_, buf, n);
-        if (evbuffer_get_length(resp_buf_) == 0 && response_done_) *flags |= NGHTTP2_DATA_FLAG_EOF;
+        size_t have = evbuffer_get_length(resp_buf_);
+        size_t n = std::min(length, have);
+        if (n == have && response_done_) *flags |= NGHTTP2_DATA_FLAG_EOF;
         else if (n == 0) return NGHTTP2_ERR_DEFERRED;
-        if (paused_ && evbuffer_get_length(resp_buf_) < kStreamBufferLow) {
+        if (n > kCopyPayloadUpTo) *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+        else if (n > 0) evbuffer_remove(resp_buf_, buf, n);
+        if (paused_ && have - n < kStreamBufferLow) {
             paused_ = false;
             resume_pending_ = true;  // resumed outside nghttp2's send loop
             // This may run from the socket's write callback, not from on_deferred: without
@@ -369,6 +376,7 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close);
+    nghttp2_session_callbacks_set_send_data_callback(callbacks, on_send_data);
     nghttp2_option* option;
     nghttp2_option_new(&option);
     // Windows open only as the worker takes request bytes (see Stream::pump_request_body).
@@ -590,6 +598,25 @@ int ClientH2::on_data_chunk(nghttp2_session* session, uint8_t, int32_t stream_id
         return 0;
     }
     stream->data(data, len);
+    return 0;
+}
+
+// A DATA frame whose payload read_response left in the stream's buffer (NGHTTP2_DATA_FLAG_NO_COPY).
+int ClientH2::on_send_data(nghttp2_session*, nghttp2_frame* frame, const uint8_t* framehd, size_t length,
+                           nghttp2_data_source* source, void* user) {
+    evbuffer* out = static_cast<ClientH2*>(user)->bev_->output();
+    evbuffer_add(out, framehd, 9);
+    // Padding is never chosen (no select_padding callback), but its layout is cheap to honour.
+    size_t pad = frame->data.padlen;
+    if (pad > 0) {
+        uint8_t pad_length = uint8_t(pad - 1);
+        evbuffer_add(out, &pad_length, 1);
+    }
+    evbuffer_remove_buffer(static_cast<Stream*>(source->ptr)->resp_buf_, out, length);  // chains move
+    if (pad > 1) {
+        static const uint8_t zeros[256] = {};
+        evbuffer_add(out, zeros, pad - 1);
+    }
     return 0;
 }
 
