@@ -150,17 +150,17 @@ void ClientH1::parse_head() {
         }
     }
     arm_timer(Millis(0));
-    ++requests_;
     keep_alive_ = request_.keep_alive && !draining_;
     request_done_ = request_.framing == http1::Framing::None;
     request_pump_.start(request_.framing, request_.content_length, request_.framing == http1::Framing::Chunked);
 
     state_ = State::Proxying;
     exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
-    local_ = exchange_->route();  // may start sending at once on a pooled connection
-    if (local_.kind == RouteOutcome::Routed) return;
+    RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
+    if (outcome.kind == RouteOutcome::Routed) return;
 
-    record_.decision = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+    record_.decision = outcome.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+    local_ = std::make_unique<RouteOutcome>(std::move(outcome));
     exchange_.reset();
     state_ = State::LocalBody;
     if (request_done_ || request_.expect_continue) {
@@ -245,7 +245,8 @@ void ClientH1::answer_locally() {
         evbuffer_free(local_body_);
         local_body_ = nullptr;
     }
-    send_answer(answer_routing_miss(local_, id));
+    send_answer(answer_routing_miss(*local_, id));
+    local_.reset();
     finish_request();
 }
 

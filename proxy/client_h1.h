@@ -89,7 +89,6 @@ private:
     bool request_done_ = false;
     bool exchange_paused_ = false;  // the worker is not being read until the client catches up
     size_t scan_from_ = 0;
-    uint64_t requests_ = 0;
 
     http1::Head request_;
     http1::BodyPump request_pump_;
@@ -97,7 +96,7 @@ private:
     std::unique_ptr<Exchange> retired_;  // kept alive until no callback of it is on the stack
 
     // Local answers (routing misses) and the request's outcome for the access log.
-    RouteOutcome local_;
+    std::unique_ptr<RouteOutcome> local_;  // only while answering a routing miss
     evbuffer* local_body_ = nullptr;
     RequestRecord record_;
 };

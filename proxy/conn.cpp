@@ -157,10 +157,10 @@ void Conn::set_watermark(short events, size_t low, size_t high) {
     }
     if (events & EV_READ) {
         if (high && !read_high_) evbuffer_add_cb(in_, on_input_drained, this);  // resumes reading
-        read_high_ = high;
+        read_high_ = static_cast<uint32_t>(high);
         update_read_event();
     }
-    if (events & EV_WRITE) write_low_ = low;
+    if (events & EV_WRITE) write_low_ = static_cast<uint32_t>(low);
 }
 
 void Conn::enable(short events) {
@@ -251,7 +251,7 @@ void Conn::on_readable(int fd, short, void* arg) {
     if (self->read_high_) {
         size_t have = evbuffer_get_length(self->in_);
         if (have >= self->read_high_) return self->update_read_event();
-        want = std::min(want, self->read_high_ - have);
+        want = std::min(want, size_t(self->read_high_) - have);
     }
     evbuffer_iovec vec[2];
     int nvec = evbuffer_reserve_space(self->in_, static_cast<ev_ssize_t>(want), vec, 2);

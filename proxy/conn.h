@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include <sys/socket.h>
 
@@ -78,21 +79,22 @@ private:
     void progress();
     void report(short what);
 
+    // Ordered largest first so that a few thousand open streams pay no padding.
     Timers& timers_;
     bufferevent* tls_ = nullptr;
-    int fd_ = -1;
     evbuffer* in_ = nullptr;
     evbuffer* out_ = nullptr;
     event* read_ev_ = nullptr;
     event* write_ev_ = nullptr;
-    Deadline deadline_;
-    Millis timeout_{0};
     DataCallback read_cb_ = nullptr, write_cb_ = nullptr;
     EventCallback event_cb_ = nullptr;
     void* arg_ = nullptr;
-    size_t read_high_ = 0, write_low_ = 0;
-    uint32_t read_size_ = 2 * 1024;  // adapts between 2 and 64 KiB (see on_readable)
-    bool idle_timeout_ = false;      // timeout_ restarts on progress (else a fixed deadline)
+    Deadline deadline_;
+    Millis timeout_{0};
+    int fd_ = -1;
+    uint32_t read_size_ = 2 * 1024;    // adapts between 2 and 64 KiB (see on_readable)
+    uint32_t read_high_ = 0, write_low_ = 0;  // watermarks: at most 4 GiB
+    bool idle_timeout_ = false;  // timeout_ restarts on progress (else a fixed deadline)
     bool reading_ = false;       // EV_READ enabled by the user
     bool read_armed_ = false;    // read event registered with the loop
     bool write_armed_ = false;   // write event registered (kernel buffer full, or connecting)

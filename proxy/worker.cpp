@@ -45,7 +45,7 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
 }
 
 Worker::~Worker() {
-    for (auto* conn : std::vector<ClientConnection*>(connections_.begin(), connections_.end())) conn->close_now();
+    for (auto* conn : connections_.snapshot()) conn->close_now();
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
     pool_.reset();
@@ -110,17 +110,17 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
         bev = Conn::plain(*self->timers_, fd);
     }
     auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
-    self->connections_.insert(conn);
+    self->connections_.add(conn);
     self->open_connections_.store(self->connections_.size());
 }
 
 void Worker::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {
-    connections_.erase(old_conn);
-    connections_.insert(new_conn);
+    connections_.remove(old_conn);
+    connections_.add(new_conn);
 }
 
 void Worker::connection_closed(ClientConnection* conn) {
-    connections_.erase(conn);
+    connections_.remove(conn);
     open_connections_.store(connections_.size());
     if (draining_) maybe_exit();
 }
@@ -131,7 +131,7 @@ void Worker::drain_now() {
         if (l) evconnlistener_free(l);
         l = nullptr;
     }
-    for (auto* conn : std::vector<ClientConnection*>(connections_.begin(), connections_.end())) conn->drain();
+    for (auto* conn : connections_.snapshot()) conn->drain();
     maybe_exit();
 }
 
@@ -140,7 +140,7 @@ void Worker::maybe_exit() {
 }
 
 void Worker::stop_now() {
-    for (auto* conn : std::vector<ClientConnection*>(connections_.begin(), connections_.end())) conn->close_now();
+    for (auto* conn : connections_.snapshot()) conn->close_now();
     event_base_loopexit(base_, nullptr);
 }
 

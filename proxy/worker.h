@@ -6,10 +6,10 @@
 #include <atomic>
 #include <memory>
 #include <thread>
-#include <unordered_set>
 #include <vector>
 
 #include "discovery/fleet.h"
+#include "proxy/client.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/router.h"
@@ -22,7 +22,6 @@ struct event;
 
 namespace stepflow {
 
-class ClientConnection;
 class TlsServer;
 class TlsClient;
 
@@ -77,7 +76,7 @@ private:
     RequestSeries series_;
     std::vector<Listener> listener_specs_;
     std::vector<evconnlistener*> listeners_;
-    std::unordered_set<ClientConnection*> connections_;
+    ConnectionList connections_;
     std::atomic<size_t> open_connections_{0};
     int wake_fd_ = -1;  // eventfd: how other threads wake this loop
     event* wake_event_ = nullptr;
