@@ -1,7 +1,7 @@
 #include "proxy/client_h2.h"
 
 #include <algorithm>
-#include <cctype>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 
@@ -43,16 +43,23 @@ void advertise_stream_limit(std::string& frame, uint32_t configured) {
     }
 }
 
-nghttp2_nv make_nv(std::string_view name, std::string_view value) {
+// NO_COPY_NAME only for names that outlive the session (literals).
+nghttp2_nv make_nv(std::string_view name, std::string_view value, uint8_t flags = NGHTTP2_NV_FLAG_NONE) {
     return {reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
-            reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(), value.size(),
-            NGHTTP2_NV_FLAG_NONE};
+            reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(), value.size(), flags};
 }
 
 // Fields HTTP/2 forbids (RFC 9113 §8.2.2); the exchange already dropped the hop-by-hop ones.
-bool connection_specific(std::string_view lower) {
-    return lower == "connection" || lower == "keep-alive" || lower == "proxy-connection" ||
-           lower == "transfer-encoding" || lower == "upgrade" || lower == "te";
+bool connection_specific(http1::Field field) {
+    switch (field) {
+    case http1::Field::Connection:
+    case http1::Field::KeepAlive:
+    case http1::Field::ProxyConnection:
+    case http1::Field::TransferEncoding:
+    case http1::Field::Upgrade:
+    case http1::Field::TE: return true;
+    default: return false;
+    }
 }
 
 }  // namespace
@@ -219,21 +226,29 @@ public:
         chunked_out = false;
         record_.status = status;
         if (exchange_) record_.note_route(*exchange_);
-        std::string status_text = std::to_string(status), length_text = std::to_string(content_length);
-        std::vector<std::string> names;
-        names.reserve(headers.size());
-        std::vector<nghttp2_nv> nva;
-        nva.reserve(headers.size() + 2);
-        nva.push_back(make_nv(":status", status_text));
+        // nghttp2 copies names and values when the response is submitted, so the connection's
+        // scratch vectors serve every response: no allocation once they have grown.
+        std::vector<nghttp2_nv>& nva = conn_.nva_;
+        std::string& names = conn_.names_;
+        nva.clear();
+        names.clear();
+        size_t names_size = 0;
+        for (const auto& h : headers) names_size += h.name.size();
+        names.reserve(names_size);  // before any view into it is taken
+        char status_text[16], length_text[24];
+        auto status_end = std::to_chars(status_text, status_text + sizeof status_text, status).ptr;
+        nva.push_back(make_nv(":status", {status_text, size_t(status_end - status_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
         for (const auto& h : headers) {
-            std::string lower(h.name);
-            std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return char(std::tolower(c)); });
-            if (connection_specific(lower)) continue;
-            names.push_back(std::move(lower));
-            nva.push_back(make_nv(names.back(), h.value));
+            if (connection_specific(h.field)) continue;
+            size_t at = names.size();
+            for (unsigned char c : h.name) names.push_back(char(unsigned(c - 'A') < 26u ? c | 0x20 : c));  // HTTP/2 names are lower case
+            nva.push_back(make_nv({names.data() + at, h.name.size()}, h.value));
         }
-        if (framing == http1::Framing::Length) nva.push_back(make_nv("content-length", length_text));
-        submit(nva, framing != http1::Framing::None);
+        if (framing == http1::Framing::Length) {
+            auto end = std::to_chars(length_text, length_text + sizeof length_text, content_length).ptr;
+            nva.push_back(make_nv("content-length", {length_text, size_t(end - length_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
+        }
+        submit(nva.data(), nva.size(), framing != http1::Framing::None);
         return resp_buf_;
     }
 
@@ -325,18 +340,18 @@ private:
         std::vector<nghttp2_nv> nva = {make_nv(":status", status_text), make_nv("content-type", "application/json"),
                                        make_nv("content-length", length_text)};
         if (a.retry_after) nva.push_back(make_nv("retry-after", retry));
-        submit(nva, true);
+        submit(nva.data(), nva.size(), true);
         finish_log();
     }
 
-    void submit(const std::vector<nghttp2_nv>& nva, bool has_body) {
+    void submit(const nghttp2_nv* nva, size_t count, bool has_body) {
         nghttp2_data_provider provider;
         provider.source.ptr = this;
         provider.read_callback = [](nghttp2_session*, int32_t, uint8_t* buf, size_t length, uint32_t* flags,
                                     nghttp2_data_source* source, void*) -> ssize_t {
             return static_cast<Stream*>(source->ptr)->read_response(buf, length, flags);
         };
-        nghttp2_submit_response(conn_.session_, id_, nva.data(), nva.size(), has_body ? &provider : nullptr);
+        nghttp2_submit_response(conn_.session_, id_, nva, count, has_body ? &provider : nullptr);
         conn_.schedule_send();
     }
 

@@ -73,6 +73,8 @@ private:
     bool draining_ = false;
     bool destroying_ = false;
     bool settings_sent_ = false;  // our first SETTINGS frame went out (see send())
+    std::vector<nghttp2_nv> nva_;  // scratch for a response head (Stream::start_response)
+    std::string names_;            // its lower-cased names
 };
 
 }  // namespace stepflow
