@@ -90,7 +90,12 @@ public:
         std::string& raw = head_.raw;
         if (raw.capacity() < 256) raw.reserve(256);
         uint32_t lengths[2] = {uint32_t(name.size()), uint32_t(value.size())};
-        raw.append(reinterpret_cast<const char*>(lengths), sizeof lengths).append(name).append(value);
+        size_t at = raw.size();
+        raw.resize(at + sizeof lengths + name.size() + value.size());
+        char* p = raw.data() + at;
+        std::memcpy(p, lengths, sizeof lengths);
+        std::memcpy(p + sizeof lengths, name.data(), name.size());
+        std::memcpy(p + sizeof lengths + name.size(), value.data(), value.size());
         if (name.empty() || name[0] != ':') ++field_count_;
     }
 
@@ -207,6 +212,7 @@ public:
         if (paused_ && have - n < kStreamBufferLow) {
             paused_ = false;
             resume_pending_ = true;  // resumed outside nghttp2's send loop
+            conn_.resumes_pending_ = true;
             // This may run from the socket's write callback, not from on_deferred: without
             // scheduling a pass, nothing would ever resume the worker and the stream would stall.
             conn_.schedule_send();
@@ -234,15 +240,19 @@ public:
         names.clear();
         size_t names_size = 0;
         for (const auto& h : headers) names_size += h.name.size();
-        names.reserve(names_size);  // before any view into it is taken
+        names.resize(names_size);  // before any view into it is taken
+        char* name_out = names.data();
         char status_text[16], length_text[24];
         auto status_end = std::to_chars(status_text, status_text + sizeof status_text, status).ptr;
         nva.push_back(make_nv(":status", {status_text, size_t(status_end - status_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
         for (const auto& h : headers) {
             if (connection_specific(h.field)) continue;
-            size_t at = names.size();
-            for (unsigned char c : h.name) names.push_back(char(unsigned(c - 'A') < 26u ? c | 0x20 : c));  // HTTP/2 names are lower case
-            nva.push_back(make_nv({names.data() + at, h.name.size()}, h.value));
+            for (size_t i = 0; i < h.name.size(); ++i) {  // HTTP/2 names are lower case
+                auto c = static_cast<unsigned char>(h.name[i]);
+                name_out[i] = char(unsigned(c - 'A') < 26u ? c | 0x20 : c);
+            }
+            nva.push_back(make_nv({name_out, h.name.size()}, h.value));
+            name_out += h.name.size();
         }
         if (framing == http1::Framing::Length) {
             auto end = std::to_chars(length_text, length_text + sizeof length_text, content_length).ptr;
@@ -377,6 +387,9 @@ private:
     std::unique_ptr<Exchange> exchange_, retired_;
     RouteOutcome local_;
     RequestRecord record_;
+    Stream* prev_ = nullptr;  // ClientH2's list of open streams, then of closed ones (next_ only)
+    Stream* next_ = nullptr;
+    bool open_ = true;
 
     friend class ClientH2;
 };
@@ -396,6 +409,8 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_option_new(&option);
     // Windows open only as the worker takes request bytes (see Stream::pump_request_body).
     nghttp2_option_set_no_auto_window_update(option, 1);
+    // HTTP messaging checks stay on (no nghttp2_option_set_no_http_messaging): field names and
+    // values are validated there and not again in http1::check_request.
     // The library's defences: rapid reset (CVE-2023-44487) and CONTINUATION floods.
     nghttp2_option_set_stream_reset_rate_limit(option, 1000, 33);
     nghttp2_option_set_max_continuations(option, 8);
@@ -427,8 +442,12 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
 }
 
 ClientH2::~ClientH2() {
-    streams_.clear();
-    closed_.clear();
+    while (streams_) {
+        Stream* s = streams_;
+        streams_ = s->next_;
+        delete s;
+    }
+    free_closed();
     nghttp2_session_del(session_);
     event_free(deferred_);
     event_free(idle_);
@@ -439,11 +458,21 @@ ClientH2::~ClientH2() {
 void ClientH2::arm_idle() {
     timeval tv = to_timeval(worker_.config().keepalive_idle_timeout);
     evtimer_add(idle_, &tv);
+    idle_armed_ = true;
+}
+
+void ClientH2::free_closed() {
+    while (closed_) {
+        Stream* s = closed_;
+        closed_ = s->next_;
+        delete s;
+    }
 }
 
 void ClientH2::on_idle(int, short, void* arg) {
     auto* self = static_cast<ClientH2*>(arg);
-    if (!self->streams_.empty()) return;
+    self->idle_armed_ = false;
+    if (self->streams_) return;
     nghttp2_session_terminate_session(self->session_, NGHTTP2_NO_ERROR);
     self->send();
     self->maybe_close();
@@ -488,7 +517,7 @@ void ClientH2::receive() {
         evbuffer_drain(in, size_t(rv));
     }
     send();
-    closed_.clear();
+    free_closed();
     maybe_close();
 }
 
@@ -503,9 +532,12 @@ void ClientH2::on_deferred(int, short, void* arg) {
         delete self;
         return;
     }
-    for (auto& [_, stream] : self->streams_) stream->run_pending_resume();
+    if (self->resumes_pending_) {  // some stream went below its low-water mark (read_response)
+        self->resumes_pending_ = false;
+        for (Stream* s = self->streams_; s; s = s->next_) s->run_pending_resume();
+    }
     self->send();
-    self->closed_.clear();
+    self->free_closed();
     self->maybe_close();
 }
 
@@ -534,7 +566,7 @@ void ClientH2::send() {
 void ClientH2::maybe_close() {
     if (destroying_) return;
     bool done = !nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_);
-    if (draining_ && streams_.empty()) done = true;
+    if (draining_ && !streams_) done = true;
     if (done && evbuffer_get_length(bev_->output()) == 0) destroy();
 }
 
@@ -560,27 +592,39 @@ void ClientH2::close_now() {
 }
 
 void ClientH2::stream_closed(Stream* stream) {
-    auto it = streams_.find(stream->id_);
-    if (it == streams_.end()) return;
-    closed_.push_back(std::move(it->second));
-    streams_.erase(it);
-    if (streams_.empty()) arm_idle();
+    if (!stream->open_) return;
+    stream->open_ = false;
+    if (stream->prev_) stream->prev_->next_ = stream->next_;
+    else streams_ = stream->next_;
+    if (stream->next_) stream->next_->prev_ = stream->prev_;
+    stream->prev_ = nullptr;
+    stream->next_ = closed_;
+    closed_ = stream;
+    --stream_count_;
+    if (!streams_) arm_idle();
 }
 
 int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
     auto* self = static_cast<ClientH2*>(user);
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-    if (self->streams_.size() >= self->worker_.config().h2_max_concurrent_streams) {
+    if (self->stream_count_ >= self->worker_.config().h2_max_concurrent_streams) {
         // No Stream object: the refused stream's fields and DATA are ignored.
         log::debug("HTTP/2 stream refused: too many concurrent streams",
                    {{"client", self->client_ip_}, {"stream", int64_t(frame->hd.stream_id)}});
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM);
         return 0;
     }
-    auto stream = std::make_unique<Stream>(*self, frame->hd.stream_id);
-    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, stream.get());
-    self->streams_[frame->hd.stream_id] = std::move(stream);
-    evtimer_del(self->idle_);
+    // Open streams are an intrusive list: no container node or hashing per stream.
+    auto* stream = new Stream(*self, frame->hd.stream_id);
+    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, stream);
+    stream->next_ = self->streams_;
+    if (self->streams_) self->streams_->prev_ = stream;
+    self->streams_ = stream;
+    ++self->stream_count_;
+    if (self->idle_armed_) {
+        evtimer_del(self->idle_);
+        self->idle_armed_ = false;
+    }
     return 0;
 }
 

@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include <nghttp2/nghttp2.h>
@@ -60,6 +59,7 @@ private:
     void maybe_close();
     void destroy();
     void arm_idle();
+    void free_closed();
 
     Worker& worker_;
     Conn* bev_;
@@ -68,8 +68,11 @@ private:
     nghttp2_session* session_ = nullptr;
     event* deferred_ = nullptr;
     event* idle_ = nullptr;
-    std::unordered_map<int32_t, std::unique_ptr<Stream>> streams_;
-    std::vector<std::unique_ptr<Stream>> closed_;  // freed once no callback of theirs is on the stack
+    Stream* streams_ = nullptr;  // open streams (owned; linked through Stream::prev_/next_)
+    size_t stream_count_ = 0;
+    Stream* closed_ = nullptr;   // freed once no callback of theirs is on the stack (free_closed)
+    bool idle_armed_ = false;
+    bool resumes_pending_ = false;  // a stream's response may be read from its worker again
     bool draining_ = false;
     bool destroying_ = false;
     bool settings_sent_ = false;  // our first SETTINGS frame went out (see send())

@@ -75,6 +75,8 @@ struct Head {
     // First value of a header (case-insensitive name), empty view when absent.
     std::string_view get(std::string_view name) const;
     bool has(std::string_view name) const;
+    // Back to an empty head, keeping the buffers for the next one on the connection.
+    void clear();
 };
 
 bool iequals(std::string_view a, std::string_view b);
@@ -90,9 +92,11 @@ Error parse_response(Head& head, bool request_was_head);
 
 // parse_request's checks for a request head built from fields rather than split from text (an
 // HTTP/2 request): head.method, head.target and head.headers are set, each field classified
-// (classify()) and its views valid as long as the head. Checks the names, values (trimmed of
-// OWS here), their number, method, target, framing and Host as for HTTP/1.1, and sets the
-// derived members as parse_request does.
+// (classify()) and its views valid as long as the head. The names and values must be checked
+// already: nghttp2 does (RFC 9113 §8.2.1: lower-case tokens; values without NUL, CR, LF, other
+// controls, DEL or surrounding whitespace — what split_lines accepts, trimmed). Checks their
+// number, the method, target, framing and Host as for HTTP/1.1, and sets the derived members
+// as parse_request does.
 Error check_request(Head& head, const Limits& limits);
 
 // Which headers never travel past this hop: the fixed set of RFC 9110 §7.6.1 plus any named in
