@@ -131,7 +131,7 @@ void ClientH1::parse_head() {
     if (n == 0) return;
     retired_.reset();
     record_.begin();
-    request_ = http1::Head{};
+    request_.clear();
     scan_from_ = 0;
     if (n == SIZE_MAX) {
         send_error(431, "request head too large");
@@ -343,8 +343,7 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
                                    http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
     record_.status = status;
     if (exchange_) record_.note_route(*exchange_);
-    std::string out;
-    out.reserve(256 + headers.size() * 48);
+    std::string& out = worker_.head_text();
     out.append("HTTP/1.1 ");
     out.append(std::to_string(status));
     out += ' ';
@@ -378,12 +377,13 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     out.append("\r\n");
     evbuffer* output = bev_->output();
     evbuffer_add(output, out.data(), out.size());
-    release_request_head();
+    if (upstream_framing != http1::Framing::Length) release_request_head();
     return output;
 }
 
-// Once the response is under way only the request line is still needed (for the access log). An
-// SSE stream may stay open for minutes, so the rest of the head should not.
+// Once a streamed response is under way only the request line is still needed (for the access
+// log). An SSE stream may stay open for minutes, so the rest of the head should not; a response of
+// known length leaves it to be reused by the next request.
 void ClientH1::release_request_head() {
     size_t method_len = request_.method.size();
     std::string line;

@@ -124,8 +124,7 @@ void Exchange::connect_failed(const char* why) {
 
 void Exchange::send_request_head() {
     head_sent_ = true;
-    std::string head;
-    head.reserve(request_.raw.size() + 128);
+    std::string& head = worker_.head_text();
     head.append(request_.method);
     head += ' ';
     head.append(request_.target);
@@ -186,11 +185,11 @@ void Exchange::upstream_readable() {
     pump_response();
 }
 
-// The parsed head lives only here: once passed on, only its framing is needed (kept by the
-// pump), and an SSE stream may stay open for minutes.
+// The parsed head is the thread's scratch head: once passed on, only its framing is needed
+// (kept by the pump), and an SSE stream may stay open for minutes.
 bool Exchange::parse_response_head() {
     evbuffer* in = conn_->bev()->input();
-    http1::Head response;
+    http1::Head& response = worker_.response_head();
     while (true) {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
@@ -198,7 +197,7 @@ bool Exchange::parse_response_head() {
             fail(502, "upstream response head too large");
             return false;
         }
-        response = http1::Head{};
+        response.clear();
         response.raw.resize(n);
         evbuffer_remove(in, response.raw.data(), n);
         scan_from_ = 0;
@@ -223,8 +222,7 @@ bool Exchange::parse_response_head() {
     metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
 
     const std::string& header_name = worker_.config().instance_header;
-    std::vector<http1::Header> headers;
-    headers.reserve(response.headers.size() + 3);
+    std::vector<http1::Header>& headers = worker_.header_list();
     http1::HopByHop hop(response);
     bool has_instance_header = false;
     for (const auto& h : response.headers) {

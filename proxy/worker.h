@@ -11,6 +11,7 @@
 #include "discovery/fleet.h"
 #include "proxy/client.h"
 #include "proxy/config.h"
+#include "proxy/http1.h"
 #include "proxy/metrics.h"
 #include "proxy/router.h"
 #include "proxy/timers.h"
@@ -53,6 +54,22 @@ public:
     RequestSeries& series() { return series_; }
     TlsClient* upstream_tls() const { return tls_client_; }
 
+    // Scratch space for writing and parsing message heads. Each use ends before the call that
+    // took it returns, so one per thread serves every connection without an allocation per
+    // request. Returned empty.
+    std::string& head_text() {
+        head_text_.clear();
+        return head_text_;
+    }
+    http1::Head& response_head() {
+        response_head_.clear();
+        return response_head_;
+    }
+    std::vector<http1::Header>& header_list() {
+        header_list_.clear();
+        return header_list_;
+    }
+
     void connection_closed(ClientConnection* conn);
     void connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn);
 
@@ -83,6 +100,9 @@ private:
     std::atomic<unsigned> commands_{0};
     bool draining_ = false;
     std::thread thread_;
+    std::string head_text_;
+    http1::Head response_head_;
+    std::vector<http1::Header> header_list_;
 };
 
 }  // namespace stepflow
