@@ -18,8 +18,10 @@ namespace {
 
 // One recv per readable event, into a buffer sized by what recent reads brought: small for
 // requests and SSE events (so thousands of quiet streams hold no large buffers, and the heap
-// does not balloon while they start at once), growing quickly for bulk bodies.
-constexpr size_t kMinRead = 2 * 1024;
+// does not balloon while they start at once), growing quickly for bulk bodies. The smallest
+// size keeps libevent's chain (payload plus its header, rounded up to a power of two) at 1 KiB,
+// which malloc serves from its per-thread cache: a proxied request allocates four of them.
+constexpr size_t kMinRead = 1024 - 80;
 constexpr size_t kMaxRead = 64 * 1024;
 
 bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
@@ -266,8 +268,8 @@ void Conn::on_readable(int fd, short, void* arg) {
         self->update_read_event();
         return self->report(short(BEV_EVENT_READING | (n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR)));
     }
-    if (size_t(n) == want && self->read_size_ < kMaxRead) self->read_size_ *= 2;
-    else if (size_t(n) < want / 4 && self->read_size_ > kMinRead) self->read_size_ /= 2;
+    if (size_t(n) == want) self->read_size_ = uint32_t(std::min<size_t>(size_t(self->read_size_) * 2, kMaxRead));
+    else if (size_t(n) < want / 4) self->read_size_ = uint32_t(std::max<size_t>(self->read_size_ / 2, kMinRead));
     size_t left = size_t(n);
     for (int i = 0; i < nvec; ++i) {
         vec[i].iov_len = std::min(vec[i].iov_len, left);

@@ -92,7 +92,7 @@ private:
     Deadline deadline_;
     Millis timeout_{0};
     int fd_ = -1;
-    uint32_t read_size_ = 2 * 1024;    // adapts between 2 and 64 KiB (see on_readable)
+    uint32_t read_size_ = 1024 - 80;   // adapts between about 1 and 64 KiB (see on_readable)
     uint32_t read_high_ = 0, write_low_ = 0;  // watermarks: at most 4 GiB
     bool idle_timeout_ = false;  // timeout_ restarts on progress (else a fixed deadline)
     bool reading_ = false;       // EV_READ enabled by the user

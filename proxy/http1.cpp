@@ -240,6 +240,15 @@ size_t find_head_end(evbuffer* in, size_t limit, size_t& scan_from) {
     size_t len = evbuffer_get_length(in);
     size_t start = scan_from > 3 ? scan_from - 3 : 0;
     if (start < len) {
+        // Usually the whole head came in one read and sits in one chain: search it in place.
+        evbuffer_iovec first;
+        if (evbuffer_peek(in, -1, nullptr, &first, 1) == 1 && first.iov_len == len) {
+            std::string_view bytes(static_cast<const char*>(first.iov_base), len);
+            size_t at = bytes.find("\r\n\r\n", start);
+            if (at != std::string_view::npos) return at + 4 > limit ? SIZE_MAX : at + 4;
+            scan_from = len;
+            return len >= limit ? SIZE_MAX : 0;
+        }
         evbuffer_ptr from;
         evbuffer_ptr_set(in, &from, start, EVBUFFER_PTR_SET);
         evbuffer_ptr found = evbuffer_search(in, "\r\n\r\n", 4, &from);

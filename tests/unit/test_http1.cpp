@@ -131,6 +131,28 @@ TEST_CASE("find_head_end finds the blank line and enforces the limit", "[http1]"
     CHECK(find_head_end(big.b, 1024, scan2) == SIZE_MAX);
 }
 
+TEST_CASE("find_head_end finds a blank line split across buffer chains", "[http1]") {
+    // Each piece in its own chain (as when a head arrives in several reads), the CRLFCRLF split.
+    const std::string pieces[] = {"POST / HTTP/1.1\r\nHost: a\r", "\n\r", "\nxy"};
+    Buf in;
+    size_t scan = 0;
+    for (const auto& piece : pieces) {
+        evbuffer* part = evbuffer_new();
+        evbuffer_add(part, piece.data(), piece.size());
+        evbuffer_add_buffer(in.b, part);  // moves the chain, never merges it into the last
+        evbuffer_free(part);
+    }
+    REQUIRE(evbuffer_peek(in.b, -1, nullptr, nullptr, 0) == 3);
+    CHECK(find_head_end(in.b, 1024, scan) == 28);
+    size_t scan2 = 0;
+    CHECK(find_head_end(in.b, 27, scan2) == SIZE_MAX);  // complete, but over the limit
+    Buf one;
+    size_t scan3 = 0;
+    one.add("GET / HTTP/1.1\r\n\r\n");
+    CHECK(find_head_end(one.b, 18, scan3) == 18);
+    CHECK(find_head_end(one.b, 17, scan3 = 0) == SIZE_MAX);
+}
+
 TEST_CASE("chunked bodies decode across arbitrary splits and re-encode", "[http1]") {
     const std::string wire = "5\r\nhello\r\n1;ext=1\r\n \r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\n";
     for (size_t step : {size_t(1), size_t(2), size_t(7), wire.size()}) {
