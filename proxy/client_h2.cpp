@@ -23,6 +23,7 @@ constexpr size_t kConnectionOutputHigh = 128 * 1024;
 constexpr size_t kLocalBodyLimit = 1024 * 1024;
 constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
 constexpr size_t kCopyPayloadUpTo = 2 * 1024;      // DATA payloads copied; larger ones move chains
+constexpr size_t kSpareBuffers = 16;               // empty stream buffers kept per connection
 
 // The concurrent-stream limit nghttp2 itself enforces (see the ClientH2 constructor): high
 // enough that streams refused but not yet reset never reach it in normal use.
@@ -66,14 +67,14 @@ bool connection_specific(http1::Field field) {
 
 class ClientH2::Stream final : public Downstream {
 public:
-    Stream(ClientH2& conn, int32_t id) : conn_(conn), id_(id), req_buf_(evbuffer_new()), resp_buf_(evbuffer_new()) {
+    Stream(ClientH2& conn, int32_t id) : conn_(conn), id_(id), resp_buf_(conn.take_buffer()) {
         record_.begin();
     }
     ~Stream() override {
         exchange_.reset();
         retired_.reset();
-        evbuffer_free(req_buf_);
-        evbuffer_free(resp_buf_);
+        if (req_buf_) conn_.give_buffer(req_buf_);
+        conn_.give_buffer(resp_buf_);
     }
 
     // --- request side (called from nghttp2 callbacks) ---
@@ -153,7 +154,15 @@ public:
     void data(const uint8_t* bytes, size_t len) {
         record_.bytes_in += len;
         if (exchange_ && !answered_) {
-            evbuffer_add(req_buf_, bytes, len);
+            // Nothing queued ahead and the worker's connection takes it: straight there rather
+            // than through req_buf_ (one copy instead of two).
+            evbuffer* sink = exchange_->request_sink();
+            if (sink && !body_forwarded_ && !(req_buf_ && evbuffer_get_length(req_buf_) > 0) &&
+                !exchange_->request_sink_full()) {
+                forward(sink, len, [&] { evbuffer_add(sink, bytes, len); });
+                return;
+            }
+            evbuffer_add(req_buf(), bytes, len);
             unconsumed_ += len;
             pump_request_body();
             return;
@@ -161,7 +170,7 @@ public:
         // Answered already, or collecting a body only to read its JSON-RPC id.
         nghttp2_session_consume(conn_.session_, id_, len);
         if (local_mode_ && !answered_) {
-            evbuffer_add(req_buf_, bytes, len);
+            evbuffer_add(req_buf(), bytes, len);
             if (evbuffer_get_length(req_buf_) > kLocalBodyLimit) answer_locally();
         }
     }
@@ -305,18 +314,10 @@ private:
         if (!exchange_ || body_forwarded_) return;
         evbuffer* sink = exchange_->request_sink();
         if (!sink || exchange_->request_sink_full()) return;  // unconsumed bytes hold the client's window
-        size_t n = evbuffer_get_length(req_buf_);
+        size_t n = req_buf_ ? evbuffer_get_length(req_buf_) : 0;
         if (n > 0) {
-            if (chunked_up_) {
-                char line[24];
-                int len = std::snprintf(line, sizeof line, "%zx\r\n", n);
-                evbuffer_add(sink, line, size_t(len));
-            }
-            evbuffer_remove_buffer(req_buf_, sink, n);
-            if (chunked_up_) evbuffer_add(sink, "\r\n", 2);
-            nghttp2_session_consume(conn_.session_, id_, n);
+            forward(sink, n, [&] { evbuffer_remove_buffer(req_buf_, sink, n); });
             unconsumed_ -= n;
-            conn_.schedule_send();  // window updates
         }
         if (request_ended_) {
             if (chunked_up_) evbuffer_add(sink, "0\r\n\r\n", 5);
@@ -324,6 +325,26 @@ private:
             Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
             exchange_->request_body_done();
         }
+    }
+
+    // Writes `n` body bytes to the worker (chunk-framed when its length is unknown) and opens
+    // the client's window by as much.
+    template <class Write>
+    void forward(evbuffer* sink, size_t n, Write write) {
+        if (chunked_up_) {
+            char line[24];
+            int len = std::snprintf(line, sizeof line, "%zx\r\n", n);
+            evbuffer_add(sink, line, size_t(len));
+        }
+        write();
+        if (chunked_up_) evbuffer_add(sink, "\r\n", 2);
+        nghttp2_session_consume(conn_.session_, id_, n);
+        conn_.schedule_send();  // window updates
+    }
+
+    evbuffer* req_buf() {
+        if (!req_buf_) req_buf_ = conn_.take_buffer();
+        return req_buf_;
     }
 
     void reject(int status, const char* why) {
@@ -334,7 +355,7 @@ private:
     }
 
     void answer_locally() {
-        std::string id = jsonrpc_id_of(req_buf_);
+        std::string id = jsonrpc_id_of(req_buf());
         evbuffer_drain(req_buf_, evbuffer_get_length(req_buf_));
         answer(answer_routing_miss(local_, id));
     }
@@ -378,7 +399,7 @@ private:
     size_t field_count_ = 0;  // regular (not pseudo-header) fields kept
     bool header_overflow_ = false;
     http1::Head head_;
-    evbuffer* req_buf_;
+    evbuffer* req_buf_ = nullptr;  // request body waiting for the worker (made when first needed)
     evbuffer* resp_buf_;
     size_t unconsumed_ = 0;
     bool request_ended_ = false, body_forwarded_ = false, chunked_up_ = false;
@@ -448,6 +469,7 @@ ClientH2::~ClientH2() {
         delete s;
     }
     free_closed();
+    for (evbuffer* b : spare_buffers_) evbuffer_free(b);
     nghttp2_session_del(session_);
     event_free(deferred_);
     event_free(idle_);
@@ -459,6 +481,18 @@ void ClientH2::arm_idle() {
     timeval tv = to_timeval(worker_.config().keepalive_idle_timeout);
     evtimer_add(idle_, &tv);
     idle_armed_ = true;
+}
+
+evbuffer* ClientH2::take_buffer() {
+    if (spare_buffers_.empty()) return evbuffer_new();
+    evbuffer* b = spare_buffers_.back();
+    spare_buffers_.pop_back();
+    return b;
+}
+
+void ClientH2::give_buffer(evbuffer* b) {
+    if (evbuffer_get_length(b) == 0 && spare_buffers_.size() < kSpareBuffers) spare_buffers_.push_back(b);
+    else evbuffer_free(b);
 }
 
 void ClientH2::free_closed() {

@@ -60,6 +60,9 @@ private:
     void destroy();
     void arm_idle();
     void free_closed();
+    // Stream buffers: an empty one is kept for the connection's next stream instead of freed.
+    evbuffer* take_buffer();
+    void give_buffer(evbuffer* b);
 
     Worker& worker_;
     Conn* bev_;
@@ -73,6 +76,7 @@ private:
     Stream* closed_ = nullptr;   // freed once no callback of theirs is on the stack (free_closed)
     bool idle_armed_ = false;
     bool resumes_pending_ = false;  // a stream's response may be read from its worker again
+    std::vector<evbuffer*> spare_buffers_;
     bool draining_ = false;
     bool destroying_ = false;
     bool settings_sent_ = false;  // our first SETTINGS frame went out (see send())

@@ -299,6 +299,34 @@ def one_h2c_connection_multiplexes_pinned_unpinned_and_sse_streams():
 
 
 @test
+def request_bodies_in_several_data_frames_with_and_without_content_length():
+    # A body goes to the worker as its DATA frames arrive: straight into the worker connection
+    # when nothing waits ahead of it, chunk-framed when the client gave no content-length.
+    w = Worker("pieces", max_concurrency=16)
+    lb = Balancer([w.address])
+    lb.wait_healthy(1)
+    c = H2Client("127.0.0.1", lb.port)
+    sids = {}
+    for i, with_length in enumerate((True, False, True, False)):
+        body = rpc("/echo", {"i": i, "pad": "x" * (3000 * i)}, id=i)
+        sid = c.new_stream_id()
+        c.send_headers(sid, request_fields(content_length=len(body) if with_length else None))
+        cuts = [0, 1, len(body) // 3, len(body) - 1, len(body)]
+        for a, b in zip(cuts, cuts[1:]):
+            c.send_data(sid, body[a:b], end_stream=b == len(body))
+            time.sleep(0.02)
+        sids[sid] = (i, with_length)
+    c.wait(lambda: all(c.streams[s].closed for s in sids), what="every stream")
+    for sid, (i, with_length) in sids.items():
+        s = c.streams[sid]
+        out = json.loads(bytes(s.data)) if s.status == 200 else None
+        check(out is not None and out["result"]["output"] == {"i": i, "pad": "x" * (3000 * i)},
+              f"stream {sid} (content-length: {with_length}): {s.status} {bytes(s.data)[:200]}")
+    c.close()
+    wait_for(lambda: lb.in_flight_total() == 0, 5, "in-flight back to 0")
+
+
+@test
 def stream_reset_mid_sse_cancels_only_that_request():
     w = Worker("rst", max_concurrency=16)
     lb, _, _ = tls_balancer([w.address])
