@@ -78,22 +78,31 @@ void ClientH1::on_event(Conn*, short what, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
     if (what & BEV_EVENT_TIMEOUT) return self->timed_out();
     if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) return;
-    if (self->state_ == State::Proxying && self->exchange_) {
-        // The client went away: closing the worker connection is how the worker learns of it.
-        self->exchange_->abort();
-        self->record_.note_route(*self->exchange_);
-        if (self->record_.status == 0) self->record_.status = 499;
-        self->log_access();
+    self->client_gone();
+}
+
+void ClientH1::client_gone() {
+    if (state_ == State::Proxying && exchange_) {
+        // Closing the worker connection is how the worker learns the request was cancelled.
+        exchange_->abort();
+        record_.note_route(*exchange_);
+        if (record_.status == 0) record_.status = 499;
+        log_access();
     }
-    self->destroy();
+    destroy();
 }
 
 void ClientH1::timed_out() {
     switch (state_) {
     case State::Idle: destroy(); break;  // keep-alive idle time is over
     case State::ReadingHead: send_error(408, "request head not received in time"); break;
-    case State::Closing: destroy(); break;  // linger time is over
-    default: break;
+    case State::Closing: destroy(); break;  // linger time is over, or the last bytes were not taken
+    case State::Proxying:
+    case State::LocalBody:
+        // --client-send-timeout: the response waits and the client takes none of it.
+        log::debug("client send timeout", {{"client", client_ip_}});
+        client_gone();
+        break;
     }
 }
 
@@ -149,7 +158,7 @@ void ClientH1::parse_head() {
             return;
         }
     }
-    arm_timer(Millis(0));
+    bev_->set_send_timeout(cfg.client_send_timeout);  // in place of the head's deadline
     keep_alive_ = request_.keep_alive && !draining_;
     request_done_ = request_.framing == http1::Framing::None;
     request_pump_.start(request_.framing, request_.content_length, request_.framing == http1::Framing::Chunked);
@@ -301,7 +310,7 @@ void ClientH1::log_access() { record_.finish(worker_, request_.method, request_.
 
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
-    arm_timer(Millis(0));
+    bev_->set_send_timeout(worker_.config().client_send_timeout);  // the last bytes must be taken too
     bev_->set_watermark(EV_WRITE, 0, 0);
     evbuffer* out = bev_->output();
     if (evbuffer_get_length(out) == 0) linger();

@@ -73,6 +73,7 @@ private:
     void destroy();
     void arm_timer(Millis ms);
     void timed_out();
+    void client_gone();
     void defer();
     void log_access();
     void release_request_head();

@@ -90,7 +90,8 @@ Config parse_config(int argc, char** argv) {
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
     std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
-        keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, drain_timeout, dns_interval;
+        keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
+        dns_interval;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
         ->envname("BIND_ADDRESS")->capture_default_str();
@@ -164,6 +165,9 @@ Config parse_config(int argc, char** argv) {
                    "Cut a response body (e.g. SSE) silent for this long; 0 = never [0]")->envname("STEPFLOW_LB_STREAM_IDLE_TIMEOUT");
     app.add_option("--upstream-idle-timeout", upstream_idle_timeout, "Close pooled idle worker connections after (keep below the workers' own keep-alive) [4s]")
         ->envname("STEPFLOW_LB_UPSTREAM_IDLE_TIMEOUT");
+    app.add_option("--client-send-timeout", client_send_timeout,
+                   "Disconnect a client that takes no response bytes for this long while some wait [60s]")
+        ->envname("STEPFLOW_LB_CLIENT_SEND_TIMEOUT");
     app.add_option("--drain-timeout", drain_timeout, "On SIGTERM, time given to requests in flight [30s]")
         ->envname("STEPFLOW_LB_DRAIN_TIMEOUT");
 
@@ -218,6 +222,7 @@ Config parse_config(int argc, char** argv) {
     duration_flag("--keepalive-idle-timeout", keepalive_idle_timeout, cfg.keepalive_idle_timeout, false);
     duration_flag("--stream-idle-timeout", stream_idle_timeout, cfg.stream_idle_timeout, true);
     duration_flag("--upstream-idle-timeout", upstream_idle_timeout, cfg.upstream_idle_timeout, false);
+    duration_flag("--client-send-timeout", client_send_timeout, cfg.client_send_timeout, false);
     duration_flag("--drain-timeout", drain_timeout, cfg.drain_timeout, true);
     duration_flag("--dns-interval", dns_interval, cfg.dns_interval, false);
 

@@ -77,6 +77,7 @@ struct Config {
     // Pooled idle worker connections. Below uvicorn's 5 s keep-alive default, so the worker is
     // not the one closing a connection we are about to reuse.
     Millis upstream_idle_timeout{4000};
+    Millis client_send_timeout{60000};
     Millis drain_timeout{30000};
 
     // Limits

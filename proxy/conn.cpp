@@ -115,35 +115,59 @@ void Conn::set_callbacks(DataCallback read, DataCallback write, EventCallback ev
     arg_ = arg;
 }
 
+// TLS output is written by the bufferevent, so its send timeout is the bufferevent's write
+// timeout (which has the same meaning); the others are ours for both kinds.
+void Conn::clear_tls_send_timeout() {
+    if (tls_ && timeout_kind_ == Timeout::Send) bufferevent_set_timeouts(tls_, nullptr, nullptr);
+}
+
 void Conn::set_idle_timeout(Millis after) {
+    clear_tls_send_timeout();
     timeout_ = after;
-    idle_timeout_ = true;
+    timeout_kind_ = Timeout::Idle;
     deadline_.cancel();
     update_deadline();
 }
 
-void Conn::set_deadline(Millis after) {
+void Conn::set_send_timeout(Millis after) {
     timeout_ = after;
-    idle_timeout_ = false;
+    timeout_kind_ = Timeout::Send;
+    deadline_.cancel();
+    if (tls_) {
+        timeval tv = to_timeval(after);
+        bufferevent_set_timeouts(tls_, nullptr, after.count() > 0 ? &tv : nullptr);
+        return;
+    }
+    update_deadline();
+}
+
+void Conn::set_deadline(Millis after) {
+    clear_tls_send_timeout();
+    timeout_ = after;
+    timeout_kind_ = Timeout::Deadline;
     deadline_.arm(timers_, after);
 }
 
 bool Conn::waiting() const {
-    return reading_ || connecting_ || (!failed_ && evbuffer_get_length(out_) > 0);
+    bool output_waits = !failed_ && evbuffer_get_length(out_) > 0;
+    if (timeout_kind_ == Timeout::Send) return output_waits;
+    return reading_ || connecting_ || output_waits;
 }
 
-// An idle timeout runs only while there is something to wait for: a stream paused because its
-// client reads slowly is not idle on the worker's side.
+// Idle and send timeouts run only while there is something to wait for: a stream paused because
+// its client reads slowly is not idle on the worker's side, and a client with nothing to take
+// is not slow.
 void Conn::update_deadline() {
-    if (!idle_timeout_ || timeout_.count() <= 0) return;
+    if (timeout_kind_ == Timeout::Deadline || timeout_.count() <= 0) return;
+    if (tls_ && timeout_kind_ == Timeout::Send) return;
     bool want = waiting();
     if (want == deadline_.armed()) return;
     if (want) deadline_.arm(timers_, timeout_);
     else deadline_.cancel();
 }
 
-void Conn::progress() {
-    if (idle_timeout_) deadline_.restart();
+void Conn::progress(bool wrote) {
+    if (timeout_kind_ == Timeout::Idle || (wrote && timeout_kind_ == Timeout::Send)) deadline_.restart();
 }
 
 void Conn::on_deadline(void* arg) {
@@ -214,7 +238,7 @@ void Conn::flush() {
     while (evbuffer_get_length(out_) > 0) {
         int n = evbuffer_write(out_, fd_);
         if (n > 0) {
-            progress();
+            progress(true);
             continue;
         }
         if (n < 0 && !would_block(errno)) {
@@ -276,7 +300,7 @@ void Conn::on_readable(int fd, short, void* arg) {
         left -= vec[i].iov_len;
     }
     evbuffer_commit_space(self->in_, vec, nvec);
-    self->progress();
+    self->progress(false);
     if (self->read_cb_) self->read_cb_(self, self->arg_);  // last: the callback may free us
 }
 
@@ -298,7 +322,7 @@ void Conn::on_writable(int fd, short, void* arg) {
         event_free(self->write_ev_);
         self->write_ev_ = nullptr;
         self->write_armed_ = false;
-        self->progress();
+        self->progress(true);
         self->update_read_event();
         self->flush();
         return self->report(BEV_EVENT_CONNECTED);
@@ -314,20 +338,20 @@ void Conn::report(short what) {
 
 void Conn::tls_read(bufferevent*, void* arg) {
     auto* self = static_cast<Conn*>(arg);
-    self->progress();
+    self->progress(false);
     if (self->read_cb_) self->read_cb_(self, self->arg_);
 }
 
 void Conn::tls_write(bufferevent*, void* arg) {
     auto* self = static_cast<Conn*>(arg);
-    self->progress();
+    self->progress(true);
     self->update_deadline();
     if (self->write_cb_) self->write_cb_(self, self->arg_);
 }
 
 void Conn::tls_event(bufferevent*, short what, void* arg) {
     auto* self = static_cast<Conn*>(arg);
-    if (what & BEV_EVENT_CONNECTED) self->progress();
+    if (what & BEV_EVENT_CONNECTED) self->progress(true);
     self->report(what);
 }
 

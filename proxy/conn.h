@@ -47,12 +47,13 @@ public:
     SSL* ssl() const;
 
     void set_callbacks(DataCallback read, DataCallback write, EventCallback event, void* arg);
-    // Both report BEV_EVENT_TIMEOUT, with BEV_EVENT_WRITING while connecting or while output
-    // waits and nothing is being read, else with BEV_EVENT_READING. One replaces the other;
+    // All report BEV_EVENT_TIMEOUT, with BEV_EVENT_WRITING while connecting or while output
+    // waits and nothing is being read, else with BEV_EVENT_READING. Each replaces the others;
     // zero clears. Idle: no byte moves either way for this long while there is something to
-    // wait for (reading is enabled, output waits, or a connect). Deadline: this long from now,
-    // whatever moves.
+    // wait for (reading is enabled, output waits, or a connect). Send: output waits and none of
+    // it is taken for this long. Deadline: this long from now, whatever moves.
     void set_idle_timeout(Millis after);
+    void set_send_timeout(Millis after);
     void set_deadline(Millis after);
     // EV_READ: stop reading while `high` bytes wait in input (0: no limit). EV_WRITE: the write
     // callback runs when output drains to `low` or less.
@@ -76,7 +77,8 @@ private:
     void flush();  // write what output holds; arm EV_WRITE only if the kernel would block
     bool waiting() const;
     void update_deadline();
-    void progress();
+    void clear_tls_send_timeout();
+    void progress(bool wrote);
     void report(short what);
 
     // Ordered largest first so that a few thousand open streams pay no padding.
@@ -94,7 +96,7 @@ private:
     int fd_ = -1;
     uint32_t read_size_ = 1024 - 80;   // adapts between about 1 and 64 KiB (see on_readable)
     uint32_t read_high_ = 0, write_low_ = 0;  // watermarks: at most 4 GiB
-    bool idle_timeout_ = false;  // timeout_ restarts on progress (else a fixed deadline)
+    enum class Timeout : uint8_t { Deadline, Idle, Send } timeout_kind_ = Timeout::Deadline;
     bool reading_ = false;       // EV_READ enabled by the user
     bool read_armed_ = false;    // read event registered with the loop
     bool write_armed_ = false;   // write event registered (kernel buffer full, or connecting)

@@ -274,5 +274,36 @@ def slow_reader_applies_back_pressure_instead_of_buffering():
     check(digest.hexdigest() == example_worker.blob_sha256(size, 3), "body intact after the stall")
 
 
+@test
+def client_that_takes_nothing_is_disconnected_after_the_send_timeout():
+    w = Worker("stuck")
+    lb = Balancer([w.address], threads=1, args=["--client-send-timeout", "500ms"])
+    size = 32 * MB
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                       "params": {"component": "/blob", "input": {"bytes": size, "chunked": True, "seed": 4}}}).encode()
+    s = socket.create_connection(("127.0.0.1", lb.port), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    check(head.startswith(b"HTTP/1.1 200"), head[:100])
+    wait_for(lambda: lb.in_flight_total() == 1, 5, "response in flight")
+    # The client takes nothing more: the balancer must give up on it and cancel the worker's request.
+    wait_for(lambda: lb.in_flight_total() == 0, 10, "exchange ended by the send timeout")
+    got = 0
+    try:
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    s.close()
+    check(got < size, f"the connection was cut ({got} of {size} bytes arrived)")
+
+
 if __name__ == "__main__":
     run_tests()
