@@ -46,6 +46,21 @@ void advertise_stream_limit(std::string& frame, uint32_t configured) {
     }
 }
 
+// Lower-cases A-Z in place, eight bytes at a time; `size` is a multiple of 8.
+void lower_ascii(char* p, size_t size) {
+    constexpr uint64_t k7f = 0x7f7f7f7f7f7f7f7f, k80 = 0x8080808080808080;
+    for (size_t i = 0; i < size; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        uint64_t low7 = w & k7f;
+        uint64_t above_z = low7 + 0x2525252525252525;    // high bit set where the byte > 'Z'
+        uint64_t from_a = low7 + 0x3f3f3f3f3f3f3f3f;     // high bit set where the byte >= 'A'
+        uint64_t upper = (from_a & ~above_z) & ~w & k80;  // ASCII 'A'..'Z'
+        w |= upper >> 2;                                  // 0x80 >> 2 == 0x20
+        std::memcpy(p + i, &w, 8);
+    }
+}
+
 // NO_COPY_NAME only for names that outlive the session (literals).
 nghttp2_nv make_nv(std::string_view name, std::string_view value, uint8_t flags = NGHTTP2_NV_FLAG_NONE) {
     return {reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
@@ -358,20 +373,18 @@ public:
         names.clear();
         size_t names_size = 0;
         for (const auto& h : headers) names_size += h.name.size();
-        names.resize(names_size);  // before any view into it is taken
+        names.resize((names_size + 7) & ~size_t(7));  // before any view into it is taken
         char* name_out = names.data();
         char status_text[16], length_text[24];
         auto status_end = std::to_chars(status_text, status_text + sizeof status_text, status).ptr;
         nva.push_back(make_nv(":status", {status_text, size_t(status_end - status_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
         for (const auto& h : headers) {
             if (connection_specific(h.field)) continue;
-            for (size_t i = 0; i < h.name.size(); ++i) {  // HTTP/2 names are lower case
-                auto c = static_cast<unsigned char>(h.name[i]);
-                name_out[i] = char(unsigned(c - 'A') < 26u ? c | 0x20 : c);
-            }
+            std::memcpy(name_out, h.name.data(), h.name.size());
             nva.push_back(make_nv({name_out, h.name.size()}, h.value));
             name_out += h.name.size();
         }
+        lower_ascii(names.data(), names.size());  // HTTP/2 names are lower case
         if (framing == http1::Framing::Length) {
             auto end = std::to_chars(length_text, length_text + sizeof length_text, content_length).ptr;
             nva.push_back(make_nv("content-length", {length_text, size_t(end - length_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
@@ -755,11 +768,13 @@ int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* fr
         log::debug("HTTP/2 stream refused: too many concurrent streams",
                    {{"client", self->client_ip_}, {"stream", int64_t(frame->hd.stream_id)}});
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM);
+        self->receiving_ = nullptr;
         return 0;
     }
     // Open streams are an intrusive list: no container node or hashing per stream.
     auto* stream = new Stream(*self, frame->hd.stream_id);
     nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, stream);
+    self->receiving_ = stream;
     stream->next_ = self->streams_;
     if (self->streams_) self->streams_->prev_ = stream;
     self->streams_ = stream;
@@ -771,10 +786,11 @@ int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* fr
     return 0;
 }
 
-int ClientH2::on_header(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
-                        const uint8_t* value, size_t valuelen, uint8_t, void*) {
+int ClientH2::on_header(nghttp2_session*, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
+                        const uint8_t* value, size_t valuelen, uint8_t, void* user) {
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // trailers: dropped
-    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    // A request's header block follows its on_begin_headers with no other frame in between.
+    Stream* stream = static_cast<ClientH2*>(user)->receiving_;
     if (stream)
         stream->header({reinterpret_cast<const char*>(name), namelen}, {reinterpret_cast<const char*>(value), valuelen});
     return 0;

@@ -74,6 +74,7 @@ private:
     Stream* streams_ = nullptr;  // open streams (owned; linked through Stream::prev_/next_)
     size_t stream_count_ = 0;
     Stream* closed_ = nullptr;   // freed once no callback of theirs is on the stack (free_closed)
+    Stream* receiving_ = nullptr;  // the stream whose request header block is being read
     bool idle_armed_ = false;
     bool resumes_pending_ = false;  // a stream's response may be read from its worker again
     std::vector<evbuffer*> spare_buffers_;
