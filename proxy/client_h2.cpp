@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <optional>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -195,8 +196,8 @@ public:
     static void operator delete(void* p) { block_free(p); }
 
     ~Stream() override {
-        exchange_.reset();
-        retired_.reset();
+        exchange_ = nullptr;
+        exchange_storage_.reset();
         if (req_buf_) conn_.give_buffer(req_buf_);
         conn_.give_buffer(resp_buf_);
     }
@@ -266,11 +267,12 @@ public:
             chunked_up_ = true;
         }
         if (request_ended_) head_.framing = http1::Framing::None;
-        exchange_ = std::make_unique<Exchange>(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
+        exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
         local_ = exchange_->route();
         if (local_.kind == RouteOutcome::Routed) return;
         record_.decision = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
-        exchange_.reset();
+        exchange_ = nullptr;
+        exchange_storage_.reset();
         local_mode_ = true;
         if (request_ended_) answer_locally();
     }
@@ -410,7 +412,7 @@ public:
         response_done_ = true;
         record_.note_route(*exchange_);
         Metrics::get().client_sent_bytes.Increment(double(record_.bytes_out));
-        retired_ = std::move(exchange_);
+        exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
         nghttp2_session_resume_data(conn_.session_, id_);
         conn_.schedule_send();
         finish_log();
@@ -418,7 +420,7 @@ public:
 
     void exchange_failed(int status, const char* why, bool response_started) override {
         record_.note_route(*exchange_);
-        retired_ = std::move(exchange_);
+        exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
         if (response_started) {
             log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", conn_.client_ip_}});
             nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, NGHTTP2_INTERNAL_ERROR);
@@ -527,7 +529,10 @@ private:
     bool request_ended_ = false, body_forwarded_ = false, chunked_up_ = false;
     bool began_ = false, local_mode_ = false, answered_ = false;
     bool response_done_ = false, paused_ = false, resume_pending_ = false, logged_ = false;
-    std::unique_ptr<Exchange> exchange_, retired_;
+    // The exchange lives in the stream (no allocation of its own) until the stream is freed;
+    // exchange_ points to it while it runs.
+    std::optional<Exchange> exchange_storage_;
+    Exchange* exchange_ = nullptr;
     RouteOutcome local_;
     RequestRecord record_;
     Stream* prev_ = nullptr;  // ClientH2's list of open streams, then of closed ones (next_ only)
