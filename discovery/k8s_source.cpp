@@ -78,7 +78,7 @@ std::unique_ptr<K8sSource> K8sSource::create(event_base* base, K8sSettings setti
 
 K8sSource::K8sSource(event_base* base, K8sSettings settings, SSL_CTX* tls)
     : base_(base), settings_(std::move(settings)), tls_(tls), token_(settings_.token_file),
-      reflector_(store_, settings_.backoff, &metrics_) {
+      reflector_(store_, settings_.backoff, &metrics_), watch_jitter_(std::random_device{}()) {
     timer_ = evtimer_new(base_, on_timer, this);
 }
 
@@ -106,11 +106,11 @@ std::string K8sSource::list_path(const std::string& continue_token) const {
     return path;
 }
 
-std::string K8sSource::watch_path(const std::string& resource_version) const {
+std::string K8sSource::watch_path(const std::string& resource_version, int timeout_seconds) const {
     std::string path = list_path("");
     path.erase(path.rfind("&limit="));
     return path + "&watch=1&resourceVersion=" + url_encode(resource_version) +
-           "&allowWatchBookmarks=true&timeoutSeconds=" + std::to_string(settings_.watch_timeout_seconds);
+           "&allowWatchBookmarks=true&timeoutSeconds=" + std::to_string(timeout_seconds);
 }
 
 void K8sSource::start(EndpointsCallback on_change) {
@@ -168,9 +168,11 @@ void K8sSource::send() {
     };
     cb.on_line = [this, id](std::string_view line) { on_watch_line(id, line); };
     cb.on_done = [this, id](ApiCall::Outcome o) { on_watch_done(id, std::move(o)); };
+    int base = settings_.watch_timeout_seconds;
+    int timeout = base + std::uniform_int_distribution<int>(0, base)(watch_jitter_);
     // Silence longer than the server's own timeout plus a margin means the stream is dead.
-    auto idle = std::chrono::milliseconds((settings_.watch_timeout_seconds + 30) * 1000LL);
-    call_ = std::make_unique<ApiCall>(base_, settings_.api, tls_, watch_path(pending_.token), token,
+    auto idle = std::chrono::milliseconds((timeout + 30) * 1000LL);
+    call_ = std::make_unique<ApiCall>(base_, settings_.api, tls_, watch_path(pending_.token, timeout), token,
                                       ApiCall::Mode::Lines, settings_.head_timeout, idle, std::move(cb));
 }
 

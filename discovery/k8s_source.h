@@ -5,6 +5,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -32,7 +33,9 @@ struct K8sSettings {
     std::string service;
     K8sKind kind = K8sKind::EndpointSlices;
     PortSelector port;
-    int watch_timeout_seconds = 290;  // the server ends each watch after this; we re-watch at once
+    // The server ends each watch after 1 to 2 times this, drawn anew for every watch (as
+    // client-go does) so that balancer replicas started together do not re-watch together.
+    int watch_timeout_seconds = 290;
     int page_limit = 500;
     std::chrono::milliseconds head_timeout{10000};
     Reflector::Options backoff;
@@ -53,7 +56,7 @@ public:
 
     // The paths this source asks for (exposed for tests).
     std::string list_path(const std::string& continue_token) const;
-    std::string watch_path(const std::string& resource_version) const;
+    std::string watch_path(const std::string& resource_version, int timeout_seconds) const;
 
 private:
     K8sSource(event_base* base, K8sSettings settings, SSL_CTX* tls);
@@ -82,6 +85,7 @@ private:
     std::unique_ptr<ApiCall> retired_;  // a finished call, freed on the next turn of the loop
     std::optional<std::vector<Endpoint>> published_;
     std::string last_port_error_;
+    std::minstd_rand watch_jitter_;
 };
 
 }  // namespace stepflow

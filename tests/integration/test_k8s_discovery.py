@@ -326,6 +326,16 @@ def bookmarks_move_the_rewatch_version():
         last = [r for r in api.requests if r["kind"] == "watch"][-1]
     check("resourceVersion=%d" % api.rv in last["path"], "re-watch from the bookmark: %s" % last["path"])
     check(api.count("list", since=since) == 0, "no relist needed")
+    for i in range(6):  # a few more watches, to see their timeout vary
+        since = time.monotonic()
+        api.send_bookmarks()  # a watch that carried something is renewed at once
+        wait_for(lambda: lb.metric("stepflow_lb_k8s_watch_events_total", type="BOOKMARK") >= i + 2, 5, "bookmark")
+        api.end_watches()
+        api.wait_watching(5, since=since)
+    with api.cond:
+        asked = [int(r["path"].split("timeoutSeconds=")[1].split("&")[0]) for r in api.requests if r["kind"] == "watch"]
+    check(len(asked) >= 8 and all(290 <= t <= 580 for t in asked), f"each watch asks for 1 to 2 times 290 s: {asked}")
+    check(len(set(asked)) > 1, f"drawn anew for each watch: {asked}")
 
 
 @test
