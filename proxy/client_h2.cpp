@@ -580,10 +580,11 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
 
     deferred_ = event_new(worker.base(), -1, 0, on_deferred, this);
-    idle_ = evtimer_new(worker.base(), on_idle, this);
     bev_->set_callbacks(on_read, on_write, on_event, this);
     bev_->set_watermark(EV_WRITE, kConnectionOutputHigh / 4, 0);
     bev_->enable(EV_READ | EV_WRITE);
+    // A client that takes none of what waits for it is dropped (on_event: BEV_EVENT_TIMEOUT).
+    bev_->set_send_timeout(cfg.client_send_timeout);
     Metrics::get().client_connections.Increment();
     arm_idle();
     receive();  // the preface (and maybe more) is already buffered
@@ -599,16 +600,11 @@ ClientH2::~ClientH2() {
     for (evbuffer* b : spare_buffers_) evbuffer_free(b);
     nghttp2_session_del(session_);
     event_free(deferred_);
-    event_free(idle_);
     delete bev_;
     Metrics::get().client_connections.Decrement();
 }
 
-void ClientH2::arm_idle() {
-    timeval tv = to_timeval(worker_.config().keepalive_idle_timeout);
-    evtimer_add(idle_, &tv);
-    idle_armed_ = true;
-}
+void ClientH2::arm_idle() { idle_.arm(worker_.timers(), worker_.config().keepalive_idle_timeout); }
 
 evbuffer* ClientH2::take_buffer() {
     if (spare_buffers_.empty()) return evbuffer_new();
@@ -630,9 +626,8 @@ void ClientH2::free_closed() {
     }
 }
 
-void ClientH2::on_idle(int, short, void* arg) {
+void ClientH2::on_idle(void* arg) {
     auto* self = static_cast<ClientH2*>(arg);
-    self->idle_armed_ = false;
     if (self->streams_) return;
     nghttp2_session_terminate_session(self->session_, NGHTTP2_NO_ERROR);
     self->send();
@@ -735,7 +730,7 @@ void ClientH2::destroy() {
     if (destroying_) return;
     destroying_ = true;
     bev_->disable(EV_READ | EV_WRITE);
-    evtimer_del(idle_);
+    idle_.cancel();
     event_active(deferred_, 0, 0);
 }
 
@@ -784,10 +779,7 @@ int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* fr
     if (self->streams_) self->streams_->prev_ = stream;
     self->streams_ = stream;
     ++self->stream_count_;
-    if (self->idle_armed_) {
-        evtimer_del(self->idle_);
-        self->idle_armed_ = false;
-    }
+    self->idle_.cancel();
     return 0;
 }
 

@@ -15,6 +15,7 @@
 #include "proxy/exchange.h"
 #include "proxy/local_response.h"
 #include "proxy/request_record.h"
+#include "proxy/timers.h"
 
 struct event;
 struct evbuffer;
@@ -41,7 +42,7 @@ private:
     static void on_write(Conn*, void* arg);
     static void on_event(Conn*, short what, void* arg);
     static void on_deferred(int, short, void* arg);
-    static void on_idle(int, short, void* arg);
+    static void on_idle(void* arg);
 
     // nghttp2 callbacks
     static int on_begin_headers(nghttp2_session*, const nghttp2_frame*, void*);
@@ -70,12 +71,11 @@ private:
     bool tls_;
     nghttp2_session* session_ = nullptr;
     event* deferred_ = nullptr;
-    event* idle_ = nullptr;
+    Deadline idle_{on_idle, this};  // no stream open for --keepalive-idle-timeout
     Stream* streams_ = nullptr;  // open streams (owned; linked through Stream::prev_/next_)
     size_t stream_count_ = 0;
     Stream* closed_ = nullptr;   // freed once no callback of theirs is on the stack (free_closed)
     Stream* receiving_ = nullptr;  // the stream whose request header block is being read
-    bool idle_armed_ = false;
     bool resumes_pending_ = false;  // a stream's response may be read from its worker again
     std::vector<evbuffer*> spare_buffers_;
     bool draining_ = false;

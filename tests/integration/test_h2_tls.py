@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -832,6 +833,20 @@ def upstream_tls_verifies_workers():
         check(lb.post(echo).status == 200, "unverified TLS works with --upstream-insecure")
     finally:
         front.close()
+
+
+@test
+def stalled_h2_client_is_dropped_after_the_send_timeout():
+    w = Worker("h2stuck")
+    lb = Balancer([w.address], threads=1, args=["--client-send-timeout", "500ms"])
+    # Windows wide open, then no reading at all: what the balancer sends piles up in front of us.
+    c = H2Client("127.0.0.1", lb.port, initial_window=2**31 - 1, auto_window=False)
+    c.send_frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65535))
+    c.request(body=rpc("/blob", {"bytes": 32 * 1024 * 1024, "chunked": True, "seed": 5}))
+    wait_for(lambda: lb.in_flight_total() == 1, 5, "response in flight")
+    wait_for(lambda: lb.in_flight_total() == 0, 10, "exchange ended by the send timeout")
+    check(c.wait_closed(10), "the balancer closed the connection")
+    c.close()
 
 
 if __name__ == "__main__":
