@@ -28,16 +28,16 @@ bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; 
 
 }  // namespace
 
-Conn* Conn::plain(Timers& timers, int fd) {
-    auto* c = new Conn(timers);
+Conn* Conn::plain(Loop& loop, int fd) {
+    auto* c = new Conn(loop);
     c->init_plain(fd, false);
     return c;
 }
 
-Conn* Conn::connect(Timers& timers, const sockaddr* addr, socklen_t len) {
+Conn* Conn::connect(Loop& loop, const sockaddr* addr, socklen_t len) {
     int fd = ::socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return nullptr;
-    auto* c = new Conn(timers);
+    auto* c = new Conn(loop);
     c->init_plain(fd, true);
     if (::connect(fd, addr, len) != 0 && errno != EINPROGRESS) {
         // Reported from the loop (see on_writable), after the caller has set its callbacks.
@@ -51,11 +51,11 @@ Conn* Conn::connect(Timers& timers, const sockaddr* addr, socklen_t len) {
     return c;
 }
 
-Conn* Conn::connect_tls(Timers& timers, SSL* ssl, const sockaddr* addr, socklen_t len) {
+Conn* Conn::connect_tls(Loop& loop, SSL* ssl, const sockaddr* addr, socklen_t len) {
     bufferevent* bev =
-        bufferevent_openssl_socket_new(timers.base(), -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+        bufferevent_openssl_socket_new(loop.base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
     if (!bev) return nullptr;
-    Conn* c = tls(timers, bev);
+    Conn* c = tls(loop, bev);
     if (bufferevent_socket_connect(bev, addr, static_cast<int>(len)) != 0) {
         delete c;
         return nullptr;
@@ -64,8 +64,8 @@ Conn* Conn::connect_tls(Timers& timers, SSL* ssl, const sockaddr* addr, socklen_
     return c;
 }
 
-Conn* Conn::tls(Timers& timers, bufferevent* bev) {
-    auto* c = new Conn(timers);
+Conn* Conn::tls(Loop& loop, bufferevent* bev) {
+    auto* c = new Conn(loop);
     c->tls_ = bev;
     c->fd_ = bufferevent_getfd(bev);
     c->in_ = bufferevent_get_input(bev);
@@ -79,10 +79,8 @@ void Conn::init_plain(int fd, bool connecting) {
     connecting_ = connecting;
     in_ = evbuffer_new();
     out_ = evbuffer_new();
-    read_ev_ = event_new(timers_.base(), fd, EV_READ | EV_PERSIST, on_readable, this);
-    // Output is written once the callbacks that filled it have run, so a head and the body
-    // bytes that follow it leave in one writev.
-    evbuffer_defer_callbacks(out_, timers_.base());
+    read_ev_ = event_new(loop_.base, fd, EV_READ | EV_PERSIST, on_readable, this);
+    // New output is queued in the outbox and written when the current callback returns.
     evbuffer_add_cb(out_, on_output_added, this);
 }
 
@@ -90,7 +88,7 @@ void Conn::init_plain(int fd, bool connecting) {
 // connections never fill the kernel's send buffer, and a few thousand quiet streams should not
 // carry one.
 event* Conn::write_event() {
-    if (!write_ev_) write_ev_ = event_new(timers_.base(), fd_, EV_WRITE | EV_PERSIST, on_writable, this);
+    if (!write_ev_) write_ev_ = event_new(loop_.base, fd_, EV_WRITE | EV_PERSIST, on_writable, this);
     return write_ev_;
 }
 
@@ -99,6 +97,7 @@ Conn::~Conn() {
         bufferevent_free(tls_);
         return;
     }
+    if (queued_) loop_.outbox.remove(this);
     event_free(read_ev_);
     if (write_ev_) event_free(write_ev_);
     evbuffer_free(in_);
@@ -145,7 +144,7 @@ void Conn::set_deadline(Millis after) {
     clear_tls_send_timeout();
     timeout_ = after;
     timeout_kind_ = Timeout::Deadline;
-    deadline_.arm(timers_, after);
+    deadline_.arm(loop_.timers, after);
 }
 
 bool Conn::waiting() const {
@@ -162,7 +161,7 @@ void Conn::update_deadline() {
     if (tls_ && timeout_kind_ == Timeout::Send) return;
     bool want = waiting();
     if (want == deadline_.armed()) return;
-    if (want) deadline_.arm(timers_, timeout_);
+    if (want) deadline_.arm(loop_.timers, timeout_);
     else deadline_.cancel();
 }
 
@@ -258,12 +257,18 @@ void Conn::flush() {
 
 void Conn::on_output_added(evbuffer*, const evbuffer_cb_info* info, void* arg) {
     auto* self = static_cast<Conn*>(arg);
-    if (info->n_added == 0 || self->tls_) return;
-    size_t before = evbuffer_get_length(self->out_);
-    self->flush();
-    if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
-    size_t after = evbuffer_get_length(self->out_);
-    if (after < before && after <= self->write_low_ && self->write_cb_) self->write_cb_(self, self->arg_);
+    if (info->n_added == 0 || self->queued_) return;
+    self->queued_ = true;
+    self->loop_.outbox.add(self);
+}
+
+void Conn::send_queued() {
+    queued_ = false;
+    size_t before = evbuffer_get_length(out_);
+    flush();
+    if (failed_) return report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
+    size_t after = evbuffer_get_length(out_);
+    if (after < before && after <= write_low_ && write_cb_) write_cb_(this, arg_);  // last: may free us
 }
 
 void Conn::on_input_drained(evbuffer*, const evbuffer_cb_info* info, void* arg) {
@@ -301,7 +306,9 @@ void Conn::on_readable(int fd, short, void* arg) {
     }
     evbuffer_commit_space(self->in_, vec, nvec);
     self->progress(false);
-    if (self->read_cb_) self->read_cb_(self, self->arg_);  // last: the callback may free us
+    Outbox& outbox = self->loop_.outbox;
+    if (self->read_cb_) self->read_cb_(self, self->arg_);  // the callback may free us
+    outbox.flush();  // what it (and whatever it called) wrote goes now
 }
 
 void Conn::on_writable(int fd, short, void* arg) {
@@ -325,11 +332,18 @@ void Conn::on_writable(int fd, short, void* arg) {
         self->progress(true);
         self->update_read_event();
         self->flush();
-        return self->report(BEV_EVENT_CONNECTED);
+        Outbox& outbox = self->loop_.outbox;
+        self->report(BEV_EVENT_CONNECTED);  // may free us
+        outbox.flush();                      // the request head it wrote goes now
+        return;
     }
     self->flush();
     if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
-    if (evbuffer_get_length(self->out_) <= self->write_low_ && self->write_cb_) self->write_cb_(self, self->arg_);
+    if (evbuffer_get_length(self->out_) <= self->write_low_ && self->write_cb_) {
+        Outbox& outbox = self->loop_.outbox;
+        self->write_cb_(self, self->arg_);  // may free us
+        outbox.flush();
+    }
 }
 
 void Conn::report(short what) {

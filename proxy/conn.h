@@ -12,6 +12,7 @@
 
 #include <sys/socket.h>
 
+#include "proxy/outbox.h"
 #include "proxy/timers.h"
 
 struct bufferevent;
@@ -29,14 +30,14 @@ public:
     using EventCallback = void (*)(Conn*, short what, void*);  // BEV_EVENT_* flags
 
     // Adopts a connected socket.
-    static Conn* plain(Timers& timers, int fd);
+    static Conn* plain(Loop& loop, int fd);
     // Connects a new socket; reports BEV_EVENT_CONNECTED or BEV_EVENT_ERROR through the event
     // callback. nullptr when no socket could be created.
-    static Conn* connect(Timers& timers, const sockaddr* addr, socklen_t len);
+    static Conn* connect(Loop& loop, const sockaddr* addr, socklen_t len);
     // Takes over a bufferevent_openssl (accepting or connecting).
-    static Conn* tls(Timers& timers, bufferevent* bev);
+    static Conn* tls(Loop& loop, bufferevent* bev);
     // A TLS connection to `addr`; the handshake completes before BEV_EVENT_CONNECTED.
-    static Conn* connect_tls(Timers& timers, SSL* ssl, const sockaddr* addr, socklen_t len);
+    static Conn* connect_tls(Loop& loop, SSL* ssl, const sockaddr* addr, socklen_t len);
     ~Conn();
     Conn(const Conn&) = delete;
     Conn& operator=(const Conn&) = delete;
@@ -62,7 +63,9 @@ public:
     void disable(short events);
 
 private:
-    explicit Conn(Timers& timers) : timers_(timers), deadline_(on_deadline, this) {}
+    explicit Conn(Loop& loop) : loop_(loop), deadline_(on_deadline, this) {}
+    friend class Outbox;
+    void send_queued();  // Outbox::flush: write what was queued, report a failure
     static void on_readable(int, short, void* arg);
     static void on_writable(int, short, void* arg);
     static void on_deadline(void* arg);
@@ -82,7 +85,7 @@ private:
     void report(short what);
 
     // Ordered largest first so that a few thousand open streams pay no padding.
-    Timers& timers_;
+    Loop& loop_;
     bufferevent* tls_ = nullptr;
     evbuffer* in_ = nullptr;
     evbuffer* out_ = nullptr;
@@ -103,6 +106,7 @@ private:
     bool connecting_ = false;
     bool write_enabled_ = true;
     bool failed_ = false;
+    bool queued_ = false;        // in the outbox
 };
 
 }  // namespace stepflow

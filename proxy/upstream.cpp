@@ -43,10 +43,10 @@ bool UpstreamConn::connect(Millis timeout) {
         if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
         SSL* ssl = pool_.tls_->new_connection(host);
         if (!ssl) return false;
-        bev_ = Conn::connect_tls(pool_.timers_, ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        bev_ = Conn::connect_tls(pool_.loop_, ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                                  instance_->sockaddr_len);
     } else {
-        bev_ = Conn::connect(pool_.timers_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        bev_ = Conn::connect(pool_.loop_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                              instance_->sockaddr_len);
     }
     if (!bev_) return false;

@@ -18,7 +18,7 @@ namespace stepflow {
 class UpstreamPool;
 class TlsClient;
 class Conn;
-class Timers;
+struct Loop;
 
 // How a worker connection ended, as far as the socket can tell.
 enum class UpstreamClose {
@@ -70,7 +70,7 @@ private:
 
 class UpstreamPool {
 public:
-    UpstreamPool(Timers& timers, const Config& config, TlsClient* tls) : timers_(timers), config_(config), tls_(tls) {}
+    UpstreamPool(Loop& loop, const Config& config, TlsClient* tls) : loop_(loop), config_(config), tls_(tls) {}
     ~UpstreamPool();
 
     // An idle connection to `instance`, or a new one still connecting (handler gets
@@ -83,7 +83,7 @@ private:
     friend class UpstreamConn;
     void drop_idle(UpstreamConn* conn);  // closed or timed out while idle
 
-    Timers& timers_;
+    Loop& loop_;
     const Config& config_;
     TlsClient* tls_;  // null unless --upstream-tls
     std::unordered_map<Instance*, std::vector<std::unique_ptr<UpstreamConn>>> idle_;

@@ -34,7 +34,9 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     base_ = event_base_new_with_config(cfg);
     event_config_free(cfg);
     timers_ = std::make_unique<Timers>(base_);
-    pool_ = std::make_unique<UpstreamPool>(*timers_, config_, tls_client_);
+    outbox_ = std::make_unique<Outbox>(base_);
+    loop_ = std::make_unique<Loop>(Loop{base_, *timers_, *outbox_});
+    pool_ = std::make_unique<UpstreamPool>(*loop_, config_, tls_client_);
     for (const auto& spec : listener_specs_) {
         auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
         listeners_.push_back(l);
@@ -49,6 +51,8 @@ Worker::~Worker() {
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
     pool_.reset();
+    loop_.reset();
+    outbox_.reset();
     timers_.reset();
     event_free(wake_event_);
     ::close(wake_fd_);
@@ -105,9 +109,9 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
             evutil_closesocket(fd);
             return;
         }
-        bev = Conn::tls(*self->timers_, tls_bev);
+        bev = Conn::tls(*self->loop_, tls_bev);
     } else {
-        bev = Conn::plain(*self->timers_, fd);
+        bev = Conn::plain(*self->loop_, fd);
     }
     auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
     self->connections_.add(conn);

@@ -14,6 +14,7 @@
 #include "proxy/http1.h"
 #include "proxy/metrics.h"
 #include "proxy/router.h"
+#include "proxy/outbox.h"
 #include "proxy/timers.h"
 #include "proxy/upstream.h"
 
@@ -89,6 +90,8 @@ private:
     Rng rng_;
     event_base* base_ = nullptr;
     std::unique_ptr<Timers> timers_;
+    std::unique_ptr<Outbox> outbox_;
+    std::unique_ptr<Loop> loop_;  // the two above and base_, for connections
     std::unique_ptr<UpstreamPool> pool_;
     RequestSeries series_;
     std::vector<Listener> listener_specs_;
