@@ -239,13 +239,11 @@ def rss_kib(pid):
     return 0
 
 
-@test
-def slow_reader_applies_back_pressure_instead_of_buffering():
-    w = Worker("slowread")
-    lb = Balancer([w.address], threads=1)
-    size = 96 * MB
+def blob_response_left_unread(lb, size, chunked, seed):
+    """Asks for a `size`-byte blob over a socket with a small receive buffer and reads only the
+    response head: the body then waits on the balancer's side. Returns the socket."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
-                       "params": {"component": "/blob", "input": {"bytes": size, "chunked": False, "seed": 3}}}).encode()
+                       "params": {"component": "/blob", "input": {"bytes": size, "chunked": chunked, "seed": seed}}}).encode()
     s = socket.create_connection(("127.0.0.1", lb.port), timeout=30)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -254,6 +252,15 @@ def slow_reader_applies_back_pressure_instead_of_buffering():
     while b"\r\n\r\n" not in head:
         head += s.recv(1)
     check(head.startswith(b"HTTP/1.1 200"), head[:100])
+    return s
+
+
+@test
+def slow_reader_applies_back_pressure_instead_of_buffering():
+    w = Worker("slowread")
+    lb = Balancer([w.address], threads=1)
+    size = 96 * MB
+    s = blob_response_left_unread(lb, size, chunked=False, seed=3)
     baseline = rss_kib(lb.proc.pid)
     # Unthrottled, the worker would hand the balancer all 96 MiB within a second or two. While the
     # client reads nothing, the balancer's memory must stay within its per-stream bounds.
@@ -279,16 +286,7 @@ def client_that_takes_nothing_is_disconnected_after_the_send_timeout():
     w = Worker("stuck")
     lb = Balancer([w.address], threads=1, args=["--client-send-timeout", "500ms"])
     size = 32 * MB
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
-                       "params": {"component": "/blob", "input": {"bytes": size, "chunked": True, "seed": 4}}}).encode()
-    s = socket.create_connection(("127.0.0.1", lb.port), timeout=30)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    check(head.startswith(b"HTTP/1.1 200"), head[:100])
+    s = blob_response_left_unread(lb, size, chunked=True, seed=4)
     wait_for(lambda: lb.in_flight_total() == 1, 5, "response in flight")
     # The client takes nothing more: the balancer must give up on it and cancel the worker's request.
     wait_for(lambda: lb.in_flight_total() == 0, 10, "exchange ended by the send timeout")
