@@ -438,6 +438,23 @@ def ratios(rounds, kind, key, ref="haproxy"):
     return out
 
 
+THROUGHPUT_HEAD = ["proxy", "req/s", "x HAProxy", "p50 ms", "p99 ms", "x HAProxy", "CPU µs/req", "user + sys",
+                   "x HAProxy", "errors"]
+
+
+def throughput_row(rounds, kind, with_ratios, errors, with_cpu=True):
+    """One row under THROUGHPUT_HEAD (rps.py, h2.py): medians (min..max) over the rounds; ratios to
+    HAProxy taken per round; CPU as total and as the median user + system split."""
+    col = lambda key: [rnd[kind].get(key) for rnd in rounds]
+    ratio = lambda key: med_range(ratios(rounds, kind, key), "{:.2f}") if with_ratios else ""
+    per_req = lambda key: statistics.median(r[kind][key] * 1e6 / max(1, r[kind]["requests"]) for r in rounds)
+    return [kind, med_range(col("rps"), "{:.0f}"), ratio("rps"),
+            med_range(col("p50_ms"), "{:.2f}"), med_range(col("p99_ms"), "{:.2f}"), ratio("p99_ms"),
+            med_range(col("cpu_us_per_req"), "{:.1f}") if with_cpu else "-",
+            f"{per_req('cpu_user_s'):.1f} + {per_req('cpu_sys_s'):.1f}" if with_cpu else "-",
+            ratio("cpu_us_per_req"), errors]
+
+
 def noise_note(rounds):
     values = [run["foreign_cores"] for rnd in rounds for run in rnd.values() if "foreign_cores" in run]
     if not values:

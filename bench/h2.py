@@ -12,7 +12,6 @@ runs are handled as in rps.py.
 import argparse
 import os
 import re
-import statistics
 import subprocess
 
 import benchlib as B
@@ -104,26 +103,16 @@ def main():
             B.log(f"round {r + 1} {kind}: {rnd[kind]}")
         rounds.append(rnd)
 
-    def split(kind):
-        """Median user and system CPU µs per request."""
-        per = lambda key: statistics.median(r[kind][key] * 1e6 / max(1, r[kind]["requests"]) for r in rounds)
-        return f"{per('cpu_user_s'):.1f} + {per('cpu_sys_s'):.1f}"
-
     rows = []
     for kind in args.proxies.split(","):
         if kind in unsupported:
-            rows.append([kind, "not supported yet", "", "", "", "", "", "", ""])
+            rows.append([kind, "not supported yet", "", "", "", "", "", "", "", ""])
             continue
-        col = lambda key: [rnd[kind].get(key) for rnd in rounds]
-        ratio = lambda key: (B.med_range(B.ratios(rounds, kind, key), "{:.2f}")
-                             if kind != "haproxy" and "haproxy" in procs else "")
-        rows.append([kind, B.med_range(col("rps"), "{:.0f}"), ratio("rps"),
-                     B.med_range(col("p50_ms"), "{:.2f}"), B.med_range(col("p99_ms"), "{:.2f}"), ratio("p99_ms"),
-                     B.med_range(col("cpu_us_per_req"), "{:.1f}"), split(kind), ratio("cpu_us_per_req"),
-                     sum(rnd[kind]["errors"] + rnd[kind]["non2xx"] for rnd in rounds)])
-    head = ["proxy", "req/s", "x HAProxy", "p50 ms", "p99 ms", "x HAProxy", "CPU µs/req", "user + sys", "x HAProxy", "errors"]
+        rows.append(B.throughput_row(rounds, kind, kind != "haproxy" and "haproxy" in procs,
+                                     sum(rnd[kind]["errors"] + rnd[kind]["non2xx"] for rnd in rounds)))
     text = (f"### h2c POST, {args.clients} connections x {args.streams} streams, {args.rounds} rounds x "
-            f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(head, rows) + B.noise_note(rounds))
+            f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(B.THROUGHPUT_HEAD, rows)
+            + B.noise_note(rounds))
     print(text)
     B.save("h2", {"args": vars(args), "versions": B.versions(), "rounds": rounds,
                   "unsupported": list(unsupported)}, text)

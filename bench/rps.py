@@ -13,7 +13,6 @@ which they used more than 0.3 cores is repeated once and the less disturbed one 
 import argparse
 import os
 import re
-import statistics
 import subprocess
 
 import benchlib as B
@@ -94,26 +93,12 @@ def main():
             B.log(f"round {r + 1} direct: {rnd['direct']}")
         rounds.append(rnd)
 
-    def split(kind):
-        """Median user and system CPU µs per request."""
-        per = lambda key: statistics.median(r[kind][key] * 1e6 / max(1, r[kind]["requests"]) for r in rounds)
-        return f"{per('cpu_user_s'):.1f} + {per('cpu_sys_s'):.1f}"
-
-    rows = []
-    for kind in kinds + ([] if args.no_direct else ["direct"]):
-        col = lambda key: [rnd[kind].get(key) for rnd in rounds]
-        ratio = lambda key: (B.med_range(B.ratios(rounds, kind, key), "{:.2f}")
-                             if kind in ("stepflow-lb", "nginx") and "haproxy" in kinds else "")
-        rows.append([kind,
-                     B.med_range(col("rps"), "{:.0f}"), ratio("rps"),
-                     B.med_range(col("p50_ms"), "{:.2f}"), B.med_range(col("p99_ms"), "{:.2f}"), ratio("p99_ms"),
-                     B.med_range(col("cpu_us_per_req"), "{:.1f}") if kind != "direct" else "-",
-                     split(kind) if kind != "direct" else "-",
-                     ratio("cpu_us_per_req"),
-                     sum(rnd[kind]["errors"] for rnd in rounds)])
-    head = ["proxy", "req/s", "x HAProxy", "p50 ms", "p99 ms", "x HAProxy", "CPU µs/req", "user + sys", "x HAProxy", "errors"]
+    rows = [B.throughput_row(rounds, kind, kind in ("stepflow-lb", "nginx") and "haproxy" in kinds,
+                             sum(rnd[kind]["errors"] for rnd in rounds), with_cpu=kind != "direct")
+            for kind in kinds + ([] if args.no_direct else ["direct"])]
     text = (f"### HTTP/1.1 keep-alive POST, {args.connections} connections, {args.rounds} rounds x "
-            f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(head, rows) + B.noise_note(rounds))
+            f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(B.THROUGHPUT_HEAD, rows)
+            + B.noise_note(rounds))
     print(text)
     B.save("rps", {"args": vars(args), "versions": B.versions(), "rounds": rounds}, text)
 

@@ -47,7 +47,9 @@ struct RouteOutcome {
 
 class Exchange final : public UpstreamConn::Handler {
 public:
-    // `request` and `client_ip` belong to the client connection and outlive the exchange.
+    // `request` and `client_ip` belong to the client connection and outlive the exchange. The
+    // request's fields are read only until the response starts: the client may then cut the
+    // head down to its request line (ClientH1::release_request_head).
     Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
              bool client_tls);
     ~Exchange() override;
