@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages stepflow-lb needs. Idempotent; asks apt only when something
 # is missing. Profiles: build (compile only), run (build + the example workers), test (default:
-# build and run every test), bench (test + HAProxy, nginx, wrk for bench/).
+# build and run every test), bench (test + HAProxy, nginx, wrk for bench/), image (podman and
+# mmdebstrap for scripts/image.sh; part of test, which builds and runs the image).
 set -euo pipefail
 profile="${1:-test}"
 
@@ -9,14 +10,16 @@ build=(g++ meson ninja-build pkg-config libevent-dev libnghttp2-dev libssl-dev l
        prometheus-cpp-dev libcli11-dev)
 run=(python3)
 test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps)
+image=(podman runc mmdebstrap)
 bench=(haproxy nginx wrk nghttp2-client valgrind libbenchmark-dev linux-perf)
 
 case "$profile" in
   build) pkgs=("${build[@]}") ;;
   run) pkgs=("${build[@]}" "${run[@]}") ;;
-  test) pkgs=("${build[@]}" "${run[@]}" "${test[@]}") ;;
-  bench) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${bench[@]}") ;;
-  *) echo "usage: $0 [build|run|test|bench]" >&2; exit 2 ;;
+  test) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${image[@]}") ;;
+  bench) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${image[@]}" "${bench[@]}") ;;
+  image) pkgs=("${image[@]}") ;;
+  *) echo "usage: $0 [build|run|test|bench|image]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -525,16 +525,22 @@ def check_dockerfiles():
     text = df.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
-    check("[Dockerfile] builder stage on debian:bookworm",
-          bool(froms) and re.match(r"FROM\s+debian:bookworm\s+AS\s+\w+", froms[0], re.I) is not None,
+    base = re.search(r"^ARG\s+BASE=(\S+)", text, re.M)
+    check("[Dockerfile] builder stage on debian:bookworm (ARG BASE, which scripts/image.sh may "
+          "point at a locally made bookworm)",
+          bool(froms) and base is not None and base.group(1) == "debian:bookworm"
+          and re.match(r"FROM\s+\$\{?BASE\}?\s+AS\s+\w+", froms[0], re.I) is not None,
           str(froms))
-    check("[Dockerfile] runtime (last) stage on debian:bookworm-slim",
-          bool(froms) and froms[-1].split()[1] == "debian:bookworm-slim", str(froms))
+    check("[Dockerfile] runtime (last) stage is FROM scratch (no shell, no package manager)",
+          bool(froms) and froms[-1].split()[1] == "scratch", str(froms))
     check("[Dockerfile] builder runs scripts/install-deps.sh then scripts/build.sh",
           0 <= text.find("scripts/install-deps.sh", text.find("RUN")) < text.find("scripts/build.sh build"))
     runtime = text[text.rfind("FROM "):]
-    check(f"[Dockerfile] runtime user stepflow has UID {RUNTIME_UID}",
-          re.search(rf"useradd\b[^\n]*--uid {RUNTIME_UID}\b(.|\n)*?\bstepflow\b", runtime) is not None)
+    check("[Dockerfile] runtime stage is the tree scripts/image-rootfs.sh assembled (with the "
+          f"passwd entry for UID {RUNTIME_UID})",
+          "scripts/image-rootfs.sh" in text and re.search(r"^COPY --from=\w+ /rootfs/ /$", runtime, re.M)
+          is not None and re.search(rf"stepflow:x:{RUNTIME_UID}:{RUNTIME_UID}:",
+                                    (REPO / "scripts" / "image-rootfs.sh").read_text()) is not None)
     users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
     check(f"[Dockerfile] runs as USER {RUNTIME_UID} (stepflow)",
           bool(users) and users[-1].split(":")[0] in {str(RUNTIME_UID), "stepflow"}, str(users))
@@ -544,8 +550,8 @@ def check_dockerfiles():
           exposed == {DATA_PORT, ADMIN_PORT}, str(exposed))
     check("[Dockerfile] entrypoint is /usr/local/bin/stepflow-lb",
           re.search(r'^ENTRYPOINT\s+\["/usr/local/bin/stepflow-lb"\]', runtime, re.M) is not None)
-    check("[Dockerfile] runtime stage installs no build tools",
-          not re.search(r"\b(g\+\+|gcc|meson|ninja|build-essential|-dev)\b", runtime))
+    check("[Dockerfile] runtime stage runs nothing (RUN needs a shell it does not have)",
+          not re.search(r"^RUN\b", runtime, re.M))
     wdf = DEPLOY / "worker" / "Dockerfile"
     if check("[deploy/worker/Dockerfile] exists", wdf.is_file()):
         wtext = wdf.read_text()

@@ -128,8 +128,10 @@ class Worker:
 class Balancer:
     """The stepflow-lb binary, with its JSON log lines collected from stderr."""
 
-    def __init__(self, backends=None, args=None, threads=2, env=None, wait_ready=True):
-        cmd = [lb_binary(), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+    def __init__(self, backends=None, args=None, threads=2, env=None, wait_ready=True, launcher=None):
+        # launcher: the argv that runs the binary instead of the built one, e.g. a container
+        # engine's `run ... IMAGE` (tests/image/test_image.py).
+        cmd = (launcher or [lb_binary()]) + ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                "--threads", str(threads), "--log-format", "json", "--health-interval", "200ms",
                "--health-timeout", "1s"]
         if backends:
