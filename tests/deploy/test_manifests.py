@@ -219,6 +219,8 @@ def check_pod_templates(rel, docs):
                   "ALL" in (caps.get("drop") or []) and not caps.get("add"), str(caps))
             seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
             check(f"{who}: seccomp RuntimeDefault", seccomp == "RuntimeDefault", str(seccomp))
+            if c["name"] == LB_NAME:
+                check_image_test_runs(who, sc, pod_sc)
             image = c.get("image", "")
             policy = c.get("imagePullPolicy")
             tagged = ":" in image.rsplit("/", 1)[-1] or "@" in image
@@ -293,6 +295,14 @@ def check_balancer(rel, docs):
     cmd = ((((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command")) or []
     if len(cmd) == 2 and cmd[0].endswith("sleep"):
         pre_stop = parse_duration(cmd[1])
+    # The image holds only the balancer: an exec hook can run nothing else (no shell, no sleep).
+    for hook in ("preStop", "postStart"):
+        exe = ((((c.get("lifecycle") or {}).get(hook) or {}).get("exec") or {}).get("command")) or []
+        check(f"{name}: {hook} execs nothing the image lacks (it holds only the balancer)",
+              not exe or exe[0] == "/usr/local/bin/stepflow-lb", str(exe))
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        exe = (((c.get(probe) or {}).get("exec") or {}).get("command")) or []
+        check(f"{name}: {probe} execs nothing the image lacks", not exe, str(exe))
     sleep_action = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {})
     pre_stop += float(sleep_action.get("seconds", 0))
     grace = pod.get("terminationGracePeriodSeconds", 30)
@@ -516,6 +526,21 @@ def check_against_binary(lb_flags: set[str]):
         err = child.stderr.read() if child.stderr else ""
         if failed and err:
             info("binary stderr: " + err.strip().replace("\n", "\n      ")[:2000])
+
+
+def check_image_test_runs(who, sc, pod_sc):
+    """The balancer's securityContext is what tests/image/test_image.py runs the image with."""
+    runner = (REPO / "tests" / "image" / "test_image.py").read_text()
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    gid = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+    flags = {
+        "readOnlyRootFilesystem -> --read-only": '"--read-only"',
+        "drop ALL -> --cap-drop ALL": '"--cap-drop", "ALL"',
+        "allowPrivilegeEscalation false -> no-new-privileges": '"--security-opt", "no-new-privileges"',
+        f"runAsUser {uid} / runAsGroup {gid} -> --user {uid}:{gid}": f'"--user", "{uid}:{gid}"',
+    }
+    for what, flag in flags.items():
+        check(f"{who}: the image test runs the image so ({what})", flag in runner)
 
 
 def check_dockerfiles():
