@@ -1,7 +1,7 @@
 # stepflow-lb container image.
 #
 #   scripts/image.sh              # docker or podman; makes the Debian base if no registry answers
-#   docker build -t stepflow-lb:local .
+#   docker build -t stepflow-lb:local .   # BuildKit (docker's default since 23.0)
 #
 # The builder stage runs exactly the scripts that the README and CI run
 # (scripts/install-deps.sh, then scripts/build.sh). The runtime stage starts
@@ -22,10 +22,11 @@ WORKDIR /src
 
 # The toolchain and -dev packages first, from install-deps.sh alone, so that
 # this layer stays cached while the sources change. ca-certificates is the CA
-# bundle the runtime stage copies.
+# bundle the runtime stage copies; ccache (which meson picks up) keeps a
+# recompile after a source change short, through the cache mount below.
 COPY scripts/install-deps.sh scripts/
 RUN bash scripts/install-deps.sh build \
- && apt-get install -y -qq --no-install-recommends ca-certificates >/dev/null \
+ && apt-get install -y -qq --no-install-recommends ca-certificates ccache >/dev/null \
  && rm -rf /var/lib/apt/lists/*
 
 # Only what the build reads, so that a change to docs/ or tests/ reuses the
@@ -39,9 +40,12 @@ COPY scripts/build.sh scripts/image-rootfs.sh scripts/
 # image-rootfs.sh fails the build, not the first pod start, if the
 # assembled tree lacks a library (it runs the loader's --list and the
 # binary's --help inside that tree).
-ENV MESON_ARGS="-Dtests=false -Dbuildtype=release"
-RUN bash scripts/build.sh build \
- && bash scripts/image-rootfs.sh build/stepflow-lb /rootfs
+# The build directory is dropped: only /rootfs goes on.
+ENV MESON_ARGS="-Dtests=false -Dbuildtype=release" CCACHE_DIR=/root/.cache/ccache
+RUN --mount=type=cache,target=/root/.cache/ccache \
+    bash scripts/build.sh build \
+ && bash scripts/image-rootfs.sh build/stepflow-lb /rootfs \
+ && rm -rf build
 
 ############################ runtime ############################
 FROM scratch AS runtime
