@@ -24,6 +24,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -250,6 +251,8 @@ def main():
               "and podman is not installed or not working (scripts/install-deps.sh image installs it)")
         sys.exit(SKIP)
     atexit.register(cleanup)
+    # meson's timeout sends SIGTERM: exit through atexit so the containers go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     start = time.monotonic()
     build = subprocess.run([os.path.join(ROOT, "scripts", "image.sh"), TAG], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, timeout=1500,
