@@ -204,7 +204,10 @@ const char* ClientH1::precheck_chunked_body() {
 void ClientH1::pump_request_body() {
     if (state_ != State::Proxying || request_done_ || !exchange_) return;
     evbuffer* sink = exchange_->request_sink();
-    if (!sink) return;  // not connected yet: the bytes wait in our input buffer
+    // Not connected yet, or the worker has not taken what it was given: the bytes wait in our
+    // input buffer, whose read watermark then stops reading the client (back-pressure, as on
+    // HTTP/2). The exchange calls request_sink_ready once the worker's side drains.
+    if (!sink || exchange_->request_sink_full()) return;
     evbuffer* in = bev_->input();
     auto status = request_pump_.pump(in, sink);
     record_.bytes_in = request_pump_.payload_bytes();

@@ -159,6 +159,9 @@ void Exchange::send_request_head() {
     Conn* bev = conn_->bev();
     evbuffer_add(bev->output(), head.data(), head.size());
     conn_->set_read_timeout(worker_.config().upstream_header_timeout);
+    // The client side refills the request body once the worker's side drains below a quarter
+    // of the high-water mark (request_sink_full stops it above).
+    if (!request_done_) bev->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
     bev->enable(EV_READ | EV_WRITE);
     downstream_.request_sink_ready();
 }

@@ -13,6 +13,8 @@ Protocol summary (see docs GUIDE section 2):
       - components/execute (limited by --max-concurrency, else 503 / -32300)
   * GET /health                 instance id and counters (503 when toggled unhealthy)
   * POST /_control/health       {"healthy": bool, "delay_ms": N}  test hook
+  * POST /_noread?hold_ms=N     test hook: never reads the body, answers 200 after N ms
+  * POST /_interim?count=N      test hook: N "103 Early Hints" interim responses, then 200
 
 Components (input -> answer):
   /echo      any                    -> {"output": input, "instanceId"}
@@ -417,6 +419,9 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_POST(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/_noread":
+            return self.hold_unread()
         try:
             body = self.read_body()
         except BadRequest as e:
@@ -424,13 +429,37 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_json(400, {"error": "bad request", "detail": str(e)})
             return
-        path = self.path.split("?", 1)[0]
+        if path == "/_interim":
+            return self.interim_flood()
         if path == "/_control/health":
             self.control_health(body)
         elif path == "/":
             self.handle_rpc(body)
         else:
             self.send_json(404, {"error": "not found", "path": path})
+
+    def _query_number(self, key, default):
+        for part in self.path.partition("?")[2].split("&"):
+            name, _, value = part.partition("=")
+            if name == key and value.isdigit():
+                return int(value)
+        return default
+
+    def hold_unread(self):
+        """Test hook: never reads the request body; after hold_ms (default 60000) or once the
+        client leaves, answers 200 and closes."""
+        self.close_connection = True
+        self.client_gone(self._query_number("hold_ms", 60000) / 1000.0)
+        try:
+            self.send_json(200, {"held": True})
+        except OSError:
+            pass
+
+    def interim_flood(self):
+        """Test hook: sends count (default 10) 103 Early Hints interim responses, then 200."""
+        for _ in range(self._query_number("count", 10)):
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+        self.send_json(200, {"interim": True})
 
     def control_health(self, body):
         try:
