@@ -30,6 +30,11 @@ if [ "$engine" = podman ]; then
   scripts/install-deps.sh image
 fi
 command -v "$engine" >/dev/null 2>&1 || { say "$engine is not installed"; exit 1; }
+if [ "$engine" = podman ] && [ "$(podman info --format '{{.Store.GraphDriverName}}' 2>/dev/null)" = vfs ]; then
+  say "podman stores images with vfs here (rootless, no storage.conf): a warm build takes about a" \
+      "minute, not seconds. With driver = \"overlay\" in ~/.config/containers/storage.conf" \
+      "(kernel >= 5.13; then \`podman system reset\`) it takes seconds."
+fi
 
 # Engine flags. podman: runc, not crun (crun fails on hybrid cgroup v1/v2 hosts), and explicit
 # ulimits (podman's defaults, e.g. nofile 1048576, are refused where the host's hard limits

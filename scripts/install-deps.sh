@@ -10,7 +10,7 @@ build=(g++ meson ninja-build pkg-config libevent-dev libnghttp2-dev libssl-dev l
        prometheus-cpp-dev libcli11-dev)
 run=(python3)
 test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps)
-image=(podman runc mmdebstrap)
+image=(podman runc mmdebstrap uidmap)
 bench=(haproxy nginx wrk nghttp2-client valgrind libbenchmark-dev linux-perf)
 
 case "$profile" in

@@ -119,6 +119,15 @@ def proc_status(pid):
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+def ns_ids(pid, kind, host_ids):
+    """Host UIDs/GIDs of `pid` as its user namespace sees them (rootless podman maps 1000 to a
+    subordinate id such as 100999; a rootful engine maps identically)."""
+    with open(f"/proc/{pid}/{kind}_map") as f:
+        ranges = [tuple(map(int, line.split())) for line in f]
+    return [next((inside + int(h) - outside for inside, outside, count in ranges
+                  if outside <= int(h) < outside + count), None) for h in host_ids]
+
+
 def mount_points(pid):
     with open(f"/proc/{pid}/mountinfo") as f:
         return {line.split()[4]: line.split()[5] for line in f}
@@ -207,7 +216,8 @@ def locked_down_container_proxies_pins_drains_and_writes_nothing():
     st = proc_status(pid)
     check(os.readlink(f"/proc/{pid}/exe") == "/usr/local/bin/stepflow-lb", os.readlink(f"/proc/{pid}/exe"))
     check(st["NSpid"].split()[-1] == "1", f"NSpid {st['NSpid']}: the balancer is not PID 1")
-    check(st["Uid"].split() == ["1000"] * 4 and st["Gid"].split() == ["1000"] * 4, (st["Uid"], st["Gid"]))
+    uids, gids = ns_ids(pid, "uid", st["Uid"].split()), ns_ids(pid, "gid", st["Gid"].split())
+    check(uids == [1000] * 4 and gids == [1000] * 4, f"uids {uids}, gids {gids} in the container")
     for caps in ("CapEff", "CapPrm", "CapBnd"):
         check(int(st[caps], 16) == 0, f"{caps} {st[caps]}")
     check(st["NoNewPrivs"] == "1", f"NoNewPrivs {st['NoNewPrivs']}")
