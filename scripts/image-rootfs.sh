@@ -6,7 +6,7 @@
 #   the dynamic loader                  the binary's PT_INTERP
 #   /etc/ssl/certs/ca-certificates.crt  the CA bundle (+ OpenSSL's default-path symlink to it)
 #   /etc/passwd, /etc/group             UID/GID 1000 `stepflow` only
-#   /etc/nsswitch.conf                  `hosts: files dns` for getaddrinfo
+#   /etc/nsswitch.conf                  `hosts: files dns`, as Debian orders getaddrinfo
 # Then checks the tree: the loader inside it must resolve every library (no "not found") and
 # the binary must start there (`--help`).
 #   scripts/image-rootfs.sh BINARY ROOT
@@ -37,7 +37,7 @@ ln -s /etc/ssl/certs/ca-certificates.crt "$root/usr/lib/ssl/cert.pem"
 
 printf 'stepflow:x:1000:1000:stepflow-lb:/nonexistent:/usr/sbin/nologin\n' >"$root/etc/passwd"
 printf 'stepflow:x:1000:\n' >"$root/etc/group"
-# Without this file glibc asks DNS before /etc/hosts; files first is what Debian does.
+# Debian's order: /etc/hosts (Kubernetes hostAliases) before DNS, not left to glibc's default.
 printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
 chmod 0644 "$root/etc/passwd" "$root/etc/group" "$root/etc/nsswitch.conf"
 

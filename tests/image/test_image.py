@@ -12,7 +12,8 @@ the locally made Debian base are cached, so a warm build takes seconds) under a 
   network against example workers started on the host, and checks /ready, a proxied request,
   a pinned SSE session whose callback is answered through the balancer, that the balancer is
   PID 1 with exactly those restrictions, that `stop` during a stream lets the stream finish and
-  the process exit 0 within the drain timeout, and that nothing was written inside the container.
+  the process exit 0 within the drain timeout, and that nothing was written inside the container;
+- resolves a name only /etc/hosts knows (Kubernetes hostAliases), with glibc alone.
 
 Every container and tag it makes is removed at the end (the cached base and build layers stay).
 Exits 77 (meson's "skipped") only when no engine can run a container here.
@@ -93,13 +94,13 @@ def cleanup():
     subprocess.run([engine, "rmi", TAG], capture_output=True, timeout=60)
 
 
-def run_argv(name):
+def run_argv(name, extra=()):
     """The `run` that mirrors deploy/base/deployment.yaml's securityContext."""
     containers.append(name)
     return [engine, "run", "--name", name, *engine_flags(), "--network", "host",
             "--read-only", *(["--read-only-tmpfs=false"] if engine == "podman" else []),
             "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "1000:1000",
-            TAG]
+            *extra, TAG]
 
 
 def exported_files(name):
@@ -251,6 +252,23 @@ def locked_down_container_proxies_pins_drains_and_writes_nothing():
     # The stopped container's layer: a read-only root leaves nothing to find, checked anyway.
     written = written_files(name, mounts)
     check(written == [], f"written inside the container: {written}")
+
+
+@test
+def resolves_names_from_etc_hosts():
+    # A name only /etc/hosts knows (Kubernetes hostAliases write there; here --add-host), in
+    # DNS discovery: getaddrinfo works in an image without libnss_*.so files (glibc >= 2.34 has
+    # its files and dns lookups built in) and consults /etc/hosts.
+    w = Worker("img-dns")
+    name = "stepflow-worker.test"  # .test: reserved, never in public DNS
+    lb = Balancer(launcher=run_argv(f"stepflow-lb-dns-{RUN_ID}", ["--add-host", f"{name}:127.0.0.1"]),
+                  wait_ready=False, args=["--upstream-service", f"{name}:{w.port}", "--dns-interval", "200ms"])
+    lb.wait_healthy(1)
+    check([b["address"] for b in lb.backends()] == [f"127.0.0.1:{w.port}"], lb.backends())
+    r = lb.execute("/echo", {"via": name})
+    check(r.status == 200, f"routed: {r.status}")
+    lb.stop()
+    check(lb.proc.returncode == 0, f"exit status {lb.proc.returncode}")
 
 
 def main():
