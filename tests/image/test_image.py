@@ -89,7 +89,8 @@ def engine_flags():
 
 def cleanup():
     for name in containers:
-        subprocess.run([engine, "rm", "-f", "-t", "0", name], capture_output=True, timeout=60)
+        no_wait = ["-t", "0"] if engine == "podman" else []  # docker rm has no -t
+        subprocess.run([engine, "rm", "-f", *no_wait, name], capture_output=True, timeout=60)
     # Untags this run's image; the layers stay as the next build's cache.
     subprocess.run([engine, "rmi", TAG], capture_output=True, timeout=60)
 
