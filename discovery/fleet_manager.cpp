@@ -73,6 +73,31 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
 
 void FleetManager::on_health(Backend& b, const HealthResult& r) {
     auto& metrics = Metrics::get();
+    if (r.local) {
+        // Our own shortage (descriptors, memory): the worker was not even asked.
+        metrics.health_checks_total.Add({{"result", "skipped"}}).Increment();
+        log::warn("health check not run: no resources on our side", {{"backend", b.endpoint.address}, {"reason", r.error}});
+        return;
+    }
+    std::string id, id_error;
+    if (r.healthy && !stepflow_instance_id(r, id, id_error)) {
+        // A configuration error on the worker, not an outage: it stays out of routing until its
+        // /health names a usable id, and /debug/backends says why.
+        metrics.health_checks_total.Add({{"result", "failure"}}).Increment();
+        if (b.last_error != id_error)
+            log::error("worker's instanceId refused: instance not routable",
+                       {{"backend", b.endpoint.address}, {"pod", b.endpoint.pod}, {"reason", id_error}});
+        b.last_error = id_error;
+        b.refused_id = true;
+        if (b.instance) {
+            log::warn("instance taken out of the fleet", {{"instance", b.instance->id}, {"backend", b.endpoint.address},
+                                                           {"reason", id_error}});
+            b.instance->membership.store(Membership::Gone);
+            b.instance.reset();
+            publish();
+        }
+        return;
+    }
     metrics.health_checks_total.Add({{"result", r.healthy ? "success" : "failure"}}).Increment();
     if (!r.healthy) {
         b.last_error = r.error;
@@ -81,18 +106,16 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
                 log::warn("health check failed", {{"backend", b.endpoint.address}, {"reason", r.error}});
             return;
         }
-        if (b.instance->record_failure(config_.max_failures, r.error))
+        if (b.instance->record_check_failure(config_.max_failures, r.error))
             log::warn("instance marked unhealthy", {{"instance", b.instance->id}, {"backend", b.endpoint.address},
                                                     {"pod", b.endpoint.pod}, {"reason", r.error}});
         return;
     }
     b.failures_before_instance = 0;
+    b.refused_id = false;
     b.last_error.clear();
-    // A worker that names no instanceId is still routable; its address stands in for the id.
-    std::string id = r.instance_id.empty() ? b.endpoint.address : r.instance_id;
     if (b.instance && b.instance->id == id) {
-        b.instance->record_success();
-        if (!b.instance->healthy.exchange(true))
+        if (b.instance->record_check_success(config_.health_rise))
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
         return;
     }
@@ -126,10 +149,10 @@ std::vector<FleetManager::BackendView> FleetManager::backends() const {
         v.instance = b->instance;
         if (b->instance) {
             v.state = b->instance->state_name();
-            v.consecutive_failures = b->instance->consecutive_failures.load();
+            v.consecutive_failures = b->instance->consecutive_failures();
             v.last_error = b->instance->last_error();
         } else {
-            v.state = b->failures_before_instance > 0 ? "unreachable" : "starting";
+            v.state = b->refused_id ? "refused" : b->failures_before_instance > 0 ? "unreachable" : "starting";
             v.consecutive_failures = b->failures_before_instance;
             v.last_error = b->last_error;
         }

@@ -30,7 +30,7 @@ public:
     struct BackendView {
         Endpoint endpoint;
         InstancePtr instance;  // null until /health named one
-        std::string state;     // instance state, or "starting" / "unreachable"
+        std::string state;     // instance state, or "starting" / "unreachable" / "refused"
         int consecutive_failures = 0;
         std::string last_error;
     };
@@ -45,6 +45,7 @@ private:
         socklen_t addr_len = 0;
         InstancePtr instance;
         int failures_before_instance = 0;
+        bool refused_id = false;  // /health answered, but its instanceId is unusable
         std::string last_error;
         std::unique_ptr<HealthProbe> probe;
     };

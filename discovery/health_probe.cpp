@@ -1,5 +1,8 @@
 #include "discovery/health_probe.h"
 
+#include <cerrno>
+#include <cstring>
+
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
@@ -16,6 +19,38 @@ namespace {
 constexpr size_t kMaxHealthResponse = 64 * 1024;
 
 }  // namespace
+
+bool local_resource_error(int err) {
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+bool valid_instance_id(std::string_view id, std::string& why) {
+    if (id.empty()) {
+        why = "instanceId is empty";
+        return false;
+    }
+    if (id.size() > 253) {
+        why = "instanceId is " + std::to_string(id.size()) + " bytes long (at most 253)";
+        return false;
+    }
+    for (unsigned char c : id) {
+        if (c <= 0x20 || c >= 0x7f) {
+            why = "instanceId contains a space, control or non-ASCII character";
+            return false;
+        }
+    }
+    return true;
+}
+
+bool stepflow_instance_id(const HealthResult& result, std::string& id, std::string& why) {
+    if (!result.has_instance_id) {
+        why = "worker's /health names no instanceId (required in stepflow health mode)";
+        return false;
+    }
+    if (!valid_instance_id(result.instance_id, why)) return false;
+    id = result.instance_id;
+    return true;
+}
 
 HealthResult parse_health_body(int status, std::string_view body) {
     HealthResult r;
@@ -49,6 +84,7 @@ HealthResult parse_health_body(int status, std::string_view body) {
             return r;
         }
         r.instance_id = std::string(id);
+        r.has_instance_id = true;
     }
     r.healthy = true;
     return r;
@@ -77,9 +113,11 @@ void HealthProbe::start() {
 void HealthProbe::on_tick(int, short, void* arg) { static_cast<HealthProbe*>(arg)->begin_check(); }
 
 void HealthProbe::begin_check() {
-    close_connection();
     timeval next = to_timeval(interval_);
     evtimer_add(tick_, &next);
+    // A check still waiting for its answer is left to finish or time out: dropping it here would
+    // re-arm its deadline every tick, and a worker that never answers would never fail.
+    if (in_flight()) return;
     timeval deadline = to_timeval(timeout_);
     evtimer_add(deadline_, &deadline);
 
@@ -88,11 +126,12 @@ void HealthProbe::begin_check() {
         std::string host = host_header_.substr(0, host_header_.rfind(':'));
         if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
         ssl = tls_->new_connection(host);
-        if (!ssl) return complete({false, "", "cannot create a TLS connection"});
+        if (!ssl) return complete({false, "", "cannot create a TLS connection", true});
         bev_ = bufferevent_openssl_socket_new(base_, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
     } else {
         bev_ = bufferevent_socket_new(base_, -1, BEV_OPT_CLOSE_ON_FREE);
     }
+    if (!bev_) return complete({false, "", "cannot create a connection object", true});
     bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
     scan_from_ = 0;
     head_parsed_ = false;
@@ -101,8 +140,14 @@ void HealthProbe::begin_check() {
                       "\r\nUser-Agent: stepflow-lb\r\nAccept: application/json\r\nConnection: close\r\n\r\n";
     bufferevent_write(bev_, req.data(), req.size());
     bufferevent_enable(bev_, EV_READ | EV_WRITE);
-    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&addr_), static_cast<int>(addr_len_)) != 0)
+    errno = 0;
+    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&addr_), static_cast<int>(addr_len_)) != 0) {
+        // Failing at once means no socket could be made (a refused connect is reported later).
+        int err = errno;
+        if (local_resource_error(err))
+            return complete({false, "", std::string("cannot create a socket: ") + std::strerror(err), true});
         complete({false, "", "connect failed"});
+    }
 }
 
 void HealthProbe::on_deadline(int, short, void* arg) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <functional>
 #include <string>
+#include <string_view>
 
 #include <sys/socket.h>
 
@@ -23,7 +24,22 @@ struct HealthResult {
     bool healthy = false;
     std::string instance_id;  // empty when the body did not name one
     std::string error;        // why it failed
+    bool local = false;       // failed on our side (no socket, no memory): not the worker's fault
+    bool has_instance_id = false;
 };
+
+// True for errors that mean this process ran out of something (descriptors, buffers, memory):
+// such a failure says nothing about the worker and is never charged to it.
+bool local_resource_error(int err);
+
+// An instanceId is routed on and echoed in response headers: 1 to 253 bytes of visible ASCII
+// (no control characters, no spaces). Returns false with the reason otherwise.
+bool valid_instance_id(std::string_view id, std::string& why);
+
+// The `stepflow` health mode's rule for the key of a healthy worker: the instanceId its /health
+// names, which must be valid. A worker that names none is refused rather than keyed by its
+// address: a restart at the same address would otherwise reach a process that lost its sessions.
+bool stepflow_instance_id(const HealthResult& result, std::string& id, std::string& why);
 
 // Parses a worker's /health body: {"status":"healthy","instanceId":"..."}.
 HealthResult parse_health_body(int status, std::string_view body);
@@ -41,6 +57,7 @@ public:
     HealthProbe& operator=(const HealthProbe&) = delete;
 
     void start();  // first check at once, then every interval
+    bool in_flight() const { return bev_ != nullptr; }
 
 private:
     static void on_tick(int, short, void* arg);

@@ -3,6 +3,7 @@
 // increment and decrement always lands on the same object, whatever snapshot they started under.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -39,7 +40,11 @@ struct Instance : std::enable_shared_from_this<Instance> {
     std::atomic<Membership> membership{Membership::Active};
     std::atomic<bool> healthy{true};  // false after --max-failures failed checks or live failures
     std::atomic<int> in_flight{0};
-    std::atomic<int> consecutive_failures{0};
+    // Active (/health, control thread) and passive (live traffic, request threads) failures are
+    // counted apart, so a stream of live successes cannot hide a /health that keeps failing.
+    std::atomic<int> check_failures{0};
+    std::atomic<int> live_failures{0};
+    std::atomic<int> check_successes{0};  // consecutive, while unhealthy: the --health-rise count
 
     bool takes_new_work() const {
         return healthy.load(std::memory_order_relaxed) &&
@@ -55,7 +60,17 @@ struct Instance : std::enable_shared_from_this<Instance> {
     // Counts a failure seen on live traffic (connect refused, reset). Returns true when this
     // failure crossed the threshold and turned the instance unhealthy.
     bool record_failure(int max_failures, const std::string& why);
-    void record_success() { consecutive_failures.store(0, std::memory_order_relaxed); }
+    // A live response: clears the live failure count only. It never brings an unhealthy instance
+    // back, nor erases failed /health checks.
+    void record_success() { live_failures.store(0, std::memory_order_relaxed); }
+    // Results of active /health checks (control thread). A failed check returns true when it
+    // turned the instance unhealthy; a passed one returns true when it made it healthy again,
+    // which takes `rise` passed checks in a row once it was unhealthy.
+    bool record_check_failure(int max_failures, const std::string& why);
+    bool record_check_success(int rise);
+    int consecutive_failures() const {
+        return std::max(check_failures.load(std::memory_order_relaxed), live_failures.load(std::memory_order_relaxed));
+    }
 
     std::string last_error() const;
     void set_last_error(const std::string& why);

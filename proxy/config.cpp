@@ -145,7 +145,11 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_K8S_CA_FILE")->capture_default_str();
 
     app.add_option("--health-interval", health_interval, "Active /health check interval [5s]")->envname("HEALTH_CHECK_INTERVAL");
-    app.add_option("--health-timeout", health_timeout, "Active /health check timeout [2s]")->envname("HEALTH_CHECK_TIMEOUT");
+    app.add_option("--health-timeout", health_timeout,
+                   "Active /health check timeout; a check that outlasts the interval delays the next one [2s]")
+        ->envname("HEALTH_CHECK_TIMEOUT");
+    app.add_option("--health-rise", cfg.health_rise, "Passed /health checks in a row before an unhealthy instance returns")
+        ->envname("STEPFLOW_LB_HEALTH_RISE")->capture_default_str();
     app.add_option("--max-failures", cfg.max_failures, "Consecutive failures that make an instance unhealthy")
         ->envname("MAX_FAILURES")->capture_default_str();
 
@@ -216,6 +220,7 @@ Config parse_config(int argc, char** argv) {
 
     duration_flag("--health-interval", health_interval, cfg.health_interval, false);
     duration_flag("--health-timeout", health_timeout, cfg.health_timeout, false);
+    if (cfg.health_rise < 1 || cfg.health_rise > 1000) fail("--health-rise: must be between 1 and 1000");
     duration_flag("--connect-timeout", connect_timeout, cfg.connect_timeout, false);
     duration_flag("--upstream-header-timeout", upstream_header_timeout, cfg.upstream_header_timeout, false);
     duration_flag("--request-header-timeout", request_header_timeout, cfg.request_header_timeout, false);

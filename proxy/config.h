@@ -63,6 +63,7 @@ struct Config {
     Millis health_interval{5000};
     Millis health_timeout{2000};
     int max_failures = 3;
+    int health_rise = 2;  // passed checks in a row before an unhealthy instance takes work again
 
     // Routing
     std::string instance_header = "Stepflow-Instance-Id";

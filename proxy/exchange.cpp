@@ -1,5 +1,8 @@
 #include "proxy/exchange.h"
 
+#include <cerrno>
+#include <cstring>
+
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include "proxy/conn.h"
@@ -69,8 +72,11 @@ bool Exchange::connect_to(const InstancePtr& inst) {
     in_flight_counted_ = true;
     conn_ = worker_.pool().acquire(inst, this);
     if (!conn_) {
+        // No socket or TLS object could be made: our shortage (descriptors, memory), not the
+        // worker's, so it is never charged to the instance's health.
         Metrics::get().upstream_connect_errors.Increment();
-        inst->record_failure(worker_.config().max_failures, "could not create a socket");
+        log::warn("could not create a socket to a worker", {{"instance", inst->id}, {"backend", inst->address},
+                                                             {"reason", std::strerror(errno)}});
         release_instance();
         instance_.reset();  // never reached: not where the request went
         return false;

@@ -2,7 +2,10 @@
 
 #include <event2/buffer.h>
 
+#include <netinet/in.h>
+
 #include "discovery/health_probe.h"
+#include "discovery/instance.h"
 #include "proxy/local_response.h"
 
 using namespace stepflow;
@@ -21,7 +24,8 @@ TEST_CASE("health bodies: failures say why", "[health]") {
     CHECK_FALSE(r.healthy);
     CHECK(r.error.find("unhealthy") != std::string::npos);
     CHECK_FALSE(parse_health_body(200, R"({"instanceId":5})").healthy);
-    CHECK(parse_health_body(200, R"({})").healthy);  // no id: the address stands in
+    CHECK(parse_health_body(200, R"({})").healthy);  // healthy, but names no id
+    CHECK_FALSE(parse_health_body(200, R"({})").has_instance_id);
 }
 
 TEST_CASE("JSON-RPC ids are echoed safely", "[local]") {
@@ -39,4 +43,32 @@ TEST_CASE("JSON-RPC ids are echoed safely", "[local]") {
     CHECK(id_of(R"({"id":{"x":1}})") == "null");
     CHECK(jsonrpc_error("1", -32000, "Instance not available", "\"instanceId\":\"a\"") ==
           R"({"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"Instance not available","data":{"instanceId":"a"}}})");
+}
+
+TEST_CASE("stepflow mode refuses missing and unusable instance ids") {
+    std::string id, why;
+    CHECK_FALSE(stepflow_instance_id(parse_health_body(200, R"({"status":"healthy"})"), id, why));
+    CHECK(why.find("names no instanceId") != std::string::npos);
+    CHECK_FALSE(stepflow_instance_id(parse_health_body(200, R"({"instanceId":""})"), id, why));
+    CHECK_FALSE(stepflow_instance_id(parse_health_body(200, R"({"instanceId":"a b"})"), id, why));
+    CHECK_FALSE(stepflow_instance_id(parse_health_body(200, R"({"instanceId":"a\r\nX-Evil: 1"})"), id, why));
+    CHECK_FALSE(stepflow_instance_id(parse_health_body(200, "{\"instanceId\":\"" + std::string(254, 'a') + "\"}"), id, why));
+    CHECK(stepflow_instance_id(parse_health_body(200, "{\"instanceId\":\"" + std::string(253, 'a') + "\"}"), id, why));
+    CHECK(stepflow_instance_id(parse_health_body(200, R"({"instanceId":"pod-a-12ab"})"), id, why));
+    CHECK(id == "pod-a-12ab");
+}
+
+TEST_CASE("live successes do not erase failed checks; an instance returns after rise checks") {
+    sockaddr_storage addr{};
+    Instance inst("i", "127.0.0.1:1", addr, sizeof(sockaddr_in), "");
+    CHECK_FALSE(inst.record_check_failure(3, "503"));
+    inst.record_success();
+    CHECK_FALSE(inst.record_check_failure(3, "503"));
+    inst.record_success();
+    CHECK(inst.record_check_failure(3, "503"));
+    CHECK_FALSE(inst.healthy.load());
+    CHECK_FALSE(inst.record_check_success(2));
+    CHECK_FALSE(inst.healthy.load());
+    CHECK(inst.record_check_success(2));
+    CHECK(inst.healthy.load());
 }

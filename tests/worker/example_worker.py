@@ -189,7 +189,7 @@ class WorkerState:
 
     def snapshot(self):
         with self.lock:
-            return {
+            snap = {
                 "status": "healthy" if self.healthy else "unhealthy",
                 "instanceId": self.instance_id,
                 "inFlight": self.in_flight,
@@ -200,6 +200,9 @@ class WorkerState:
                 "pendingCallbacks": len(self.pending),
                 "maxConcurrency": self.max_concurrency,
             }
+            if getattr(self, "omit_instance_id", False):
+                del snap["instanceId"]
+            return snap
 
 
 class BadRequest(Exception):
@@ -710,10 +713,15 @@ def main(argv=None):
     ap.add_argument("--keepalive-timeout", type=float, default=0.0,
                     help="close connections idle this many seconds (0 = never)")
     ap.add_argument("--verbose", action="store_true", help="log every request")
+    ap.add_argument("--instance-id", default=None,
+                    help="report exactly this instanceId, valid or not (tests of id validation)")
+    ap.add_argument("--omit-instance-id", action="store_true", help="/health names no instanceId")
     args = ap.parse_args(argv)
 
     suffix = os.urandom(8).hex()
     instance_id = "%s-%s" % (args.name, suffix) if args.name else suffix
+    if args.instance_id is not None:
+        instance_id = args.instance_id
 
     if args.keepalive_timeout > 0:
         WorkerHandler.timeout = args.keepalive_timeout
@@ -721,6 +729,7 @@ def main(argv=None):
         WorkerServer.address_family = socket.AF_INET6
     server = WorkerServer((args.host, args.port), WorkerHandler)
     server.state = WorkerState(instance_id, args.max_concurrency, args.callback_timeout)
+    server.state.omit_instance_id = args.omit_instance_id
     server.verbose = args.verbose
     port = server.server_address[1]
 
