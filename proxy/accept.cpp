@@ -68,15 +68,23 @@ void ProtocolSniffer::on_event(Conn* bev, short what, void* arg) {
     self->close_now();
 }
 
+// A connection that has sent nothing yet is not idle between requests: closing it would fail
+// its first request, which the client cannot safely retry (nothing tells it the request was not
+// processed). So it waits, within the request-head deadline, and is drained once it speaks.
+void ProtocolSniffer::drain() { draining_ = true; }
+
 void ProtocolSniffer::hand_over(bool http2) {
     Conn* bev = bev_;
     bev_ = nullptr;
     bev->set_deadline(Millis(0));
     if (http2) {
-        worker_.connection_replaced(this, new ClientH2(worker_, bev, client_ip_, tls_));
+        auto* conn = new ClientH2(worker_, bev, client_ip_, tls_);
+        worker_.connection_replaced(this, conn);
+        if (draining_) conn->drain();  // GOAWAY: the client knows what to retry elsewhere
     } else {
         auto* conn = new ClientH1(worker_, bev, client_ip_, tls_);
         worker_.connection_replaced(this, conn);
+        if (draining_) conn->drain();  // its first request is served, then it closes
         conn->start();  // can only defer its own deletion, so `this` is still ours to delete
     }
     delete this;

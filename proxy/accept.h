@@ -18,7 +18,7 @@ class ProtocolSniffer final : public ClientConnection {
 public:
     ProtocolSniffer(Worker& worker, Conn* bev, std::string client_ip, bool tls);
     ~ProtocolSniffer() override;
-    void drain() override { close_now(); }
+    void drain() override;
     void close_now() override;
 
 private:
@@ -31,6 +31,7 @@ private:
     Conn* bev_;
     std::string client_ip_;
     bool tls_;
+    bool draining_ = false;  // hand over for one request (HTTP/1.1) or a GOAWAY (HTTP/2)
 };
 
 }  // namespace stepflow

@@ -295,6 +295,7 @@ void ClientH1::send_error(int status, const char* why) {
 }
 
 void ClientH1::finish_request() {
+    served_ = true;
     log_access();
     if (!keep_alive_ || !request_done_ || draining_) {
         close_after_flush();
@@ -341,7 +342,9 @@ void ClientH1::destroy() {
 
 void ClientH1::drain() {
     draining_ = true;
-    if (state_ == State::Idle) destroy();
+    // Idle between requests: close now (a client retries a request on a reused connection that
+    // closed before answering). One that has not sent its first request yet gets it served.
+    if (state_ == State::Idle && served_) destroy();
     else keep_alive_ = false;
 }
 

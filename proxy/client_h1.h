@@ -86,6 +86,7 @@ private:
     State state_ = State::Idle;
     bool keep_alive_ = true;
     bool draining_ = false;
+    bool served_ = false;  // a request was answered on this connection
     bool destroying_ = false;
     bool request_done_ = false;
     bool exchange_paused_ = false;  // the worker is not being read until the client catches up

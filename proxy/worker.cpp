@@ -3,6 +3,7 @@
 #include <random>
 
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -132,7 +133,18 @@ void Worker::connection_closed(ClientConnection* conn) {
 void Worker::drain_now() {
     draining_ = true;
     for (auto*& l : listeners_) {
-        if (l) evconnlistener_free(l);
+        if (!l) continue;
+        // Connections the kernel completed but we have not accepted yet would be reset when the
+        // socket closes, failing requests a front already sent on them: take them first.
+        int fd = evconnlistener_get_fd(l);
+        for (;;) {
+            sockaddr_storage addr{};
+            socklen_t len = sizeof addr;
+            int client = accept4(fd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (client < 0) break;
+            on_accept(l, client, reinterpret_cast<sockaddr*>(&addr), static_cast<int>(len), this);
+        }
+        evconnlistener_free(l);
         l = nullptr;
     }
     for (auto* conn : connections_.snapshot()) conn->drain();

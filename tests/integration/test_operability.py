@@ -621,6 +621,42 @@ def sigterm_lets_an_open_stream_finish_and_exits_0():
 
 
 @test
+def sigterm_serves_the_first_request_of_a_connection_opened_before_it():
+    # A front (a Service, HAProxy) may open a connection just before SIGTERM and send the request
+    # on it just after: that request must be served, since nothing tells the client it may retry.
+    w = Worker("first")
+    lb = Balancer([w.address])
+    fresh = socket.create_connection(("127.0.0.1", lb.port), timeout=10)  # accepted, nothing sent
+    wait_for(lambda: lb.metric("stepflow_lb_client_connections") is not None, 5, "metrics up")
+    # One more the balancer has not even accepted: it waits in the kernel's accept queue.
+    lb.signal(signal.SIGSTOP)
+    queued = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    lb.signal(signal.SIGTERM)
+    lb.signal(signal.SIGCONT)
+    wait_for(lambda: lb.admin_get("/ready")[0] == 503, 2, "/ready 503 after SIGTERM")
+    wait_for(lambda: connection_refused(lb.port), 2, "listener closed")
+    for name, sock in (("fresh", fresh), ("queued", queued)):
+        body = compact(execute_body("/echo", {"conn": name}))
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        raw = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        except ConnectionResetError:
+            pass
+        sock.close()
+        r = client.parse_response(raw) if raw else None
+        check(r is not None and r.status == 200 and r.headers.get("connection") == "close",
+              f"{name} connection's first request served, then closed: {raw[:200]!r}")
+    check(lb.wait_exit(10) == 0, "drained and exited 0")
+    check(not lb.logs("drain timeout: closing remaining connections"), "without the drain timeout")
+
+
+@test
 def drain_timeout_cuts_a_held_stream_and_exits_0():
     w = Worker("cut")
     lb = Balancer([w.address], args=["--drain-timeout", "1s"])
