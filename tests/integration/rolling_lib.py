@@ -561,8 +561,11 @@ class BalancerSet:
     def start_one(self):
         self._n += 1
         name = "lb-%d" % self._n
-        lb = harness.Balancer(args=self.args + ["--drain-timeout", self.drain_timeout], threads=self.threads,
-                              wait_ready=True)
+        args = self.args + ["--drain-timeout", self.drain_timeout]
+        slot = self.front.reserve() if hasattr(self.front, "reserve") else None
+        if slot:  # a front with fixed server slots (HAProxy): listen where it looks
+            args += ["--listen", "127.0.0.1:%d" % slot[0], "--admin-listen", "127.0.0.1:%d" % slot[1]]
+        lb = harness.Balancer(args=args, threads=self.threads, wait_ready=True)
         lb.name = name
         target = self.front.add(name, lb.port, lb.admin_port)
         wait_for(lambda: target.up, 10, "front to see %s ready" % name)
