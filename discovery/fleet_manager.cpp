@@ -66,6 +66,8 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
             b.instance->membership.store(Membership::Gone);
             changed = true;
         }
+        // Its request series go now, not when the last request or snapshot naming it ends.
+        Metrics::get().retire_backend(b.endpoint.address);
         it = backends_.erase(it);
     }
     if (changed) publish();
@@ -127,6 +129,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
         log::info("instance discovered", {{"instance", id}, {"backend", b.endpoint.address}, {"pod", b.endpoint.pod}});
     }
     auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
+    inst->series = metrics.backend_series(b.endpoint.address);
     inst->membership.store(membership_of(b.endpoint));
     b.instance = std::move(inst);
     publish();

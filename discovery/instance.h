@@ -14,6 +14,8 @@
 
 namespace stepflow {
 
+class BackendSeries;  // proxy/metrics.h
+
 // What discovery says of the endpoint. Health is kept apart (Instance::healthy) because the two
 // change for different reasons and from different places.
 enum class Membership : uint8_t {
@@ -36,6 +38,9 @@ struct Instance : std::enable_shared_from_this<Instance> {
     const sockaddr_storage sockaddr;
     const socklen_t sockaddr_len;
     const std::string pod;      // pod name from the EndpointSlice targetRef, empty when unknown
+
+    // Request metrics of this address; set before the instance is published, then only read.
+    std::shared_ptr<BackendSeries> series;
 
     std::atomic<Membership> membership{Membership::Active};
     std::atomic<bool> healthy{true};  // false after --max-failures failed checks or live failures

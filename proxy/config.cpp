@@ -186,6 +186,9 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_COMPAT_METRICS");
     app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->envname("STEPFLOW_LOG_LEVEL")->capture_default_str();
     app.add_option("--log-format", log_format, "json|text")->envname("STEPFLOW_LOG_FORMAT")->capture_default_str();
+    app.add_option("--log-buffer-lines", cfg.log_buffer_lines,
+                   "Log records queued for stderr; beyond that, records are dropped and counted")
+        ->envname("STEPFLOW_LB_LOG_BUFFER_LINES")->capture_default_str();
     app.add_option("--access-log", access_log, "on|off: one log line per request")->envname("STEPFLOW_LB_ACCESS_LOG")
         ->capture_default_str();
 
@@ -201,6 +204,8 @@ Config parse_config(int argc, char** argv) {
     HostPort hp;
     if (!log::parse_level(log_level, cfg.log_level)) fail("--log-level: '" + log_level + "' is not one of trace|debug|info|warn|error");
     if (!log::parse_format(log_format, cfg.log_format)) fail("--log-format: '" + log_format + "' is not json or text");
+    if (cfg.log_buffer_lines < 16 || cfg.log_buffer_lines > 10000000)
+        fail("--log-buffer-lines: must be between 16 and 10000000");
     switch_flag("--access-log", access_log, cfg.access_log);
     switch_flag("--upstream-tls", upstream_tls, cfg.upstream_tls);
     switch_flag("--upstream-insecure", upstream_insecure, cfg.upstream_insecure);

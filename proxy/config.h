@@ -89,6 +89,7 @@ struct Config {
     // Logging
     log::Level log_level = log::Level::Info;
     log::Format log_format = log::Format::Json;
+    int log_buffer_lines = 10000;  // records queued for stderr before new ones are dropped
     bool access_log = true;
 
     // Metrics

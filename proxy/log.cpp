@@ -1,9 +1,14 @@
 #include "proxy/log.h"
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <ctime>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <unistd.h>
 
 namespace stepflow::log {
@@ -11,6 +16,97 @@ namespace {
 
 std::atomic<Level> g_level{Level::Info};
 std::atomic<Format> g_format{Format::Json};
+
+// Lines go to a bounded queue that one writer thread drains to stderr, so a slow or stuck log
+// sink (a full pipe, a paused collector) never blocks an event loop: when the queue is full the
+// line is dropped and counted. Leaked on purpose: the writer may still run while the process exits.
+class Sink {
+public:
+    void push(std::string&& line) {
+        {
+            std::lock_guard lock(mutex_);
+            if (!started_) {
+                started_ = true;
+                std::thread([this] { run(); }).detach();
+            }
+            if (queued_ >= capacity_.load(std::memory_order_relaxed)) {
+                dropped_.fetch_add(1, std::memory_order_relaxed);
+                return;
+            }
+            ++queued_;
+            lines_.push_back(std::move(line));
+        }
+        wake_.notify_one();
+    }
+
+    // Waits (at most `limit`) until every queued line was written: at exit, so the last lines are
+    // not lost, yet a sink nobody reads cannot keep the process from ending.
+    void flush(std::chrono::milliseconds limit) {
+        std::unique_lock lock(mutex_);
+        drained_.wait_for(lock, limit, [this] { return queued_ == 0 && !writing_; });
+    }
+
+    void set_capacity(size_t lines) { capacity_.store(lines, std::memory_order_relaxed); }
+    uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+private:
+    void run() {
+        std::deque<std::string> batch;
+        std::string out;
+        uint64_t reported = 0;
+        for (;;) {
+            {
+                std::unique_lock lock(mutex_);
+                writing_ = false;
+                if (queued_ == 0) drained_.notify_all();
+                wake_.wait(lock, [this] { return queued_ > 0; });
+                batch.swap(lines_);
+                queued_ = 0;
+                writing_ = true;
+            }
+            out.clear();
+            for (auto& line : batch) out += line;
+            batch.clear();
+            uint64_t dropped = dropped_.load(std::memory_order_relaxed);
+            if (dropped != reported) {
+                // Say so in the log itself once the sink takes lines again.
+                std::string notice;
+                notice.reserve(120);
+                format_line(notice, Level::Warn, "log lines dropped: the log sink was too slow",
+                            {{"dropped_total", dropped}, {"dropped", dropped - reported}});
+                out += notice;
+                reported = dropped;
+            }
+            write_all(out);
+            if (out.capacity() > (1u << 20)) std::string().swap(out);  // do not keep a burst's buffer
+        }
+    }
+
+    static void write_all(const std::string& s) {
+        const char* p = s.data();
+        size_t left = s.size();
+        while (left > 0) {
+            ssize_t n = ::write(STDERR_FILENO, p, left);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break;
+            p += n;
+            left -= static_cast<size_t>(n);
+        }
+    }
+
+    std::mutex mutex_;
+    std::condition_variable wake_, drained_;
+    std::deque<std::string> lines_;
+    size_t queued_ = 0;
+    bool started_ = false, writing_ = false;
+    std::atomic<size_t> capacity_{10000};
+    std::atomic<uint64_t> dropped_{0};
+};
+
+Sink& sink() {
+    static Sink* s = new Sink;
+    return *s;
+}
 
 const char* level_name(Level l) {
     switch (l) {
@@ -103,9 +199,7 @@ void append_json_escaped(std::string& out, std::string_view s) {
     }
 }
 
-void write(Level level, std::string_view message, std::initializer_list<Field> fields) {
-    std::string line;
-    line.reserve(160);
+void format_line(std::string& line, Level level, std::string_view message, std::initializer_list<Field> fields) {
     if (g_format.load(std::memory_order_relaxed) == Format::Json) {
         line += "{\"time\":\"";
         append_time(line);
@@ -135,15 +229,17 @@ void write(Level level, std::string_view message, std::initializer_list<Field> f
         }
         line += '\n';
     }
-    // One write per line keeps lines from different threads whole.
-    const char* p = line.data();
-    size_t left = line.size();
-    while (left > 0) {
-        ssize_t n = ::write(STDERR_FILENO, p, left);
-        if (n <= 0) break;
-        p += n;
-        left -= static_cast<size_t>(n);
-    }
 }
+
+void write(Level level, std::string_view message, std::initializer_list<Field> fields) {
+    std::string line;
+    line.reserve(160);
+    format_line(line, level, message, fields);
+    sink().push(std::move(line));
+}
+
+void set_buffer_lines(size_t lines) { sink().set_capacity(lines); }
+uint64_t dropped_lines() { return sink().dropped(); }
+void flush(std::chrono::milliseconds limit) { sink().flush(limit); }
 
 }  // namespace stepflow::log

@@ -3,6 +3,7 @@
 // must come out as one JSON object; a small formatter does that with one write(2) per line.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -34,7 +35,16 @@ struct Field {
     std::variant<std::string_view, int64_t, double, bool> value;
 };
 
+// Formats one record and queues it for the writer thread; never blocks on the sink. When
+// --log-buffer-lines records already wait, the record is dropped and counted instead.
 void write(Level level, std::string_view message, std::initializer_list<Field> fields = {});
+// One record as a line, newline included (what write() queues).
+void format_line(std::string& out, Level level, std::string_view message, std::initializer_list<Field> fields);
+
+void set_buffer_lines(size_t lines);
+uint64_t dropped_lines();  // records dropped because the queue was full, since start
+// Waits at most `limit` for the queued records to reach stderr (call before exiting).
+void flush(std::chrono::milliseconds limit);
 
 inline void trace(std::string_view m, std::initializer_list<Field> f = {}) { if (enabled(Level::Trace)) write(Level::Trace, m, f); }
 inline void debug(std::string_view m, std::initializer_list<Field> f = {}) { if (enabled(Level::Debug)) write(Level::Debug, m, f); }

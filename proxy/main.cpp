@@ -26,6 +26,7 @@ namespace {
 
 [[noreturn]] void startup_error(const std::string& message) {
     log::error("cannot start", {{"reason", message}});
+    log::flush(std::chrono::seconds(2));
     std::fprintf(stderr, "stepflow-lb: %s\n", message.c_str());
     std::exit(2);
 }
@@ -114,6 +115,7 @@ void on_signal(int sig, short, void* arg) {
 int main(int argc, char** argv) {
     Config config = parse_config(argc, argv);
     log::configure(config.log_level, config.log_format);
+    log::set_buffer_lines(config.log_buffer_lines);
     Metrics::get().set_compat_metrics(config.compat_metrics);
     std::signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
@@ -176,5 +178,6 @@ int main(int argc, char** argv) {
     if (shutdown.poll) event_free(shutdown.poll);
     source.reset();
     log::info("stopped");
+    log::flush(std::chrono::seconds(2));  // bounded: a sink nobody reads cannot hold the exit
     return 0;
 }

@@ -5,6 +5,7 @@
 #include <prometheus/text_serializer.h>
 
 #include "discovery/fleet.h"
+#include "proxy/log.h"
 
 namespace stepflow {
 namespace {
@@ -85,6 +86,9 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
                             .Help("Response body bytes sent to clients").Register(*r).Add({})),
       client_connections(BuildGauge().Name("stepflow_lb_client_connections")
                              .Help("Open client connections").Register(*r).Add({})),
+      log_lines_dropped(BuildCounter().Name("stepflow_lb_log_lines_dropped_total")
+                            .Help("Log records dropped because stderr did not keep up (queue full)")
+                            .Register(*r).Add({})),
       registry_(std::move(r)) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
                           .Help("Requests routed, by decision").Register(*registry_);
@@ -152,40 +156,100 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
             it = backend_series_.erase(it);
         }
         backend_pool_size.Set(pool);
+        double dropped = double(log::dropped_lines());
+        if (dropped > log_lines_dropped.Value()) log_lines_dropped.Increment(dropped - log_lines_dropped.Value());
         backends_known.Set(double(known));
     }
     return prometheus::TextSerializer{}.Serialize(registry_->Collect());
 }
 
-void RequestSeries::observe(std::string_view backend, int status, std::string_view method, double duration_ms,
+namespace {
+
+const prometheus::Histogram::BucketBoundaries& ms_buckets() {
+    static const prometheus::Histogram::BucketBoundaries b{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
+    return b;
+}
+
+}  // namespace
+
+std::shared_ptr<BackendSeries> Metrics::backend_series(const std::string& address) {
+    std::lock_guard lock(request_series_mutex_);
+    auto& slot = request_series_[address];
+    if (auto live = slot.lock()) return live;
+    auto fresh = std::make_shared<BackendSeries>(address);
+    slot = fresh;
+    return fresh;
+}
+
+void Metrics::retire_backend(const std::string& address) {
+    std::shared_ptr<BackendSeries> series;
+    {
+        std::lock_guard lock(request_series_mutex_);
+        auto it = request_series_.find(address);
+        if (it == request_series_.end()) return;
+        series = it->second.lock();
+        request_series_.erase(it);
+    }
+    if (series) series->retire();
+}
+
+void BackendSeries::observe(int status, uint8_t mi, double duration_ms) {
+    auto& m = Metrics::get();
+    std::lock_guard lock(mutex_);
+    if (retired_) return;
+    uint32_t key = uint32_t(status) * 16 + mi;
+    auto it = requests_.find(key);
+    if (it == requests_.end())
+        it = requests_.emplace(key, &m.requests_total.Add({{"backend", address_}, {"status", std::to_string(status)},
+                                                            {"method", method_label(mi)}})).first;
+    it->second->Increment();
+    if (m.compat_metrics()) {
+        auto& hist = durations_[mi];
+        if (!hist) hist = &m.request_duration_ms.Add({{"backend", address_}, {"method", method_label(mi)}}, ms_buckets());
+        hist->Observe(duration_ms);
+    }
+}
+
+void BackendSeries::retire() {
+    auto& m = Metrics::get();
+    std::lock_guard lock(mutex_);
+    if (retired_) return;
+    retired_ = true;
+    for (auto& [_, counter] : requests_) m.requests_total.Remove(counter);
+    requests_.clear();
+    if (m.compat_metrics())
+        for (auto* hist : durations_)
+            if (hist) m.request_duration_ms.Remove(hist);
+    durations_ = {};
+}
+
+void RequestSeries::observe(BackendSeries* series, int status, std::string_view method, double duration_ms,
                             Decision decision) {
-    static const prometheus::Histogram::BucketBoundaries ms_buckets{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
     static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                                    0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
     auto& m = Metrics::get();
     uint8_t mi = method_index(method);
-    auto it = backends_.find(backend);
-    if (it == backends_.end()) it = backends_.emplace(std::string(backend), PerBackend{}).first;
-    PerBackend& per = it->second;
-
-    uint32_t key = uint32_t(status) * 16 + mi;
-    auto cit = per.requests.find(key);
-    if (cit == per.requests.end()) {
-        std::lock_guard lock(g_family_mutex);
-        auto* c = &m.requests_total.Add(
-            {{"backend", std::string(backend)}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
-        cit = per.requests.emplace(key, c).first;
-    }
-    cit->second->Increment();
-
-    if (m.compat_metrics()) {
-        auto& hist = per.durations[mi];
-        if (!hist) {
+    if (series) {
+        series->observe(status, mi, duration_ms);
+    } else {
+        // Answered by the balancer itself: one fixed label, cached per thread.
+        uint32_t key = uint32_t(status) * 16 + mi;
+        auto cit = none_.requests.find(key);
+        if (cit == none_.requests.end()) {
             std::lock_guard lock(g_family_mutex);
-            hist = &m.request_duration_ms.Add({{"backend", std::string(backend)}, {"method", method_label(mi)}},
-                                              ms_buckets);
+            auto* c = &m.requests_total.Add(
+                {{"backend", "none"}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
+            cit = none_.requests.emplace(key, c).first;
         }
-        hist->Observe(duration_ms);
+        cit->second->Increment();
+        if (m.compat_metrics()) {
+            auto& hist = none_.durations[mi];
+            if (!hist) {
+                std::lock_guard lock(g_family_mutex);
+                hist = &m.request_duration_ms.Add({{"backend", "none"}, {"method", method_label(mi)}}, ms_buckets());
+            }
+            hist->Observe(duration_ms);
+        }
     }
 
     auto& sec = seconds_[size_t(decision)];

@@ -20,6 +20,7 @@
 namespace stepflow {
 
 struct Fleet;
+class BackendSeries;
 
 enum class Decision : uint8_t { Pinned, LeastLoad, None };
 const char* to_string(Decision d);
@@ -68,8 +69,15 @@ public:
     prometheus::Counter& client_received_bytes;
     prometheus::Counter& client_sent_bytes;
     prometheus::Gauge& client_connections;
+    prometheus::Counter& log_lines_dropped;  // brought up to log::dropped_lines() on render
 
     prometheus::Counter& discovery_op(const std::string& operation, const std::string& result);
+
+    // The request series of a backend address, shared by every instance at that address (control
+    // thread, when an instance is created). retire_backend() removes them from the registry when
+    // the address leaves discovery, so the number of series follows the fleet, not its history.
+    std::shared_ptr<BackendSeries> backend_series(const std::string& address);
+    void retire_backend(const std::string& address);
 
 private:
     Metrics(std::shared_ptr<prometheus::Registry> registry);
@@ -78,24 +86,45 @@ private:
     std::mutex fleet_series_mutex_;
     std::map<std::string, std::pair<prometheus::Gauge*, prometheus::Gauge*>> instance_series_;  // key id
     std::map<std::string, prometheus::Gauge*> backend_series_;
+    std::mutex request_series_mutex_;
+    std::map<std::string, std::weak_ptr<BackendSeries>> request_series_;  // by address
+};
+
+// requests_total and request_duration_ms of one backend address. Request threads reach it through
+// the Instance that served them and observe under its mutex; once retired its series are out of
+// the registry and observing does nothing, so no thread ever touches a removed series. A request
+// that ends after its backend left discovery is counted only in the unlabelled-by-backend metrics.
+class BackendSeries {
+public:
+    explicit BackendSeries(std::string address) : address_(std::move(address)) {}
+    ~BackendSeries() { retire(); }
+    BackendSeries(const BackendSeries&) = delete;
+    BackendSeries& operator=(const BackendSeries&) = delete;
+
+    void observe(int status, uint8_t method_index, double duration_ms);
+    void retire();
+
+private:
+    std::mutex mutex_;
+    bool retired_ = false;
+    const std::string address_;
+    std::unordered_map<uint32_t, prometheus::Counter*> requests_;  // key: status * 16 + method index
+    std::array<prometheus::Histogram*, kMethodLabels> durations_{};
 };
 
 // A request thread's cache of per-(backend, status, method) series, so finishing a request costs
 // two hash lookups without allocating, rather than the registry's mutex.
 class RequestSeries {
 public:
-    void observe(std::string_view backend, int status, std::string_view method, double duration_ms, Decision decision);
+    // `series` is the serving instance's (null when the balancer answered itself: label "none").
+    void observe(BackendSeries* series, int status, std::string_view method, double duration_ms, Decision decision);
 
 private:
     struct PerBackend {
         std::unordered_map<uint32_t, prometheus::Counter*> requests;  // key: status * 16 + method index
         std::array<prometheus::Histogram*, kMethodLabels> durations{};
     };
-    struct StringHash {
-        using is_transparent = void;
-        size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-    };
-    std::unordered_map<std::string, PerBackend, StringHash, std::equal_to<>> backends_;
+    PerBackend none_;
     std::array<prometheus::Histogram*, 3> seconds_{};
 };
 

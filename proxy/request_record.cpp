@@ -23,8 +23,7 @@ void RequestRecord::note_route(const Exchange& exchange) {
 void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
                            const std::string& client) const {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
-    worker.series().observe(instance ? std::string_view(instance->address) : std::string_view("none"), status, method,
-                            ms, decision);
+    worker.series().observe(instance ? instance->series.get() : nullptr, status, method, ms, decision);
     if (!worker.config().access_log) return;
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},

@@ -125,6 +125,23 @@ def instance_of(lb, pod):
 
 
 @test
+def series_of_a_backend_that_left_are_removed_from_metrics():
+    # Rolling updates replace pods all week: series labelled with a gone backend must not pile up.
+    api, cluster, lb = start(pods=2)
+    spread(lb, 8)
+    gone = cluster.pods["pod-0"]
+    label = 'backend="%s"' % gone.address
+    text = lb.metrics_text()
+    check(any(l.startswith("stepflow_lb_requests_total{") and label in l for l in text.splitlines()),
+          "requests_total has a series for pod-0 before it leaves")
+    cluster.remove("pod-0")
+    wait_for(lambda: lb.backend(gone.address) is None, 5, "pod-0 to leave the fleet")
+    wait_for(lambda: label not in lb.metrics_text(), 5, "every series of pod-0 removed from /metrics")
+    spread(lb, 4)  # the remaining pod still counts
+    check('backend="%s"' % cluster.pods["pod-1"].address in lb.metrics_text(), "pod-1's series kept")
+
+
+@test
 def scale_up_then_down():
     api, cluster, lb = start(pods=2)
     p2 = cluster.add_pod("pod-2")
