@@ -147,43 +147,67 @@ std::string url_encode(std::string_view s) {
 
 ApiCall::ApiCall(event_base* base, const ApiServer& server, SSL_CTX* tls, std::string path, const std::string& token,
                  Mode mode, std::chrono::milliseconds head_timeout, std::chrono::milliseconds idle_timeout,
-                 Callbacks callbacks)
-    : mode_(mode), callbacks_(std::move(callbacks)), idle_timeout_(idle_timeout) {
+                 Callbacks callbacks, ApiConnections* pool)
+    : base_(base), server_(server), tls_(tls), pool_(pool), mode_(mode), callbacks_(std::move(callbacks)),
+      idle_timeout_(idle_timeout) {
     payload_ = evbuffer_new();
     head_deadline_ = evtimer_new(base, on_head_deadline, this);
-    if (server.tls) {
-        SSL* ssl = SSL_new(tls);
+    request_ = "GET " + server.base_path + path + " HTTP/1.1\r\nHost: " + format_host_port(server.host, server.port) +
+               "\r\nUser-Agent: stepflow-lb\r\nAccept: application/json\r\n";
+    if (!token.empty()) request_ += "Authorization: Bearer " + token + "\r\n";
+    // Without a pool nothing would reuse the connection: say so, and the server closes it.
+    if (!pool_) request_ += "Connection: close\r\n";
+    request_ += "\r\n";
+    timeval tv = to_timeval(head_timeout);
+    evtimer_add(head_deadline_, &tv);
+    open(true);
+}
+
+void ApiCall::open(bool reuse) {
+    bev_ = reuse && pool_ ? pool_->take() : nullptr;
+    reused_ = bev_ != nullptr;
+    if (reused_) {
+        pool_->note_reused();
+    } else if (server_.tls) {
+        SSL* ssl = SSL_new(tls_);
         // Check the certificate names the host we dialled (an IP SAN for an IP, a DNS SAN else).
-        if (is_ip_literal(server.host)) {
-            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), server.host.c_str());
+        if (is_ip_literal(server_.host)) {
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), server_.host.c_str());
         } else {
-            SSL_set1_host(ssl, server.host.c_str());
+            SSL_set1_host(ssl, server_.host.c_str());
             // SNI; SSL_set_tlsext_host_name is a macro with a C cast, so call what it expands to.
-            SSL_ctrl(ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, const_cast<char*>(server.host.c_str()));
+            SSL_ctrl(ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, const_cast<char*>(server_.host.c_str()));
         }
-        bev_ = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+        bev_ = bufferevent_openssl_socket_new(base_, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
         // The API server may close a finished response without a TLS close_notify.
         bufferevent_openssl_set_allow_dirty_shutdown(bev_, 1);
     } else {
-        bev_ = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+        bev_ = bufferevent_socket_new(base_, -1, BEV_OPT_CLOSE_ON_FREE);
     }
     bufferevent_setcb(bev_, on_read, nullptr, on_event, this);
-    std::string req = "GET " + server.base_path + path + " HTTP/1.1\r\nHost: " + format_host_port(server.host, server.port) +
-                      "\r\nUser-Agent: stepflow-lb\r\nAccept: application/json\r\n";
-    if (!token.empty()) req += "Authorization: Bearer " + token + "\r\n";
-    req += "Connection: close\r\n\r\n";
-    bufferevent_write(bev_, req.data(), req.size());
+    bufferevent_write(bev_, request_.data(), request_.size());
     bufferevent_enable(bev_, EV_READ | EV_WRITE);
-    timeval tv = to_timeval(head_timeout);
-    evtimer_add(head_deadline_, &tv);
-    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&server.addr),
-                                   static_cast<int>(server.addr_len)) != 0) {
+    if (reused_) return;
+    if (pool_) pool_->note_opened();
+    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&server_.addr),
+                                   static_cast<int>(server_.addr_len)) != 0) {
         // Reported from the loop, never from the constructor: the owner is not ready for it yet.
         outcome_.error = "connect failed";
         evtimer_del(head_deadline_);
         timeval now{0, 0};
         evtimer_add(head_deadline_, &now);
     }
+}
+
+// A kept-alive connection the server closed while it sat idle (or just as we wrote to it) shows
+// up as an end or error before any byte of the answer: the request was not served, so dial anew.
+// Only once per call, and only for a reused connection: a fresh one failing is a real failure.
+bool ApiCall::redial_if_stale(short what) {
+    if (!reused_ || got_bytes_ || !(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) return false;
+    bufferevent_free(bev_);
+    bev_ = nullptr;
+    open(false);
+    return true;
 }
 
 ApiCall::~ApiCall() {
@@ -218,6 +242,7 @@ std::string ApiCall::transport_error(short what) const {
 void ApiCall::on_event(bufferevent*, short what, void* arg) {
     auto* self = static_cast<ApiCall*>(arg);
     if (what & BEV_EVENT_CONNECTED) return;
+    if (self->redial_if_stale(what)) return;
     if (what & BEV_EVENT_EOF) {
         self->read_input(true);
         return;
@@ -230,6 +255,7 @@ void ApiCall::on_event(bufferevent*, short what, void* arg) {
 void ApiCall::read_input(bool eof) {
     if (finished_) return;
     evbuffer* in = bufferevent_get_input(bev_);
+    if (evbuffer_get_length(in) > 0) got_bytes_ = true;
     if (!head_done_) {
         size_t n = http1::find_head_end(in, kMaxHead, scan_from_);
         if (n == SIZE_MAX) return finish({0, "response head too large", "", {}, false});
@@ -294,6 +320,9 @@ void ApiCall::read_input(bool eof) {
     }
     if (status == http1::BodyPump::Status::Done) {
         outcome_.clean = true;
+        // Reusable when framed by length or chunks, not marked for closing, and nothing more
+        // arrived behind it (bytes beyond the response would mean the stream is out of step).
+        reusable_ = !eof && !pump_.until_close() && head_.keep_alive && evbuffer_get_length(in) == 0;
         if (!streaming) {
             size_t len = evbuffer_get_length(payload_);
             outcome_.body.assign(reinterpret_cast<const char*>(evbuffer_pullup(payload_, -1)), len);
@@ -308,7 +337,12 @@ void ApiCall::finish(Outcome outcome) {
     finished_ = true;
     evtimer_del(head_deadline_);
     if (bev_) {
-        bufferevent_free(bev_);
+        if (reusable_ && pool_ && outcome.error.empty()) {
+            bufferevent_disable(bev_, EV_WRITE);
+            pool_->give(bev_);
+        } else {
+            bufferevent_free(bev_);
+        }
         bev_ = nullptr;
     }
     callbacks_.on_done(std::move(outcome));  // last: it may destroy this call

@@ -1,5 +1,5 @@
-// A minimal Kubernetes API client on libevent: one GET per connection, over TLS (CA-verified,
-// host-checked) or plain HTTP (as behind `kubectl proxy`), with a bearer token that is re-read
+// A minimal Kubernetes API client on libevent: GETs over a kept-alive connection (see
+// api_connections.h), over TLS (CA-verified, host-checked) or plain HTTP (as behind `kubectl proxy`), with a bearer token that is re-read
 // from its file so rotated service-account tokens are picked up. Two kinds of call: a whole body
 // (lists) and a line stream (watches), where each complete line is handed on as it arrives.
 #pragma once
@@ -13,6 +13,7 @@
 
 #include <sys/socket.h>
 
+#include "discovery/api_connections.h"
 #include "discovery/k8s_line_splitter.h"
 #include "proxy/http1.h"
 
@@ -62,7 +63,10 @@ private:
 };
 
 // One GET. Exactly one on_done per call, always last; the call may be destroyed from inside any
-// of its callbacks, and destroying it earlier cancels it without further callbacks.
+// of its callbacks, and destroying it earlier cancels it without further callbacks (and closes
+// its connection: a half-read response cannot be reused). With `pool`, the call starts on the
+// pool's idle connection if there is one, dials again if that turns out closed before any
+// answer, and parks its connection there after a cleanly framed response.
 class ApiCall {
 public:
     enum class Mode { Whole, Lines };
@@ -81,7 +85,7 @@ public:
 
     ApiCall(event_base* base, const ApiServer& server, SSL_CTX* tls, std::string path, const std::string& token,
             Mode mode, std::chrono::milliseconds head_timeout, std::chrono::milliseconds idle_timeout,
-            Callbacks callbacks);
+            Callbacks callbacks, ApiConnections* pool = nullptr);
     ~ApiCall();
     ApiCall(const ApiCall&) = delete;
     ApiCall& operator=(const ApiCall&) = delete;
@@ -90,10 +94,19 @@ private:
     static void on_read(bufferevent*, void* arg);
     static void on_event(bufferevent*, short what, void* arg);
     static void on_head_deadline(int, short, void* arg);
+    void open(bool reuse);
+    bool redial_if_stale(short what);
     void read_input(bool eof);
     void finish(Outcome outcome);
     std::string transport_error(short what) const;
 
+    event_base* base_;
+    ApiServer server_;
+    SSL_CTX* tls_;
+    ApiConnections* pool_;
+    std::string request_;
+    bool reused_ = false;       // this connection served an earlier response
+    bool got_bytes_ = false;    // any byte of this call's response arrived
     Mode mode_;
     Callbacks callbacks_;
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
@@ -103,6 +116,7 @@ private:
     size_t scan_from_ = 0;
     bool head_done_ = false;
     bool finished_ = false;
+    bool reusable_ = false;  // the response ended cleanly: the connection may serve the next call
     http1::Head head_;
     http1::BodyPump pump_;
     evbuffer* payload_ = nullptr;

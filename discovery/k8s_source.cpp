@@ -157,7 +157,7 @@ void K8sSource::send() {
         cb.on_done = [this, id](ApiCall::Outcome o) { on_list_done(id, std::move(o)); };
         call_ = std::make_unique<ApiCall>(base_, settings_.api, tls_, list_path(pending_.token), token,
                                           ApiCall::Mode::Whole, settings_.head_timeout,
-                                          std::chrono::milliseconds(30000), std::move(cb));
+                                          std::chrono::milliseconds(30000), std::move(cb), &connections_);
         return;
     }
     ApiCall::Callbacks cb;
@@ -173,7 +173,7 @@ void K8sSource::send() {
     // Silence longer than the server's own timeout plus a margin means the stream is dead.
     auto idle = std::chrono::milliseconds((timeout + 30) * 1000LL);
     call_ = std::make_unique<ApiCall>(base_, settings_.api, tls_, watch_path(pending_.token, timeout), token,
-                                      ApiCall::Mode::Lines, settings_.head_timeout, idle, std::move(cb));
+                                      ApiCall::Mode::Lines, settings_.head_timeout, idle, std::move(cb), &connections_);
 }
 
 void K8sSource::follow(std::optional<Reflector::Request> next) {
@@ -198,6 +198,7 @@ void K8sSource::on_list_done(uint64_t id, ApiCall::Outcome o) {
         if (decode_list(parser_, o.body, settings_.kind, page, error)) {
             Metrics::get().discovery_op("list", "success").Increment();
             log::debug("kubernetes list page", {{"items", uint64_t(page.items.size())},
+                                                {"connections_opened", connections_.opened()},
                                                 {"resource_version", page.resource_version},
                                                 {"more", !page.continue_token.empty()}});
             return follow(reflector_.list_page(id, std::move(page)));

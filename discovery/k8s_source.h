@@ -81,6 +81,7 @@ private:
     EndpointsCallback on_change_;
     event* timer_ = nullptr;
     Reflector::Request pending_;
+    ApiConnections connections_;  // declared before the calls, which may hand theirs back to it
     std::unique_ptr<ApiCall> call_;
     std::unique_ptr<ApiCall> retired_;  // a finished call, freed on the next turn of the loop
     std::optional<std::vector<Endpoint>> published_;

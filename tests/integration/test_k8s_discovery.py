@@ -331,6 +331,32 @@ def pages_several_slices_split_events_and_moves():
 
 
 @test
+def list_pages_and_watch_share_one_kept_alive_connection():
+    api = FakeApiServer().start()
+    api.page_size = 1
+    for i in range(30):
+        api.put_slice("extra-%02d" % i, [endpoint("10.1.%d.1" % i)], port=1, service="other")  # other Services' slices
+    api_, cluster, lb = start(pods=12, slices=12, api=api)
+    api.wait_watching()
+    lists = [r for r in api.requests if r["kind"] == "list"]
+    check(len(lists) >= 12, "a list of many pages: %d" % len(lists))
+    conns = {r["conn"] for r in api.requests if r["kind"] in ("list", "watch")}
+    check(len(conns) == 1, "%d list pages and the watch on one connection, not %d" % (len(lists), len(conns)))
+    check(api.connections == 1, "one TLS connection accepted, not %d" % api.connections)
+    # The server now closes every connection after its answer without saying so (as an idle
+    # timeout does): the balancer dials again whenever it finds its kept connection closed.
+    api.close_after_response = True
+    since = time.monotonic()
+    api.compact()
+    api.expire_watches()  # 410: relist all pages, each on a fresh connection
+    cluster.add_pod("pod-12", "workers-3")
+    lb.wait_healthy(13)
+    relisted = [r for r in api.requests if r["kind"] == "list" and r["time"] >= since]
+    check(len(relisted) >= 12 and all(r["status"] == 200 for r in relisted), "relisted page by page: %r" % relisted)
+    check(not lb.logs("kubernetes API request failed"), "no failed request: %r" % lb.logs("kubernetes API request failed"))
+
+
+@test
 def bookmarks_move_the_rewatch_version():
     api, cluster, lb = start(pods=1)
     api.put_slice("unrelated", [endpoint("10.9.9.9")], port=1, service="other")  # not ours: only moves the version

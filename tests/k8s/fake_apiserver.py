@@ -114,7 +114,9 @@ class FakeApiServer:
         self.failures = []  # dicts: status, kind ("list"|"watch"|"any"), retry_after, remaining
         self.outage = None  # None | "refuse" | HTTP status
         self.watches = set()
-        self.requests = []  # dicts: time, kind ("list"|"watch"|"other"|"refused"), path, status, token
+        self.requests = []  # dicts: time, kind ("list"|"watch"|"other"|"refused"), path, status, token, conn
+        self.connections = 0  # connections accepted (HTTP/1.1 keep-alive serves many requests on one)
+        self.close_after_response = False  # close each connection after a response, unannounced (an idle timeout)
         self._snapshots = {}  # continue token -> (rv, remaining items)
         self._httpd = None
 
@@ -349,11 +351,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         api = self.api
+        with api.cond:
+            api.connections += 1
+            self.conn_id = api.connections
         if api.outage == "refuse":
             # An unreachable API: the connection is reset before any byte (no TLS handshake).
             with api.cond:
                 api.requests.append({"time": time.monotonic(), "kind": "refused", "path": None, "status": 0,
-                                     "token": None})
+                                     "token": None, "conn": self.conn_id})
             self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.request.close()
             raise ConnectionAbortedError("outage")
@@ -379,7 +384,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _record(self, kind, status, token):
         with self.api.cond:
             self.api.requests.append({"time": time.monotonic(), "kind": kind, "path": self.path, "status": status,
-                                      "token": token})
+                                      "token": token, "conn": self.conn_id})
 
     def _send_json(self, status, obj, extra=None):
         body = json.dumps(obj, separators=(",", ":")).encode()
@@ -391,6 +396,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+        if self.api.close_after_response:
+            self.close_connection = True
 
     def _send_status(self, code, message, extra=None):
         self._send_json(code, status_object(code, REASONS.get(code, "Unknown"), message), extra)
