@@ -293,10 +293,10 @@ def versions():
 NGINX_COMMON = """
 daemon off;
 worker_processes 1;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile 100000;
 error_log {d}/{name}-error.log warn;
 pid {d}/{name}.pid;
-events {{ worker_connections 20000; multi_accept on; }}
+events {{ worker_connections 50000; multi_accept on; }}
 http {{
   access_log off;
   client_body_temp_path {d}/{name}-body;
@@ -365,7 +365,7 @@ def start_haproxy(port, backends, h2=False, sse=False):
     with open(conf, "w") as f:
         f.write(f"""global
   nbthread 1
-  maxconn 9900
+  maxconn 50000
 defaults
   mode http
   timeout connect 5s

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Routing-decision micro-benchmark (Google Benchmark): pinned and least-load on fleets of 10, 100
-# and 1,000 instances. Builds build-bench/ (release, -Dbenchmarks=true) if needed, runs pinned to
+# 1,000 and 5,000 instances. Builds build-bench/ (release, -Dbenchmarks=true) if needed, runs pinned to
 # one core, prints median (min..max) of 5 repetitions and writes .bench-out/route-*.{json,md}.
 #   bench/route.sh [extra Google Benchmark flags]
 set -euo pipefail

@@ -1,4 +1,4 @@
-// Micro-benchmark of the routing decision (proxy/router.h) on fleets of 10, 100 and 1,000
+// Micro-benchmark of the routing decision (proxy/router.h) on fleets of 10, 100, 1,000 and 5,000
 // instances: pinned lookup by instance id and least-load choice. Run with bench/route.sh.
 #include <benchmark/benchmark.h>
 
@@ -125,11 +125,11 @@ void BM_RouteLeastLoadOneInTenActive(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(BM_RoutePinned)->Arg(10)->Arg(100)->Arg(1000);
-BENCHMARK(BM_RoutePinnedUnknown)->Arg(10)->Arg(100)->Arg(1000);
-BENCHMARK(BM_RouteLeastLoad)->Arg(10)->Arg(64)->Arg(100)->Arg(1000);  // 64: largest exact scan
-BENCHMARK(BM_RouteLeastLoadFallback)->Arg(10)->Arg(100)->Arg(1000);
-BENCHMARK(BM_RouteLeastLoadHalfDraining)->Arg(10)->Arg(100)->Arg(1000);
-BENCHMARK(BM_RouteLeastLoadOneInTenActive)->Arg(10)->Arg(100)->Arg(1000);
+BENCHMARK(BM_RoutePinned)->Arg(10)->Arg(100)->Arg(1000)->Arg(5000);
+BENCHMARK(BM_RoutePinnedUnknown)->Arg(10)->Arg(100)->Arg(1000)->Arg(5000);
+BENCHMARK(BM_RouteLeastLoad)->Arg(10)->Arg(64)->Arg(100)->Arg(1000)->Arg(5000);  // 64: largest exact scan
+BENCHMARK(BM_RouteLeastLoadFallback)->Arg(10)->Arg(100)->Arg(1000)->Arg(5000);
+BENCHMARK(BM_RouteLeastLoadHalfDraining)->Arg(10)->Arg(100)->Arg(1000)->Arg(5000);
+BENCHMARK(BM_RouteLeastLoadOneInTenActive)->Arg(10)->Arg(100)->Arg(1000)->Arg(5000);
 
 BENCHMARK_MAIN();

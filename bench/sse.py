@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Server-Sent Events through stepflow-lb, HAProxy and nginx: memory, added latency, no holding.
 
-    python3 bench/sse.py [--rounds 5] [--streams 2000,9000]
+    python3 bench/sse.py [--rounds 5] [--streams 2000,9000]   # --streams 2000,20000: the scale figure
 
 Backends: bench/sse_server.py (two ports, one process) on the load core; this script is the
 client and pins itself to the load core too; each proxy runs on the other core, freshly started
@@ -218,8 +218,14 @@ def main():
     kinds = args.proxies.split(",")
     counts = [int(c) for c in args.streams.split(",")]
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # ulimit -n 20000 for us and our children
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(20000, hard), hard))
+    # Enough descriptors for us and our children (each stream is one at the client, two in the
+    # proxy, one at the backend); root may raise the hard limit too.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(20000, 3 * max(counts) + 4096)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     os.sched_setaffinity(0, {int(B.LOAD_CPU)})
 
     backends = [B.free_port(), B.free_port()]
