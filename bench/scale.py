@@ -81,7 +81,7 @@ class Fleet:
     def __init__(self, api, endpoints, slices):
         self.api, self.n, self.slices = api, endpoints, slices
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "k8s", "health_fleet.py"),
-                                      "--count", str(endpoints)], stdout=subprocess.PIPE, text=True)
+                                      "--count", str(endpoints), "--procs", str(max(1, endpoints // 1500))], stdout=subprocess.PIPE, text=True)
         harness._started.append(self.proc)
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
