@@ -1,7 +1,7 @@
 """Short scale check (bench/scale.py with 1,000 endpoints instead of 5,000): 10 EndpointSlices
 listed in pages of 2, every endpoint answering /health from tests/k8s/health_fleet.py, then two
 rounds of 10 % of the endpoints turning not serving and back over the watch. Asserts correctness
-only: every endpoint known and healthy, each change reflected exactly in the pool size, the
+only: every endpoint known and healthy, each change reflected exactly in /debug/backends, the
 paginated list on one API connection. No timing thresholds (those are bench/scale.py's)."""
 
 import os
@@ -17,7 +17,7 @@ import scale  # noqa: E402
 
 @test
 def thousand_endpoints_converge_through_pages_and_watch():
-    # run() raises unless all 1,000 become healthy and each round's pool size is exactly right.
+    # run() raises unless all 1,000 become healthy and each round's changes all show in /debug/backends.
     res = scale.run(harness.lb_binary(), endpoints=1000, slices=10, rounds=2, page=2, idle_s=0.5)
     check(res["list_requests"] >= 5, "the list came in pages: %d requests" % res["list_requests"])
     check(res["api_connections"] == 1, "one API connection for the pages and the watch: %d" % res["api_connections"])
