@@ -117,6 +117,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     b.refused_id = false;
     b.last_error.clear();
     if (b.instance && b.instance->id == id) {
+        b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health);
         if (b.instance->record_check_success(config_.health_rise))
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
         return;
@@ -131,6 +132,11 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
     inst->series = metrics.backend_series(b.endpoint.address);
     inst->membership.store(membership_of(b.endpoint));
+    if (config_.max_in_flight_per_instance > 0) {
+        inst->base_limit.store(config_.max_in_flight_per_instance);
+        inst->base_source.store(LimitSource::Flag);
+    }
+    inst->set_reported_limit(r.max_concurrency, LimitSource::Health);  // the worker's own word wins
     b.instance = std::move(inst);
     publish();
 }

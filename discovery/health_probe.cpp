@@ -86,6 +86,15 @@ HealthResult parse_health_body(int status, std::string_view body) {
         r.instance_id = std::string(id);
         r.has_instance_id = true;
     }
+    // The worker's capacity, when it says: maxConcurrency (Stepflow's example worker), also
+    // accepted as max_concurrency or capacity. Anything not a positive integer is ignored.
+    for (const char* name : {"maxConcurrency", "max_concurrency", "capacity"}) {
+        int64_t n = 0;
+        if (obj[name].get(n) == simdjson::SUCCESS && n > 0) {
+            r.max_concurrency = int(std::min<int64_t>(n, 1000000));
+            break;
+        }
+    }
     r.healthy = true;
     return r;
 }

@@ -26,6 +26,7 @@ struct HealthResult {
     std::string error;        // why it failed
     bool local = false;       // failed on our side (no socket, no memory): not the worker's fault
     bool has_instance_id = false;
+    int max_concurrency = 0;  // the worker's own limit on executions ("maxConcurrency"), 0 = not given
 };
 
 // True for errors that mean this process ran out of something (descriptors, buffers, memory):

@@ -27,6 +27,16 @@ enum class Membership : uint8_t {
 
 const char* to_string(Membership m);
 
+// Where an instance's limit on new work comes from (shown in /debug/backends).
+enum class LimitSource : uint8_t {
+    None,     // unlimited
+    Flag,     // --max-in-flight-per-instance
+    Health,   // the worker's /health body (maxConcurrency)
+    Header,   // the worker's endpoint-load-metrics response header (named_metrics.capacity)
+    Learned,  // cut by a -32300 answer, growing back
+};
+const char* to_string(LimitSource s);
+
 struct Instance : std::enable_shared_from_this<Instance> {
     Instance(std::string instance_id, std::string backend_address, const sockaddr_storage& addr, socklen_t addr_len,
              std::string pod_name)
@@ -50,6 +60,74 @@ struct Instance : std::enable_shared_from_this<Instance> {
     std::atomic<int> check_failures{0};
     std::atomic<int> live_failures{0};
     std::atomic<int> check_successes{0};  // consecutive, while unhealthy: the --health-rise count
+
+    // Admission (docs/admission.md). `new_work` counts this instance's unpinned requests in
+    // flight, the only ones a limit applies to: pinned work (callback answers) must never wait
+    // behind new work, or an execution could wait on its own slot.
+    std::atomic<int> new_work{0};
+    std::atomic<int> base_limit{0};     // from --max-in-flight-per-instance or the worker; 0 = none
+    std::atomic<LimitSource> base_source{LimitSource::None};
+    std::atomic<int> learned_limit{0};  // cut by a -32300 answer, grown back by one per quiet interval
+    std::atomic<int64_t> learned_at_ms{0};  // steady-clock ms of the last cut or increase
+    std::atomic<int> learned_floor{0};  // what the last cut set, for when an unlimited base clears it
+
+    // The limit in force now (0 = unlimited) and where it came from.
+    int limit() const {
+        int base = base_limit.load(std::memory_order_relaxed);
+        int learned = learned_limit.load(std::memory_order_relaxed);
+        if (learned > 0 && (base == 0 || learned < base)) return learned;
+        return base;
+    }
+    LimitSource limit_source() const {
+        int base = base_limit.load(std::memory_order_relaxed);
+        int learned = learned_limit.load(std::memory_order_relaxed);
+        if (learned > 0 && (base == 0 || learned < base)) return LimitSource::Learned;
+        return base_source.load(std::memory_order_relaxed);
+    }
+    // Sets the limit a worker reports (health body or response header); a report of 0 or less is ignored.
+    void set_reported_limit(int n, LimitSource source) {
+        if (n <= 0) return;
+        base_limit.store(n, std::memory_order_relaxed);
+        base_source.store(source, std::memory_order_relaxed);
+    }
+    bool has_room() const {
+        int lim = limit();
+        return lim == 0 || new_work.load(std::memory_order_relaxed) < lim;
+    }
+    // Takes a slot for new work unless the limit is reached.
+    bool try_admit() {
+        int cur = new_work.load(std::memory_order_relaxed);
+        while (true) {
+            int lim = limit();
+            if (lim > 0 && cur >= lim) return false;
+            if (new_work.compare_exchange_weak(cur, cur + 1, std::memory_order_relaxed)) return true;
+        }
+    }
+    // A -32300 answer: the worker was full with `ours` of our requests on it (this one
+    // included), so at most in_flight - 1 fit; never below one.
+    void worker_at_capacity(int ours, int64_t now_ms) {
+        int cut = std::max(1, ours - 1);
+        int cur = limit();
+        if (cur != 0 && cur <= cut) cut = std::max(1, cur - (cur > 1 ? 1 : 0));
+        learned_limit.store(cut, std::memory_order_relaxed);
+        learned_floor.store(cut, std::memory_order_relaxed);
+        learned_at_ms.store(now_ms, std::memory_order_relaxed);
+    }
+    // Additive increase: one more slot per quiet `interval_ms` since the last cut or increase.
+    // The learned limit goes once it reaches the base limit, or twice what it was cut to when
+    // there is no base. Returns true when the limit grew (queued work may now fit).
+    bool recover_limit(int64_t now_ms, int64_t interval_ms) {
+        int learned = learned_limit.load(std::memory_order_relaxed);
+        if (learned == 0) return false;
+        int64_t at = learned_at_ms.load(std::memory_order_relaxed);
+        if (now_ms - at < interval_ms) return false;
+        if (!learned_at_ms.compare_exchange_strong(at, now_ms, std::memory_order_relaxed)) return false;
+        int base = base_limit.load(std::memory_order_relaxed);
+        int next = learned + 1;
+        int ceiling = base > 0 ? base : 2 * learned_floor.load(std::memory_order_relaxed) + 1;
+        learned_limit.compare_exchange_strong(learned, next >= ceiling ? 0 : next, std::memory_order_relaxed);
+        return true;
+    }
 
     bool takes_new_work() const {
         return healthy.load(std::memory_order_relaxed) &&

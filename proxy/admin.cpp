@@ -131,6 +131,9 @@ std::string AdminServer::backends_body() {
         out += ",\"serving\":" + std::string(b.endpoint.serving ? "true" : "false");
         out += ",\"terminating\":" + std::string(b.endpoint.terminating ? "true" : "false");
         out += ",\"inFlight\":" + std::to_string(b.instance ? b.instance->in_flight.load() : 0);
+        out += ",\"newWorkInFlight\":" + std::to_string(b.instance ? b.instance->new_work.load() : 0);
+        out += ",\"limit\":" + std::to_string(b.instance ? b.instance->limit() : 0);
+        out += ",\"limitSource\":\"" + std::string(b.instance ? to_string(b.instance->limit_source()) : "none") + "\"";
         out += ",\"consecutiveFailures\":" + std::to_string(b.consecutive_failures);
         out += ",\"lastError\":" + (b.last_error.empty() ? std::string("null") : json_string(b.last_error));
         out += '}';

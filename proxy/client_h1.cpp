@@ -168,9 +168,14 @@ void ClientH1::parse_head() {
     RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
     if (outcome.kind == RouteOutcome::Routed) return;
 
-    record_.decision = outcome.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+    record_.decision = exchange_->decision();
     local_ = std::make_unique<RouteOutcome>(std::move(outcome));
     exchange_.reset();
+    answer_after_body();
+}
+
+// Answers locally once the body is read (for its JSON-RPC id), or at once when there is none.
+void ClientH1::answer_after_body() {
     state_ = State::LocalBody;
     if (request_done_ || request_.expect_continue) {
         // No body to read, or the client waits for our go-ahead: answer now.
@@ -257,7 +262,7 @@ void ClientH1::answer_locally() {
         evbuffer_free(local_body_);
         local_body_ = nullptr;
     }
-    send_answer(answer_routing_miss(*local_, id));
+    send_answer(answer_failure(local_->failure, record_.decision, id, local_->pinned_id, local_->detail));
     local_.reset();
     finish_request();
 }
@@ -435,7 +440,7 @@ void ClientH1::response_done() {
     finish_request();
 }
 
-void ClientH1::exchange_failed(int status, const char* why, bool response_started) {
+void ClientH1::exchange_failed(Failure failure, const char* why, bool response_started) {
     record_.note_route(*exchange_);
     retired_ = std::move(exchange_);
     if (response_started) {
@@ -447,8 +452,16 @@ void ClientH1::exchange_failed(int status, const char* why, bool response_starte
         close_after_flush();
         return;
     }
+    std::string pinned(record_.decision == Decision::Pinned ? request_.get(worker_.config().instance_header) : "");
+    if (!retired_->body_consumed() && !request_done_) {
+        // The body never left the client: read it for its id, as for a routing miss.
+        local_ = std::make_unique<RouteOutcome>(RouteOutcome{RouteOutcome::Refused, failure, pinned, why});
+        answer_after_body();
+        return;
+    }
+    std::string id = retired_->replay_id_json();
     if (!request_done_) keep_alive_ = false;
-    send_answer(answer_exchange_failure(status, why, record_.decision, request_.get(worker_.config().instance_header)));
+    send_answer(answer_failure(failure, record_.decision, id, pinned, why));
     finish_request();
 }
 

@@ -40,7 +40,7 @@ public:
     void response_data() override;
     bool response_sink_full() override;
     void response_done() override;
-    void exchange_failed(int status, const char* why, bool response_started) override;
+    void exchange_failed(Failure failure, const char* why, bool response_started) override;
     void request_sink_ready() override;
 
 private:
@@ -63,6 +63,7 @@ private:
     const char* precheck_chunked_body();
     void collect_local_body();
     void answer_locally();
+    void answer_after_body();
     void finish_request();
     void enter_idle();
     void send_error(int status, const char* why);
@@ -98,7 +99,7 @@ private:
     std::unique_ptr<Exchange> retired_;  // kept alive until no callback of it is on the stack
 
     // Local answers (routing misses) and the request's outcome for the access log.
-    std::unique_ptr<RouteOutcome> local_;  // only while answering a routing miss
+    std::unique_ptr<RouteOutcome> local_;  // only while answering a refusal or failure locally
     evbuffer* local_body_ = nullptr;
     RequestRecord record_;
 };

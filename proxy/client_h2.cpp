@@ -182,7 +182,7 @@ public:
         exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
         local_ = exchange_->route();
         if (local_.kind == RouteOutcome::Routed) return;
-        record_.decision = local_.kind == RouteOutcome::PinnedMiss ? Decision::Pinned : Decision::None;
+        record_.decision = exchange_->decision();
         exchange_ = nullptr;
         exchange_storage_.reset();
         local_mode_ = true;
@@ -330,8 +330,9 @@ public:
         finish_log();
     }
 
-    void exchange_failed(int status, const char* why, bool response_started) override {
+    void exchange_failed(Failure failure, const char* why, bool response_started) override {
         record_.note_route(*exchange_);
+        Exchange* ended = exchange_;
         exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
         if (response_started) {
             log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", conn_.client_ip_}});
@@ -340,7 +341,21 @@ public:
             finish_log();
             return;
         }
-        answer(answer_exchange_failure(status, why, record_.decision, head_.get(conn_.worker_.config().instance_header)));
+        std::string pinned(record_.decision == Decision::Pinned ? head_.get(conn_.worker_.config().instance_header) : "");
+        local_ = RouteOutcome{RouteOutcome::Refused, failure, pinned, why};
+        if (!ended->body_consumed()) {
+            // The body never left the stream: read it for its id, as for a routing miss.
+            local_mode_ = true;
+            if (unconsumed_ > 0) {
+                nghttp2_session_consume(conn_.session_, id_, unconsumed_);
+                conn_.schedule_send();
+                unconsumed_ = 0;
+            }
+            if (request_ended_) answer_locally();
+            return;
+        }
+        std::string id = ended->replay_id_json();
+        answer(answer_failure(failure, record_.decision, id, local_.pinned_id, why));
     }
 
     void request_sink_ready() override { pump_request_body(); }
@@ -393,7 +408,7 @@ private:
     void answer_locally() {
         std::string id = jsonrpc_id_of(req_buf());
         evbuffer_drain(req_buf_, evbuffer_get_length(req_buf_));
-        answer(answer_routing_miss(local_, id));
+        answer(answer_failure(local_.failure, record_.decision, id, local_.pinned_id, local_.detail));
     }
 
     void answer(const LocalAnswer& a) {

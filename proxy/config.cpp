@@ -158,6 +158,24 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--retry-after", cfg.retry_after_seconds, "Retry-After seconds on 503 answers")
         ->envname("STEPFLOW_LB_RETRY_AFTER")->capture_default_str();
 
+    std::string queue_timeout = "30s", capacity_recovery_interval = "1s";
+    app.add_option("--max-in-flight-per-instance", cfg.max_in_flight_per_instance,
+                   "New (unpinned) requests one instance runs at once; 0 = unlimited. A capacity the worker "
+                   "reports (/health maxConcurrency, endpoint-load-metrics) wins")
+        ->envname("STEPFLOW_LB_MAX_IN_FLIGHT_PER_INSTANCE")->capture_default_str();
+    app.add_option("--queue-size", cfg.queue_size, "New requests that may wait for a free slot (503 beyond); 0 = no queue")
+        ->envname("STEPFLOW_LB_QUEUE_SIZE")->capture_default_str();
+    app.add_option("--queue-timeout", queue_timeout, "Longest wait in the queue before 503 [30s]")
+        ->envname("STEPFLOW_LB_QUEUE_TIMEOUT");
+    app.add_option("--retries", cfg.retries, "Other instances tried for a new request (-32300, stale connection, connect failure)")
+        ->envname("STEPFLOW_LB_RETRIES")->capture_default_str();
+    app.add_option("--retry-buffer-size", cfg.retry_buffer_size,
+                   "Request body bytes kept for replay on retry; larger bodies are streamed and not retried")
+        ->envname("STEPFLOW_LB_RETRY_BUFFER_SIZE")->capture_default_str();
+    app.add_option("--capacity-recovery-interval", capacity_recovery_interval,
+                   "A limit learned from -32300 grows back by one per this quiet interval [1s]")
+        ->envname("STEPFLOW_LB_CAPACITY_RECOVERY_INTERVAL");
+
     app.add_option("--connect-timeout", connect_timeout, "Upstream connect timeout [2s]")->envname("STEPFLOW_LB_CONNECT_TIMEOUT");
     app.add_option("--upstream-header-timeout", upstream_header_timeout,
                    "Time for an upstream to send its response head [5m]")->envname("STEPFLOW_LB_UPSTREAM_HEADER_TIMEOUT");
@@ -235,6 +253,13 @@ Config parse_config(int argc, char** argv) {
     duration_flag("--client-send-timeout", client_send_timeout, cfg.client_send_timeout, false);
     duration_flag("--drain-timeout", drain_timeout, cfg.drain_timeout, true);
     duration_flag("--dns-interval", dns_interval, cfg.dns_interval, false);
+    duration_flag("--queue-timeout", queue_timeout, cfg.queue_timeout, false);
+    duration_flag("--capacity-recovery-interval", capacity_recovery_interval, cfg.capacity_recovery_interval, false);
+    if (cfg.max_in_flight_per_instance < 0 || cfg.max_in_flight_per_instance > 1000000)
+        fail("--max-in-flight-per-instance: must be between 0 and 1000000");
+    if (cfg.queue_size > 1000000) fail("--queue-size: must be between 0 and 1000000");
+    if (cfg.retries < 0 || cfg.retries > 10) fail("--retries: must be between 0 and 10");
+    if (cfg.retry_buffer_size > 64 * 1024 * 1024) fail("--retry-buffer-size: must be at most 67108864 (64 MiB)");
 
     if (cfg.threads < 0 || cfg.threads > 256) fail("--threads: must be between 0 and 256");
     if (cfg.threads == 0) cfg.threads = std::max(1u, std::thread::hardware_concurrency());

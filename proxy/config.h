@@ -69,6 +69,14 @@ struct Config {
     std::string instance_header = "Stepflow-Instance-Id";
     int retry_after_seconds = 1;
 
+    // Admission (docs/admission.md)
+    int max_in_flight_per_instance = 0;  // new work per instance; 0 = unlimited unless the worker says
+    size_t queue_size = 1024;            // new work waiting for a free slot, across all threads
+    Millis queue_timeout{30000};
+    int retries = 2;                     // further instances tried for one unpinned request
+    size_t retry_buffer_size = 64 * 1024;  // request body kept for replay; larger bodies are not retried
+    Millis capacity_recovery_interval{1000};  // a learned limit grows by one per quiet interval
+
     // Timeouts (0 = off where noted)
     Millis connect_timeout{2000};
     Millis upstream_header_timeout{300000};

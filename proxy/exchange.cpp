@@ -8,6 +8,8 @@
 #include "proxy/conn.h"
 #include <event2/event.h>
 
+#include "proxy/admission.h"
+#include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/router.h"
 #include "proxy/worker.h"
@@ -35,35 +37,116 @@ Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& re
     request_done_ = request_.framing == http1::Framing::None;
 }
 
-Exchange::~Exchange() { abort(); }
+Exchange::~Exchange() {
+    abort();
+    if (replay_) evbuffer_free(replay_);
+}
 
 RouteOutcome Exchange::route() {
     const Fleet& fleet = worker_.fleet().get();
     auto& metrics = Metrics::get();
     std::string_view pin = request_.get(worker_.config().instance_header);
     if (!pin.empty()) {
+        // Pinned work bypasses capacity and the queue: an execution waiting on its callback
+        // answer must never wait behind new work queued for its own slot.
         decision_ = Decision::Pinned;
         stepflow::PinnedMiss why{};
         Instance* inst = route_pinned(fleet, pin, why);
         if (!inst) {
             metrics.pinned_misses[size_t(why)]->Increment();
-            return {RouteOutcome::PinnedMiss, why, std::string(pin)};
+            return {RouteOutcome::Refused,
+                    why == stepflow::PinnedMiss::UnknownInstance ? Failure::PinnedUnknown : Failure::PinnedNotServing,
+                    std::string(pin), {}};
         }
         metrics.routing_decisions[size_t(Decision::Pinned)]->Increment();
         if (!connect_to(inst->shared_from_this())) {
             metrics.pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
-            return {RouteOutcome::PinnedMiss, stepflow::PinnedMiss::ConnectFailed, std::string(pin)};
+            return {RouteOutcome::Refused, Failure::SocketFailed, std::string(pin), {}};
         }
         return {};
     }
     decision_ = Decision::LeastLoad;
-    if (connect_next_candidate()) {
-        metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
-        return {};
+    if (!route_least_load(fleet, worker_.rng())) {
+        decision_ = Decision::None;
+        metrics.no_healthy_instance.Increment();
+        return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
     }
-    decision_ = Decision::None;
-    metrics.no_healthy_instance.Increment();
-    return {RouteOutcome::NoInstance, {}, {}};
+    metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
+    routing_ = true;
+    bool going = dispatch(false);
+    routing_ = false;
+    if (!going && !refused_set_) {
+        refused_ = Failure::QueueFull;
+        refused_set_ = true;
+        metrics.queue_rejections[0]->Increment();
+    }
+    if (refused_set_) return {RouteOutcome::Refused, refused_, {}, {}};
+    return {};
+}
+
+// Sends new work to the least-loaded instance with a free slot (never one tried already), or
+// queues it. False only when the queue is full. Work arriving while others wait joins the queue
+// behind them (first come, first served), unless the queue itself offers the slot.
+bool Exchange::dispatch(bool from_queue) {
+    const Fleet& fleet = worker_.fleet().get();
+    if (!from_queue && AdmissionQueue::get().depth() > 0) return enqueue(false);
+    while (tried_count_ < kMaxAttempts) {
+        Instance* inst = route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_}, true);
+        if (!inst) break;
+        if (!inst->try_admit()) continue;  // another thread took the last slot: look again
+        admitted_ = true;
+        tried_[tried_count_++] = inst;
+        connect_to(inst->shared_from_this());
+        return true;
+    }
+    if (finished_) return true;
+    return enqueue(from_queue);
+}
+
+bool Exchange::enqueue(bool at_front) {
+    AdmissionQueue& queue = AdmissionQueue::get();
+    uint64_t ticket = AdmissionQueue::next_ticket();
+    if (at_front) {
+        queue.push_front(&worker_, ticket);
+    } else if (!queue.push(&worker_, ticket)) {
+        return false;
+    }
+    ticket_ = ticket;
+    worker_.wait_for_slot(ticket, this);
+    if (!was_queued_) {
+        was_queued_ = true;
+        queued_at_ = std::chrono::steady_clock::now();
+        queue_deadline_.arm(worker_.timers(), worker_.config().queue_timeout);
+    }
+    return true;
+}
+
+// Ends this request's place in the queue (dispatched, timed out, or cancelled).
+void Exchange::leave_queue() {
+    if (ticket_) {
+        AdmissionQueue::get().remove(ticket_);  // false: already handed over; the thread passes it on
+        worker_.stop_waiting(ticket_);
+        ticket_ = 0;
+    }
+    if (was_queued_ && queue_deadline_.armed()) {
+        queue_deadline_.cancel();
+        queue_wait_ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - queued_at_).count();
+        Metrics::get().queue_wait_seconds.Observe(queue_wait_ms_ / 1000.0);
+    }
+}
+
+void Exchange::slot_offered() {
+    ticket_ = 0;  // handed over: no longer in the queue
+    if (finished_) return;
+    tried_count_ = 0;  // a slot freed since: every instance may be tried again
+    if (dispatch(true) && ticket_ == 0 && !finished_) leave_queue();
+}
+
+void Exchange::on_queue_timeout(void* arg) {
+    auto* self = static_cast<Exchange*>(arg);
+    self->leave_queue();
+    Metrics::get().queue_rejections[1]->Increment();
+    self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
 }
 
 bool Exchange::connect_to(const InstancePtr& inst) {
@@ -77,55 +160,96 @@ bool Exchange::connect_to(const InstancePtr& inst) {
         Metrics::get().upstream_connect_errors.Increment();
         log::warn("could not create a socket to a worker", {{"instance", inst->id}, {"backend", inst->address},
                                                              {"reason", std::strerror(errno)}});
-        release_instance();
-        instance_.reset();  // never reached: not where the request went
-        return false;
+        if (decision_ == Decision::Pinned) {
+            release_instance();
+            instance_.reset();  // never reached: not where the request went
+            return false;
+        }
+        failed_before_response(Failure::SocketFailed, "could not create a socket");
+        return true;  // handled: retried elsewhere, queued, or answered
     }
-    if (conn_->connected()) send_request_head();  // a pooled connection: go at once
+    conn_reused_ = conn_->connected();
+    if (conn_reused_) send_request_head();  // a pooled connection: go at once
     return true;
 }
 
-// Ends this request's share of the instance's in-flight count. The record itself is kept: the
-// access log and metrics still name it, and holding it costs a pointer, not a copy of its id.
+// Ends this request's share of the instance's in-flight count (and its slot for new work, which
+// goes to the oldest queued request). The record itself is kept: the access log and metrics
+// still name it, and holding it costs a pointer, not a copy of its id.
 void Exchange::release_instance() {
     if (!in_flight_counted_) return;
     instance_->in_flight.fetch_sub(1, std::memory_order_relaxed);
     in_flight_counted_ = false;
-}
-
-// Connects to the least-loaded instance not tried yet, trying the next one when a socket cannot
-// even be created; false once none is left or kMaxAttempts were used. Every candidate after the
-// first is a retry.
-bool Exchange::connect_next_candidate() {
-    const Fleet& fleet = worker_.fleet().get();
-    while (tried_count_ < kMaxAttempts) {
-        Instance* inst = route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_});
-        if (!inst) return false;
-        if (tried_count_ > 0) Metrics::get().upstream_retries.Increment();
-        tried_[tried_count_++] = inst;
-        if (connect_to(inst->shared_from_this())) return true;
+    if (admitted_) {
+        admitted_ = false;
+        instance_->new_work.fetch_sub(1, std::memory_order_relaxed);
+        AdmissionQueue::get().slot_freed();
     }
-    return false;
 }
 
 void Exchange::upstream_connected() { send_request_head(); }
 
-void Exchange::connect_failed(const char* why) {
-    Instance& inst = conn_->instance();
-    Metrics::get().upstream_connect_errors.Increment();
+void Exchange::charge(Failure f, const char* why) {
+    if (!instance_ || !judge(f, decision_).charge_instance) return;
+    Instance& inst = *instance_;
     if (inst.record_failure(worker_.config().max_failures, why))
         log::warn("instance marked unhealthy", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
-    log::debug("upstream connect failed", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
-    conn_.reset();
+}
+
+bool Exchange::can_replay() const {
+    if (response_started_) return false;
+    if (!body_consumed_) return true;  // nothing of the body left the client yet
+    return replay_ && !replay_overflow_;
+}
+
+// The one place that decides what happens after a failure before the response head: charge the
+// instance, then retry new work elsewhere (or queue it) when the policy allows and the body can
+// be replayed, else answer the client.
+void Exchange::failed_before_response(Failure f, const char* why) {
+    FailureVerdict verdict = judge(f, decision_);
+    charge(f, why);
+    if (f == Failure::ConnectFailed) Metrics::get().upstream_connect_errors.Increment();
+    if (instance_)
+        log::debug("upstream attempt failed", {{"instance", instance_->id}, {"backend", instance_->address}, {"reason", why}});
+    if (conn_) {
+        watch_sink(false);
+        conn_->attach(nullptr);
+        conn_.reset();
+    }
     release_instance();
-    instance_.reset();  // never reached: not where the request went
-    if (decision_ == Decision::LeastLoad) {
-        // Nothing was sent: new work may go to the next candidate.
-        if (!connect_next_candidate()) fail(503, "no instance could be reached");
+    head_sent_ = false;
+    scan_from_ = 0;
+    bool may_retry = verdict.retriable && can_replay();
+    if (may_retry && retries_ < worker_.config().retries) {
+        ++retries_;
+        Metrics::get().upstream_retries.Increment();
+        Metrics::get().retries_by_reason[size_t(f)]->Increment();
+        instance_.reset();
+        if (dispatch(true)) return;  // another instance, or back to the queue
+        return give_up(Failure::QueueFull, "queue full");
+    }
+    if (may_retry && f == Failure::WorkerAtCapacity) {
+        // Out of retries but only because the fleet is full: wait for a slot like new work.
+        instance_.reset();
+        tried_count_ = 0;
+        if (enqueue(true)) return;
+    }
+    if (f != Failure::ConnectFailed && f != Failure::SocketFailed) {
+        // keep instance_ for the access log: the request reached it
+    } else {
+        instance_.reset();  // never reached: not where the request went
+    }
+    if (decision_ == Decision::Pinned) Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
+    give_up(f, why);
+}
+
+void Exchange::give_up(Failure f, const char* why) {
+    if (routing_) {
+        refused_ = f;
+        refused_set_ = true;
         return;
     }
-    Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
-    fail(503, why);
+    fail(f, why);
 }
 
 void Exchange::send_request_head() {
@@ -164,6 +288,15 @@ void Exchange::send_request_head() {
     head.append("\r\n");
     Conn* bev = conn_->bev();
     evbuffer_add(bev->output(), head.data(), head.size());
+    if (replay_ && evbuffer_get_length(replay_) > 0) {
+        // A retry: what the client sent so far goes again (the rest follows as it arrives).
+        size_t n = evbuffer_get_length(replay_);
+        evbuffer* copy = evbuffer_new();
+        evbuffer_add(copy, evbuffer_pullup(replay_, static_cast<ssize_t>(n)), n);
+        evbuffer_add_buffer(bev->output(), copy);
+        evbuffer_free(copy);
+    }
+    if (decision_ == Decision::LeastLoad) watch_sink(true);
     conn_->set_read_timeout(worker_.config().upstream_header_timeout);
     // The client side refills the request body once the worker's side drains below a quarter
     // of the high-water mark (request_sink_full stops it above).
@@ -203,7 +336,7 @@ bool Exchange::parse_response_head() {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
         if (n == SIZE_MAX) {
-            fail(502, "upstream response head too large");
+            fail(Failure::BadResponse, "upstream response head too large");
             return false;
         }
         response.clear();
@@ -211,12 +344,15 @@ bool Exchange::parse_response_head() {
         evbuffer_remove(in, response.raw.data(), n);
         scan_from_ = 0;
         if (auto err = http1::parse_response(response, request_.is_head_method)) {
-            fail(502, err.reason);
+            fail(Failure::BadResponse, err.reason);
             return false;
         }
-        if (response.status >= 200) break;
+        if (response.status >= 200) {
+            if (hold_for_capacity_check(response, in)) return false;
+            break;
+        }
         if (response.status == 101) {
-            fail(502, "upstream switched protocols");
+            fail(Failure::BadResponse, "upstream switched protocols");
             return false;
         }
         downstream_.interim_response(response.status, response.reason);
@@ -236,6 +372,10 @@ bool Exchange::parse_response_head() {
     bool has_instance_header = false;
     for (const auto& h : response.headers) {
         if (hop.contains(h)) continue;
+        if (h.name.size() == 21 && http1::iequals(h.name, "endpoint-load-metrics")) {
+            int capacity = load_report_capacity(h.value);
+            if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header);
+        }
         if (h.field == http1::Field::ContentLength && response.framing != http1::Framing::None) continue;
         if (http1::iequals(h.name, header_name)) has_instance_header = true;
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
@@ -257,12 +397,42 @@ bool Exchange::parse_response_head() {
     return true;
 }
 
+// A 503 to new work may be a worker at capacity (-32300), which is retried elsewhere instead of
+// reaching the client. Its small body is waited for before anything is passed on. True while
+// the exchange holds the response (or has moved on to another instance).
+bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
+    constexpr uint64_t kMaxCheckedBody = 4096;
+    if (response.status != 503 || decision_ != Decision::LeastLoad) return false;
+    if (response.framing != http1::Framing::Length || response.content_length > kMaxCheckedBody) return false;
+    size_t need = size_t(response.content_length);
+    if (evbuffer_get_length(in) < need) {
+        evbuffer_prepend(in, response.raw.data(), response.raw.size());  // parsed again when the body is in
+        return true;
+    }
+    std::string_view body(reinterpret_cast<const char*>(evbuffer_pullup(in, static_cast<ssize_t>(need))), need);
+    if (jsonrpc_error_code_of(body) != -32300) return false;
+    evbuffer_drain(in, need);
+    Instance& inst = conn_->instance();
+    int64_t now = steady_ms();
+    inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now);
+    Metrics::get().worker_at_capacity.Increment();
+    log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.limit()}});
+    if (request_done_ && response.keep_alive) {
+        // The connection is clean: give it back rather than close it.
+        watch_sink(false);
+        conn_->attach(nullptr);
+        worker_.pool().release(std::move(conn_));
+    }
+    failed_before_response(Failure::WorkerAtCapacity, "worker at capacity (-32300)");
+    return true;
+}
+
 void Exchange::pump_response() {
     evbuffer* in = conn_->bev()->input();
     auto status = response_pump_.pump(in, sink_);
     if (status == http1::BodyPump::Status::Error) {
         downstream_.response_data();
-        fail(502, response_pump_.error());
+        fail(Failure::CutShort, response_pump_.error());
         return;
     }
     downstream_.response_data();
@@ -291,10 +461,9 @@ void Exchange::upstream_closed(UpstreamClose how) {
     if (finished_) return;
     const char* why = describe(how);
     if (!head_sent_) {
-        connect_failed(why);
+        failed_before_response(Failure::ConnectFailed, why);
         return;
     }
-    Instance& inst = conn_->instance();
     if (response_started_ && how == UpstreamClose::Eof && response_pump_.until_close()) {
         pump_response();
         if (finished_) return;
@@ -303,42 +472,85 @@ void Exchange::upstream_closed(UpstreamClose how) {
         complete_response();
         return;
     }
-    // A slow worker is not a broken one: timeouts do not count against its health.
-    bool timed_out = how == UpstreamClose::Timeout;
-    if (!timed_out && inst.record_failure(worker_.config().max_failures, why))
-        log::warn("instance marked unhealthy", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
-    int status = 502;
-    if (!response_started_ && timed_out) {
-        status = 504;
-    } else if (!response_started_ && decision_ == Decision::Pinned) {
-        // The instance holding the session is gone or broken: the orchestrator must hear
-        // "Instance not available", not a generic gateway error.
-        Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
-        status = 503;
+    if (how == UpstreamClose::Timeout) {
+        fail(Failure::HeadTimeout, why);  // a slow worker is not a broken one: not charged
+        return;
     }
-    fail(status, why);
+    if (response_started_) {
+        charge(Failure::CutShort, why);
+        fail(Failure::CutShort, why);
+        return;
+    }
+    // Closed before any response byte. On a pooled keep-alive connection the worker had closed
+    // it before our request arrived: it never saw the request.
+    bool nothing_read = scan_from_ == 0 && evbuffer_get_length(conn_->bev()->input()) == 0;
+    failed_before_response(conn_reused_ && nothing_read ? Failure::StaleConnection : Failure::ResetBeforeResponse, why);
 }
 
-void Exchange::fail(int status, const char* why) {
+void Exchange::fail(Failure f, const char* why) {
     if (finished_) return;
+    int status = judge(f, decision_).status;
     if (!response_started_) status_ = status;
     bool started = response_started_;
     if (instance_)
         log::debug("exchange failed", {{"instance", instance_->id}, {"reason", why}, {"status", status}});
     finish(false);
-    downstream_.exchange_failed(status, why, started);  // last, as above
+    downstream_.exchange_failed(f, why, started);  // last, as above
 }
 
 void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
+    leave_queue();
     if (sse_) Metrics::get().sse_streams_open.Decrement();
     if (conn_) {
+        watch_sink(false);
         conn_->attach(nullptr);
         if (reuse_connection) worker_.pool().release(std::move(conn_));
         else conn_.reset();
     }
     release_instance();
+}
+
+// Body bytes written to the worker connection are also kept (up to --retry-buffer-size) so a
+// retry can send them again. An evbuffer callback sees every addition, whichever client
+// protocol wrote it.
+void Exchange::watch_sink(bool on) {
+    if (!conn_) return;
+    evbuffer* out = conn_->bev()->output();
+    if (on && !sink_cb_) {
+        sink_cb_ = evbuffer_add_cb(out, on_sink_changed, this);
+    } else if (!on && sink_cb_) {
+        evbuffer_remove_cb_entry(out, sink_cb_);
+        sink_cb_ = nullptr;
+    }
+}
+
+void Exchange::on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void* arg) {
+    auto* self = static_cast<Exchange*>(arg);
+    if (info->n_added == 0) return;
+    self->body_consumed_ = true;
+    if (self->replay_overflow_) return;
+    size_t limit = self->worker_.config().retry_buffer_size;
+    if (!self->replay_) self->replay_ = evbuffer_new();
+    size_t have = evbuffer_get_length(self->replay_);
+    size_t len = evbuffer_get_length(buf);
+    if (have + info->n_added > limit || info->n_added > len) {
+        self->replay_overflow_ = true;  // too large to keep: streamed, not retried
+        evbuffer_free(self->replay_);
+        self->replay_ = nullptr;
+        return;
+    }
+    evbuffer_ptr pos;
+    evbuffer_ptr_set(buf, &pos, len - info->n_added, EVBUFFER_PTR_SET);
+    std::string copy(info->n_added, '\0');
+    evbuffer_copyout_from(buf, &pos, copy.data(), copy.size());
+    evbuffer_add(self->replay_, copy.data(), copy.size());
+}
+
+std::string Exchange::replay_id_json() const {
+    if (!replay_ || replay_overflow_ || request_chunked_) return "";
+    return jsonrpc_id_of(replay_);
 }
 
 void Exchange::abort() {

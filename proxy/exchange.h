@@ -10,11 +10,15 @@
 #include <vector>
 
 #include "discovery/instance.h"
+#include "proxy/failure_policy.h"
 #include "proxy/http1.h"
+#include "proxy/timers.h"
 #include "proxy/metrics.h"
 #include "proxy/upstream.h"
 
 struct evbuffer;
+struct evbuffer_cb_info;
+struct evbuffer_cb_entry;
 
 namespace stepflow {
 
@@ -32,17 +36,19 @@ public:
     virtual void response_data() = 0;                                         // more bytes in the sink
     virtual bool response_sink_full() = 0;                                    // stop reading the worker
     virtual void response_done() = 0;
-    // The exchange failed. Before the response head: answer `status` with a JSON-RPC error.
-    // After it: the response is cut short and the client must see an error.
-    virtual void exchange_failed(int status, const char* why, bool response_started) = 0;
+    // The exchange failed. Before the response head: answer per the failure policy
+    // (answer_failure). After it: the response is cut short and the client must see an error.
+    virtual void exchange_failed(Failure failure, const char* why, bool response_started) = 0;
     // The upstream request head went out; body bytes may be written to `request_sink` now.
     virtual void request_sink_ready() = 0;
 };
 
+// Routed: connecting, or waiting in the admission queue. Refused: answer `failure` locally.
 struct RouteOutcome {
-    enum Kind { Routed, PinnedMiss, NoInstance } kind = Routed;
-    stepflow::PinnedMiss miss = stepflow::PinnedMiss::UnknownInstance;
+    enum Kind { Routed, Refused } kind = Routed;
+    Failure failure = Failure::NoInstance;
     std::string pinned_id;
+    std::string detail;  // for data.detail, when the failure came from an exchange
 };
 
 class Exchange final : public UpstreamConn::Handler {
@@ -54,8 +60,17 @@ public:
              bool client_tls);
     ~Exchange() override;
 
-    // Chooses an instance and starts connecting. On a routing miss nothing is started.
+    // Chooses an instance and starts connecting, or queues new work while no instance has a
+    // free slot. When refused nothing is started.
     RouteOutcome route();
+    // The admission queue offers a free slot (Worker::run_admitted).
+    void slot_offered();
+    // True once request body bytes went to a worker (the client no longer holds them all).
+    bool body_consumed() const { return body_consumed_; }
+    // The request's JSON-RPC id from the body kept for replay, "" when not known.
+    std::string replay_id_json() const;
+    double queue_wait_ms() const { return queue_wait_ms_; }
+    int retries() const { return retries_; }
 
     // Where request body bytes go (the upstream connection's output), nullptr until connected.
     evbuffer* request_sink() const;
@@ -82,14 +97,23 @@ public:
 
 private:
     bool connect_to(const InstancePtr& inst);
-    bool connect_next_candidate();
-    void connect_failed(const char* why);
+    bool dispatch(bool from_queue);
+    bool enqueue(bool at_front);
+    void leave_queue();
+    static void on_queue_timeout(void* arg);
+    void failed_before_response(Failure f, const char* why);
+    void give_up(Failure f, const char* why);
+    void charge(Failure f, const char* why);
+    bool can_replay() const;
+    bool hold_for_capacity_check(http1::Head& response, evbuffer* in);
+    static void on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void* arg);
+    void watch_sink(bool on);
     void send_request_head();
     bool parse_response_head();
     void pump_response();
     void complete_response();
     void finish(bool reuse_connection);
-    void fail(int status, const char* why);
+    void fail(Failure f, const char* why);
     void release_instance();
 
     Worker& worker_;
@@ -101,9 +125,26 @@ private:
     Decision decision_ = Decision::None;
     InstancePtr instance_;
     bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
-    static constexpr size_t kMaxAttempts = 3;  // instances tried for one unpinned request
+    bool admitted_ = false;           // ... and holds a slot of instance_->new_work
+    static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
     std::array<Instance*, kMaxAttempts> tried_{};
     size_t tried_count_ = 0;
+    int retries_ = 0;
+    bool routing_ = false;  // inside route(): a refusal is returned, not sent
+    Failure refused_ = Failure::NoInstance;
+    bool refused_set_ = false;
+    // Admission queue
+    uint64_t ticket_ = 0;  // nonzero while queued
+    std::chrono::steady_clock::time_point queued_at_{};
+    bool was_queued_ = false;
+    double queue_wait_ms_ = 0;
+    Deadline queue_deadline_{on_queue_timeout, this};
+    // The request body as sent, for replay on another instance (null once over the bound).
+    evbuffer* replay_ = nullptr;
+    bool replay_overflow_ = false;
+    bool body_consumed_ = false;
+    evbuffer_cb_entry* sink_cb_ = nullptr;
+    bool conn_reused_ = false;
     std::unique_ptr<UpstreamConn> conn_;
     bool request_chunked_ = false;
     bool request_done_ = false;

@@ -45,35 +45,13 @@ std::string jsonrpc_error(std::string_view id_json, int code, std::string_view m
     return out;
 }
 
-namespace {
-
-const char* miss_reason(PinnedMiss m) {
-    switch (m) {
-    case PinnedMiss::UnknownInstance: return "unknown-instance";
-    case PinnedMiss::NotServing: return "not-serving";
-    case PinnedMiss::ConnectFailed: return "connect-failed";
-    default: return "unknown";
-    }
-}
-
-std::string instance_unavailable(std::string_view id_json, std::string_view instance, const char* reason) {
-    std::string data = "\"instanceId\":" + json_string(instance) + ",\"reason\":" + json_string(reason);
-    return jsonrpc_error(id_json, -32000, "Instance not available", data);
-}
-
-}  // namespace
-
-LocalAnswer answer_routing_miss(const RouteOutcome& miss, std::string_view id_json) {
-    if (miss.kind == RouteOutcome::PinnedMiss)
-        return {503, instance_unavailable(id_json, miss.pinned_id, miss_reason(miss.miss)), true};
-    return {503, jsonrpc_error(id_json, -32000, "No healthy instance available", ""), true};
-}
-
-LocalAnswer answer_exchange_failure(int status, const char* why, Decision decision, std::string_view pinned_id) {
-    if (status == 503 && decision == Decision::Pinned) return {503, instance_unavailable("null", pinned_id, "connect-failed"), true};
-    if (status == 503)
-        return {503, jsonrpc_error("null", -32000, "No healthy instance available", "\"reason\":" + json_string(why)), true};
-    return {status, jsonrpc_error("null", -32000, http1::status_reason(status), "\"reason\":" + json_string(why)), false};
+int64_t jsonrpc_error_code_of(std::string_view body) {
+    simdjson::dom::parser parser;
+    simdjson::dom::object obj;
+    if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) return 0;
+    int64_t code = 0;
+    if (obj.at_pointer("/error/code").get(code) != simdjson::SUCCESS) return 0;
+    return code;
 }
 
 }  // namespace stepflow

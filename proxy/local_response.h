@@ -1,11 +1,10 @@
-// Answers the balancer writes itself (no worker involved): JSON-RPC error bodies for 503s and
-// plain errors for malformed requests.
+// JSON-RPC helpers for the answers the balancer writes itself (see failure_policy.h for which).
 #pragma once
 
 #include <string>
 #include <string_view>
 
-#include "proxy/exchange.h"
+#include <cstdint>
 
 struct evbuffer;
 
@@ -22,17 +21,7 @@ std::string jsonrpc_error(std::string_view id_json, int code, std::string_view m
 // A JSON string literal for arbitrary bytes, quotes included.
 std::string json_string(std::string_view s);
 
-// The balancer's own answer to a request it could not (or can no longer) pass to a worker:
-// always a JSON-RPC error body; 503s carry Retry-After.
-struct LocalAnswer {
-    int status = 503;
-    std::string body;
-    bool retry_after = true;
-};
-
-// A routing miss: pinned to an unavailable instance, or no instance takes new work.
-LocalAnswer answer_routing_miss(const RouteOutcome& miss, std::string_view id_json);
-// An exchange that failed before the worker's response head (connect failure, reset, timeout).
-LocalAnswer answer_exchange_failure(int status, const char* why, Decision decision, std::string_view pinned_id);
+// The `error.code` of a JSON-RPC error response body; 0 when there is none.
+int64_t jsonrpc_error_code_of(std::string_view body);
 
 }  // namespace stepflow

@@ -13,6 +13,7 @@
 #include "discovery/fleet_manager.h"
 #include "discovery/sources.h"
 #include "proxy/admin.h"
+#include "proxy/admission.h"
 #include "proxy/config.h"
 #include "proxy/log.h"
 #include "proxy/metrics.h"
@@ -114,6 +115,7 @@ void on_signal(int sig, short, void* arg) {
 
 int main(int argc, char** argv) {
     Config config = parse_config(argc, argv);
+    AdmissionQueue::get().configure(config.queue_size);
     log::configure(config.log_level, config.log_format);
     log::set_buffer_lines(config.log_buffer_lines);
     Metrics::get().set_compat_metrics(config.compat_metrics);

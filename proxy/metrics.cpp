@@ -1,5 +1,7 @@
 #include "proxy/metrics.h"
 
+#include "proxy/failure_policy.h"
+
 #include <set>
 
 #include <prometheus/text_serializer.h>
@@ -74,8 +76,19 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       upstream_connect_errors(BuildCounter().Name("stepflow_lb_upstream_connect_errors_total")
                                   .Help("Failed connection attempts to workers").Register(*r).Add({})),
       upstream_retries(BuildCounter().Name("stepflow_lb_upstream_retries_total")
-                           .Help("Unpinned requests re-sent to another instance after a connect failure")
+                           .Help("Unpinned requests re-sent to another instance (connect failure, stale connection, -32300)")
                            .Register(*r).Add({})),
+      queue_depth(BuildGauge().Name("stepflow_lb_queue_depth")
+                      .Help("New requests waiting for a free slot (all threads)").Register(*r).Add({})),
+      queue_wait_seconds(BuildHistogram().Name("stepflow_lb_queue_wait_seconds")
+                             .Help("Time new requests waited in the admission queue").Register(*r)
+                             .Add({}, prometheus::Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                                              0.5, 1, 2.5, 5, 10, 30, 60})),
+      worker_at_capacity(BuildCounter().Name("stepflow_lb_worker_at_capacity_total")
+                             .Help("503 / -32300 answers from workers (each also cuts that instance's limit)")
+                             .Register(*r).Add({})),
+      instance_limit(BuildGauge().Name("stepflow_lb_instance_limit")
+                         .Help("Limit on new requests in flight per instance (0: unlimited)").Register(*r)),
       sse_streams_open(BuildGauge().Name("stepflow_lb_sse_streams_open")
                            .Help("text/event-stream responses currently streaming").Register(*r).Add({})),
       sse_streams_total(BuildCounter().Name("stepflow_lb_sse_streams_total")
@@ -100,6 +113,14 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
     pinned_misses[size_t(PinnedMiss::UnknownInstance)] = &misses.Add({{"reason", "unknown-instance"}});
     pinned_misses[size_t(PinnedMiss::NotServing)] = &misses.Add({{"reason", "not-serving"}});
     pinned_misses[size_t(PinnedMiss::ConnectFailed)] = &misses.Add({{"reason", "connect-failed"}});
+    auto& rejections = BuildCounter().Name("stepflow_lb_queue_rejections_total")
+                           .Help("New requests answered 503 by the admission queue, by reason").Register(*registry_);
+    queue_rejections[0] = &rejections.Add({{"reason", "queue-full"}});
+    queue_rejections[1] = &rejections.Add({{"reason", "queue-timeout"}});
+    auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
+                        .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
+    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::WorkerAtCapacity})
+        retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")
                           .Help("Responses received from workers, by status class").Register(*registry_);
     const char* classes[] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
@@ -128,20 +149,23 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
             auto it = instance_series_.find(inst->id);
             if (it == instance_series_.end()) {
                 prometheus::Labels labels{{"backend", inst->address}, {"instance_id", inst->id}};
-                it = instance_series_.emplace(inst->id, std::make_pair(&backend_health.Add(labels),
-                                                                        &instance_in_flight.Add(labels))).first;
+                it = instance_series_.emplace(inst->id, InstanceSeries{&backend_health.Add(labels),
+                                                                       &instance_in_flight.Add(labels),
+                                                                       &instance_limit.Add(labels)}).first;
             }
             bool takes = inst->takes_new_work();
             pool += takes ? 1 : 0;
             double in_flight = inst->in_flight.load(std::memory_order_relaxed);
-            it->second.first->Set(takes ? 1 : 0);
-            it->second.second->Set(in_flight);
+            it->second.health->Set(takes ? 1 : 0);
+            it->second.in_flight->Set(in_flight);
+            it->second.limit->Set(inst->limit());
             per_backend[inst->address] += in_flight;
         }
         for (auto it = instance_series_.begin(); it != instance_series_.end();) {
             if (live_ids.count(it->first)) { ++it; continue; }
-            backend_health.Remove(it->second.first);
-            instance_in_flight.Remove(it->second.second);
+            backend_health.Remove(it->second.health);
+            instance_in_flight.Remove(it->second.in_flight);
+            instance_limit.Remove(it->second.limit);
             it = instance_series_.erase(it);
         }
         for (auto& [backend, value] : per_backend) {

@@ -64,6 +64,13 @@ public:
     prometheus::Counter& upstream_connect_errors;
     prometheus::Counter& upstream_retries;
     std::array<prometheus::Counter*, 6> upstream_responses{};  // index = status / 100 (0: none)
+    // Admission (docs/admission.md)
+    prometheus::Gauge& queue_depth;
+    prometheus::Histogram& queue_wait_seconds;
+    std::array<prometheus::Counter*, 2> queue_rejections{};  // [0] queue-full, [1] queue-timeout
+    std::array<prometheus::Counter*, 16> retries_by_reason{};  // index: Failure
+    prometheus::Counter& worker_at_capacity;
+    prometheus::Family<prometheus::Gauge>& instance_limit;
     prometheus::Gauge& sse_streams_open;
     prometheus::Counter& sse_streams_total;
     prometheus::Counter& client_received_bytes;
@@ -84,7 +91,12 @@ private:
     std::shared_ptr<prometheus::Registry> registry_;
     bool compat_metrics_ = true;
     std::mutex fleet_series_mutex_;
-    std::map<std::string, std::pair<prometheus::Gauge*, prometheus::Gauge*>> instance_series_;  // key id
+    struct InstanceSeries {
+        prometheus::Gauge* health;
+        prometheus::Gauge* in_flight;
+        prometheus::Gauge* limit;
+    };
+    std::map<std::string, InstanceSeries> instance_series_;  // key id
     std::map<std::string, prometheus::Gauge*> backend_series_;
     std::mutex request_series_mutex_;
     std::map<std::string, std::weak_ptr<BackendSeries>> request_series_;  // by address

@@ -12,12 +12,16 @@ void RequestRecord::begin() {
     decision = Decision::None;
     instance.reset();
     bytes_in = bytes_out = 0;
+    queue_wait_ms = 0;
+    retries = 0;
 }
 
 void RequestRecord::note_route(const Exchange& exchange) {
     decision = exchange.decision();
     instance = exchange.routed_instance();
     bytes_out = exchange.response_bytes();
+    queue_wait_ms = exchange.queue_wait_ms();
+    retries = exchange.retries();
 }
 
 void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
@@ -33,6 +37,8 @@ void RequestRecord::finish(Worker& worker, std::string_view method, std::string_
                           {"duration_ms", ms},
                           {"bytes_in", bytes_in},
                           {"bytes_out", bytes_out},
+                          {"queue_wait_ms", queue_wait_ms},
+                          {"retries", retries},
                           {"client", client}});
 }
 

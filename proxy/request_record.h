@@ -22,6 +22,8 @@ struct RequestRecord {
     InstancePtr instance;  // where the request went; null when the balancer answered itself
     uint64_t bytes_in = 0;
     uint64_t bytes_out = 0;
+    double queue_wait_ms = 0;  // time waited in the admission queue
+    int retries = 0;           // further instances tried
 
     void begin();
     std::string_view instance_id() const { return instance ? std::string_view(instance->id) : std::string_view(); }

@@ -10,19 +10,19 @@ bool was_tried(const Instance* inst, std::span<Instance* const> tried) {
     return std::find(tried.begin(), tried.end(), inst) != tried.end();
 }
 
-bool eligible(const Instance* inst, std::span<Instance* const> tried) {
-    return inst->takes_new_work() && !was_tried(inst, tried);
+bool eligible(const Instance* inst, std::span<Instance* const> tried, bool need_room) {
+    return inst->takes_new_work() && !was_tried(inst, tried) && (!need_room || inst->has_room());
 }
 
 int load_of(const Instance* inst) { return inst->in_flight.load(std::memory_order_relaxed); }
 
-Instance* exact_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried) {
+Instance* exact_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried, bool need_room) {
     Instance* best = nullptr;
     int best_load = INT_MAX;
     size_t ties = 0;
     for (const auto& ptr : fleet.instances) {
         Instance* inst = ptr.get();
-        if (!eligible(inst, tried)) continue;
+        if (!eligible(inst, tried, need_room)) continue;
         int load = load_of(inst);
         if (load < best_load) {
             best = inst;
@@ -35,7 +35,7 @@ Instance* exact_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* con
     return best;
 }
 
-Instance* sampled_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried) {
+Instance* sampled_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried, bool need_room) {
     const size_t n = fleet.instances.size();
     Instance* pick[2] = {nullptr, nullptr};
     // Random probes find two eligible candidates at once while most of the fleet takes new work,
@@ -43,9 +43,9 @@ Instance* sampled_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* c
     // the exact scan so an eligible instance is never missed.
     for (int probe = 0, found = 0; probe < 64 && found < 2; ++probe) {
         Instance* inst = fleet.instances[rng.below(n)].get();
-        if (eligible(inst, tried) && inst != pick[0]) pick[found++] = inst;
+        if (eligible(inst, tried, need_room) && inst != pick[0]) pick[found++] = inst;
     }
-    if (!pick[0] || !pick[1]) return exact_least_load(fleet, rng, tried);
+    if (!pick[0] || !pick[1]) return exact_least_load(fleet, rng, tried, need_room);
     return load_of(pick[1]) < load_of(pick[0]) ? pick[1] : pick[0];
 }
 
@@ -64,9 +64,9 @@ Instance* route_pinned(const Fleet& fleet, std::string_view id, PinnedMiss& why)
     return inst;
 }
 
-Instance* route_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried) {
-    if (fleet.instances.size() <= kExactLeastLoadLimit) return exact_least_load(fleet, rng, tried);
-    return sampled_least_load(fleet, rng, tried);
+Instance* route_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried, bool need_room) {
+    if (fleet.instances.size() <= kExactLeastLoadLimit) return exact_least_load(fleet, rng, tried, need_room);
+    return sampled_least_load(fleet, rng, tried, need_room);
 }
 
 }  // namespace stepflow

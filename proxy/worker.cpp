@@ -17,6 +17,8 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "proxy/accept.h"
+#include "proxy/admission.h"
+#include "proxy/exchange.h"
 #include "proxy/conn.h"
 #include "proxy/tls.h"
 #include "proxy/log.h"
@@ -45,6 +47,59 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     wake_event_ = event_new(base_, wake_fd_, EV_READ | EV_PERSIST, on_wake, this);
     event_add(wake_event_, nullptr);
+    admission_tick_ = event_new(base_, -1, EV_PERSIST, on_admission_tick, this);
+    timeval tick{0, 100 * 1000};
+    event_add(admission_tick_, &tick);
+}
+
+void Worker::admit(uint64_t ticket) {
+    {
+        std::lock_guard lock(admitted_mutex_);
+        admitted_.push_back(ticket);
+    }
+    post(kAdmit);
+}
+
+void Worker::run_admitted() {
+    std::vector<uint64_t> tickets;
+    {
+        std::lock_guard lock(admitted_mutex_);
+        tickets.swap(admitted_);
+    }
+    for (uint64_t ticket : tickets) {
+        auto it = queued_.find(ticket);
+        if (it == queued_.end()) {
+            // Its request ended (client gone, timed out) after the ticket was handed over: the
+            // slot goes to the next in line instead of being lost.
+            AdmissionQueue::get().slot_freed();
+            continue;
+        }
+        Exchange* exchange = it->second;
+        queued_.erase(it);
+        exchange->slot_offered();
+    }
+}
+
+// Learned limits grow back with time, and instances join or recover without a request ending,
+// so the queue is also offered what room there is a few times a second.
+void Worker::on_admission_tick(int, short, void* arg) {
+    auto* self = static_cast<Worker*>(arg);
+    int64_t now = steady_ms();
+    bool grew = false;
+    const Fleet& fleet = self->fleet_.get();
+    for (const auto& inst : fleet.instances)
+        grew |= inst->recover_limit(now, self->config_.capacity_recovery_interval.count());
+    AdmissionQueue& queue = AdmissionQueue::get();
+    if (queue.depth() == 0) return;
+    int room = 0;
+    for (const auto& inst : fleet.instances) {
+        if (!inst->takes_new_work()) continue;
+        int lim = inst->limit();
+        room += lim == 0 ? 1 : std::max(0, lim - inst->new_work.load(std::memory_order_relaxed));
+        if (room >= 4) break;
+    }
+    (void)grew;
+    for (int i = 0; i < room && queue.depth() > 0; ++i) queue.slot_freed();
 }
 
 Worker::~Worker() {
@@ -56,6 +111,7 @@ Worker::~Worker() {
     outbox_.reset();
     timers_.reset();
     event_free(wake_event_);
+    event_free(admission_tick_);
     ::close(wake_fd_);
     event_base_free(base_);
 }
@@ -86,6 +142,7 @@ void Worker::on_wake(int fd, short, void* arg) {
     [[maybe_unused]] ssize_t n = ::read(fd, &count, sizeof count);
     unsigned commands = self->commands_.exchange(0);
     if (commands & kStop) return self->stop_now();
+    if (commands & kAdmit) self->run_admitted();
     if ((commands & kDrain) && !self->draining_) self->drain_now();
 }
 

@@ -5,7 +5,9 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "discovery/fleet.h"
@@ -24,6 +26,7 @@ struct event;
 
 namespace stepflow {
 
+class Exchange;
 class TlsServer;
 class TlsClient;
 
@@ -71,12 +74,20 @@ public:
         return header_list_;
     }
 
+    // Admission queue (proxy/admission.h): requests of this thread waiting for a slot, by ticket.
+    void wait_for_slot(uint64_t ticket, Exchange* exchange) { queued_[ticket] = exchange; }
+    void stop_waiting(uint64_t ticket) { queued_.erase(ticket); }
+    // Any thread: the queue handed `ticket` a free slot; runs on this thread's loop.
+    void admit(uint64_t ticket);
+
     void connection_closed(ClientConnection* conn);
     void connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn);
 
 private:
     static void on_accept(evconnlistener*, int fd, sockaddr* addr, int len, void* arg);
-    static constexpr unsigned kDrain = 1, kStop = 2;
+    static constexpr unsigned kDrain = 1, kStop = 2, kAdmit = 4;
+    static void on_admission_tick(int, short, void* arg);
+    void run_admitted();
     void post(unsigned command);  // any thread
     static void on_wake(int fd, short, void* arg);
     void drain_now();
@@ -102,6 +113,10 @@ private:
     event* wake_event_ = nullptr;
     std::atomic<unsigned> commands_{0};
     bool draining_ = false;
+    std::unordered_map<uint64_t, Exchange*> queued_;
+    std::mutex admitted_mutex_;
+    std::vector<uint64_t> admitted_;  // tickets handed over by other threads, under the mutex
+    event* admission_tick_ = nullptr;
     std::thread thread_;
     std::string head_text_;
     http1::Head response_head_;

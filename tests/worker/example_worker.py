@@ -135,6 +135,9 @@ class WorkerState:
         self.healthy = True
         self.health_delay_ms = 0
         self.in_flight = 0
+        self.max_in_flight = 0  # high-water mark of in_flight
+        self.at_capacity = 0    # executions answered -32300
+        self.capacity_report = "health"
         self.executions = 0
         self.misrouted = 0
         self.late_callbacks = 0
@@ -147,8 +150,10 @@ class WorkerState:
         """Take an execution slot; False means at capacity (nothing created)."""
         with self.lock:
             if self.in_flight >= self.max_concurrency:
+                self.at_capacity += 1
                 return False
             self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.executions += 1
             return True
 
@@ -198,10 +203,13 @@ class WorkerState:
                 "cancelledStreams": self.cancelled_streams,
                 "lateCallbacks": self.late_callbacks,
                 "pendingCallbacks": len(self.pending),
-                "maxConcurrency": self.max_concurrency,
+                "maxInFlight": self.max_in_flight,
+                "atCapacity": self.at_capacity,
             }
             if getattr(self, "omit_instance_id", False):
                 del snap["instanceId"]
+            if self.capacity_report == "health":
+                snap["maxConcurrency"] = self.max_concurrency
             return snap
 
 
@@ -323,6 +331,11 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         raise BadRequest("too many trailers")
 
     # -- response helpers -----------------------------------------------------
+    def _load_report(self):
+        if self.state.capacity_report == "header":
+            self.send_header("endpoint-load-metrics", "TEXT named_metrics.capacity=%d, named_metrics.inflight=%d"
+                             % (self.state.max_concurrency, self.state.in_flight))
+
     def _common_headers(self):
         for name, echo in ECHOED_HEADERS:
             value = self.headers.get(name)
@@ -336,6 +349,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         if body:
             self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self._load_report()
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self._common_headers()
@@ -712,6 +726,9 @@ def main(argv=None):
     ap.add_argument("--callback-timeout", type=float, default=30.0, help="seconds")
     ap.add_argument("--keepalive-timeout", type=float, default=0.0,
                     help="close connections idle this many seconds (0 = never)")
+    ap.add_argument("--capacity-report", choices=["health", "header", "none"], default="health",
+                    help="how the worker reports --max-concurrency: /health maxConcurrency, an "
+                         "endpoint-load-metrics response header, or not at all")
     ap.add_argument("--verbose", action="store_true", help="log every request")
     ap.add_argument("--instance-id", default=None,
                     help="report exactly this instanceId, valid or not (tests of id validation)")
@@ -730,6 +747,7 @@ def main(argv=None):
     server = WorkerServer((args.host, args.port), WorkerHandler)
     server.state = WorkerState(instance_id, args.max_concurrency, args.callback_timeout)
     server.state.omit_instance_id = args.omit_instance_id
+    server.state.capacity_report = args.capacity_report
     server.verbose = args.verbose
     port = server.server_address[1]
 

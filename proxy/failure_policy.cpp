@@ -1,0 +1,84 @@
+#include "proxy/failure_policy.h"
+
+#include "proxy/http1.h"
+#include "proxy/local_response.h"
+
+namespace stepflow {
+
+const char* to_string(Failure f) {
+    switch (f) {
+    case Failure::NoInstance: return "no-instance";
+    case Failure::PinnedUnknown: return "unknown-instance";
+    case Failure::PinnedNotServing: return "not-serving";
+    case Failure::ConnectFailed: return "connect-failed";
+    case Failure::SocketFailed: return "socket-failed";
+    case Failure::StaleConnection: return "stale-connection";
+    case Failure::ResetBeforeResponse: return "reset";
+    case Failure::HeadTimeout: return "timeout";
+    case Failure::BadResponse: return "bad-response";
+    case Failure::CutShort: return "cut-short";
+    case Failure::WorkerAtCapacity: return "worker-at-capacity";
+    case Failure::QueueFull: return "queue-full";
+    case Failure::QueueTimeout: return "queue-timeout";
+    case Failure::Count: break;
+    }
+    return "unknown";
+}
+
+FailureVerdict judge(Failure f, Decision decision) {
+    const bool unpinned = decision == Decision::LeastLoad;
+    switch (f) {
+    case Failure::NoInstance:
+    case Failure::PinnedUnknown:
+    case Failure::PinnedNotServing: return {503, false, false, true};
+    // Nothing reached the worker: safe to send elsewhere; the instance is charged.
+    case Failure::ConnectFailed: return {503, true, unpinned, true};
+    case Failure::SocketFailed: return {503, false, unpinned, true};
+    // A pooled connection the worker had closed: the worker never saw the request.
+    case Failure::StaleConnection: return {unpinned ? 502 : 503, true, unpinned, !unpinned};
+    // The worker may have started on it: not replayed.
+    case Failure::ResetBeforeResponse: return {decision == Decision::Pinned ? 503 : 502, true, false, decision == Decision::Pinned};
+    // A slow worker is not a broken one.
+    case Failure::HeadTimeout: return {504, false, false, false};
+    case Failure::BadResponse: return {502, false, false, false};
+    case Failure::CutShort: return {502, true, false, false};
+    // Full is not broken, and nothing was created: another instance may take it.
+    case Failure::WorkerAtCapacity: return {503, false, unpinned, true};
+    case Failure::QueueFull:
+    case Failure::QueueTimeout: return {503, false, false, true};
+    case Failure::Count: break;
+    }
+    return {502, false, false, false};
+}
+
+namespace {
+
+std::string data_of(Failure f, std::string_view pinned_id, std::string_view detail) {
+    std::string data;
+    if (!pinned_id.empty()) data = "\"instanceId\":" + json_string(pinned_id) + ",";
+    data += "\"reason\":" + json_string(to_string(f));
+    if (!detail.empty()) data += ",\"detail\":" + json_string(detail);
+    return data;
+}
+
+}  // namespace
+
+LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_json, std::string_view pinned_id,
+                           std::string_view detail) {
+    FailureVerdict v = judge(f, decision);
+    int code = -32000;
+    const char* message = nullptr;
+    if (decision == Decision::Pinned && v.status == 503) {
+        message = "Instance not available";  // the orchestrator abandons the step on this
+    } else if (f == Failure::NoInstance || f == Failure::ConnectFailed || f == Failure::SocketFailed) {
+        message = "No healthy instance available";
+    } else if (f == Failure::QueueFull || f == Failure::QueueTimeout || f == Failure::WorkerAtCapacity) {
+        message = "No capacity available";
+    } else {
+        message = http1::status_reason(v.status);
+    }
+    if (id_json.empty()) id_json = "null";
+    return {v.status, jsonrpc_error(id_json, code, message, data_of(f, pinned_id, detail)), v.retry_after};
+}
+
+}  // namespace stepflow

@@ -1,0 +1,55 @@
+// What the client gets after a failure, in one place: the status, the JSON-RPC error body (with
+// the request's id), whether the instance is charged a health failure, and whether the request
+// may go to another instance. Call sites name the failure; they never pick a status themselves.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proxy/metrics.h"
+
+namespace stepflow {
+
+enum class Failure : uint8_t {
+    NoInstance,          // nothing takes new work
+    PinnedUnknown,       // the pinned instance is not in the fleet
+    PinnedNotServing,    // ... is in it but takes no work
+    ConnectFailed,       // refused, unreachable, connect timeout: nothing reached the worker
+    SocketFailed,        // no socket on our side (descriptors exhausted): not the instance's fault
+    StaleConnection,     // a pooled keep-alive connection closed or reset before any response byte
+    ResetBeforeResponse, // a fresh connection closed or reset before any response byte
+    HeadTimeout,         // no response head within --upstream-header-timeout
+    BadResponse,         // the worker's response could not be parsed
+    CutShort,            // the response broke after it had started
+    WorkerAtCapacity,    // the worker answered 503 / -32300
+    QueueFull,           // --queue-size requests wait already
+    QueueTimeout,        // waited --queue-timeout for a free slot
+    Count
+};
+
+const char* to_string(Failure f);  // metric label and log reason
+
+struct FailureVerdict {
+    int status;            // to the client, when the response has not started
+    bool charge_instance;  // counts towards --max-failures
+    bool retriable;        // new work may go to another instance (never pinned work)
+    bool retry_after;      // the answer carries Retry-After
+};
+
+// The decision. `decision` is how the request was routed (pinned requests are never retried).
+FailureVerdict judge(Failure f, Decision decision);
+
+// The balancer's own answer: always a JSON-RPC error body echoing `id_json`.
+struct LocalAnswer {
+    int status = 503;
+    std::string body;
+    bool retry_after = true;
+};
+
+// `pinned_id` names the instance a pinned request asked for (empty otherwise); `detail` is a
+// free-text reason for data.detail (may be empty).
+LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_json, std::string_view pinned_id,
+                           std::string_view detail);
+
+}  // namespace stepflow
