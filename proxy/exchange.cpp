@@ -100,6 +100,10 @@ bool Exchange::dispatch(bool from_queue) {
         return true;
     }
     if (finished_) return true;
+    if (tried_count_ > 0 && !route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_}, false)) {
+        exhausted_ = true;  // every instance taking new work was tried: waiting would not help
+        return true;
+    }
     return enqueue(from_queue);
 }
 
@@ -113,8 +117,7 @@ bool Exchange::enqueue(bool at_front) {
     }
     ticket_ = ticket;
     worker_.wait_for_slot(ticket, this);
-    if (!was_queued_) {
-        was_queued_ = true;
+    if (!queue_deadline_.armed()) {  // each stay in the queue is bounded, a retry's too
         queued_at_ = std::chrono::steady_clock::now();
         queue_deadline_.arm(worker_.timers(), worker_.config().queue_timeout);
     }
@@ -128,10 +131,11 @@ void Exchange::leave_queue() {
         worker_.stop_waiting(ticket_);
         ticket_ = 0;
     }
-    if (was_queued_ && queue_deadline_.armed()) {
+    if (queue_deadline_.armed()) {
         queue_deadline_.cancel();
-        queue_wait_ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - queued_at_).count();
-        Metrics::get().queue_wait_seconds.Observe(queue_wait_ms_ / 1000.0);
+        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - queued_at_).count();
+        queue_wait_ms_ += ms;
+        Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     }
 }
 
@@ -144,6 +148,10 @@ void Exchange::slot_offered() {
 
 void Exchange::on_queue_timeout(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
+    // The deadline has fired (no longer armed): account the wait here.
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - self->queued_at_).count();
+    self->queue_wait_ms_ += ms;
+    Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     self->leave_queue();
     Metrics::get().queue_rejections[1]->Increment();
     self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
@@ -225,8 +233,9 @@ void Exchange::failed_before_response(Failure f, const char* why) {
         Metrics::get().upstream_retries.Increment();
         Metrics::get().retries_by_reason[size_t(f)]->Increment();
         instance_.reset();
-        if (dispatch(true)) return;  // another instance, or back to the queue
-        return give_up(Failure::QueueFull, "queue full");
+        exhausted_ = false;
+        dispatch(true);  // another instance, or back to the head of the queue
+        if (!exhausted_) return;
     }
     if (may_retry && f == Failure::WorkerAtCapacity) {
         // Out of retries but only because the fleet is full: wait for a slot like new work.
@@ -234,11 +243,9 @@ void Exchange::failed_before_response(Failure f, const char* why) {
         tried_count_ = 0;
         if (enqueue(true)) return;
     }
-    if (f != Failure::ConnectFailed && f != Failure::SocketFailed) {
-        // keep instance_ for the access log: the request reached it
-    } else {
-        instance_.reset();  // never reached: not where the request went
-    }
+    // A request that reached its instance keeps it for the access log; one that never did
+    // (connect failures) names none.
+    if (f == Failure::ConnectFailed || f == Failure::SocketFailed) instance_.reset();
     if (decision_ == Decision::Pinned) Metrics::get().pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
     give_up(f, why);
 }

@@ -136,7 +136,7 @@ private:
     // Admission queue
     uint64_t ticket_ = 0;  // nonzero while queued
     std::chrono::steady_clock::time_point queued_at_{};
-    bool was_queued_ = false;
+    bool exhausted_ = false;  // dispatch found no untried instance taking new work
     double queue_wait_ms_ = 0;
     Deadline queue_deadline_{on_queue_timeout, this};
     // The request body as sent, for replay on another instance (null once over the bound).
