@@ -74,14 +74,6 @@ def counters(lb):
                 if line.split("{", 1)[0].split(" ", 1)[0] == base:
                     total += float(line.rsplit(" ", 1)[1])
         out[name] = total
-    statuses = {}
-    for line in text.splitlines():
-        m = re.match(r'stepflow_lb_requests_total\{(.*)\} (\S+)', line)
-        if m:
-            code = re.search(r'(?:status|code)="(\d)', m.group(1))
-            if code:
-                statuses[code.group(1) + "xx"] = statuses.get(code.group(1) + "xx", 0) + float(m.group(2))
-    out["requests by status"] = statuses
     return out
 
 
@@ -189,7 +181,7 @@ def soak(minutes, restart_every, sample, warmup, log=print):
     after = [s for s in samples if s[0] >= warmup]
     res = {
         "minutes": minutes, "restarts": restarts, "samples": samples,
-        "rss_slope_kib_min": slope_per_min([(t, r) for t, r, _ in after]),
+        "rss_slope_kib_min": slope_per_min([(t, r) for t, r, _ in after]), "after_samples": len(after),
         "rss_first_kib": after[0][1] if after else 0, "rss_last_kib": after[-1][1] if after else 0,
         "fd_first": after[0][2] if after else 0, "fd_last": after[-1][2] if after else 0,
         "fd_max": max(f for _, _, f in after) if after else 0,
@@ -211,8 +203,7 @@ def report(res):
     lines = [
         "soak: %.1f min, %d worker replacements, load average %s" % (res["minutes"], res["restarts"], " ".join(load)),
         "  RSS after warm-up: %d -> %d KiB, slope %.1f KiB/min (least squares over %d samples)" % (
-            res["rss_first_kib"], res["rss_last_kib"], res["rss_slope_kib_min"],
-            sum(1 for s in res["samples"] if s[0] >= 0) - 0),
+            res["rss_first_kib"], res["rss_last_kib"], res["rss_slope_kib_min"], res["after_samples"]),
         "  open fds after warm-up: first %d, last %d, max %d (growth %+d)" % (
             res["fd_first"], res["fd_last"], res["fd_max"], res["fd_last"] - res["fd_first"]),
         "  open fds of the idle balancer: %d before the traffic, %d after it (growth %+d)" % (
