@@ -171,9 +171,12 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
     } else {
         bev = Conn::plain(*self->loop_, fd);
     }
-    auto* conn = new ProtocolSniffer(*self, bev, std::move(ip), tls);
-    self->connections_.add(conn);
-    self->open_connections_.store(self->connections_.size());
+    self->connection_opened(new ProtocolSniffer(*self, bev, std::move(ip), tls));
+}
+
+void Worker::connection_opened(ClientConnection* conn) {
+    connections_.add(conn);
+    open_connections_.store(connections_.size());
 }
 
 void Worker::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {

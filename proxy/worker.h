@@ -80,6 +80,10 @@ public:
     // Any thread: the queue handed `ticket` a free slot; runs on this thread's loop.
     void admit(uint64_t ticket);
 
+    Loop& loop() { return *loop_; }
+
+    // A new client connection on this thread (accepted, or made by a test harness).
+    void connection_opened(ClientConnection* conn);
     void connection_closed(ClientConnection* conn);
     void connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn);
 

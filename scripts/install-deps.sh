@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages stepflow-lb needs. Idempotent; asks apt only when something
 # is missing. Profiles: build (compile only), run (build + the example workers), test (default:
 # build and run every test), bench (test + HAProxy, nginx, wrk for bench/), image (podman and
-# mmdebstrap for scripts/image.sh; part of test, which builds and runs the image).
+# mmdebstrap for scripts/image.sh; part of test, which builds and runs the image), fuzz (build +
+# clang, libFuzzer and the sanitizer runtimes for bench/fuzz.sh).
 set -euo pipefail
 profile="${1:-test}"
 
@@ -12,6 +13,7 @@ run=(python3)
 test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps)
 image=(podman runc mmdebstrap uidmap)
 bench=(haproxy nginx wrk nghttp2-client valgrind libbenchmark-dev linux-perf)
+fuzz=(clang-16 libfuzzer-16-dev libclang-rt-16-dev)
 
 case "$profile" in
   build) pkgs=("${build[@]}") ;;
@@ -19,7 +21,8 @@ case "$profile" in
   test) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${image[@]}") ;;
   bench) pkgs=("${build[@]}" "${run[@]}" "${test[@]}" "${image[@]}" "${bench[@]}") ;;
   image) pkgs=("${image[@]}") ;;
-  *) echo "usage: $0 [build|run|test|bench|image]" >&2; exit 2 ;;
+  fuzz) pkgs=("${build[@]}" "${fuzz[@]}") ;;
+  *) echo "usage: $0 [build|run|test|bench|image|fuzz]" >&2; exit 2 ;;
 esac
 
 missing=()
