@@ -19,7 +19,9 @@ namespace {
 
 constexpr size_t kOutputHighWater = 256 * 1024;  // stop reading the worker beyond this
 constexpr size_t kOutputLowWater = 64 * 1024;    // ... and resume below this
-constexpr size_t kLocalBodyLimit = 1024 * 1024;  // body read to echo a JSON-RPC id in a 503
+// Body read to echo a JSON-RPC id in a local answer; a longer body is answered without the id
+// (a JSON-RPC message whose id is past 64 KiB is not worth holding more for).
+constexpr size_t kLocalBodyLimit = 64 * 1024;
 constexpr Millis kLingerTime{2000};
 
 }  // namespace
@@ -185,6 +187,7 @@ void ClientH1::answer_after_body() {
     }
     local_body_ = evbuffer_new();
     request_pump_.start(request_.framing, request_.content_length, false);
+    body_deadline_.arm(worker_.timers(), worker_.config().local_body_timeout);  // in all, not between bytes
     collect_local_body();
 }
 
@@ -212,10 +215,16 @@ void ClientH1::pump_request_body() {
     // Not connected yet, or the worker has not taken what it was given: the bytes wait in our
     // input buffer, whose read watermark then stops reading the client (back-pressure, as on
     // HTTP/2). The exchange calls request_sink_ready once the worker's side drains.
-    if (!sink || exchange_->request_sink_full()) return;
+    if (!sink || exchange_->request_sink_full()) {
+        body_deadline_.cancel();  // waiting for the worker is not the client's delay
+        return;
+    }
     evbuffer* in = bev_->input();
+    uint64_t before = request_pump_.payload_bytes();
     auto status = request_pump_.pump(in, sink);
     record_.bytes_in = request_pump_.payload_bytes();
+    if (status == http1::BodyPump::Status::More && (record_.bytes_in != before || !body_deadline_.armed()))
+        body_deadline_.arm(worker_.timers(), worker_.config().request_body_timeout);
     if (status == http1::BodyPump::Status::Error) {
         const char* why = request_pump_.error();
         exchange_->abort();
@@ -232,6 +241,7 @@ void ClientH1::pump_request_body() {
     }
     if (status == http1::BodyPump::Status::Done) {
         request_done_ = true;
+        body_deadline_.cancel();
         Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
         exchange_->request_body_done();
     }
@@ -251,13 +261,14 @@ void ClientH1::collect_local_body() {
         request_done_ = true;
         answer_locally();
     } else if (evbuffer_get_length(local_body_) > kLocalBodyLimit) {
-        keep_alive_ = false;  // answer without reading the rest, then close
+        keep_alive_ = false;  // answer without the id and without reading the rest, then close
+        evbuffer_drain(local_body_, evbuffer_get_length(local_body_));
         answer_locally();
     }
 }
 
 void ClientH1::answer_locally() {
-    std::string id = local_body_ ? jsonrpc_id_of(local_body_) : "null";
+    std::string id = local_body_ ? jsonrpc_id_of(local_body_) : "null";  // an empty body: null
     if (local_body_) {
         evbuffer_free(local_body_);
         local_body_ = nullptr;
@@ -265,6 +276,34 @@ void ClientH1::answer_locally() {
     send_answer(answer_failure(local_->failure, record_.decision, id, local_->pinned_id, local_->detail));
     local_.reset();
     finish_request();
+}
+
+// The client stopped sending its request body (or, for a local answer, took too long to send
+// the body we read for its id).
+void ClientH1::on_body_timeout(void* arg) {
+    auto* self = static_cast<ClientH1*>(arg);
+    if (self->destroying_ || self->request_done_) return;
+    self->keep_alive_ = false;
+    if (self->state_ == State::LocalBody) {
+        evbuffer_drain(self->local_body_, evbuffer_get_length(self->local_body_));
+        self->answer_locally();  // without the id
+        return;
+    }
+    if (self->state_ != State::Proxying || !self->exchange_) return;
+    log::debug("request body timeout", {{"client", self->client_ip_}});
+    self->exchange_->abort();  // the worker learns of it from the closed connection
+    self->record_.note_route(*self->exchange_);
+    Decision decision = self->exchange_->decision();
+    self->retired_ = std::move(self->exchange_);
+    if (self->record_.status != 0) {  // the response has started: it cannot be completed
+        self->log_access();
+        self->close_after_flush();
+        return;
+    }
+    std::string pinned(decision == Decision::Pinned ? self->request_.get(self->worker_.config().instance_header) : "");
+    self->send_answer(answer_failure(Failure::RequestBodyTimeout, decision, self->retired_->replay_id_json(), pinned,
+                                     "request body not received in time"));
+    self->finish_request();
 }
 
 void ClientH1::send_answer(const LocalAnswer& answer) {
@@ -301,6 +340,7 @@ void ClientH1::send_error(int status, const char* why) {
 
 void ClientH1::finish_request() {
     served_ = true;
+    body_deadline_.cancel();
     log_access();
     if (!keep_alive_ || !request_done_ || draining_) {
         close_after_flush();

@@ -12,6 +12,7 @@
 #include "proxy/local_response.h"
 #include "proxy/http1.h"
 #include "proxy/request_record.h"
+#include "proxy/timers.h"
 
 struct event;
 struct evbuffer;
@@ -78,6 +79,7 @@ private:
     void defer();
     void log_access();
     void release_request_head();
+    static void on_body_timeout(void* arg);
 
     Worker& worker_;
     Conn* bev_ = nullptr;
@@ -102,6 +104,9 @@ private:
     std::unique_ptr<RouteOutcome> local_;  // only while answering a refusal or failure locally
     evbuffer* local_body_ = nullptr;
     RequestRecord record_;
+    // While a request body is read: --request-body-timeout between client bytes when proxying,
+    // --local-body-timeout in all when reading one for a local answer.
+    Deadline body_deadline_{on_body_timeout, this};
 };
 
 }  // namespace stepflow

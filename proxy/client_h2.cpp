@@ -23,7 +23,7 @@ namespace {
 constexpr size_t kStreamBufferHigh = 64 * 1024;   // response bytes waiting per stream
 constexpr size_t kStreamBufferLow = 16 * 1024;
 constexpr size_t kConnectionOutputHigh = 128 * 1024;
-constexpr size_t kLocalBodyLimit = 1024 * 1024;
+constexpr size_t kLocalBodyLimit = 64 * 1024;      // body read for a local answer's id (then none)
 constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
 constexpr size_t kCopyPayloadUpTo = 2 * 1024;      // DATA payloads copied; larger ones move chains
 constexpr size_t kSpareBuffers = 16;               // empty stream buffers kept per connection
@@ -179,6 +179,7 @@ public:
             chunked_up_ = true;
         }
         if (request_ended_) head_.framing = http1::Framing::None;
+        watch_body();
         exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
         local_ = exchange_->route();
         if (local_.kind == RouteOutcome::Routed) return;
@@ -186,11 +187,14 @@ public:
         exchange_ = nullptr;
         exchange_storage_.reset();
         local_mode_ = true;
-        if (request_ended_) answer_locally();
+        if (request_ended_) return answer_locally();
+        // Reading the body only for its id: --local-body-timeout in all, not between bytes.
+        body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().local_body_timeout);
     }
 
     void data(const uint8_t* bytes, size_t len) {
         record_.bytes_in += len;
+        if (!local_mode_) watch_body();
         if (exchange_ && !answered_) {
             // Nothing queued ahead and the worker's connection takes it: straight there rather
             // than through req_buf_ (one copy instead of two).
@@ -203,18 +207,23 @@ public:
             evbuffer_add(req_buf(), bytes, len);
             unconsumed_ += len;
             pump_request_body();
+            watch_body();
             return;
         }
         // Answered already, or collecting a body only to read its JSON-RPC id.
         nghttp2_session_consume(conn_.session_, id_, len);
         if (local_mode_ && !answered_) {
             evbuffer_add(req_buf(), bytes, len);
-            if (evbuffer_get_length(req_buf_) > kLocalBodyLimit) answer_locally();
+            if (evbuffer_get_length(req_buf_) > kLocalBodyLimit) {
+                evbuffer_drain(req_buf_, evbuffer_get_length(req_buf_));  // answered without the id
+                answer_locally();
+            }
         }
     }
 
     void end_of_request() {
         request_ended_ = true;
+        body_deadline_.cancel();
         if (local_mode_ && !answered_) answer_locally();
         else pump_request_body();
     }
@@ -222,6 +231,7 @@ public:
     // The client closed or reset the stream, or it ended normally; `error_code` is that of the
     // RST_STREAM either side sent (PROTOCOL_ERROR: nghttp2 found the request malformed).
     void closed(uint32_t error_code) {
+        body_deadline_.cancel();
         bool malformed = error_code == NGHTTP2_PROTOCOL_ERROR;
         if (exchange_) {
             exchange_->abort();  // a reset stream cancels the worker's request
@@ -369,6 +379,7 @@ private:
         if (n > 0) {
             forward(sink, n, [&] { evbuffer_remove_buffer(req_buf_, sink, n); });
             unconsumed_ -= n;
+            watch_body();
         }
         if (request_ended_) {
             if (chunked_up_) evbuffer_add(sink, "0\r\n\r\n", 5);
@@ -391,6 +402,41 @@ private:
         if (chunked_up_) evbuffer_add(sink, "\r\n", 2);
         nghttp2_session_consume(conn_.session_, id_, n);
         conn_.schedule_send();  // window updates
+    }
+
+    // --request-body-timeout runs while the client owes body bytes and nothing it sent waits for
+    // the worker: with bytes held (unconsumed_), its window is closing because of the worker,
+    // and --upstream-request-timeout is the bound that applies.
+    void watch_body() {
+        if (request_ended_ || answered_ || unconsumed_ > 0) body_deadline_.cancel();
+        else body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().request_body_timeout);
+    }
+
+    static void on_body_timeout(void* arg) {
+        auto* self = static_cast<Stream*>(arg);
+        if (self->request_ended_ || self->answered_ || !self->open_) return;
+        if (self->local_mode_) {
+            evbuffer_drain(self->req_buf(), evbuffer_get_length(self->req_buf_));
+            self->answer_locally();  // without the id
+            return;
+        }
+        log::debug("request body timeout", {{"client", self->conn_.client_ip_}, {"stream", int64_t(self->id_)}});
+        if (!self->exchange_) return;
+        self->exchange_->abort();  // the worker learns of it from the closed connection
+        self->record_.note_route(*self->exchange_);
+        std::string id = self->exchange_->replay_id_json();
+        self->exchange_ = nullptr;
+        if (self->record_.status != 0) {  // the response has started: it cannot be completed
+            nghttp2_submit_rst_stream(self->conn_.session_, NGHTTP2_FLAG_NONE, self->id_, NGHTTP2_CANCEL);
+            self->conn_.schedule_send();
+            self->finish_log();
+            return;
+        }
+        std::string pinned(self->record_.decision == Decision::Pinned
+                               ? self->head_.get(self->conn_.worker_.config().instance_header)
+                               : "");
+        self->answer(answer_failure(Failure::RequestBodyTimeout, self->record_.decision, id, pinned,
+                                    "request body not received in time"));
     }
 
     evbuffer* req_buf() {
@@ -462,6 +508,7 @@ private:
     Exchange* exchange_ = nullptr;
     RouteOutcome local_;
     RequestRecord record_;
+    Deadline body_deadline_{on_body_timeout, this};  // see watch_body()
     Stream* prev_ = nullptr;  // ClientH2's list of open streams, then of closed ones (next_ only)
     Stream* next_ = nullptr;
     bool open_ = true;
@@ -475,6 +522,7 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_session_callbacks* callbacks;
     nghttp2_session_callbacks_new(&callbacks);
     nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers);
+    nghttp2_session_callbacks_set_on_begin_frame_callback(callbacks, on_begin_frame);
     nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk);
@@ -551,6 +599,18 @@ void ClientH2::free_closed() {
         closed_ = s->next_;
         delete s;
     }
+}
+
+void ClientH2::on_header_block_timeout(void* arg) {
+    auto* self = static_cast<ClientH2*>(arg);
+    if (self->destroying_) return;
+    log::debug("HTTP/2 header block not completed in time", {{"client", self->client_ip_}});
+    // Nothing else can arrive on this connection before the block ends: it is over.
+    nghttp2_session_terminate_session(self->session_, NGHTTP2_PROTOCOL_ERROR);
+    evbuffer_drain(self->bev_->input(), evbuffer_get_length(self->bev_->input()));
+    self->bev_->disable(EV_READ);
+    self->send();
+    self->maybe_close();
 }
 
 void ClientH2::on_idle(void* arg) {
@@ -658,6 +718,7 @@ void ClientH2::destroy() {
     destroying_ = true;
     bev_->disable(EV_READ | EV_WRITE);
     idle_.cancel();
+    header_block_.cancel();
     event_active(deferred_, 0, 0);
 }
 
@@ -689,6 +750,11 @@ void ClientH2::stream_closed(Stream* stream) {
 
 int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
     auto* self = static_cast<ClientH2*>(user);
+    // A header block left open (HEADERS without END_HEADERS, then no CONTINUATION) blocks every
+    // other frame of the connection: it must end within --request-header-timeout (on_frame_recv
+    // stops the clock once the block is complete).
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_HEADERS))
+        self->header_block_.arm(self->worker_.timers(), self->worker_.config().request_header_timeout);
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
     if (self->stream_count_ >= self->worker_.config().h2_max_concurrent_streams) {
         // No Stream object: the refused stream's fields and DATA are ignored.
@@ -710,6 +776,31 @@ int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* fr
     return 0;
 }
 
+// A new stream's id must exceed every id the client used before (RFC 9113 §5.1.1): opening
+// stream 5 implicitly closes idle streams 1 and 3, and HEADERS on either afterwards is a
+// connection error PROTOCOL_ERROR. nghttp2 cannot tell such an id from a stream that was
+// opened and has closed (it forgets those) and ignores both. We remember the ids a client
+// skipped (the first kMaxSkippedRanges gaps; clients normally count 1, 3, 5, ...) and fail the
+// connection on HEADERS for one: receive() then sends GOAWAY(PROTOCOL_ERROR) and closes.
+int ClientH2::on_begin_frame(nghttp2_session*, const nghttp2_frame_hd* hd, void* user) {
+    auto* self = static_cast<ClientH2*>(user);
+    if (hd->type != NGHTTP2_HEADERS || hd->stream_id % 2 == 0) return 0;  // even ids: nghttp2's check
+    int32_t id = hd->stream_id;
+    if (id > self->last_opened_) {
+        if (id > self->last_opened_ + 2 && self->skipped_.size() < kMaxSkippedRanges)
+            self->skipped_.push_back({self->last_opened_ + 2, id - 2});
+        self->last_opened_ = id;
+        return 0;
+    }
+    for (const auto& [low, high] : self->skipped_) {
+        if (id < low || id > high) continue;
+        log::debug("HTTP/2 stream id lower than one already opened",
+                   {{"client", self->client_ip_}, {"stream", int64_t(id)}, {"last", int64_t(self->last_opened_)}});
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    }
+    return 0;
+}
+
 int ClientH2::on_header(nghttp2_session*, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
                         const uint8_t* value, size_t valuelen, uint8_t, void* user) {
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // trailers: dropped
@@ -720,7 +811,8 @@ int ClientH2::on_header(nghttp2_session*, const nghttp2_frame* frame, const uint
     return 0;
 }
 
-int ClientH2::on_frame_recv(nghttp2_session* session, const nghttp2_frame* frame, void*) {
+int ClientH2::on_frame_recv(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
+    if (frame->hd.type == NGHTTP2_HEADERS) static_cast<ClientH2*>(user)->header_block_.cancel();
     auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
     if (!stream) return 0;
     bool end_stream = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nghttp2/nghttp2.h>
@@ -43,8 +44,10 @@ private:
     static void on_event(Conn*, short what, void* arg);
     static void on_deferred(int, short, void* arg);
     static void on_idle(void* arg);
+    static void on_header_block_timeout(void* arg);
 
     // nghttp2 callbacks
+    static int on_begin_frame(nghttp2_session*, const nghttp2_frame_hd*, void*);
     static int on_begin_headers(nghttp2_session*, const nghttp2_frame*, void*);
     static int on_header(nghttp2_session*, const nghttp2_frame*, const uint8_t*, size_t, const uint8_t*, size_t, uint8_t,
                          void*);
@@ -72,8 +75,13 @@ private:
     nghttp2_session* session_ = nullptr;
     event* deferred_ = nullptr;
     Deadline idle_{on_idle, this};  // no stream open for --keepalive-idle-timeout
+    Deadline header_block_{on_header_block_timeout, this};  // a header block left open
     Stream* streams_ = nullptr;  // open streams (owned; linked through Stream::prev_/next_)
     size_t stream_count_ = 0;
+    // Stream ids the client skipped, which it may never open (see on_begin_frame).
+    static constexpr size_t kMaxSkippedRanges = 16;
+    int32_t last_opened_ = -1;  // highest stream id the client opened
+    std::vector<std::pair<int32_t, int32_t>> skipped_;  // [low, high], odd ids
     Stream* closed_ = nullptr;   // freed once no callback of theirs is on the stack (free_closed)
     Stream* receiving_ = nullptr;  // the stream whose request header block is being read
     bool resumes_pending_ = false;  // a stream's response may be read from its worker again

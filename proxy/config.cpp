@@ -91,7 +91,7 @@ Config parse_config(int argc, char** argv) {
     std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
-        dns_interval;
+        dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
         ->envname("BIND_ADDRESS")->capture_default_str();
@@ -190,9 +190,21 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--client-send-timeout", client_send_timeout,
                    "Disconnect a client that takes no response bytes for this long while some wait [60s]")
         ->envname("STEPFLOW_LB_CLIENT_SEND_TIMEOUT");
+    app.add_option("--request-body-timeout", request_body_timeout,
+                   "Longest gap in a client's request body while more is wanted (408 after) [60s]")
+        ->envname("STEPFLOW_LB_REQUEST_BODY_TIMEOUT");
+    app.add_option("--local-body-timeout", local_body_timeout,
+                   "Time to read the body of a locally answered request for its JSON-RPC id [5s]")
+        ->envname("STEPFLOW_LB_LOCAL_BODY_TIMEOUT");
+    app.add_option("--upstream-request-timeout", upstream_request_timeout,
+                   "Time from sending a request head to a worker until it has taken the whole body (504 after) [5m]")
+        ->envname("STEPFLOW_LB_UPSTREAM_REQUEST_TIMEOUT");
     app.add_option("--drain-timeout", drain_timeout, "On SIGTERM, time given to requests in flight [30s]")
         ->envname("STEPFLOW_LB_DRAIN_TIMEOUT");
 
+    app.add_option("--max-connections", cfg.max_connections,
+                   "Client connections open at once, whole process (more are closed at accept)")
+        ->envname("STEPFLOW_LB_MAX_CONNECTIONS")->capture_default_str();
     app.add_option("--max-header-size", cfg.max_header_size, "Largest request head in bytes (431 beyond)")
         ->envname("STEPFLOW_LB_MAX_HEADER_SIZE")->capture_default_str();
     app.add_option("--max-headers", cfg.max_headers, "Most header fields in a request (431 beyond)")
@@ -251,6 +263,9 @@ Config parse_config(int argc, char** argv) {
     duration_flag("--stream-idle-timeout", stream_idle_timeout, cfg.stream_idle_timeout, true);
     duration_flag("--upstream-idle-timeout", upstream_idle_timeout, cfg.upstream_idle_timeout, false);
     duration_flag("--client-send-timeout", client_send_timeout, cfg.client_send_timeout, false);
+    duration_flag("--request-body-timeout", request_body_timeout, cfg.request_body_timeout, false);
+    duration_flag("--local-body-timeout", local_body_timeout, cfg.local_body_timeout, false);
+    duration_flag("--upstream-request-timeout", upstream_request_timeout, cfg.upstream_request_timeout, false);
     duration_flag("--drain-timeout", drain_timeout, cfg.drain_timeout, true);
     duration_flag("--dns-interval", dns_interval, cfg.dns_interval, false);
     duration_flag("--queue-timeout", queue_timeout, cfg.queue_timeout, false);
@@ -267,6 +282,7 @@ Config parse_config(int argc, char** argv) {
     if (cfg.retry_after_seconds < 0 || cfg.retry_after_seconds > 3600) fail("--retry-after: must be between 0 and 3600");
     if (cfg.max_header_size < 1024 || cfg.max_header_size > 1024 * 1024)
         fail("--max-header-size: must be between 1024 and 1048576");
+    if (cfg.max_connections < 1 || cfg.max_connections > 10000000) fail("--max-connections: must be between 1 and 10000000");
     if (cfg.max_headers < 8 || cfg.max_headers > 10000) fail("--max-headers: must be between 8 and 10000");
     if (!valid_header_name(cfg.instance_header)) fail("--instance-header: '" + cfg.instance_header + "' is not a header name");
 

@@ -87,11 +87,21 @@ struct Config {
     // not the one closing a connection we are about to reuse.
     Millis upstream_idle_timeout{4000};
     Millis client_send_timeout{60000};
+    // A client's request body: the longest gap between its bytes while the balancer would take
+    // more (HTTP/1.1 and HTTP/2 streams); 408 when no response has started.
+    Millis request_body_timeout{60000};
+    // Reading the body of a request we answer ourselves, for its JSON-RPC id; then answered
+    // without the id.
+    Millis local_body_timeout{5000};
+    // Sending the request body to the worker: from the request head's send until the worker's
+    // socket has taken the last body byte, whatever moves (a worker taking a byte at a time).
+    Millis upstream_request_timeout{300000};
     Millis drain_timeout{30000};
 
     // Limits
     size_t max_header_size = 64 * 1024;
     int max_headers = 100;
+    size_t max_connections = 10000;  // client connections, whole process; more are closed at accept
     size_t max_idle_upstream_per_instance = 256;  // per thread; above the requests a busy HTTP/2 client keeps in flight
 
     // Logging

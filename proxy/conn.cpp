@@ -12,6 +12,8 @@
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 namespace stepflow {
 namespace {
@@ -94,6 +96,13 @@ event* Conn::write_event() {
 
 Conn::~Conn() {
     if (tls_) {
+        // End the session with close_notify (RFC 8446 §6.1), so the peer can tell our close
+        // from a truncation. One non-blocking attempt: the socket closes right after either way.
+        SSL* ssl = bufferevent_openssl_get_ssl(tls_);
+        if (ssl && !failed_ && SSL_is_init_finished(ssl) && !(SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN)) {
+            SSL_shutdown(ssl);
+            ERR_clear_error();  // whatever it left must not show up on another connection
+        }
         bufferevent_free(tls_);
         return;
     }
@@ -366,6 +375,7 @@ void Conn::tls_write(bufferevent*, void* arg) {
 void Conn::tls_event(bufferevent*, short what, void* arg) {
     auto* self = static_cast<Conn*>(arg);
     if (what & BEV_EVENT_CONNECTED) self->progress(true);
+    if (what & BEV_EVENT_ERROR) self->failed_ = true;  // no close_notify after a TLS error
     self->report(what);
 }
 

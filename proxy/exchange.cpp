@@ -19,6 +19,9 @@ namespace {
 
 constexpr size_t kMaxResponseHead = 256 * 1024;
 constexpr size_t kSinkHighWater = 256 * 1024;
+// Interim (1xx) responses relayed for one request: a worker sends one or two (100 Continue, 103
+// Early Hints); an endless stream of them would hold the exchange open without a response.
+constexpr int kMaxInterimResponses = 16;
 
 void append_header(std::string& out, std::string_view name, std::string_view value) {
     out.append(name);
@@ -268,14 +271,18 @@ void Exchange::send_request_head() {
     head.append(" HTTP/1.1\r\n");
     http1::HopByHop hop(request_);
     std::string_view forwarded_for;
-    bool has_cl = false;
+    bool has_cl = false, has_host = false;
     for (const auto& h : request_.headers) {
         if (hop.contains(h)) continue;
+        if (h.field == http1::Field::Host) has_host = true;
         if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
         append_header(head, h.name, h.value);
     }
+    // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
+    // :authority) may have none, and it goes out as HTTP/1.1: name the worker.
+    if (!has_host) append_header(head, "Host", instance_->address);
     head.append("X-Forwarded-For: ");
     if (!forwarded_for.empty()) {
         head.append(forwarded_for);
@@ -307,7 +314,10 @@ void Exchange::send_request_head() {
     conn_->set_read_timeout(worker_.config().upstream_header_timeout);
     // The client side refills the request body once the worker's side drains below a quarter
     // of the high-water mark (request_sink_full stops it above).
-    if (!request_done_) bev->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
+    if (!request_done_) {
+        bev->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
+        request_deadline_.arm(worker_.timers(), worker_.config().upstream_request_timeout);
+    }
     bev->enable(EV_READ | EV_WRITE);
     downstream_.request_sink_ready();
 }
@@ -322,10 +332,31 @@ bool Exchange::request_sink_full() const {
     return sink && evbuffer_get_length(sink) > kSinkHighWater;
 }
 
-void Exchange::request_body_done() { request_done_ = true; }
+void Exchange::request_body_done() {
+    request_done_ = true;
+    // The write callback now comes only once the worker's socket took every byte.
+    if (conn_ && !finished_) conn_->bev()->set_watermark(EV_WRITE, 0, 0);
+    request_sent_check();
+}
+
+void Exchange::request_sent_check() {
+    if (request_done_ && request_deadline_.armed() && conn_ && evbuffer_get_length(conn_->bev()->output()) == 0)
+        request_deadline_.cancel();
+}
+
+// The worker has not taken the whole request body in --upstream-request-timeout. It may be
+// taking a byte at a time, so no idle timeout catches it. Like other timeouts, not a health
+// failure: the worker is slow, not broken.
+void Exchange::on_request_deadline(void* arg) {
+    auto* self = static_cast<Exchange*>(arg);
+    if (self->finished_) return;
+    self->fail(Failure::UpstreamRequestTimeout, "request body not taken by the worker in time");
+}
 
 void Exchange::upstream_writable() {
-    if (!finished_) downstream_.request_sink_ready();
+    if (finished_) return;
+    request_sent_check();
+    downstream_.request_sink_ready();
 }
 
 void Exchange::upstream_readable() {
@@ -362,10 +393,15 @@ bool Exchange::parse_response_head() {
             fail(Failure::BadResponse, "upstream switched protocols");
             return false;
         }
+        if (++interim_count_ > kMaxInterimResponses) {
+            fail(Failure::BadResponse, "too many interim responses from upstream");
+            return false;
+        }
         downstream_.interim_response(response.status, response.reason);
     }
 
     response_started_ = true;
+    request_deadline_.cancel();  // the worker answered: what it still reads is up to it
     status_ = response.status;
     response_keep_alive_ = response.keep_alive;
     Instance& inst = conn_->instance();
@@ -509,6 +545,7 @@ void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
     leave_queue();
+    request_deadline_.cancel();
     if (sse_) Metrics::get().sse_streams_open.Decrement();
     if (conn_) {
         watch_sink(false);

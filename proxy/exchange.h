@@ -14,6 +14,7 @@
 #include "proxy/http1.h"
 #include "proxy/timers.h"
 #include "proxy/metrics.h"
+#include "proxy/timers.h"
 #include "proxy/upstream.h"
 
 struct evbuffer;
@@ -115,6 +116,8 @@ private:
     void finish(bool reuse_connection);
     void fail(Failure f, const char* why);
     void release_instance();
+    static void on_request_deadline(void* arg);
+    void request_sent_check();
 
     Worker& worker_;
     Downstream& downstream_;
@@ -155,9 +158,12 @@ private:
     bool sse_ = false;
     bool response_keep_alive_ = false;
     int status_ = 0;
+    int interim_count_ = 0;  // 1xx responses seen (capped: kMaxInterimResponses)
     size_t scan_from_ = 0;
     http1::BodyPump response_pump_;
     evbuffer* sink_ = nullptr;
+    // --upstream-request-timeout: from the head's send until the worker took the whole body.
+    Deadline request_deadline_{on_request_deadline, this};
 };
 
 }  // namespace stepflow

@@ -20,6 +20,8 @@ const char* to_string(Failure f) {
     case Failure::WorkerAtCapacity: return "worker-at-capacity";
     case Failure::QueueFull: return "queue-full";
     case Failure::QueueTimeout: return "queue-timeout";
+    case Failure::RequestBodyTimeout: return "request-body-timeout";
+    case Failure::UpstreamRequestTimeout: return "upstream-request-timeout";
     case Failure::Count: break;
     }
     return "unknown";
@@ -46,6 +48,10 @@ FailureVerdict judge(Failure f, Decision decision) {
     case Failure::WorkerAtCapacity: return {503, false, unpinned, true};
     case Failure::QueueFull:
     case Failure::QueueTimeout: return {503, false, false, true};
+    // The client's fault: nothing to retry, nobody to charge.
+    case Failure::RequestBodyTimeout: return {408, false, false, false};
+    // A worker that does not read its body is slow, not broken (like HeadTimeout).
+    case Failure::UpstreamRequestTimeout: return {504, false, false, false};
     case Failure::Count: break;
     }
     return {502, false, false, false};

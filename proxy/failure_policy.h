@@ -25,6 +25,8 @@ enum class Failure : uint8_t {
     WorkerAtCapacity,    // the worker answered 503 / -32300
     QueueFull,           // --queue-size requests wait already
     QueueTimeout,        // waited --queue-timeout for a free slot
+    RequestBodyTimeout,  // the client stopped sending its body for --request-body-timeout
+    UpstreamRequestTimeout,  // the worker took no body for --upstream-request-timeout
     Count
 };
 

@@ -113,11 +113,10 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
 }
 
 void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
+    // An instance that left discovery gets no entry (it would stay behind, empty, for good).
+    if (conn->instance_->membership.load(std::memory_order_relaxed) == Membership::Gone) return;  // closes conn
     auto& list = idle_[conn->instance_.get()];
-    if (list.size() >= config_.max_idle_upstream_per_instance ||
-        conn->instance_->membership.load(std::memory_order_relaxed) == Membership::Gone) {
-        return;  // conn is destroyed here, closing the socket
-    }
+    if (list.size() >= config_.max_idle_upstream_per_instance) return;  // closes conn
     conn->attach(nullptr);
     conn->set_read_timeout(Millis(0));
     // Keep reading while idle so a close by the worker is noticed and the socket dropped.

@@ -78,6 +78,8 @@ public:
     std::unique_ptr<UpstreamConn> acquire(const InstancePtr& instance, UpstreamConn::Handler* handler);
     // Gives a connection whose last exchange ended cleanly back for reuse.
     void release(std::unique_ptr<UpstreamConn> conn);
+    // Instances with idle connections kept (never one with none).
+    size_t instances_held() const { return idle_.size(); }
 
 private:
     friend class UpstreamConn;

@@ -1,5 +1,6 @@
 #include "proxy/worker.h"
 
+#include <cerrno>
 #include <random>
 
 #include <sys/eventfd.h>
@@ -42,6 +43,7 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     pool_ = std::make_unique<UpstreamPool>(*loop_, config_, tls_client_);
     for (const auto& spec : listener_specs_) {
         auto* l = evconnlistener_new(base_, on_accept, this, LEV_OPT_CLOSE_ON_FREE, 0, spec.fd);
+        if (l) evconnlistener_set_error_cb(l, on_accept_error);
         listeners_.push_back(l);
     }
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -106,6 +108,7 @@ Worker::~Worker() {
     for (auto* conn : connections_.snapshot()) conn->close_now();
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
+    accept_resume_.cancel();
     pool_.reset();
     loop_.reset();
     outbox_.reset();
@@ -146,8 +149,29 @@ void Worker::on_wake(int fd, short, void* arg) {
     if ((commands & kDrain) && !self->draining_) self->drain_now();
 }
 
+namespace {
+
+// Client connections of the whole process (all loops), for --max-connections.
+std::atomic<size_t> g_client_connections{0};
+constexpr Millis kAcceptPause{100};
+
+}  // namespace
+
 void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, void* arg) {
     auto* self = static_cast<Worker*>(arg);
+    if (g_client_connections.fetch_add(1, std::memory_order_relaxed) >= self->config_.max_connections) {
+        // Over --max-connections: closed at once, so the client learns it now instead of
+        // waiting in the backlog, and what we hold stays bounded.
+        g_client_connections.fetch_sub(1, std::memory_order_relaxed);
+        evutil_closesocket(fd);
+        auto now = std::chrono::steady_clock::now();
+        if (now - self->accept_warned_ > std::chrono::seconds(10)) {
+            self->accept_warned_ = now;
+            log::warn("connection refused: --max-connections reached",
+                      {{"limit", int64_t(self->config_.max_connections)}});
+        }
+        return;
+    }
     std::string ip = format_sockaddr(addr);
     ip = ip.substr(0, ip.rfind(':'));
     if (!ip.empty() && ip.front() == '[') ip = ip.substr(1, ip.size() - 2);
@@ -165,6 +189,7 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
         if (!tls_bev) {
             if (ssl) SSL_free(ssl);
             evutil_closesocket(fd);
+            g_client_connections.fetch_sub(1, std::memory_order_relaxed);
             return;
         }
         bev = Conn::tls(*self->loop_, tls_bev);
@@ -179,13 +204,49 @@ void Worker::connection_opened(ClientConnection* conn) {
     open_connections_.store(connections_.size());
 }
 
+// accept() failed. Out of file descriptors (or kernel memory) the pending connection stays in
+// the backlog and the listener stays readable: retrying at once would spin the loop at full
+// CPU. So accepting pauses for a moment, long enough for connections to close; others wait in
+// the backlog meanwhile.
+void Worker::on_accept_error(evconnlistener*, void* arg) {
+    auto* self = static_cast<Worker*>(arg);
+    int err = EVUTIL_SOCKET_ERROR();
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+        log::debug("accept failed", {{"reason", evutil_socket_error_to_string(err)}});
+        return;
+    }
+    auto now = std::chrono::steady_clock::now();
+    if (now - self->accept_warned_ > std::chrono::seconds(10)) {
+        self->accept_warned_ = now;
+        log::warn("accept paused: out of file descriptors or memory",
+                  {{"reason", evutil_socket_error_to_string(err)}, {"pause_ms", int64_t(kAcceptPause.count())}});
+    }
+    self->set_accepting(false);
+    self->accept_resume_.arm(*self->timers_, kAcceptPause);
+}
+
+void Worker::on_accept_resume(void* arg) {
+    auto* self = static_cast<Worker*>(arg);
+    if (!self->draining_) self->set_accepting(true);
+}
+
+void Worker::set_accepting(bool on) {
+    for (auto* l : listeners_) {
+        if (!l) continue;
+        if (on) evconnlistener_enable(l);
+        else evconnlistener_disable(l);
+    }
+}
+
 void Worker::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {
     connections_.remove(old_conn);
     connections_.add(new_conn);
 }
 
 void Worker::connection_closed(ClientConnection* conn) {
+    size_t before = connections_.size();
     connections_.remove(conn);
+    if (connections_.size() < before) g_client_connections.fetch_sub(1, std::memory_order_relaxed);
     open_connections_.store(connections_.size());
     if (draining_) maybe_exit();
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -92,6 +93,9 @@ private:
     static constexpr unsigned kDrain = 1, kStop = 2, kAdmit = 4;
     static void on_admission_tick(int, short, void* arg);
     void run_admitted();
+    static void on_accept_error(evconnlistener*, void* arg);
+    static void on_accept_resume(void* arg);
+    void set_accepting(bool on);
     void post(unsigned command);  // any thread
     static void on_wake(int fd, short, void* arg);
     void drain_now();
@@ -113,6 +117,8 @@ private:
     std::vector<evconnlistener*> listeners_;
     ConnectionList connections_;
     std::atomic<size_t> open_connections_{0};
+    Deadline accept_resume_{on_accept_resume, this};  // accepting paused after EMFILE and alike
+    std::chrono::steady_clock::time_point accept_warned_{};
     int wake_fd_ = -1;  // eventfd: how other threads wake this loop
     event* wake_event_ = nullptr;
     std::atomic<unsigned> commands_{0};

@@ -849,5 +849,41 @@ def stalled_h2_client_is_dropped_after_the_send_timeout():
     c.close()
 
 
+@test
+def a_stream_id_lower_than_one_opened_is_a_connection_error():
+    # RFC 9113 §5.1.1: stream ids only grow; a HEADERS opening a lower one is PROTOCOL_ERROR.
+    w = Worker("order")
+    lb = Balancer([w.address])
+    c = H2Client("127.0.0.1", lb.port)
+    c.send_headers(5, request_fields(method="GET", path_="/health"), end_stream=True)
+    c.wait(lambda: c.streams[5].closed, what="stream 5 answered")
+    c.send_headers(3, request_fields(method="GET", path_="/health"), end_stream=True)
+    check(c.wait_closed(10), "connection closed")
+    check(c.goaway and c.goaway[1] == h2raw.PROTOCOL_ERROR, f"GOAWAY PROTOCOL_ERROR: {c.goaway}")
+    check(c.streams[3].status is None, "the lower stream was not answered")
+    c.close()
+
+
+@test
+def tls_connections_end_with_close_notify():
+    w = Worker("notify")
+    lb, _, _ = tls_balancer([w.address])
+    ctx = pki().client_context(alpn=["http/1.1"])
+    s = socket.create_connection(("127.0.0.1", lb.tls_port), timeout=10)
+    tls = ctx.wrap_socket(s, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+    tls.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    data = bytearray()
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except ssl.SSLEOFError as e:
+            raise AssertionError(f"the balancer closed without close_notify ({e}) after {bytes(data[:60])!r}")
+        if not chunk:
+            break  # a clean TLS close: close_notify received
+        data += chunk
+    check(data.startswith(b"HTTP/1.1 "), bytes(data[:100]))
+    tls.close()
+
+
 if __name__ == "__main__":
     run_tests()

@@ -30,7 +30,7 @@ Components (input -> answer):
              "instanceId"}; hold=true keeps the stream open after the first event until the
              client leaves (counted in cancelledStreams) or the process dies
 Every response echoes traceparent/tracestate/baggage/X-Forwarded-*/Forwarded/X-Request-Id/
-Connection request headers as X-Seen-<Name>.
+Connection/Host request headers as X-Seen-<Name>.
 
 CLI:
   example_worker.py [--host H] [--port P] [--name NAME] [--max-concurrency N]
@@ -72,6 +72,7 @@ ECHOED_HEADERS = (
     ("forwarded", "X-Seen-Forwarded"),
     ("x-request-id", "X-Seen-Request-Id"),
     ("connection", "X-Seen-Connection"),
+    ("host", "X-Seen-Host"),
 )
 
 MAX_BODY = 512 * 1024 * 1024  # refuse absurd bodies rather than exhausting memory
