@@ -310,7 +310,9 @@ void Exchange::send_request_head() {
         evbuffer_add_buffer(bev->output(), copy);
         evbuffer_free(copy);
     }
-    if (decision_ == Decision::LeastLoad) watch_sink(true);
+    // New work keeps its body for a retry; pinned work (never retried) keeps it too, so a failure
+    // after the body left can still echo the JSON-RPC id.
+    watch_sink(true);
     conn_->set_read_timeout(worker_.config().upstream_header_timeout);
     // The client side refills the request body once the worker's side drains below a quarter
     // of the high-water mark (request_sink_full stops it above).
@@ -593,8 +595,23 @@ void Exchange::on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void
 }
 
 std::string Exchange::replay_id_json() const {
-    if (!replay_ || replay_overflow_ || request_chunked_) return "";
-    return jsonrpc_id_of(replay_);
+    if (!replay_ || replay_overflow_) return "";
+    if (!request_chunked_) return jsonrpc_id_of(replay_);
+    // The copy is what went on the wire, chunk-framed: decode a copy of it to find the id. A body
+    // still incomplete yields its leading bytes, which is where the id usually is.
+    const size_t n = evbuffer_get_length(replay_);
+    std::string wire(n, '\0');
+    evbuffer_copyout(replay_, wire.data(), n);
+    evbuffer* framed = evbuffer_new();
+    evbuffer* body = evbuffer_new();
+    evbuffer_add(framed, wire.data(), n);
+    http1::BodyPump decoder;
+    decoder.start(http1::Framing::Chunked, 0, false);
+    decoder.pump(framed, body);
+    std::string id = jsonrpc_id_of(body);
+    evbuffer_free(framed);
+    evbuffer_free(body);
+    return id;
 }
 
 void Exchange::abort() {

@@ -196,6 +196,62 @@ def a_stale_pooled_connection_is_retried_not_answered_502():
     srv.close()
 
 
+def body_then_close_server(instance_id):
+    """A worker that reads a whole chunked request body and then closes without answering: the
+    body has left the balancer, so the id can only come from the copy it kept."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+
+    def handle(conn):
+        buf = b""
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                if buf.startswith(b"GET /health") and b"\r\n\r\n" in buf:
+                    body = json.dumps({"status": "healthy", "instanceId": instance_id}).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    return
+                if b"\r\n0\r\n\r\n" in buf:
+                    return  # the whole chunked body read, no answer
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+@test
+def a_pinned_chunked_request_cut_after_its_body_gets_503_with_its_id():
+    srv = body_then_close_server("chunky-1")
+    lb = Balancer([f"127.0.0.1:{srv.getsockname()[1]}"], args=["--max-failures", "1000"])
+    lb.wait_healthy(1)
+    body = json.dumps({"jsonrpc": "2.0", "id": "cb-chunked-9", "result": {"ok": True}}).encode()
+    req = (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/json\r\n"
+           b"Stepflow-Instance-Id: chunky-1\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    raw = client.raw_request("127.0.0.1", lb.port, req, responses=None, timeout=10)
+    check(raw.startswith(b"HTTP/1.1 503"), raw[:200])
+    doc = json.loads(raw.partition(b"\r\n\r\n")[2])
+    check(doc["id"] == "cb-chunked-9" and doc["error"]["message"] == "Instance not available", doc)
+    srv.close()
+
+
 @test
 def a_pinned_request_to_a_refusing_instance_gets_503_with_its_id():
     w = Worker("pin")
