@@ -587,11 +587,14 @@ void Exchange::on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void
         self->replay_ = nullptr;
         return;
     }
+    // Copied once, straight into the replay buffer's own space (no temporary per chunk).
     evbuffer_ptr pos;
     evbuffer_ptr_set(buf, &pos, len - info->n_added, EVBUFFER_PTR_SET);
-    std::string copy(info->n_added, '\0');
-    evbuffer_copyout_from(buf, &pos, copy.data(), copy.size());
-    evbuffer_add(self->replay_, copy.data(), copy.size());
+    evbuffer_iovec space;
+    if (evbuffer_reserve_space(self->replay_, static_cast<ev_ssize_t>(info->n_added), &space, 1) != 1) return;
+    space.iov_len = info->n_added;
+    evbuffer_copyout_from(buf, &pos, space.iov_base, info->n_added);
+    evbuffer_commit_space(self->replay_, &space, 1);
 }
 
 std::string Exchange::replay_id_json() const {

@@ -124,14 +124,30 @@ def callbacks_flow_while_every_slot_is_full():
     check(w.health()["atCapacity"] == 0, "the worker never answered -32300")
 
 
+def raw_server(handle, backlog=64):
+    """A loopback listener that hands each accepted connection to `handle` on a thread of its own;
+    closing the returned socket stops it."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(backlog)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
 def flaky_keepalive_server(instance_id):
     """A worker that answers one request per connection with keep-alive, then closes the connection
     when the next request arrives on it without answering: what a worker closing an idle
     connection while our request is on its way looks like."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
     served = {"requests": 0}
 
     def handle(conn):
@@ -168,16 +184,7 @@ def flaky_keepalive_server(instance_id):
         finally:
             conn.close()
 
-    def serve():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(c,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, served
+    return raw_server(handle), served
 
 
 @test
@@ -199,10 +206,6 @@ def a_stale_pooled_connection_is_retried_not_answered_502():
 def body_then_close_server(instance_id):
     """A worker that reads a whole chunked request body and then closes without answering: the
     body has left the balancer, so the id can only come from the copy it kept."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
 
     def handle(conn):
         buf = b""
@@ -224,16 +227,7 @@ def body_then_close_server(instance_id):
         finally:
             conn.close()
 
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
+    return raw_server(handle)
 
 
 @test
