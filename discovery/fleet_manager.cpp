@@ -30,7 +30,14 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
             Backend& b = *it->second;
             if (b.endpoint == e) continue;
             Membership before = membership_of(b.endpoint), after = membership_of(e);
+            bool new_pod = b.endpoint.pod != e.pod;
             b.endpoint = e;
+            if (new_pod && b.instance && config_.health_check != HealthCheck::Stepflow) {
+                // The id comes from the pod name: a new pod at the same address is a new instance.
+                adopt_instance(b, id_for(b, {}));
+                changed = true;
+                continue;
+            }
             if (before != after) {
                 log::info("backend state changed", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(after)}});
                 if (b.instance) b.instance->membership.store(after);
@@ -45,13 +52,9 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
             continue;
         }
         b->endpoint = e;
-        Backend* raw = b.get();
-        b->probe = std::make_unique<HealthProbe>(base_, b->addr, b->addr_len, e.address, config_.health_interval,
-                                                 config_.health_timeout, tls_,
-                                                 [this, raw](const HealthResult& r) { on_health(*raw, r); });
         log::info("backend added", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(membership_of(e))}});
-        b->probe->start();
-        backends_.emplace(e.address, std::move(b));
+        Backend& added = *backends_.emplace(e.address, std::move(b)).first->second;
+        start_checking(added);
         changed = true;
     }
     for (auto it = backends_.begin(); it != backends_.end();) {
@@ -73,6 +76,49 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
     if (changed) publish();
 }
 
+// With --health-check off the endpoint is an instance at once; otherwise a probe decides.
+void FleetManager::start_checking(Backend& b) {
+    if (config_.health_check == HealthCheck::Off) {
+        adopt_instance(b, id_for(b, {}));
+        return;
+    }
+    Backend* raw = &b;
+    b.probe = std::make_unique<HealthProbe>(base_, b.addr, b.addr_len, b.endpoint.address, config_.health_interval,
+                                            config_.health_timeout, tls_,
+                                            [this, raw](const HealthResult& r) { on_health(*raw, r); });
+    b.probe->set_check(config_.health_check, config_.health_path);
+    b.probe->start();
+}
+
+// Stepflow workers name themselves; any other backend is known by its pod name, or its address
+// when discovery gives no pod (static and DNS discovery).
+std::string FleetManager::id_for(const Backend& b, const HealthResult& r) const {
+    if (config_.health_check == HealthCheck::Stepflow && !r.instance_id.empty()) return r.instance_id;
+    return b.endpoint.pod.empty() ? b.endpoint.address : b.endpoint.pod;
+}
+
+// A new instance at this backend (first seen, or restarted); the one before it is gone.
+void FleetManager::adopt_instance(Backend& b, const std::string& id, int reported_limit) {
+    if (b.instance) {
+        log::warn("instance restarted: its sessions are gone",
+                  {{"old_instance", b.instance->id}, {"instance", id}, {"backend", b.endpoint.address}});
+        b.instance->membership.store(Membership::Gone);
+    } else {
+        log::info("instance discovered", {{"instance", id}, {"backend", b.endpoint.address}, {"pod", b.endpoint.pod}});
+    }
+    auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
+    inst->series = Metrics::get().backend_series(b.endpoint.address);
+    inst->membership.store(membership_of(b.endpoint));
+    if (config_.max_in_flight_per_instance > 0) {
+        inst->base_limit.store(config_.max_in_flight_per_instance);
+        inst->base_source.store(LimitSource::Flag);
+    }
+    inst->set_reported_limit(reported_limit, LimitSource::Health);  // the worker's own word wins
+    inst->failures_keep_routable = config_.health_check == HealthCheck::Off;
+    b.instance = std::move(inst);
+    publish();
+}
+
 void FleetManager::on_health(Backend& b, const HealthResult& r) {
     auto& metrics = Metrics::get();
     if (r.local) {
@@ -82,7 +128,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
         return;
     }
     std::string id, id_error;
-    if (r.healthy && !stepflow_instance_id(r, id, id_error)) {
+    if (config_.health_check == HealthCheck::Stepflow && r.healthy && !stepflow_instance_id(r, id, id_error)) {
         // A configuration error on the worker, not an outage: it stays out of routing until its
         // /health names a usable id, and /debug/backends says why.
         metrics.health_checks_total.Add({{"result", "failure"}}).Increment();
@@ -103,6 +149,10 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     metrics.health_checks_total.Add({{"result", r.healthy ? "success" : "failure"}}).Increment();
     if (!r.healthy) {
         b.last_error = r.error;
+        if (r.config_error && !b.config_error_logged) {
+            b.config_error_logged = true;
+            log::error("backend is not routable: configuration error", {{"backend", b.endpoint.address}, {"reason", r.error}});
+        }
         if (!b.instance) {
             if (++b.failures_before_instance == 1 || log::enabled(log::Level::Debug))
                 log::warn("health check failed", {{"backend", b.endpoint.address}, {"reason", r.error}});
@@ -116,29 +166,14 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     b.failures_before_instance = 0;
     b.refused_id = false;
     b.last_error.clear();
+    if (config_.health_check != HealthCheck::Stepflow) id = id_for(b, r);
     if (b.instance && b.instance->id == id) {
         b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health);
         if (b.instance->record_check_success(config_.health_rise))
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
         return;
     }
-    if (b.instance) {
-        log::warn("instance restarted: its sessions are gone",
-                  {{"old_instance", b.instance->id}, {"instance", id}, {"backend", b.endpoint.address}});
-        b.instance->membership.store(Membership::Gone);
-    } else {
-        log::info("instance discovered", {{"instance", id}, {"backend", b.endpoint.address}, {"pod", b.endpoint.pod}});
-    }
-    auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
-    inst->series = metrics.backend_series(b.endpoint.address);
-    inst->membership.store(membership_of(b.endpoint));
-    if (config_.max_in_flight_per_instance > 0) {
-        inst->base_limit.store(config_.max_in_flight_per_instance);
-        inst->base_source.store(LimitSource::Flag);
-    }
-    inst->set_reported_limit(r.max_concurrency, LimitSource::Health);  // the worker's own word wins
-    b.instance = std::move(inst);
-    publish();
+    adopt_instance(b, id, r.max_concurrency);
 }
 
 void FleetManager::publish() {
@@ -164,6 +199,15 @@ std::vector<FleetManager::BackendView> FleetManager::backends() const {
             v.state = b->refused_id ? "refused" : b->failures_before_instance > 0 ? "unreachable" : "starting";
             v.consecutive_failures = b->failures_before_instance;
             v.last_error = b->last_error;
+        }
+        v.routable = b->instance && b->instance->takes_new_work();
+        if (!v.routable) {
+            if (!b->instance)
+                v.reason = b->last_error.empty() ? "waiting for the first health check" : b->last_error;
+            else if (b->instance->membership.load() != Membership::Active)
+                v.reason = std::string("endpoint is ") + to_string(b->instance->membership.load());
+            else
+                v.reason = "unhealthy: " + (v.last_error.empty() ? std::string("failed checks") : v.last_error);
         }
         out.push_back(std::move(v));
     }

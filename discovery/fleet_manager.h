@@ -33,6 +33,8 @@ public:
         std::string state;     // instance state, or "starting" / "unreachable" / "refused"
         int consecutive_failures = 0;
         std::string last_error;
+        bool routable = false;  // takes new work now
+        std::string reason;     // why not, when not
     };
     std::vector<BackendView> backends() const;
     size_t backend_count() const { return backends_.size(); }
@@ -46,11 +48,15 @@ private:
         InstancePtr instance;
         int failures_before_instance = 0;
         bool refused_id = false;  // /health answered, but its instanceId is unusable
+        bool config_error_logged = false;
         std::string last_error;
         std::unique_ptr<HealthProbe> probe;
     };
 
     void on_health(Backend& backend, const HealthResult& result);
+    void start_checking(Backend& backend);
+    std::string id_for(const Backend& backend, const HealthResult& result) const;
+    void adopt_instance(Backend& backend, const std::string& id, int reported_limit = 0);
     static Membership membership_of(const Endpoint& e);
     void publish();
 

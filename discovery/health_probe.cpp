@@ -44,7 +44,8 @@ bool valid_instance_id(std::string_view id, std::string& why) {
 
 bool stepflow_instance_id(const HealthResult& result, std::string& id, std::string& why) {
     if (!result.has_instance_id) {
-        why = "worker's /health names no instanceId (required in stepflow health mode)";
+        why = "worker's /health names no instanceId (required in stepflow health mode; not a Stepflow worker? "
+              "use --health-check http, tcp or off)";
         return false;
     }
     if (!valid_instance_id(result.instance_id, why)) return false;
@@ -99,6 +100,26 @@ HealthResult parse_health_body(int status, std::string_view body) {
     return r;
 }
 
+HealthResult judge_health(HealthCheck mode, int status, std::string_view body) {
+    if (mode != HealthCheck::Stepflow) {
+        if (status >= 200 && status <= 299) return {true, "", ""};
+        return {false, "", "health check answered " + std::to_string(status)};
+    }
+    HealthResult r = parse_health_body(status, body);
+    if (status == 404) r.error += " (no Stepflow /health here? see --health-check and --health-path)";
+    bool answered = status >= 200 && status <= 299;
+    if (answered && !r.healthy && body.find("\"instanceId\"") == std::string_view::npos) {
+        // A 2xx without an id that is not a Stepflow answer either ({"status":"ok"} from nginx,
+        // say): most likely not a Stepflow worker at all. Say which flag routes it. (A healthy
+        // answer without an id is refused by stepflow_instance_id.)
+        r.config_error = true;
+        r.error = "health check answered " + std::to_string(status) + " without an instanceId" +
+                  (r.error.empty() ? "" : " (" + r.error + ")") +
+                  ": not a Stepflow worker? use --health-check http (or tcp, off)";
+    }
+    return r;
+}
+
 HealthProbe::HealthProbe(event_base* base, const sockaddr_storage& addr, socklen_t len, std::string host_header,
                          std::chrono::milliseconds interval, std::chrono::milliseconds timeout, TlsClient* tls,
                          Callback callback)
@@ -145,7 +166,13 @@ void HealthProbe::begin_check() {
     scan_from_ = 0;
     head_parsed_ = false;
     body_ = evbuffer_new();
-    std::string req = "GET /health HTTP/1.1\r\nHost: " + host_header_ +
+    if (mode_ == HealthCheck::Tcp) {
+        bufferevent_enable(bev_, EV_READ);
+        if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&addr_), static_cast<int>(addr_len_)) != 0)
+            complete({false, "", "connect failed"});
+        return;
+    }
+    std::string req = "GET " + path_ + " HTTP/1.1\r\nHost: " + host_header_ +
                       "\r\nUser-Agent: stepflow-lb\r\nAccept: application/json\r\nConnection: close\r\n\r\n";
     bufferevent_write(bev_, req.data(), req.size());
     bufferevent_enable(bev_, EV_READ | EV_WRITE);
@@ -167,7 +194,10 @@ void HealthProbe::on_read(bufferevent*, void* arg) { static_cast<HealthProbe*>(a
 
 void HealthProbe::on_event(bufferevent*, short what, void* arg) {
     auto* self = static_cast<HealthProbe*>(arg);
-    if (what & BEV_EVENT_CONNECTED) return;
+    if (what & BEV_EVENT_CONNECTED) {
+        if (self->mode_ == HealthCheck::Tcp) self->complete({true, "", ""});
+        return;
+    }
     if (what & BEV_EVENT_EOF) {
         self->try_parse(true);
         return;
@@ -209,7 +239,7 @@ void HealthProbe::try_parse(bool eof) {
     if (status != http1::BodyPump::Status::Done) return;
     size_t len = evbuffer_get_length(body_);
     std::string_view body(reinterpret_cast<const char*>(evbuffer_pullup(body_, -1)), len);
-    complete(parse_health_body(head_.status, body));
+    complete(judge_health(mode_, head_.status, body));
 }
 
 void HealthProbe::complete(HealthResult result) {

@@ -9,6 +9,7 @@
 
 #include <sys/socket.h>
 
+#include "proxy/config.h"
 #include "proxy/http1.h"
 
 struct event_base;
@@ -27,6 +28,7 @@ struct HealthResult {
     bool local = false;       // failed on our side (no socket, no memory): not the worker's fault
     bool has_instance_id = false;
     int max_concurrency = 0;  // the worker's own limit on executions ("maxConcurrency"), 0 = not given
+    bool config_error = false;  // the backend answers, but not as --health-check expects
 };
 
 // True for errors that mean this process ran out of something (descriptors, buffers, memory):
@@ -44,6 +46,8 @@ bool stepflow_instance_id(const HealthResult& result, std::string& id, std::stri
 
 // Parses a worker's /health body: {"status":"healthy","instanceId":"..."}.
 HealthResult parse_health_body(int status, std::string_view body);
+// The verdict on one /health answer under `mode` (stepflow or http): http takes any 2xx.
+HealthResult judge_health(HealthCheck mode, int status, std::string_view body);
 
 class HealthProbe {
 public:
@@ -59,6 +63,11 @@ public:
 
     void start();  // first check at once, then every interval
     bool in_flight() const { return bev_ != nullptr; }
+    // What to check (default: stepflow on /health). tcp ends a check once connected.
+    void set_check(HealthCheck mode, std::string path) {
+        mode_ = mode;
+        path_ = std::move(path);
+    }
 
 private:
     static void on_tick(int, short, void* arg);
@@ -77,6 +86,8 @@ private:
     std::chrono::milliseconds interval_, timeout_;
     TlsClient* tls_;
     Callback callback_;
+    HealthCheck mode_ = HealthCheck::Stepflow;
+    std::string path_ = "/health";
     event* tick_ = nullptr;
     event* deadline_ = nullptr;
     bufferevent* bev_ = nullptr;

@@ -31,6 +31,7 @@ const char* Instance::state_name() const {
 
 bool Instance::record_failure(int max_failures, const std::string& why) {
     set_last_error(why);
+    if (failures_keep_routable) return false;
     int n = live_failures.fetch_add(1, std::memory_order_relaxed) + 1;
     if (n >= max_failures) return healthy.exchange(false, std::memory_order_relaxed);
     return false;

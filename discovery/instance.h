@@ -60,6 +60,9 @@ struct Instance : std::enable_shared_from_this<Instance> {
     std::atomic<int> check_failures{0};
     std::atomic<int> live_failures{0};
     std::atomic<int> check_successes{0};  // consecutive, while unhealthy: the --health-rise count
+    // --health-check off: nothing would ever bring the instance back, so failures are recorded
+    // but never take it out of routing. Set before the instance is published.
+    bool failures_keep_routable = false;
 
     // Admission (docs/admission.md). `new_work` counts this instance's unpinned requests in
     // flight, the only ones a limit applies to: pinned work (callback answers) must never wait

@@ -8,6 +8,7 @@
 #include "proxy/http1.h"
 #include "proxy/local_response.h"
 #include "proxy/metrics.h"
+#include "proxy/sessions.h"
 
 namespace stepflow {
 namespace {
@@ -37,6 +38,18 @@ Counts count(const std::vector<FleetManager::BackendView>& backends) {
         else ++c.unhealthy;
     }
     return c;
+}
+
+// Why backends take no work, for a /ready that says 503: the first few are enough to act on.
+std::string not_routable_json(const std::vector<FleetManager::BackendView>& backends) {
+    std::string out = "[";
+    size_t listed = 0;
+    for (const auto& b : backends) {
+        if (b.routable || listed == 10) continue;
+        if (listed++) out += ',';
+        out += "{\"address\":" + json_string(b.endpoint.address) + ",\"reason\":" + json_string(b.reason) + "}";
+    }
+    return out + "]";
 }
 
 }  // namespace
@@ -93,15 +106,19 @@ std::string AdminServer::respond(std::string_view method, std::string_view path)
     if (method != "GET" && method != "HEAD") return http_response(405, "text/plain", "only GET\n");
     if (path == "/health") return http_response(200, "application/json", health_body());
     if (path == "/ready") {
-        Counts c = count(fleet_.backends());
+        auto backends = fleet_.backends();
+        Counts c = count(backends);
         bool ready = !shutting_down_ && c.healthy > 0;
         std::string body = std::string("{\"ready\":") + (ready ? "true" : "false") +
                            ",\"shuttingDown\":" + (shutting_down_ ? "true" : "false") +
-                           ",\"healthyInstances\":" + std::to_string(c.healthy) + "}";
+                           ",\"healthyInstances\":" + std::to_string(c.healthy);
+        if (!ready) body += ",\"notRoutable\":" + not_routable_json(backends);
+        body += "}";
         return http_response(ready ? 200 : 503, "application/json", body);
     }
     if (path == "/metrics") {
         FleetPtr fleet = fleet_.fleet();
+        SessionMetrics::get().refresh(sessions_);
         return http_response(200, "text/plain; version=0.0.4; charset=utf-8",
                              Metrics::get().render(*fleet, fleet_.backend_count()));
     }
@@ -127,6 +144,8 @@ std::string AdminServer::backends_body() {
         out += ",\"pod\":" + (b.endpoint.pod.empty() ? std::string("null") : json_string(b.endpoint.pod));
         out += ",\"instanceId\":" + (b.instance ? json_string(b.instance->id) : std::string("null"));
         out += ",\"state\":" + json_string(b.state);
+        out += ",\"routable\":" + std::string(b.routable ? "true" : "false");
+        out += ",\"reason\":" + (b.routable ? std::string("null") : json_string(b.reason));
         out += ",\"ready\":" + std::string(b.endpoint.ready ? "true" : "false");
         out += ",\"serving\":" + std::string(b.endpoint.serving ? "true" : "false");
         out += ",\"terminating\":" + std::string(b.endpoint.terminating ? "true" : "false");

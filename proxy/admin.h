@@ -13,12 +13,15 @@ struct bufferevent;
 
 namespace stepflow {
 
+struct Sessions;
+
 class AdminServer {
 public:
     AdminServer(event_base* base, int listen_fd, FleetManager& fleet, std::string discovery_name);
     ~AdminServer();
 
     void set_shutting_down() { shutting_down_ = true; }
+    void set_sessions(const Sessions* sessions) { sessions_ = sessions; }
     // Renders one admin response for `method` and `path` (exposed for tests).
     std::string respond(std::string_view method, std::string_view path);
 
@@ -34,6 +37,7 @@ private:
     evconnlistener* listener_ = nullptr;
     FleetManager& fleet_;
     std::string discovery_name_;
+    const Sessions* sessions_ = nullptr;
     std::atomic<bool> shutting_down_{false};
 };
 

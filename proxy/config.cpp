@@ -78,6 +78,16 @@ bool parse_duration(const std::string& text, Millis& out) {
     return true;
 }
 
+const char* to_string(HealthCheck h) {
+    switch (h) {
+    case HealthCheck::Stepflow: return "stepflow";
+    case HealthCheck::Http: return "http";
+    case HealthCheck::Tcp: return "tcp";
+    case HealthCheck::Off: return "off";
+    }
+    return "unknown";
+}
+
 Config parse_config(int argc, char** argv) {
     Config cfg;
     CLI::App app{"stepflow-lb: an instance-aware load balancer for Stepflow component workers.\n"
@@ -91,7 +101,9 @@ Config parse_config(int argc, char** argv) {
     std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
-        dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout;
+        dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout, health_check = "stepflow",
+        session_idle_timeout;
+    std::vector<std::string> session_headers;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
         ->envname("BIND_ADDRESS")->capture_default_str();
@@ -152,11 +164,31 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_HEALTH_RISE")->capture_default_str();
     app.add_option("--max-failures", cfg.max_failures, "Consecutive failures that make an instance unhealthy")
         ->envname("MAX_FAILURES")->capture_default_str();
+    app.add_option("--health-check", health_check,
+                   "stepflow|http|tcp|off: stepflow needs a JSON instanceId on --health-path; http takes any 2xx; "
+                   "tcp an accepted connection; off routes every discovered endpoint")
+        ->envname("STEPFLOW_LB_HEALTH_CHECK")->capture_default_str();
+    app.add_option("--health-path", cfg.health_path, "Path the stepflow and http health checks GET")
+        ->envname("STEPFLOW_LB_HEALTH_PATH")->capture_default_str();
 
     app.add_option("--instance-header", cfg.instance_header, "Header that pins a request to an instance")
         ->envname("STEPFLOW_LB_INSTANCE_HEADER")->capture_default_str();
     app.add_option("--retry-after", cfg.retry_after_seconds, "Retry-After seconds on 503 answers")
         ->envname("STEPFLOW_LB_RETRY_AFTER")->capture_default_str();
+    app.add_option("--session-header", session_headers,
+                   "Response header naming a session (e.g. Mcp-Session-Id); requests carrying it go to the instance "
+                   "that minted it. Repeatable; the variable takes a comma-separated list")
+        ->envname("STEPFLOW_LB_SESSION_HEADER")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)->delimiter(',');
+    app.add_option("--session-idle-timeout", session_idle_timeout, "Forget a learned session unused this long [1h]")
+        ->envname("STEPFLOW_LB_SESSION_IDLE_TIMEOUT");
+    app.add_option("--max-sessions", cfg.max_sessions, "Learned sessions kept; the least recently used go first")
+        ->envname("STEPFLOW_LB_MAX_SESSIONS")->capture_default_str();
+    app.add_option("--session-key-file", cfg.session_key_file,
+                   "32-byte key (raw, hex or base64) sealing session ids so every replica routes them without a table")
+        ->envname("STEPFLOW_LB_SESSION_KEY_FILE");
+    app.add_option("--session-key-file-previous", cfg.session_key_file_previous,
+                   "The key before --session-key-file: ids it sealed are still accepted (key rotation)")
+        ->envname("STEPFLOW_LB_SESSION_KEY_FILE_PREVIOUS");
 
     std::string queue_timeout = "30s", capacity_recovery_interval = "1s";
     app.add_option("--max-in-flight-per-instance", cfg.max_in_flight_per_instance,
@@ -275,6 +307,26 @@ Config parse_config(int argc, char** argv) {
     if (cfg.queue_size > 1000000) fail("--queue-size: must be between 0 and 1000000");
     if (cfg.retries < 0 || cfg.retries > 10) fail("--retries: must be between 0 and 10");
     if (cfg.retry_buffer_size > 64 * 1024 * 1024) fail("--retry-buffer-size: must be at most 67108864 (64 MiB)");
+    duration_flag("--session-idle-timeout", session_idle_timeout, cfg.session_idle_timeout, false);
+
+    if (health_check == "stepflow") cfg.health_check = HealthCheck::Stepflow;
+    else if (health_check == "http") cfg.health_check = HealthCheck::Http;
+    else if (health_check == "tcp") cfg.health_check = HealthCheck::Tcp;
+    else if (health_check == "off") cfg.health_check = HealthCheck::Off;
+    else fail("--health-check: '" + health_check + "' is not stepflow, http, tcp or off");
+    if (cfg.health_path.empty() || cfg.health_path.front() != '/' ||
+        cfg.health_path.find_first_of(" \t\r\n") != std::string::npos)
+        fail("--health-path: '" + cfg.health_path + "' is not a path starting with /");
+    for (auto& h : session_headers) {
+        if (h.empty()) continue;
+        if (!valid_header_name(h)) fail("--session-header: '" + h + "' is not a header name");
+        cfg.session_headers.push_back(h);
+    }
+    if (cfg.max_sessions < 1 || cfg.max_sessions > 100000000) fail("--max-sessions: must be between 1 and 100000000");
+    if (!cfg.session_key_file_previous.empty() && cfg.session_key_file.empty())
+        fail("--session-key-file-previous needs --session-key-file");
+    if (!cfg.session_key_file.empty() && cfg.session_headers.empty())
+        fail("--session-key-file needs --session-header (the header whose ids are sealed)");
 
     if (cfg.threads < 0 || cfg.threads > 256) fail("--threads: must be between 0 and 256");
     if (cfg.threads == 0) cfg.threads = std::max(1u, std::thread::hardware_concurrency());

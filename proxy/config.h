@@ -22,6 +22,10 @@ inline timeval to_timeval(Millis ms) {
 
 enum class DiscoveryMode { Static, Dns, Kubernetes };
 enum class K8sApi { EndpointSlices, Endpoints };
+// How an endpoint becomes a routable instance: a Stepflow /health naming an instanceId, any 2xx
+// answer on --health-path, an accepted TCP connection, or no check at all.
+enum class HealthCheck { Stepflow, Http, Tcp, Off };
+const char* to_string(HealthCheck h);
 
 struct Config {
     // Listeners
@@ -64,6 +68,8 @@ struct Config {
     Millis health_timeout{2000};
     int max_failures = 3;
     int health_rise = 2;  // passed checks in a row before an unhealthy instance takes work again
+    HealthCheck health_check = HealthCheck::Stepflow;
+    std::string health_path = "/health";
 
     // Routing
     std::string instance_header = "Stepflow-Instance-Id";
@@ -76,6 +82,12 @@ struct Config {
     int retries = 2;                     // further instances tried for one unpinned request
     size_t retry_buffer_size = 64 * 1024;  // request body kept for replay; larger bodies are not retried
     Millis capacity_recovery_interval{1000};  // a learned limit grows by one per quiet interval
+    // Sessions learned from response headers (e.g. Mcp-Session-Id); see docs/sessions.md
+    std::vector<std::string> session_headers;
+    Millis session_idle_timeout{3600000};
+    size_t max_sessions = 1000000;
+    std::string session_key_file;           // set: ids are sealed, no table is kept
+    std::string session_key_file_previous;  // accepted when unsealing, during a key rotation
 
     // Timeouts (0 = off where noted)
     Millis connect_timeout{2000};

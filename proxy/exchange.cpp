@@ -12,6 +12,7 @@
 #include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/router.h"
+#include "proxy/sessions.h"
 #include "proxy/worker.h"
 
 namespace stepflow {
@@ -48,6 +49,11 @@ Exchange::~Exchange() {
 RouteOutcome Exchange::route() {
     const Fleet& fleet = worker_.fleet().get();
     auto& metrics = Metrics::get();
+    count_mcp_method();
+    if (worker_.sessions()) {
+        RouteOutcome outcome;
+        if (route_session(fleet, outcome)) return outcome;
+    }
     std::string_view pin = request_.get(worker_.config().instance_header);
     if (!pin.empty()) {
         // Pinned work bypasses capacity and the queue: an execution waiting on its callback
@@ -158,6 +164,85 @@ void Exchange::on_queue_timeout(void* arg) {
     self->leave_queue();
     Metrics::get().queue_rejections[1]->Increment();
     self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
+}
+
+void Exchange::count_mcp_method() {
+    std::string_view method = request_.get("Mcp-Method");
+    if (!method.empty()) SessionMetrics::get().mcp_requests[mcp_method_index(method)]->Increment();
+}
+
+// A request naming a session goes to the instance holding it. True when the session decided
+// the outcome (routed, or answered here); false when the request goes by least load: it names no
+// session, or one never learned (the backend then answers for itself).
+bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
+    const Sessions& sessions = *worker_.sessions();
+    for (const auto& h : request_.headers) {
+        if (const std::string* name = sessions.match(h.name)) {
+            session_header_ = name;
+            session_value_ = h.value;
+            break;
+        }
+    }
+    if (!session_header_) return false;
+    thread_local std::string instance_id;  // scratch: no allocation per request once warm
+    auto& metrics = SessionMetrics::get();
+    if (sessions.sealer) {
+        if (!sessions.sealer->unseal(session_value_, instance_id, backend_session_)) {
+            metrics.not_found[size_t(SessionMiss::InvalidSeal)]->Increment();
+            log::debug("session id does not unseal", {{"session", session_log_hash(session_value_)}});
+            outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
+            return true;
+        }
+        session_unsealed_ = true;
+    } else if (!sessions.table->lookup(session_value_, instance_id)) {
+        return false;
+    }
+    decision_ = Decision::Pinned;
+    stepflow::PinnedMiss why{};
+    Instance* inst = route_pinned(fleet, instance_id, why);
+    Instance* known = inst ? inst : fleet.find(instance_id);
+    if (!inst && (!known || !known->healthy.load(std::memory_order_relaxed))) {
+        // The instance that minted the session left, restarted or stopped answering: nobody else
+        // knows the session, and a 404 makes an MCP client start a new one rather than wait.
+        metrics.not_found[size_t(SessionMiss::InstanceGone)]->Increment();
+        log::debug("session's instance is gone", {{"session", session_log_hash(session_value_)}, {"instance", instance_id}});
+        if (sessions.table) sessions.table->forget(session_value_);
+        outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
+        return true;
+    }
+    // The answers below never name the instance: with sealed ids the client is not told it.
+    auto& m = Metrics::get();
+    if (!inst) {
+        m.pinned_misses[size_t(why)]->Increment();
+        outcome = {RouteOutcome::Refused,
+                   why == stepflow::PinnedMiss::UnknownInstance ? Failure::PinnedUnknown : Failure::PinnedNotServing, {}, {}};
+        return true;
+    }
+    m.routing_decisions[size_t(Decision::Pinned)]->Increment();
+    if (!connect_to(inst->shared_from_this())) {
+        m.pinned_misses[size_t(stepflow::PinnedMiss::ConnectFailed)]->Increment();
+        outcome = {RouteOutcome::Refused, Failure::SocketFailed, {}, {}};
+    }
+    return true;
+}
+
+// A session header in the response: learned mode remembers it; sealed mode hands the client a
+// sealed id instead of the backend's. A DELETE answered 2xx ends the session.
+void Exchange::take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out) {
+    const Sessions& sessions = *worker_.sessions();
+    if (sessions.sealer) {
+        if (session_unsealed_ && h.value == backend_session_) {
+            out.push_back({h.name, session_value_});  // the client's own sealed id still holds
+            return;
+        }
+        sealed_session_ = sessions.sealer->seal(inst.id, h.value);
+        SessionMetrics::get().learned->Increment();
+        out.push_back({h.name, sealed_session_});
+        return;
+    }
+    if (h.value != session_value_) SessionMetrics::get().learned->Increment();
+    sessions.table->remember(h.value, inst.id);
+    out.push_back(h);
 }
 
 bool Exchange::connect_to(const InstancePtr& inst) {
@@ -278,6 +363,10 @@ void Exchange::send_request_head() {
         if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
+        if (session_unsealed_ && h.value.data() == session_value_.data()) {
+            append_header(head, h.name, backend_session_);  // the backend sees its own id
+            continue;
+        }
         append_header(head, h.name, h.value);
     }
     // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
@@ -415,11 +504,21 @@ bool Exchange::parse_response_head() {
     std::vector<http1::Header>& headers = worker_.header_list();
     http1::HopByHop hop(response);
     bool has_instance_header = false;
+    const Sessions* sessions = worker_.sessions();
+    if (sessions && session_header_ && status_ / 100 == 2 && request_.method == "DELETE") {
+        if (sessions->table) sessions->table->forget(session_value_);
+        SessionMetrics::get().ended->Increment();
+    }
     for (const auto& h : response.headers) {
         if (hop.contains(h)) continue;
         if (h.name.size() == 21 && http1::iequals(h.name, "endpoint-load-metrics")) {
             int capacity = load_report_capacity(h.value);
             if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header);
+            continue;
+        }
+        if (sessions && sessions->match(h.name) && !h.value.empty()) {
+            take_response_session(h, inst, headers);
+            continue;
         }
         if (h.field == http1::Field::ContentLength && response.framing != http1::Framing::None) continue;
         if (http1::iequals(h.name, header_name)) has_instance_header = true;

@@ -109,6 +109,9 @@ private:
     bool hold_for_capacity_check(http1::Head& response, evbuffer* in);
     static void on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void* arg);
     void watch_sink(bool on);
+    void count_mcp_method();
+    bool route_session(const Fleet& fleet, RouteOutcome& outcome);
+    void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
     void send_request_head();
     bool parse_response_head();
     void pump_response();
@@ -130,6 +133,12 @@ private:
     bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
     bool admitted_ = false;           // ... and holds a slot of instance_->new_work
     static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
+    // Sessions learned from a response header (docs/sessions.md)
+    const std::string* session_header_ = nullptr;  // the --session-header the request carries
+    std::string_view session_value_;              // its value (a view of the request head)
+    bool session_unsealed_ = false;               // backend_session_ replaces it upstream
+    std::string backend_session_;
+    std::string sealed_session_;  // the sealed id sent to the client (the header list views it)
     std::array<Instance*, kMaxAttempts> tried_{};
     size_t tried_count_ = 0;
     int retries_ = 0;

@@ -22,6 +22,7 @@ const char* to_string(Failure f) {
     case Failure::QueueTimeout: return "queue-timeout";
     case Failure::RequestBodyTimeout: return "request-body-timeout";
     case Failure::UpstreamRequestTimeout: return "upstream-request-timeout";
+    case Failure::SessionNotFound: return "session-not-found";
     case Failure::Count: break;
     }
     return "unknown";
@@ -52,6 +53,8 @@ FailureVerdict judge(Failure f, Decision decision) {
     case Failure::RequestBodyTimeout: return {408, false, false, false};
     // A worker that does not read its body is slow, not broken (like HeadTimeout).
     case Failure::UpstreamRequestTimeout: return {504, false, false, false};
+    // MCP: 404 tells the client to start a new session; nobody else knows this one.
+    case Failure::SessionNotFound: return {404, false, false, false};
     case Failure::Count: break;
     }
     return {502, false, false, false};
@@ -74,7 +77,10 @@ LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_jso
     FailureVerdict v = judge(f, decision);
     int code = -32000;
     const char* message = nullptr;
-    if (decision == Decision::Pinned && v.status == 503) {
+    if (f == Failure::SessionNotFound) {
+        code = -32001;
+        message = "Session not found";
+    } else if (decision == Decision::Pinned && v.status == 503) {
         message = "Instance not available";  // the orchestrator abandons the step on this
     } else if (f == Failure::NoInstance || f == Failure::ConnectFailed || f == Failure::SocketFailed) {
         message = "No healthy instance available";

@@ -27,6 +27,7 @@ enum class Failure : uint8_t {
     QueueTimeout,        // waited --queue-timeout for a free slot
     RequestBodyTimeout,  // the client stopped sending its body for --request-body-timeout
     UpstreamRequestTimeout,  // the worker took no body for --upstream-request-timeout
+    SessionNotFound,     // a --session-header id whose instance is gone, or a sealed id that does not open
     Count
 };
 

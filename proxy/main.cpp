@@ -18,6 +18,7 @@
 #include "proxy/log.h"
 #include "proxy/metrics.h"
 #include "proxy/net.h"
+#include "proxy/sessions.h"
 #include "proxy/tls.h"
 #include "proxy/worker.h"
 
@@ -138,6 +139,11 @@ int main(int argc, char** argv) {
         if (!tls_client->init(config, error)) startup_error(error);
     }
 
+    bool sessions_failed = false;
+    std::unique_ptr<Sessions> sessions = Sessions::from_config(config, error, sessions_failed);
+    if (sessions_failed) startup_error(error);
+    SessionMetrics::get();  // every session series exists from the first scrape
+
     std::string proxy_bound, admin_bound, tls_bound;
     std::vector<int> proxy_fds = open_listeners(config.listen, config.threads, proxy_bound);
     std::vector<int> tls_fds;
@@ -147,6 +153,7 @@ int main(int argc, char** argv) {
     FleetPublisher publisher;
     FleetManager fleet(control, config, publisher, tls_client.get());
     AdminServer admin(control, admin_fds[0], fleet, source->describe());
+    admin.set_sessions(sessions.get());
 
     std::vector<std::unique_ptr<Worker>> workers;
     for (int i = 0; i < config.threads; ++i) {
@@ -154,6 +161,7 @@ int main(int argc, char** argv) {
         if (tls_server) listeners.push_back({tls_fds[size_t(i)], true});
         workers.push_back(
             std::make_unique<Worker>(i, config, publisher, std::move(listeners), tls_server.get(), tls_client.get()));
+        workers.back()->set_sessions(sessions.get());
     }
 
     Shutdown shutdown{control, &admin, &workers, &config, nullptr, {}, false};

@@ -30,6 +30,7 @@ namespace stepflow {
 class Exchange;
 class TlsServer;
 class TlsClient;
+struct Sessions;
 
 struct Listener {
     int fd = -1;
@@ -58,6 +59,9 @@ public:
     UpstreamPool& pool() { return *pool_; }
     RequestSeries& series() { return series_; }
     TlsClient* upstream_tls() const { return tls_client_; }
+    // Learned or sealed sessions (--session-header); null without. Set before start().
+    const Sessions* sessions() const { return sessions_; }
+    void set_sessions(const Sessions* sessions) { sessions_ = sessions; }
 
     // Scratch space for writing and parsing message heads. Each use ends before the call that
     // took it returns, so one per thread serves every connection without an allocation per
@@ -105,6 +109,7 @@ private:
     const Config& config_;
     TlsServer* tls_server_;
     TlsClient* tls_client_;
+    const Sessions* sessions_ = nullptr;
     FleetView fleet_;
     Rng rng_;
     event_base* base_ = nullptr;

@@ -72,3 +72,16 @@ TEST_CASE("live successes do not erase failed checks; an instance returns after 
     CHECK(inst.record_check_success(2));
     CHECK(inst.healthy.load());
 }
+
+TEST_CASE("judge_health: stepflow mode needs an instanceId, http mode any 2xx") {
+    auto r = judge_health(HealthCheck::Stepflow, 200, R"({"status":"ok"})");
+    CHECK_FALSE(r.healthy);
+    CHECK(r.config_error);
+    CHECK(r.error.find("--health-check http") != std::string::npos);
+    CHECK(judge_health(HealthCheck::Stepflow, 404, "").error.find("--health-check") != std::string::npos);
+    CHECK(judge_health(HealthCheck::Stepflow, 200, R"({"instanceId":"w1"})").healthy);
+    CHECK(judge_health(HealthCheck::Http, 204, "").healthy);
+    CHECK(judge_health(HealthCheck::Http, 200, "not json").healthy);
+    CHECK_FALSE(judge_health(HealthCheck::Http, 503, "").healthy);
+    CHECK_FALSE(judge_health(HealthCheck::Http, 302, "").healthy);
+}
