@@ -210,6 +210,14 @@ def metrics_keep_their_meaning():
              "stream closed: nothing in flight")
 
 
+MCP_METHODS = {
+    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
+    "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get", "completion/complete",
+    "logging/setLevel", "roots/list", "sampling/createMessage", "elicitation/create", "notifications/initialized",
+    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed", "tasks/get",
+    "tasks/cancel"}
+
+
 @test
 def client_input_never_mints_series():
     w = Worker("ls")
@@ -221,7 +229,7 @@ def client_input_never_mints_series():
         for i in range(15):
             t = f"forged{tag}{uuid.uuid4().hex[:10]}"
             tokens.append(t)
-            r = lb.post({"jsonrpc": "2.0", "id": t, "result": {}}, headers={"Stepflow-Instance-Id": t},
+            r = lb.post({"jsonrpc": "2.0", "id": t, "result": {}}, headers={"Stepflow-Instance-Id": t, "Mcp-Method": t},
                         chunked=(i % 3 == 0))
             check(r.status == 503 and r.json()["error"]["data"]["instanceId"] == t, f"forged pin: {r.status}")
         for m in methods:
@@ -246,12 +254,14 @@ def client_input_never_mints_series():
     leaked = [t for t in tokens if t in text]
     check(not leaked, f"client values in /metrics: {leaked[:3]}")
     allowed = {
-        "method": {"POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER"},
+        # HTTP methods, and the fixed set of MCP method names (stepflow_lb_mcp_requests_total)
+        "method": {"POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER", "other"} | MCP_METHODS,
         "backend": {w.address, "none"},
         "instance_id": {wid},
         "decision": {"pinned", "least-load", "none"},
         "reason": {"unknown-instance", "not-serving", "connect-failed", "queue-full", "queue-timeout",
-                   "socket-failed", "stale-connection", "worker-at-capacity"},
+                   "socket-failed", "stale-connection", "worker-at-capacity",
+                   "instance-gone", "invalid-seal", "lru", "idle"},
         "class": {"none", "1xx", "2xx", "3xx", "4xx", "5xx"},
         "result": {"success", "error", "failure"},
         "operation": {"update", "list", "watch", "resolve"},
@@ -267,6 +277,7 @@ def client_input_never_mints_series():
                 check(key in allowed and value in allowed[key], f"{name} has {key}={value!r}")
     check(lb.metric("stepflow_lb_pinned_misses_total", reason="unknown-instance") == 36, "every forged pin counted")
     check(lb.metric("stepflow_lb_requests_total", method="OTHER", status="501") == 6, "odd methods counted as OTHER")
+    check(lb.metric("stepflow_lb_mcp_requests_total", method="other") == 30, "made-up Mcp-Method values counted as other")
 
 
 def promtool_check(text):
