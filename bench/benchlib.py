@@ -311,17 +311,19 @@ http {{
 """
 
 
-def start_nginx_backends(ports, cpu=LOAD_CPU):
-    """One nginx worker answering /health with an instanceId per port and POST / with RPC_RESULT."""
+def start_nginx_backends(ports, cpu=LOAD_CPU, session_header=None):
+    """One nginx worker answering /health with an instanceId per port and POST / with RPC_RESULT.
+    With `session_header`, every answer of backend i also carries `<session_header>: sess-i`."""
     servers = []
     for i, port in enumerate(ports, 1):
         health = json.dumps({"status": "healthy", "instanceId": f"nginx-{i}"})
+        session = f"add_header {session_header} sess-{i} always; " if session_header else ""
         servers.append(f"""
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     default_type application/json;
     location = /health {{ return 200 '{health}'; }}
-    location / {{ return 200 '{RPC_RESULT}'; }}
+    location / {{ {session}return 200 '{RPC_RESULT}'; }}
   }}""")
     return _start_nginx("backend", "".join(servers), cpu, ports[0])
 
@@ -336,12 +338,12 @@ def _start_nginx(name, body, cpu, port):
     return p
 
 
-def start_nginx_proxy(port, backends, h2=False, sse=False):
+def start_nginx_proxy(port, backends, h2=False, sse=False, balance="least_conn"):
     servers = "".join(f"    server 127.0.0.1:{b};\n" for b in backends)
     extra = "proxy_buffering off; proxy_read_timeout 600s;" if sse else ""
     body = f"""
   upstream workers {{
-    least_conn;
+    {balance};
 {servers}    keepalive 128;
     keepalive_requests 100000000;
     keepalive_timeout 600s;
@@ -359,13 +361,15 @@ def start_nginx_proxy(port, backends, h2=False, sse=False):
     return _start_nginx("nginx-proxy", body, PROXY_CPU, port)
 
 
-def start_haproxy(port, backends, h2=False, sse=False):
+def start_haproxy(port, backends, h2=False, sse=False, backend_extra=""):
     servers = "".join(f"  server w{i} 127.0.0.1:{b} check inter 5s\n" for i, b in enumerate(backends, 1))
     conf = os.path.join(_tmp, "haproxy.cfg")
+    # HAProxy asks for 2 descriptors per connection and refuses to start above the hard limit.
+    maxconn = min(50000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
     with open(conf, "w") as f:
         f.write(f"""global
   nbthread 1
-  maxconn 50000
+  maxconn {maxconn}
 defaults
   mode http
   timeout connect 5s
@@ -380,17 +384,17 @@ frontend fe
 backend workers
   balance leastconn
   option httpchk GET /health
-{servers}""")
+{backend_extra}{servers}""")
     p = start(["haproxy", "-db", "-f", conf], cpu=PROXY_CPU, name="haproxy")
     wait_port(port, proc=p)
     return p
 
 
-def start_stepflow_lb(port, backends):
+def start_stepflow_lb(port, backends, extra=()):
     admin = free_port()
     argv = [find_lb(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--backends", ",".join(f"127.0.0.1:{b}" for b in backends), "--threads", "1",
-            "--access-log", "off", "--log-level", "warn"]
+            "--access-log", "off", "--log-level", "warn", *extra]
     p = start(argv, cpu=PROXY_CPU, name="stepflow-lb")
     wait_port(admin, proc=p)
     wait_http_ok(admin, "/ready")

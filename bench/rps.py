@@ -25,19 +25,22 @@ def to_ms(text):
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
-def wrk_script():
-    path = os.path.join(B.tmpdir(), "post.lua")
+def wrk_script(headers=None, name="post"):
+    """A wrk script POSTing RPC_BODY, with `headers` (a dict) added."""
+    path = os.path.join(B.tmpdir(), name + ".lua")
     with open(path, "w") as f:
         f.write('wrk.method = "POST"\n'
                 f"wrk.body = '{B.RPC_BODY.decode()}'\n"
                 'wrk.headers["Content-Type"] = "application/json"\n'
                 'wrk.headers["Accept"] = "application/json, text/event-stream"\n')
+        for key, value in (headers or {}).items():
+            f.write(f'wrk.headers["{key}"] = "{value}"\n')
     return path
 
 
-def run_wrk(port, seconds, connections, pid=None):
+def run_wrk(port, seconds, connections, pid=None, script=None):
     argv = ["taskset", "-c", B.LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-            "-s", wrk_script(), f"http://127.0.0.1:{port}/"]
+            "-s", script or wrk_script(), f"http://127.0.0.1:{port}/"]
     if pid:
         B.wait_quiet()
     with B.Foreign() as foreign:
