@@ -21,9 +21,32 @@ for i in 1 2 3; do
 done
 
 host="${LISTEN%:*}"; port="${LISTEN##*:}"; ahost="${ADMIN%:*}"; aport="${ADMIN##*:}"
+./build/stepflow-lb --listen "$LISTEN" --admin-listen "$ADMIN" --backends "$(IFS=,; echo "${backends[*]}")" \
+  --log-format text "$@" &
+lb=$!
+pids+=($lb)
+
+# Say "try it" only once a request would be routed: /ready answers 200 once an instance is healthy.
+python3 - "$ahost" "$aport" "$lb" <<'PY' || exit 1
+import json, os, sys, time, urllib.request
+host, port, lb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.time() + 30
+while time.time() < deadline:
+    try:
+        os.kill(lb, 0)
+    except OSError:
+        sys.exit("stepflow-lb exited during start-up (its log is above)")
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=1) as r:
+            print(f"ready: {json.load(r)['healthyInstances']} healthy instances")
+            sys.exit(0)
+    except OSError:
+        time.sleep(0.2)
+sys.exit(f"no instance became healthy within 30 s: see http://{host}:{port}/debug/backends")
+PY
 cat <<MSG
 
-stepflow-lb is starting on http://$LISTEN with workers ${backends[*]}. Try:
+stepflow-lb is running on http://$LISTEN with workers ${backends[*]}. Try:
 
   curl -s http://$host:$port/ -H 'Content-Type: application/json' \\
     -d '{"jsonrpc":"2.0","id":1,"method":"components/execute","params":{"component":"/echo","input":{"hello":"world"}}}'
@@ -38,7 +61,4 @@ stepflow-lb is starting on http://$LISTEN with workers ${backends[*]}. Try:
 Ctrl-C stops the balancer and the workers.
 
 MSG
-./build/stepflow-lb --listen "$LISTEN" --admin-listen "$ADMIN" --backends "$(IFS=,; echo "${backends[*]}")" \
-  --log-format text "$@" &
-pids+=($!)
-wait "${pids[-1]}"
+wait "$lb"
