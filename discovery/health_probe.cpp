@@ -11,6 +11,7 @@
 #include <simdjson.h>
 
 #include "proxy/config.h"
+#include "proxy/net.h"
 #include "proxy/tls.h"
 
 namespace stepflow {
@@ -19,10 +20,6 @@ namespace {
 constexpr size_t kMaxHealthResponse = 64 * 1024;
 
 }  // namespace
-
-bool local_resource_error(int err) {
-    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
-}
 
 bool valid_instance_id(std::string_view id, std::string& why) {
     if (id.empty()) {

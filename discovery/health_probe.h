@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include "proxy/config.h"
+#include "proxy/net.h"
 #include "proxy/http1.h"
 
 struct event_base;
@@ -30,10 +31,6 @@ struct HealthResult {
     int max_concurrency = 0;  // the worker's own limit on executions ("maxConcurrency"), 0 = not given
     bool config_error = false;  // the backend answers, but not as --health-check expects
 };
-
-// True for errors that mean this process ran out of something (descriptors, buffers, memory):
-// such a failure says nothing about the worker and is never charged to it.
-bool local_resource_error(int err);
 
 // An instanceId is routed on and echoed in response headers: 1 to 253 bytes of visible ASCII
 // (no control characters, no spaces). Returns false with the reason otherwise.

@@ -15,6 +15,8 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "proxy/net.h"
+
 namespace stepflow {
 namespace {
 
@@ -42,6 +44,14 @@ Conn* Conn::connect(Loop& loop, const sockaddr* addr, socklen_t len) {
     auto* c = new Conn(loop);
     c->init_plain(fd, true);
     if (::connect(fd, addr, len) != 0 && errno != EINPROGRESS) {
+        if (local_resource_error(errno)) {
+            // No local port left for this worker (EADDRNOTAVAIL) and alike: our shortage, which
+            // the caller must not charge to the worker as a failed connect.
+            int err = errno;
+            delete c;
+            errno = err;
+            return nullptr;
+        }
         // Reported from the loop (see on_writable), after the caller has set its callbacks.
         c->failed_ = true;
         event_active(c->write_event(), EV_WRITE, 0);

@@ -120,4 +120,8 @@ int open_listener(const sockaddr_storage& addr, socklen_t len, bool reuse_port, 
     return fd;
 }
 
+bool local_resource_error(int err) {
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM || err == EADDRNOTAVAIL;
+}
+
 }  // namespace stepflow

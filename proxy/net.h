@@ -34,4 +34,9 @@ int open_listener(const sockaddr_storage& addr, socklen_t len, bool reuse_port, 
 
 uint16_t sockaddr_port(const sockaddr_storage& addr);
 
+// True for errors that mean this process ran out of something (descriptors, buffers, memory,
+// local ports for that destination): such a failure says nothing about the peer and is never
+// charged to it.
+bool local_resource_error(int err);
+
 }  // namespace stepflow

@@ -10,7 +10,7 @@ profile="${1:-test}"
 build=(g++ meson ninja-build pkg-config libevent-dev libnghttp2-dev libssl-dev libsimdjson-dev
        prometheus-cpp-dev libcli11-dev)
 run=(python3)
-test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps)
+test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps iproute2 util-linux)
 image=(podman runc mmdebstrap uidmap)
 bench=(haproxy nginx wrk nghttp2-client valgrind libbenchmark-dev linux-perf)
 fuzz=(clang-16 libfuzzer-16-dev libclang-rt-16-dev)
