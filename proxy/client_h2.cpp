@@ -526,6 +526,7 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk);
+    nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, on_frame_send);
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close);
     nghttp2_session_callbacks_set_send_data_callback(callbacks, on_send_data);
     nghttp2_option* option;
@@ -851,6 +852,20 @@ int ClientH2::on_send_data(nghttp2_session*, nghttp2_frame* frame, const uint8_t
         static const uint8_t zeros[256] = {};
         evbuffer_add(out, zeros, pad - 1);
     }
+    return 0;
+}
+
+// A response sent in full before the request ended (a local answer, or a worker that answered
+// without reading the whole body): RST_STREAM(NO_ERROR) asks the client to stop sending the rest
+// (RFC 9113 §8.1), after the response so that it is not lost. DATA already on its way is still
+// counted in the connection's window: nghttp2 consumes what arrives for a closed stream, and
+// closed() returns what the stream held.
+int ClientH2::on_frame_send(nghttp2_session* session, const nghttp2_frame* frame, void*) {
+    if (frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS) return 0;
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
+    auto* stream = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (stream && !stream->request_ended_)
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_NO_ERROR);
     return 0;
 }
 

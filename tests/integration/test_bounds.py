@@ -258,5 +258,41 @@ def http2_stream_whose_body_stalls_gets_408():
     wait_for(lambda: lb.in_flight_total() == 0, 5, "nothing in flight")
 
 
+@test
+def http2_early_answer_resets_the_stream_and_returns_its_window():
+    # RFC 9113 §8.1: a stream answered before its body was read ends with RST_STREAM(NO_ERROR)
+    # after the complete response, so the client stops uploading, and what it sent meanwhile
+    # goes back to the connection's window. 20 uploads of 256 KiB (each stream's whole window)
+    # are 5 MiB, more than the connection's 4 MiB: a window that leaked would end in
+    # FLOW_CONTROL_ERROR, a missing reset leaves the client waiting to send the rest.
+    w = Worker("h2early")
+    lb = Balancer([w.address])
+    c = H2Client("127.0.0.1", lb.port)
+    c.wait(lambda: c.server_settings and c.settings_acked, what="settings exchanged")
+    window = c.server_settings.get(h2raw.INITIAL_WINDOW_SIZE, 65535)
+    part = b'{"jsonrpc":"2.0","id":7,"method":"components/list","pad":"' + b"x" * window
+    part = part[:window]
+    for _ in range(20):
+        sid = c.new_stream_id()
+        # Pinned to an instance that does not exist: answered by the balancer after reading
+        # 64 KiB of the body for its id, long before the declared 1 MiB arrived.
+        c.send_headers(sid, h2_fields()[:-1] + [("content-length", str(1 << 20)), ("stepflow-instance-id", "nobody")])
+        c.send_data(sid, part)
+        s = c.streams[sid]
+        c.wait(lambda: s.ended and s.reset_code is not None, timeout=10, what=f"stream {sid} answered and reset")
+        check(s.status == 503, f"stream {sid}: status {s.status}")
+        check(json.loads(bytes(s.data))["id"] is None, f"answered without the id (beyond 64 KiB): {bytes(s.data)!r}")
+        check(s.reset_code == h2raw.NO_ERROR, f"stream {sid}: RST_STREAM code {s.reset_code}, want NO_ERROR")
+    body = json.dumps({"jsonrpc": "2.0", "id": "after", "method": "components/execute",
+                       "params": {"component": "/echo", "input": {"pad": "y" * 100000}}}).encode()
+    sid = c.request(body)
+    c.wait(lambda: c.streams[sid].closed, timeout=10, what="a request after the early answers")
+    check(c.streams[sid].status == 200, f"the connection still carries uploads: {c.streams[sid].status}")
+    check(json.loads(bytes(c.streams[sid].data))["id"] == "after", "the worker answered it")
+    check(c.goaway is None, f"no GOAWAY: {c.goaway}")
+    c.close()
+    wait_for(lambda: lb.in_flight_total() == 0, 5, "nothing in flight")
+
+
 if __name__ == "__main__":
     run_tests()
