@@ -99,6 +99,12 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
                             .Help("Response body bytes sent to clients").Register(*r).Add({})),
       client_connections(BuildGauge().Name("stepflow_lb_client_connections")
                              .Help("Open client connections").Register(*r).Add({})),
+      connections_refused(BuildCounter().Name("stepflow_lb_client_connections_refused_total")
+                              .Help("Client connections closed at accept because --max-connections were open")
+                              .Register(*r).Add({})),
+      accept_pauses(BuildCounter().Name("stepflow_lb_accept_pauses_total")
+                        .Help("Times accepting paused because accept() found no descriptor or memory")
+                        .Register(*r).Add({})),
       log_lines_dropped(BuildCounter().Name("stepflow_lb_log_lines_dropped_total")
                             .Help("Log records dropped because stderr did not keep up (queue full)")
                             .Register(*r).Add({})),

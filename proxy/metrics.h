@@ -76,6 +76,8 @@ public:
     prometheus::Counter& client_received_bytes;
     prometheus::Counter& client_sent_bytes;
     prometheus::Gauge& client_connections;
+    prometheus::Counter& connections_refused;  // closed at accept: --max-connections reached
+    prometheus::Counter& accept_pauses;        // accepting paused: no descriptor or memory left
     prometheus::Counter& log_lines_dropped;  // brought up to log::dropped_lines() on render
 
     prometheus::Counter& discovery_op(const std::string& operation, const std::string& result);

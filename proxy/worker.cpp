@@ -164,6 +164,7 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
         // waiting in the backlog, and what we hold stays bounded.
         g_client_connections.fetch_sub(1, std::memory_order_relaxed);
         evutil_closesocket(fd);
+        Metrics::get().connections_refused.Increment();
         auto now = std::chrono::steady_clock::now();
         if (now - self->accept_warned_ > std::chrono::seconds(10)) {
             self->accept_warned_ = now;
@@ -221,6 +222,7 @@ void Worker::on_accept_error(evconnlistener*, void* arg) {
         log::warn("accept paused: out of file descriptors or memory",
                   {{"reason", evutil_socket_error_to_string(err)}, {"pause_ms", int64_t(kAcceptPause.count())}});
     }
+    Metrics::get().accept_pauses.Increment();
     self->set_accepting(false);
     self->accept_resume_.arm(*self->timers_, kAcceptPause);
 }

@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import socket
+import struct
 import threading
 import time
 
@@ -122,6 +123,7 @@ def max_connections_closes_the_excess_at_accept():
     check(got == b"", f"a fourth connection is closed unanswered, got {got[:80]!r}")
     # The log writer is a thread of its own: wait for the line rather than expect it at once.
     wait_for(lambda: lb.logs("connection refused: --max-connections reached"), 5, "the refusal is logged")
+    check(lb.metric("stepflow_lb_client_connections_refused_total") == 1, "the refusal is counted")
     held.pop().close()
     wait_for(lambda: served(lb), 5, "a new connection is served once one closed")
     for conn in held:
@@ -147,6 +149,7 @@ def out_of_file_descriptors_pauses_accepting_instead_of_spinning():
         c.close()
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     wait_for(lambda: served(lb, timeout=2), 15, "accepting resumed")
+    check(lb.metric("stepflow_lb_accept_pauses_total") >= 1, "the pause is counted")
 
 
 @test
@@ -292,6 +295,72 @@ def http2_early_answer_resets_the_stream_and_returns_its_window():
     check(c.goaway is None, f"no GOAWAY: {c.goaway}")
     c.close()
     wait_for(lambda: lb.in_flight_total() == 0, 5, "nothing in flight")
+
+
+class WindowedSender:
+    """Sends DATA on HTTP/2 streams only within the windows the balancer opened (a well-behaved
+    client), so any growth of the balancer's memory is its own buffering, not a violation."""
+
+    def __init__(self, c):
+        self.c, self.seen = c, 0
+        self.conn = 65535
+        self.streams = {}
+
+    def add(self, sid):
+        self.streams[sid] = self.c.server_settings.get(h2raw.INITIAL_WINDOW_SIZE, 65535)
+
+    def _credit(self):
+        for f in self.c.frames[self.seen:]:
+            if f.type == h2raw.WINDOW_UPDATE:
+                inc = struct.unpack(">I", f.payload[:4])[0] & 0x7FFFFFFF
+                if f.stream_id == 0:
+                    self.conn += inc
+                elif f.stream_id in self.streams:
+                    self.streams[f.stream_id] += inc
+        self.seen = len(self.c.frames)
+
+    def send_until_stalled(self, per_stream, stall=1.0):
+        sent = dict.fromkeys(self.streams, 0)
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < stall:
+            self.c.poll(0.05)
+            self._credit()
+            for sid in self.streams:
+                n = min(16384, self.conn, self.streams[sid], per_stream - sent[sid])
+                if n <= 0:
+                    continue
+                self.c.send_frame(h2raw.DATA, 0, sid, b"x" * n)
+                self.conn -= n
+                self.streams[sid] -= n
+                sent[sid] += n
+                idle_since = time.monotonic()
+        return sent
+
+
+@test
+def http2_uploads_to_a_worker_that_reads_nothing_are_held_back():
+    # Per-stream buffers on HTTP/2: a stream holds at most its window of body for a worker that
+    # does not take it, and all streams of a connection at most the connection's 4 MiB window.
+    w = Worker("h2noread", max_concurrency=64)
+    lb = Balancer([w.address], threads=1)
+    c = H2Client("127.0.0.1", lb.port)
+    c.wait(lambda: c.server_settings and c.settings_acked, what="settings exchanged")
+    before = rss_kib(lb.proc.pid)
+    sender = WindowedSender(c)
+    streams, per_stream = 16, 64 * MB
+    for _ in range(streams):
+        sid = c.new_stream_id()
+        c.send_headers(sid, h2_fields("/_noread?hold_ms=60000")[:-1] + [("content-length", str(per_stream))])
+        sender.add(sid)
+    sent = sender.send_until_stalled(per_stream)
+    grown = rss_kib(lb.proc.pid) - before
+    total = sum(sent.values())
+    print(f"      {streams} streams sent {total / MB:.1f} MiB of {streams * per_stream / MB:.0f} MiB before "
+          f"they were held back; balancer RSS grew {grown / 1024:.1f} MiB", flush=True)
+    check(all(n < per_stream for n in sent.values()), "every stream was held back")
+    check(c.goaway is None, f"no GOAWAY: {c.goaway}")
+    check(grown < 16 * 1024, f"balancer RSS grew {grown} KiB (limit 16 MiB)")
+    c.close()
 
 
 if __name__ == "__main__":
