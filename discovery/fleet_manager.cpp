@@ -39,9 +39,9 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
                 continue;
             }
             if (before != after) {
+                // Read live by routing: no new snapshot needed.
                 log::info("backend state changed", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(after)}});
                 if (b.instance) b.instance->membership.store(after);
-                changed = true;
             }
             continue;
         }
@@ -176,7 +176,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     adopt_instance(b, id, r.max_concurrency);
 }
 
-void FleetManager::publish() {
+void FleetManager::publish_now() {
     std::vector<InstancePtr> instances;
     instances.reserve(backends_.size());
     for (const auto& [_, b] : backends_)

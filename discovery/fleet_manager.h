@@ -11,6 +11,7 @@
 #include "discovery/endpoint.h"
 #include "discovery/fleet.h"
 #include "discovery/health_probe.h"
+#include "discovery/publish_pacer.h"
 #include "proxy/config.h"
 
 struct event_base;
@@ -58,7 +59,10 @@ private:
     std::string id_for(const Backend& backend, const HealthResult& result) const;
     void adopt_instance(Backend& backend, const std::string& id, int reported_limit = 0);
     static Membership membership_of(const Endpoint& e);
-    void publish();
+    // The snapshot holds the set of instances; their state (membership, health, load) lives in
+    // each Instance and is read live, so only a change of the set is published.
+    void publish() { pacer_.request(); }
+    void publish_now();
 
     event_base* base_;
     const Config& config_;
@@ -66,6 +70,8 @@ private:
     TlsClient* tls_;
     std::map<std::string, std::unique_ptr<Backend>> backends_;  // by address
     uint64_t version_ = 0;
+    // 5,000 workers passing their first health check publish once per burst, not 5,000 times.
+    PublishPacer pacer_{base_, [this] { publish_now(); }};
 };
 
 }  // namespace stepflow

@@ -178,7 +178,7 @@ void K8sSource::send() {
 
 void K8sSource::follow(std::optional<Reflector::Request> next) {
     if (next) schedule(std::move(*next));
-    publish();
+    pacer_.request();
 }
 
 void K8sSource::note_api_error(const char* what, const ApiCall::Outcome& o) {

@@ -16,6 +16,7 @@
 #include "discovery/k8s_metrics.h"
 #include "discovery/k8s_objects.h"
 #include "discovery/k8s_slice_store.h"
+#include "discovery/publish_pacer.h"
 #include "discovery/reflector.h"
 
 struct event_base;
@@ -87,6 +88,9 @@ private:
     std::optional<std::vector<Endpoint>> published_;
     std::string last_port_error_;
     std::minstd_rand watch_jitter_;
+    // Watch events that arrive together (a rolling update touches many slices) are published
+    // as one change: each publication rebuilds the endpoint set, O(fleet).
+    PublishPacer pacer_{base_, [this] { publish(); }};
 };
 
 }  // namespace stepflow
