@@ -29,17 +29,33 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+# The MCP tests run the official TypeScript SDK: Node.js from Debian unless a node and npm are
+# already there (e.g. NodeSource's, whose nodejs package bundles npm).
+if [ "$profile" = test ] || [ "$profile" = bench ]; then
+  { command -v node && command -v npm; } >/dev/null 2>&1 || missing+=(nodejs npm)
+fi
 
-sudo=""
-[ "$(id -u)" -ne 0 ] && sudo="sudo"
-echo "installing: ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# Debian starts these daemons on install; the project only ever runs its own instances.
-for svc in nginx haproxy prometheus prometheus-node-exporter; do
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
-    $sudo systemctl stop "$svc" || true
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts these daemons on install; the project only ever runs its own instances.
+  for svc in nginx haproxy prometheus prometheus-node-exporter; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      $sudo systemctl stop "$svc" || true
+    fi
+  done
+fi
+
+# The SDK itself, exactly as tests/mcp/package-lock.json pins it (npm ci: the lockfile or nothing).
+if [ "$profile" = test ] || [ "$profile" = bench ]; then
+  here="$(cd "$(dirname "$0")/.." && pwd)"
+  lock="$here/tests/mcp/package-lock.json" installed="$here/tests/mcp/node_modules/.package-lock.json"
+  if [ ! -f "$installed" ] || [ "$lock" -nt "$installed" ]; then
+    echo "installing tests/mcp (npm ci)" >&2
+    npm ci --prefix "$here/tests/mcp" --no-audit --no-fund --loglevel=error >/dev/null
   fi
-done
+fi

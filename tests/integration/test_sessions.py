@@ -8,13 +8,12 @@ real binary; several replicas share a sealing key behind a round-robin TCP relay
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from harness import Balancer, HERE, ROOT, _started, check, run_tests, test, wait_for
+from session_lib import RoundRobinRelay, key_file
 
 SERVER = os.path.join(ROOT, "tests", "worker", "session_server.py")
 H = "Mcp-Session-Id"
@@ -84,61 +83,6 @@ def run_sessions(ports, count=20, calls=5):
     with ThreadPoolExecutor(count) as pool:
         split = sum(pool.map(one, range(count)))
     return count, count * (calls + 2), split
-
-
-class RoundRobinRelay:
-    """A tiny TCP front: each new client connection goes to the next balancer replica."""
-
-    def __init__(self, ports):
-        self.ports = ports
-        self.next = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            port = self.ports[self.next % len(self.ports)]
-            self.next += 1
-            try:
-                upstream = socket.create_connection(("127.0.0.1", port))
-            except OSError:
-                client.close()
-                continue
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
-
-
-def key_file(name):
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"stepflow-lb-test-{os.getpid()}-{name}.key")
-    with open(path, "w") as f:
-        f.write(os.urandom(32).hex() + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- health-check modes

@@ -1,0 +1,102 @@
+// MCP clients built with the official TypeScript SDK (Streamable HTTP), for
+// tests/integration/test_mcp_sdk.py.
+//
+//   node client.mjs URL SESSIONS CALLS [hold]
+//
+// Runs SESSIONS sessions at once. Each initializes (the server mints Mcp-Session-Id), calls the
+// tool `whoami` CALLS times, waits until its standalone GET SSE stream brought a notification,
+// then ends the session with DELETE. Every answer and notification names the server instance;
+// a session that meets two names is split. With `hold`, every session stops after its first
+// calls, the process prints "ready" and waits for a line on stdin before going on (the test
+// restarts or kills something meanwhile). Prints one JSON summary line and exits 0.
+import readline from 'node:readline';
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { LoggingMessageNotificationSchema } from '@modelcontextprotocol/sdk/types.js';
+
+const [url, sessionsArg, callsArg, mode] = process.argv.slice(2);
+const sessions = Number(sessionsArg || 20), calls = Number(callsArg || 5), hold = mode === 'hold';
+const NOTIFICATION_WAIT_MS = Number(process.env.MCP_NOTIFICATION_WAIT_MS || 15000);
+
+let releaseHeld;
+const released = new Promise((resolve) => { releaseHeld = resolve; });
+let waitingAtHold = 0;
+const everyoneAtHold = new Promise((resolve) => {
+  globalThis.arrivedAtHold = () => { if (++waitingAtHold === sessions) resolve(); };
+});
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function whoami(client, result) {
+  const answer = await client.callTool({ name: 'whoami', arguments: {} });
+  const name = answer.content?.[0]?.text;
+  result.calls++;
+  result.names.add(name);
+  result.instance ??= name;
+}
+
+async function runSession(index) {
+  const result = { index, instance: null, calls: 0, notifications: 0, names: new Set(), error: null, deleted: false };
+  const client = new Client({ name: `test-client-${index}`, version: '1.0.0' });
+  let notified = 0;
+  client.setNotificationHandler(LoggingMessageNotificationSchema, (n) => {
+    notified++;
+    result.notifications++;
+    if (n.params?.data?.instance) result.names.add(n.params.data.instance);
+  });
+  const transport = new StreamableHTTPClientTransport(new URL(url));
+  let atHold = false;
+  try {
+    await client.connect(transport);
+    result.sessionId = transport.sessionId;
+    const first = hold ? 1 : calls;
+    for (let i = 0; i < first; i++) await whoami(client, result);
+    if (hold) {
+      atHold = true;
+      globalThis.arrivedAtHold();
+      await released;
+      notified = 0;  // from here on, a notification must come over the stream as it is now
+      for (let i = 1; i < calls; i++) await whoami(client, result);
+    }
+    // The GET stream opens after initialize, on its own schedule (and reopens after a cut):
+    // keep calling until a notification arrived on it.
+    const deadline = Date.now() + NOTIFICATION_WAIT_MS;
+    while (notified === 0 && Date.now() < deadline) {
+      await whoami(client, result);
+      if (notified === 0) await sleep(100);
+    }
+    if (notified === 0) throw new Error('no notification on the GET stream');
+    await transport.terminateSession();
+    result.deleted = true;
+  } catch (e) {
+    result.error = `${e?.code ?? ''} ${e?.message ?? e}`.trim();
+    if (hold && !atHold) globalThis.arrivedAtHold();
+  } finally {
+    await client.close().catch(() => {});
+  }
+  return result;
+}
+
+const runs = Array.from({ length: sessions }, (_, i) => runSession(i));
+if (hold) {
+  await everyoneAtHold;
+  process.stdout.write('ready\n');
+  const rl = readline.createInterface({ input: process.stdin });
+  await new Promise((resolve) => rl.once('line', resolve));
+  rl.close();
+  releaseHeld();
+}
+const results = await Promise.all(runs);
+const summary = { started: sessions, completed: 0, failed: 0, split: 0, calls: 0, notifications: 0, deleted: 0,
+                  instances: {}, errors: [], sessions: [] };
+for (const r of results) {
+  summary.calls += r.calls;
+  summary.notifications += r.notifications;
+  if (r.names.size > 1) summary.split++;
+  if (r.error) { summary.failed++; summary.errors.push(r.error); } else summary.completed++;
+  if (r.deleted) summary.deleted++;
+  if (r.instance) summary.instances[r.instance] = (summary.instances[r.instance] || 0) + 1;
+  summary.sessions.push({ instance: r.instance, error: r.error, names: [...r.names], sessionId: r.sessionId });
+}
+process.stdout.write(JSON.stringify(summary) + '\n');
+process.exit(0);
