@@ -25,24 +25,15 @@ import time
 
 import benchlib as B
 
+sys.path.insert(0, os.path.join(B.REPO, "tests", "integration"))
+import harness  # noqa: E402
+
 BODY = b'{"jsonrpc":"2.0","id":7,"method":"components/execute","params":{}}'
 
 
 def worker_connections(ports):
-    """Established TCP connections whose remote end is one of `ports` (the proxy's side)."""
-    wanted = {"%04X" % p for p in ports}
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "01" and fields[2].rsplit(":", 1)[1] in wanted:
-                        count += 1
-        except FileNotFoundError:
-            pass
-    return count
+    """Established connections of the proxy to the backends (their remote end is a backend port)."""
+    return sum(harness.connections_to(p) for p in ports)
 
 
 def h2load(port, streams, per_connection, query, body_file):
