@@ -87,10 +87,8 @@ void Worker::run_admitted() {
 void Worker::on_admission_tick(int, short, void* arg) {
     auto* self = static_cast<Worker*>(arg);
     int64_t now = steady_ms();
-    bool grew = false;
-    const Fleet& fleet = self->fleet_.get();
-    for (const auto& inst : fleet.instances)
-        grew |= inst->recover_limit(now, self->config_.capacity_recovery_interval.count());
+    const Fleet& fleet = self->fleet_.get();  // also lets an idle thread drop instances that left
+    for (const auto& inst : fleet.instances) inst->recover_limit(now, self->config_.capacity_recovery_interval.count());
     AdmissionQueue& queue = AdmissionQueue::get();
     if (queue.depth() == 0) return;
     int room = 0;
@@ -100,7 +98,6 @@ void Worker::on_admission_tick(int, short, void* arg) {
         room += lim == 0 ? 1 : std::max(0, lim - inst->new_work.load(std::memory_order_relaxed));
         if (room >= 4) break;
     }
-    (void)grew;
     for (int i = 0; i < room && queue.depth() > 0; ++i) queue.slot_freed();
 }
 
