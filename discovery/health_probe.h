@@ -10,7 +10,6 @@
 #include <sys/socket.h>
 
 #include "proxy/config.h"
-#include "proxy/net.h"
 #include "proxy/http1.h"
 
 struct event_base;

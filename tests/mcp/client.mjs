@@ -20,10 +20,10 @@ const NOTIFICATION_WAIT_MS = Number(process.env.MCP_NOTIFICATION_WAIT_MS || 1500
 
 let releaseHeld;
 const released = new Promise((resolve) => { releaseHeld = resolve; });
-let waitingAtHold = 0;
-const everyoneAtHold = new Promise((resolve) => {
-  globalThis.arrivedAtHold = () => { if (++waitingAtHold === sessions) resolve(); };
-});
+let atHoldCount = 0, everyoneArrived;
+const everyoneAtHold = new Promise((resolve) => { everyoneArrived = resolve; });
+// Each session arrives once: at the hold point, or earlier when it failed before reaching it.
+const arriveAtHold = () => { if (++atHoldCount === sessions) everyoneArrived(); };
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -53,7 +53,7 @@ async function runSession(index) {
     for (let i = 0; i < first; i++) await whoami(client, result);
     if (hold) {
       atHold = true;
-      globalThis.arrivedAtHold();
+      arriveAtHold();
       await released;
       notified = 0;  // from here on, a notification must come over the stream as it is now
       for (let i = 1; i < calls; i++) await whoami(client, result);
@@ -70,7 +70,7 @@ async function runSession(index) {
     result.deleted = true;
   } catch (e) {
     result.error = `${e?.code ?? ''} ${e?.message ?? e}`.trim();
-    if (hold && !atHold) globalThis.arrivedAtHold();
+    if (hold && !atHold) arriveAtHold();
   } finally {
     await client.close().catch(() => {});
   }
