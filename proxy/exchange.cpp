@@ -36,7 +36,7 @@ void append_header(std::string& out, std::string_view name, std::string_view val
 Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
                    bool client_tls)
     : worker_(worker), downstream_(downstream), request_(request), client_ip_(client_ip),
-      client_tls_(client_tls) {
+      pending_(std::make_unique<Pending>(this)), client_tls_(client_tls) {
     request_chunked_ = request_.framing == http1::Framing::Chunked;
     request_done_ = request_.framing == http1::Framing::None;
 }
@@ -99,17 +99,17 @@ RouteOutcome Exchange::route() {
 bool Exchange::dispatch(bool from_queue) {
     const Fleet& fleet = worker_.fleet().get();
     if (!from_queue && AdmissionQueue::get().depth() > 0) return enqueue(false);
-    while (tried_count_ < kMaxAttempts) {
-        Instance* inst = route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_}, true);
+    while (pending_->tried_count < kMaxAttempts) {
+        Instance* inst = route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
         if (!inst) break;
         if (!inst->try_admit()) continue;  // another thread took the last slot: look again
         admitted_ = true;
-        tried_[tried_count_++] = inst;
+        pending_->tried[pending_->tried_count++] = inst;
         connect_to(inst->shared_from_this());
         return true;
     }
     if (finished_) return true;
-    if (tried_count_ > 0 && !route_least_load(fleet, worker_.rng(), {tried_.data(), tried_count_}, false)) {
+    if (pending_->tried_count > 0 && !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
         exhausted_ = true;  // every instance taking new work was tried: waiting would not help
         return true;
     }
@@ -124,41 +124,43 @@ bool Exchange::enqueue(bool at_front) {
     } else if (!queue.push(&worker_, ticket)) {
         return false;
     }
-    ticket_ = ticket;
+    pending_->ticket = ticket;
     worker_.wait_for_slot(ticket, this);
-    if (!queue_deadline_.armed()) {  // each stay in the queue is bounded, a retry's too
-        queued_at_ = std::chrono::steady_clock::now();
-        queue_deadline_.arm(worker_.timers(), worker_.config().queue_timeout);
+    if (!pending_->queue_deadline.armed()) {  // each stay in the queue is bounded, a retry's too
+        pending_->queued_at = std::chrono::steady_clock::now();
+        pending_->queue_deadline.arm(worker_.timers(), worker_.config().queue_timeout);
     }
     return true;
 }
 
 // Ends this request's place in the queue (dispatched, timed out, or cancelled).
 void Exchange::leave_queue() {
-    if (ticket_) {
-        AdmissionQueue::get().remove(ticket_);  // false: already handed over; the thread passes it on
-        worker_.stop_waiting(ticket_);
-        ticket_ = 0;
+    if (!pending_) return;
+    if (pending_->ticket) {
+        AdmissionQueue::get().remove(pending_->ticket);  // false: already handed over; the thread passes it on
+        worker_.stop_waiting(pending_->ticket);
+        pending_->ticket = 0;
     }
-    if (queue_deadline_.armed()) {
-        queue_deadline_.cancel();
-        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - queued_at_).count();
+    if (pending_->queue_deadline.armed()) {
+        pending_->queue_deadline.cancel();
+        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pending_->queued_at).count();
         queue_wait_ms_ += ms;
         Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     }
 }
 
 void Exchange::slot_offered() {
-    ticket_ = 0;  // handed over: no longer in the queue
+    if (!pending_) return;
+    pending_->ticket = 0;  // handed over: no longer in the queue
     if (finished_) return;
-    tried_count_ = 0;  // a slot freed since: every instance may be tried again
-    if (dispatch(true) && ticket_ == 0 && !finished_) leave_queue();
+    pending_->tried_count = 0;  // a slot freed since: every instance may be tried again
+    if (dispatch(true) && pending_->ticket == 0 && !finished_) leave_queue();
 }
 
 void Exchange::on_queue_timeout(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
     // The deadline has fired (no longer armed): account the wait here.
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - self->queued_at_).count();
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - self->pending_->queued_at).count();
     self->queue_wait_ms_ += ms;
     Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     self->leave_queue();
@@ -178,23 +180,23 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     const Sessions& sessions = *worker_.sessions();
     for (const auto& h : request_.headers) {
         if (const std::string* name = sessions.match(h.name)) {
-            session_header_ = name;
-            session_value_ = h.value;
+            pending_->session_header = name;
+            pending_->session_value = h.value;
             break;
         }
     }
-    if (!session_header_) return false;
+    if (!pending_->session_header) return false;
     thread_local std::string instance_id;  // scratch: no allocation per request once warm
     auto& metrics = SessionMetrics::get();
     if (sessions.sealer) {
-        if (!sessions.sealer->unseal(session_value_, instance_id, backend_session_)) {
+        if (!sessions.sealer->unseal(pending_->session_value, instance_id, pending_->backend_session)) {
             metrics.not_found[size_t(SessionMiss::InvalidSeal)]->Increment();
-            log::debug("session id does not unseal", {{"session", session_log_hash(session_value_)}});
+            log::debug("session id does not unseal", {{"session", session_log_hash(pending_->session_value)}});
             outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
             return true;
         }
-        session_unsealed_ = true;
-    } else if (!sessions.table->lookup(session_value_, instance_id)) {
+        pending_->session_unsealed = true;
+    } else if (!sessions.table->lookup(pending_->session_value, instance_id)) {
         return false;
     }
     decision_ = Decision::Pinned;
@@ -205,8 +207,8 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
         // The instance that minted the session left, restarted or stopped answering: nobody else
         // knows the session, and a 404 makes an MCP client start a new one rather than wait.
         metrics.not_found[size_t(SessionMiss::InstanceGone)]->Increment();
-        log::debug("session's instance is gone", {{"session", session_log_hash(session_value_)}, {"instance", instance_id}});
-        if (sessions.table) sessions.table->forget(session_value_);
+        log::debug("session's instance is gone", {{"session", session_log_hash(pending_->session_value)}, {"instance", instance_id}});
+        if (sessions.table) sessions.table->forget(pending_->session_value);
         outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
         return true;
     }
@@ -231,16 +233,16 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
 void Exchange::take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out) {
     const Sessions& sessions = *worker_.sessions();
     if (sessions.sealer) {
-        if (session_unsealed_ && h.value == backend_session_) {
-            out.push_back({h.name, session_value_});  // the client's own sealed id still holds
+        if (pending_->session_unsealed && h.value == pending_->backend_session) {
+            out.push_back({h.name, pending_->session_value});  // the client's own sealed id still holds
             return;
         }
-        sealed_session_ = sessions.sealer->seal(inst.id, h.value);
+        pending_->sealed_session = sessions.sealer->seal(inst.id, h.value);
         SessionMetrics::get().learned->Increment();
-        out.push_back({h.name, sealed_session_});
+        out.push_back({h.name, pending_->sealed_session});
         return;
     }
-    if (h.value != session_value_) SessionMetrics::get().learned->Increment();
+    if (h.value != pending_->session_value) SessionMetrics::get().learned->Increment();
     sessions.table->remember(h.value, inst.id);
     out.push_back(h);
 }
@@ -328,7 +330,7 @@ void Exchange::failed_before_response(Failure f, const char* why) {
     if (may_retry && f == Failure::WorkerAtCapacity) {
         // Out of retries but only because the fleet is full: wait for a slot like new work.
         instance_.reset();
-        tried_count_ = 0;
+        pending_->tried_count = 0;
         if (enqueue(true)) return;
     }
     // A request that reached its instance keeps it for the access log; one that never did
@@ -363,8 +365,8 @@ void Exchange::send_request_head() {
         if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
-        if (session_unsealed_ && h.value.data() == session_value_.data()) {
-            append_header(head, h.name, backend_session_);  // the backend sees its own id
+        if (pending_->session_unsealed && h.value.data() == pending_->session_value.data()) {
+            append_header(head, h.name, pending_->backend_session);  // the backend sees its own id
             continue;
         }
         append_header(head, h.name, h.value);
@@ -407,7 +409,7 @@ void Exchange::send_request_head() {
     // of the high-water mark (request_sink_full stops it above).
     if (!request_done_) {
         bev->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
-        request_deadline_.arm(worker_.timers(), worker_.config().upstream_request_timeout);
+        pending_->request_deadline.arm(worker_.timers(), worker_.config().upstream_request_timeout);
     }
     bev->enable(EV_READ | EV_WRITE);
     downstream_.request_sink_ready();
@@ -431,8 +433,8 @@ void Exchange::request_body_done() {
 }
 
 void Exchange::request_sent_check() {
-    if (request_done_ && request_deadline_.armed() && conn_ && evbuffer_get_length(conn_->bev()->output()) == 0)
-        request_deadline_.cancel();
+    if (pending_ && request_done_ && pending_->request_deadline.armed() && conn_ && evbuffer_get_length(conn_->bev()->output()) == 0)
+        pending_->request_deadline.cancel();
 }
 
 // The worker has not taken the whole request body in --upstream-request-timeout. It may be
@@ -492,7 +494,8 @@ bool Exchange::parse_response_head() {
     }
 
     response_started_ = true;
-    request_deadline_.cancel();  // the worker answered: what it still reads is up to it
+    pending_->request_deadline.cancel();  // the worker answered: what it still reads is up to it
+    release_replay();            // no retry after the head: a stream must not hold the body
     status_ = response.status;
     response_keep_alive_ = response.keep_alive;
     Instance& inst = conn_->instance();
@@ -505,8 +508,8 @@ bool Exchange::parse_response_head() {
     http1::HopByHop hop(response);
     bool has_instance_header = false;
     const Sessions* sessions = worker_.sessions();
-    if (sessions && session_header_ && status_ / 100 == 2 && request_.method == "DELETE") {
-        if (sessions->table) sessions->table->forget(session_value_);
+    if (sessions && pending_->session_header && status_ / 100 == 2 && request_.method == "DELETE") {
+        if (sessions->table) sessions->table->forget(pending_->session_value);
         SessionMetrics::get().ended->Increment();
     }
     for (const auto& h : response.headers) {
@@ -538,7 +541,14 @@ bool Exchange::parse_response_head() {
                                        chunked_out);
     response_pump_.start(response.framing, response.content_length, chunked_out);
     conn_->set_read_timeout(worker_.config().stream_idle_timeout);
+    release_pending();  // last: the header list passed on above viewed the sealed session id
     return true;
+}
+
+// The response head arrived: the request is not dispatched again.
+void Exchange::release_pending() {
+    leave_queue();
+    pending_.reset();
 }
 
 // A 503 to new work may be a worker at capacity (-32300), which is retried elsewhere instead of
@@ -646,7 +656,7 @@ void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
     leave_queue();
-    request_deadline_.cancel();
+    if (pending_) pending_->request_deadline.cancel();
     if (sse_) Metrics::get().sse_streams_open.Decrement();
     if (conn_) {
         watch_sink(false);
@@ -694,6 +704,16 @@ void Exchange::on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void
     space.iov_len = info->n_added;
     evbuffer_copyout_from(buf, &pos, space.iov_base, info->n_added);
     evbuffer_commit_space(self->replay_, &space, 1);
+}
+
+// The response head arrived: the request can no longer go to another instance, and nothing
+// after it needs the body's id (a failure now cuts the response short). An SSE stream may stay
+// open for minutes, so the copy (at least a 1 KiB buffer chain) goes now, not at the end.
+void Exchange::release_replay() {
+    watch_sink(false);
+    if (replay_) evbuffer_free(replay_);
+    replay_ = nullptr;
+    replay_overflow_ = true;  // whatever the client still sends is streamed, not kept
 }
 
 std::string Exchange::replay_id_json() const {

@@ -109,6 +109,7 @@ private:
     bool hold_for_capacity_check(http1::Head& response, evbuffer* in);
     static void on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void* arg);
     void watch_sink(bool on);
+    void release_replay();
     void count_mcp_method();
     bool route_session(const Fleet& fleet, RouteOutcome& outcome);
     void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
@@ -122,42 +123,59 @@ private:
     static void on_request_deadline(void* arg);
     void request_sent_check();
 
+    static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
+
     Worker& worker_;
     Downstream& downstream_;
     const http1::Head& request_;
     const std::string& client_ip_;
-    bool client_tls_;
 
-    Decision decision_ = Decision::None;
+    // What only routing, queueing and retrying need: freed once the response head arrived (the
+    // request is then dispatched for the last time), so an open stream does not hold it.
+    struct Pending {
+        explicit Pending(Exchange* self) : queue_deadline(on_queue_timeout, self), request_deadline(on_request_deadline, self) {}
+        // Sessions learned from a response header (docs/sessions.md)
+        const std::string* session_header = nullptr;  // the --session-header the request carries
+        std::string_view session_value;              // its value (a view of the request head)
+        bool session_unsealed = false;               // backend_session replaces it upstream
+        uint8_t tried_count = 0;
+        std::array<Instance*, kMaxAttempts> tried{};  // instances tried for new work
+        std::string backend_session;
+        std::string sealed_session;  // the sealed id sent to the client (the header list views it)
+        // Admission queue
+        uint64_t ticket = 0;  // nonzero while queued
+        std::chrono::steady_clock::time_point queued_at{};
+        Deadline queue_deadline;
+        // --upstream-request-timeout: from the head's send until the worker took the whole body.
+        Deadline request_deadline;
+    };
+    void release_pending();
+
+    // Ordered largest first, so that the object a stream holds carries no padding.
+    std::unique_ptr<Pending> pending_;  // null once the response head arrived
     InstancePtr instance_;
-    bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
-    bool admitted_ = false;           // ... and holds a slot of instance_->new_work
-    static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
-    // Sessions learned from a response header (docs/sessions.md)
-    const std::string* session_header_ = nullptr;  // the --session-header the request carries
-    std::string_view session_value_;              // its value (a view of the request head)
-    bool session_unsealed_ = false;               // backend_session_ replaces it upstream
-    std::string backend_session_;
-    std::string sealed_session_;  // the sealed id sent to the client (the header list views it)
-    std::array<Instance*, kMaxAttempts> tried_{};
-    size_t tried_count_ = 0;
-    int retries_ = 0;
-    bool routing_ = false;  // inside route(): a refusal is returned, not sent
-    Failure refused_ = Failure::NoInstance;
-    bool refused_set_ = false;
-    // Admission queue
-    uint64_t ticket_ = 0;  // nonzero while queued
-    std::chrono::steady_clock::time_point queued_at_{};
-    bool exhausted_ = false;  // dispatch found no untried instance taking new work
-    double queue_wait_ms_ = 0;
-    Deadline queue_deadline_{on_queue_timeout, this};
     // The request body as sent, for replay on another instance (null once over the bound).
     evbuffer* replay_ = nullptr;
+    evbuffer_cb_entry* sink_cb_ = nullptr;
+    std::unique_ptr<UpstreamConn> conn_;
+    evbuffer* sink_ = nullptr;
+    size_t scan_from_ = 0;
+    double queue_wait_ms_ = 0;
+    http1::BodyPump response_pump_;
+    int retries_ = 0;
+    int status_ = 0;
+    int interim_count_ = 0;  // 1xx responses seen (capped: kMaxInterimResponses)
+    Decision decision_ = Decision::None;
+    Failure refused_ = Failure::NoInstance;
+    bool client_tls_;
+    bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
+    bool admitted_ = false;           // ... and holds a slot of instance_->new_work
+    bool routing_ = false;  // inside route(): a refusal is returned, not sent
+    bool refused_set_ = false;
+    bool exhausted_ = false;  // dispatch found no untried instance taking new work
     bool replay_overflow_ = false;
     bool body_consumed_ = false;
-    evbuffer_cb_entry* sink_cb_ = nullptr;
     bool conn_reused_ = false;
-    std::unique_ptr<UpstreamConn> conn_;
     bool request_chunked_ = false;
     bool request_done_ = false;
     bool head_sent_ = false;
@@ -166,13 +184,6 @@ private:
     bool finished_ = false;
     bool sse_ = false;
     bool response_keep_alive_ = false;
-    int status_ = 0;
-    int interim_count_ = 0;  // 1xx responses seen (capped: kMaxInterimResponses)
-    size_t scan_from_ = 0;
-    http1::BodyPump response_pump_;
-    evbuffer* sink_ = nullptr;
-    // --upstream-request-timeout: from the head's send until the worker took the whole body.
-    Deadline request_deadline_{on_request_deadline, this};
 };
 
 }  // namespace stepflow
