@@ -314,6 +314,7 @@ public:
             nva.push_back(make_nv("content-length", {length_text, size_t(end - length_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
         }
         submit(nva.data(), nva.size(), framing != http1::Framing::None);
+        if (framing != http1::Framing::Length) release_request_head();
         return resp_buf_;
     }
 
@@ -481,6 +482,22 @@ private:
         };
         nghttp2_submit_response(conn_.session_, id_, nva, count, has_body ? &provider : nullptr);
         conn_.schedule_send();
+    }
+
+    // As ClientH1::release_request_head: a streamed response (an SSE stream may stay open for
+    // minutes) keeps only the method and target for the access log, not the fields.
+    void release_request_head() {
+        size_t method_len = head_.method.size();
+        std::string line;
+        line.reserve(method_len + 1 + head_.target.size());
+        line.append(head_.method);
+        line += ' ';
+        line.append(head_.target);
+        head_.raw.swap(line);  // (assigning a short string would keep the old buffer)
+        head_.method = std::string_view(head_.raw).substr(0, method_len);
+        head_.target = std::string_view(head_.raw).substr(method_len + 1);
+        head_.host = {};
+        std::vector<http1::Header>().swap(head_.headers);
     }
 
     void finish_log() {
