@@ -465,7 +465,7 @@ bool Exchange::parse_response_head() {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
         if (n == SIZE_MAX) {
-            fail(Failure::BadResponse, "upstream response head too large");
+            bad_response("upstream response head too large");
             return false;
         }
         response.clear();
@@ -473,7 +473,7 @@ bool Exchange::parse_response_head() {
         evbuffer_remove(in, response.raw.data(), n);
         scan_from_ = 0;
         if (auto err = http1::parse_response(response, request_.is_head_method)) {
-            fail(Failure::BadResponse, err.reason);
+            bad_response(err.reason);
             return false;
         }
         if (response.status >= 200) {
@@ -481,11 +481,11 @@ bool Exchange::parse_response_head() {
             break;
         }
         if (response.status == 101) {
-            fail(Failure::BadResponse, "upstream switched protocols");
+            bad_response("upstream switched protocols");
             return false;
         }
         if (++interim_count_ > kMaxInterimResponses) {
-            fail(Failure::BadResponse, "too many interim responses from upstream");
+            bad_response("too many interim responses from upstream");
             return false;
         }
         downstream_.interim_response(response.status, response.reason);
@@ -539,6 +539,14 @@ bool Exchange::parse_response_head() {
     response_pump_.start(response.framing, response.content_length, chunked_out);
     conn_->set_read_timeout(worker_.config().stream_idle_timeout);
     return true;
+}
+
+// A response head that breaks HTTP/1.1 is never relayed, even in part: 502, counted, and charged
+// to the instance as a protocol failure.
+void Exchange::bad_response(const char* why) {
+    Metrics::get().upstream_bad_responses.Increment();
+    charge(Failure::BadResponse, why);
+    fail(Failure::BadResponse, why);
 }
 
 // A 503 to new work may be a worker at capacity (-32300), which is retried elsewhere instead of

@@ -43,7 +43,8 @@ FailureVerdict judge(Failure f, Decision decision) {
     case Failure::ResetBeforeResponse: return {decision == Decision::Pinned ? 503 : 502, true, false, decision == Decision::Pinned};
     // A slow worker is not a broken one.
     case Failure::HeadTimeout: return {504, false, false, false};
-    case Failure::BadResponse: return {502, false, false, false};
+    // A head that breaks HTTP/1.1 is the worker's fault (a protocol failure): charged.
+    case Failure::BadResponse: return {502, true, false, false};
     case Failure::CutShort: return {502, true, false, false};
     // Full is not broken, and nothing was created: another instance may take it.
     case Failure::WorkerAtCapacity: return {503, false, unpinned, true};

@@ -78,6 +78,9 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       upstream_retries(BuildCounter().Name("stepflow_lb_upstream_retries_total")
                            .Help("Unpinned requests re-sent to another instance (connect failure, stale connection, -32300)")
                            .Register(*r).Add({})),
+      upstream_bad_responses(BuildCounter().Name("stepflow_lb_upstream_bad_responses_total")
+                                 .Help("Worker response heads refused as malformed (answered 502, instance charged)")
+                                 .Register(*r).Add({})),
       queue_depth(BuildGauge().Name("stepflow_lb_queue_depth")
                       .Help("New requests waiting for a free slot (all threads)").Register(*r).Add({})),
       queue_wait_seconds(BuildHistogram().Name("stepflow_lb_queue_wait_seconds")
