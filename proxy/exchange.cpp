@@ -176,14 +176,17 @@ void Exchange::count_mcp_method() {
 // session, or one never learned (the backend then answers for itself).
 bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     const Sessions& sessions = *worker_.sessions();
-    for (const auto& h : request_.headers) {
-        if (const std::string* name = sessions.match(h.name)) {
-            session_header_ = name;
-            session_value_ = h.value;
-            break;
-        }
+    size_t first = 0;
+    int named = sessions.count_in(request_.headers, first);
+    if (named == 0) return false;
+    if (named > 1) {
+        // Only one could be unsealed or looked up; the others would reach the worker as sent.
+        Metrics::get().rejected_requests.Increment();
+        outcome = {RouteOutcome::Refused, Failure::SessionAmbiguous, {}, {}};
+        return true;
     }
-    if (!session_header_) return false;
+    session_header_ = sessions.match(request_.headers[first].name);
+    session_value_ = request_.headers[first].value;
     thread_local std::string instance_id;  // scratch: no allocation per request once warm
     auto& metrics = SessionMetrics::get();
     if (sessions.sealer) {
@@ -521,12 +524,15 @@ bool Exchange::parse_response_head() {
             continue;
         }
         if (h.field == http1::Field::ContentLength && response.framing != http1::Framing::None) continue;
-        if (http1::iequals(h.name, header_name)) has_instance_header = true;
+        if (http1::iequals(h.name, header_name)) {
+            if (sessions && sessions->hide_instance_header) continue;
+            has_instance_header = true;
+        }
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
     }
-    if (!has_instance_header) headers.push_back({header_name, inst.id});
-    headers.push_back({"X-Stepflow-Routed-Instance", inst.id});
+    if (!has_instance_header && !(sessions && sessions->hide_instance_header)) headers.push_back({header_name, inst.id});
+    if (!(sessions && sessions->hide_routed_instance)) headers.push_back({"X-Stepflow-Routed-Instance", inst.id});
     headers.push_back({"X-Stepflow-Routing-Decision", to_string(decision_)});
     if (sse_) {
         metrics.sse_streams_open.Increment();

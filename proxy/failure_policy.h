@@ -28,6 +28,7 @@ enum class Failure : uint8_t {
     RequestBodyTimeout,  // the client stopped sending its body for --request-body-timeout
     UpstreamRequestTimeout,  // the worker took no body for --upstream-request-timeout
     SessionNotFound,     // a --session-header id whose instance is gone, or a sealed id that does not open
+    SessionAmbiguous,    // the request carries more than one session header: which one counts is unclear
     Count
 };
 

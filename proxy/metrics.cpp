@@ -128,6 +128,7 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
     queue_rejections[1] = &rejections.Add({{"reason", "queue-timeout"}});
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
                         .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
+    static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
     for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")
