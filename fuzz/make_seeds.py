@@ -50,6 +50,12 @@ responses = {
     "continue": "\0HTTP/1.1 100 Continue\r\n\r\n",
     "no-reason": "\0HTTP/1.1 503\r\nRetry-After: 1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n",
     "te-cl": "\0HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+    # A worker writing a header of its own into the reason phrase (issue 22): refused.
+    "reason-lf": "\0HTTP/1.1 200 OK\nSet-Cookie: injected=1\r\nContent-Length: 0\r\n\r\n",
+    "reason-cr": "\0HTTP/1.1 200 OK\rSet-Cookie: injected=1\r\n\r\n",
+    "reason-nul": "\0HTTP/1.1 200 O\0K\r\n\r\n",
+    "reason-obs-text": "\0HTTP/1.1 200 \tOK \xe9t\xe9\r\nX-A: caf\xe9\r\n\r\n",
+    "value-lf": "\0HTTP/1.1 200 OK\r\nX-A: a\nSet-Cookie: injected=1\r\n\r\n",
 }
 for k, v in responses.items():
     put("http1_response", k, v)

@@ -404,17 +404,7 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     record_.status = status;
     if (exchange_) record_.note_route(*exchange_);
     std::string& out = worker_.head_text();
-    out.append("HTTP/1.1 ");
-    out.append(std::to_string(status));
-    out += ' ';
-    out.append(reason.empty() ? std::string_view(http1::status_reason(status)) : reason);
-    out.append("\r\n");
-    for (const auto& h : headers) {
-        out.append(h.name);
-        out.append(": ");
-        out.append(h.value);
-        out.append("\r\n");
-    }
+    http1::write_response_head(out, status, reason, headers);
     chunked_out = false;
     switch (upstream_framing) {
     case http1::Framing::Length:
@@ -460,7 +450,9 @@ void ClientH1::release_request_head() {
 
 void ClientH1::interim_response(int status, std::string_view reason) {
     if (request_.version_minor < 1) return;
-    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reason) + "\r\n\r\n";
+    std::string out;
+    http1::write_response_head(out, status, reason, {});
+    out.append("\r\n");
     evbuffer_add(bev_->output(), out.data(), out.size());
 }
 

@@ -135,6 +135,10 @@ public:
         std::memcpy(p + sizeof lengths, name.data(), name.size());
         std::memcpy(p + sizeof lengths + name.size(), value.data(), value.size());
         if (name.empty() || name[0] != ':') ++field_count_;
+        if (name == "cookie") {
+            ++cookie_fields_;
+            cookie_bytes_ += value.size();
+        }
     }
 
     void begin(bool end_stream) {
@@ -145,7 +149,10 @@ public:
         // enforced HTTP/2's own rules (lower-case names, pseudo-header order, no
         // connection-specific fields), so what is left is what both versions share.
         head_.headers.reserve(field_count_ + 1);
-        bool authority = false;
+        size_t cookies = 0;
+        if (cookie_fields_ > 1) head_.raw.reserve(head_.raw.size() + cookie_bytes_ + 2 * cookie_fields_);
+        size_t cookie_at = SIZE_MAX;  // where the joined cookie field goes
+        std::string_view authority, host;
         std::string_view raw = head_.raw;
         for (size_t at = 0; at < raw.size();) {
             uint32_t lengths[2];
@@ -157,17 +164,47 @@ public:
                 if (name == ":method") head_.method = value;
                 else if (name == ":path") head_.target = value;
                 else if (name == ":authority" && !value.empty()) {
-                    authority = true;
+                    authority = value;
                     head_.headers.push_back({"host", value, http1::Field::Host});
                 }
                 continue;
             }
+            if (cookie_fields_ > 1 && name == "cookie") {
+                if (cookie_at == SIZE_MAX) {
+                    cookie_at = head_.headers.size();
+                    head_.headers.push_back({"cookie", {}, http1::Field::Other});
+                }
+                continue;
+            }
             http1::Field field = http1::classify(name);
-            if (field == http1::Field::Host && authority) continue;  // :authority wins (RFC 9113 §8.3.1)
+            if (field == http1::Field::Host && !authority.empty()) {
+                host = value;
+                continue;  // :authority wins (RFC 9113 §8.3.1)
+            }
             head_.headers.push_back({name, value, field});
+        }
+        if (cookie_at != SIZE_MAX) {
+            // RFC 9113 §8.2.3: crumbs sent as separate fields are one Cookie field to HTTP/1.1,
+            // joined with "; ". Appended to raw within the capacity reserved above, so no view moves.
+            std::string& joined = head_.raw;
+            size_t start = joined.size();
+            for (size_t at = 0; at < raw.size();) {
+                uint32_t lengths[2];
+                std::memcpy(lengths, raw.data() + at, sizeof lengths);
+                std::string_view name = raw.substr(at + sizeof lengths, lengths[0]);
+                std::string_view value = raw.substr(at + sizeof lengths + lengths[0], lengths[1]);
+                at += sizeof lengths + lengths[0] + lengths[1];
+                if (name != "cookie" || value.empty()) continue;
+                if (cookies++ > 0) joined.append("; ");
+                joined.append(value);
+            }
+            head_.headers[cookie_at].value = std::string_view(joined).substr(start);
         }
         if (head_.target.empty()) head_.target = "*";
         if (header_overflow_) return reject(431, "request header list too large");
+        // RFC 9113 §8.3.1: a Host naming another authority than :authority makes the request
+        // malformed; the worker would otherwise see one and the routing the other.
+        if (!host.empty() && !http1::iequals(host, authority)) return reject(400, "host differs from :authority");
         const Config& cfg = conn_.worker_.config();
         if (auto err = http1::check_request(head_, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
             return reject(err.status, err.reason);
@@ -511,6 +548,7 @@ private:
     size_t header_bytes_ = 0;
     int header_count_ = 0;
     size_t field_count_ = 0;  // regular (not pseudo-header) fields kept
+    size_t cookie_fields_ = 0, cookie_bytes_ = 0;  // joined into one field when several (RFC 9113 §8.2.3)
     bool header_overflow_ = false;
     http1::Head head_;
     evbuffer* req_buf_ = nullptr;  // request body waiting for the worker (made when first needed)

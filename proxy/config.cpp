@@ -98,7 +98,7 @@ Config parse_config(int argc, char** argv) {
     app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
 
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
-    std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on";
+    std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on", expose_instance = "off";
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
         dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout, health_check = "stepflow",
@@ -189,6 +189,10 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--session-key-file-previous", cfg.session_key_file_previous,
                    "The key before --session-key-file: ids it sealed are still accepted (key rotation)")
         ->envname("STEPFLOW_LB_SESSION_KEY_FILE_PREVIOUS");
+    app.add_option("--expose-instance", expose_instance,
+                   "on|off: with sealed session ids, responses still name the instance that served them "
+                   "(the instance header and X-Stepflow-Routed-Instance) [off]")
+        ->envname("STEPFLOW_LB_EXPOSE_INSTANCE");
 
     std::string queue_timeout = "30s", capacity_recovery_interval = "1s";
     app.add_option("--max-in-flight-per-instance", cfg.max_in_flight_per_instance,
@@ -272,6 +276,7 @@ Config parse_config(int argc, char** argv) {
     switch_flag("--upstream-tls", upstream_tls, cfg.upstream_tls);
     switch_flag("--upstream-insecure", upstream_insecure, cfg.upstream_insecure);
     switch_flag("--compat-metrics", compat_metrics, cfg.compat_metrics);
+    switch_flag("--expose-instance", expose_instance, cfg.expose_instance);
     if (!cfg.tls_listen.empty()) {
         if (!parse_host_port(cfg.tls_listen, hp)) fail("--tls-listen: '" + cfg.tls_listen + "' is not host:port");
         if (cfg.tls_cert.empty() || cfg.tls_key.empty()) fail("--tls-listen needs --tls-cert and --tls-key");

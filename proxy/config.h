@@ -88,6 +88,7 @@ struct Config {
     size_t max_sessions = 1000000;
     std::string session_key_file;           // set: ids are sealed, no table is kept
     std::string session_key_file_previous;  // accepted when unsealing, during a key rotation
+    bool expose_instance = false;  // sealed mode: responses still name the instance (docs/sessions.md)
 
     // Timeouts (0 = off where noted)
     Millis connect_timeout{2000};

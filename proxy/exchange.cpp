@@ -178,14 +178,17 @@ void Exchange::count_mcp_method() {
 // session, or one never learned (the backend then answers for itself).
 bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     const Sessions& sessions = *worker_.sessions();
-    for (const auto& h : request_.headers) {
-        if (const std::string* name = sessions.match(h.name)) {
-            pending_->session_header = name;
-            pending_->session_value = h.value;
-            break;
-        }
+    size_t first = 0;
+    int named = sessions.count_in(request_.headers, first);
+    if (named == 0) return false;
+    if (named > 1) {
+        // Only one could be unsealed or looked up; the others would reach the worker as sent.
+        Metrics::get().rejected_requests.Increment();
+        outcome = {RouteOutcome::Refused, Failure::SessionAmbiguous, {}, {}};
+        return true;
     }
-    if (!pending_->session_header) return false;
+    pending_->session_header = sessions.match(request_.headers[first].name);
+    pending_->session_value = request_.headers[first].value;
     thread_local std::string instance_id;  // scratch: no allocation per request once warm
     auto& metrics = SessionMetrics::get();
     if (sessions.sealer) {
@@ -467,7 +470,7 @@ bool Exchange::parse_response_head() {
         size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
         if (n == 0) return false;
         if (n == SIZE_MAX) {
-            fail(Failure::BadResponse, "upstream response head too large");
+            bad_response("upstream response head too large");
             return false;
         }
         response.clear();
@@ -475,7 +478,7 @@ bool Exchange::parse_response_head() {
         evbuffer_remove(in, response.raw.data(), n);
         scan_from_ = 0;
         if (auto err = http1::parse_response(response, request_.is_head_method)) {
-            fail(Failure::BadResponse, err.reason);
+            bad_response(err.reason);
             return false;
         }
         if (response.status >= 200) {
@@ -483,11 +486,11 @@ bool Exchange::parse_response_head() {
             break;
         }
         if (response.status == 101) {
-            fail(Failure::BadResponse, "upstream switched protocols");
+            bad_response("upstream switched protocols");
             return false;
         }
         if (++interim_count_ > kMaxInterimResponses) {
-            fail(Failure::BadResponse, "too many interim responses from upstream");
+            bad_response("too many interim responses from upstream");
             return false;
         }
         downstream_.interim_response(response.status, response.reason);
@@ -524,12 +527,15 @@ bool Exchange::parse_response_head() {
             continue;
         }
         if (h.field == http1::Field::ContentLength && response.framing != http1::Framing::None) continue;
-        if (http1::iequals(h.name, header_name)) has_instance_header = true;
+        if (http1::iequals(h.name, header_name)) {
+            if (sessions && sessions->hide_instance_header) continue;
+            has_instance_header = true;
+        }
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
     }
-    if (!has_instance_header) headers.push_back({header_name, inst.id});
-    headers.push_back({"X-Stepflow-Routed-Instance", inst.id});
+    if (!has_instance_header && !(sessions && sessions->hide_instance_header)) headers.push_back({header_name, inst.id});
+    if (!(sessions && sessions->hide_routed_instance)) headers.push_back({"X-Stepflow-Routed-Instance", inst.id});
     headers.push_back({"X-Stepflow-Routing-Decision", to_string(decision_)});
     if (sse_) {
         metrics.sse_streams_open.Increment();
@@ -549,6 +555,14 @@ bool Exchange::parse_response_head() {
 void Exchange::release_pending() {
     leave_queue();
     pending_.reset();
+}
+
+// A response head that breaks HTTP/1.1 is never relayed, even in part: 502, counted, and charged
+// to the instance as a protocol failure.
+void Exchange::bad_response(const char* why) {
+    Metrics::get().upstream_bad_responses.Increment();
+    charge(Failure::BadResponse, why);
+    fail(Failure::BadResponse, why);
 }
 
 // A 503 to new work may be a worker at capacity (-32300), which is retried elsewhere instead of

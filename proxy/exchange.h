@@ -115,6 +115,7 @@ private:
     void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
     void send_request_head();
     bool parse_response_head();
+    void bad_response(const char* why);
     void pump_response();
     void complete_response();
     void finish(bool reuse_connection);

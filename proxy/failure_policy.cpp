@@ -23,6 +23,7 @@ const char* to_string(Failure f) {
     case Failure::RequestBodyTimeout: return "request-body-timeout";
     case Failure::UpstreamRequestTimeout: return "upstream-request-timeout";
     case Failure::SessionNotFound: return "session-not-found";
+    case Failure::SessionAmbiguous: return "ambiguous-session";
     case Failure::Count: break;
     }
     return "unknown";
@@ -43,7 +44,8 @@ FailureVerdict judge(Failure f, Decision decision) {
     case Failure::ResetBeforeResponse: return {decision == Decision::Pinned ? 503 : 502, true, false, decision == Decision::Pinned};
     // A slow worker is not a broken one.
     case Failure::HeadTimeout: return {504, false, false, false};
-    case Failure::BadResponse: return {502, false, false, false};
+    // A head that breaks HTTP/1.1 is the worker's fault (a protocol failure): charged.
+    case Failure::BadResponse: return {502, true, false, false};
     case Failure::CutShort: return {502, true, false, false};
     // Full is not broken, and nothing was created: another instance may take it.
     case Failure::WorkerAtCapacity: return {503, false, unpinned, true};
@@ -55,6 +57,8 @@ FailureVerdict judge(Failure f, Decision decision) {
     case Failure::UpstreamRequestTimeout: return {504, false, false, false};
     // MCP: 404 tells the client to start a new session; nobody else knows this one.
     case Failure::SessionNotFound: return {404, false, false, false};
+    // The client's fault, refused before any instance is chosen.
+    case Failure::SessionAmbiguous: return {400, false, false, false};
     case Failure::Count: break;
     }
     return {502, false, false, false};
@@ -80,6 +84,9 @@ LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_jso
     if (f == Failure::SessionNotFound) {
         code = -32001;
         message = "Session not found";
+    } else if (f == Failure::SessionAmbiguous) {
+        code = -32600;
+        message = "More than one session header";
     } else if (decision == Decision::Pinned && v.status == 503) {
         message = "Instance not available";  // the orchestrator abandons the step on this
     } else if (f == Failure::NoInstance || f == Failure::ConnectFailed || f == Failure::SocketFailed) {

@@ -20,7 +20,7 @@ enum class Failure : uint8_t {
     StaleConnection,     // a pooled keep-alive connection closed or reset before any response byte
     ResetBeforeResponse, // a fresh connection closed or reset before any response byte
     HeadTimeout,         // no response head within --upstream-header-timeout
-    BadResponse,         // the worker's response could not be parsed
+    BadResponse,         // the worker's response head broke HTTP/1.1 (never relayed)
     CutShort,            // the response broke after it had started
     WorkerAtCapacity,    // the worker answered 503 / -32300
     QueueFull,           // --queue-size requests wait already
@@ -28,6 +28,7 @@ enum class Failure : uint8_t {
     RequestBodyTimeout,  // the client stopped sending its body for --request-body-timeout
     UpstreamRequestTimeout,  // the worker took no body for --upstream-request-timeout
     SessionNotFound,     // a --session-header id whose instance is gone, or a sealed id that does not open
+    SessionAmbiguous,    // the request carries more than one session header: which one counts is unclear
     Count
 };
 

@@ -337,6 +337,9 @@ Error parse_response(Head& head, bool request_was_head) {
     if (head.status < 100) return {502, "bad upstream status code"};
     if (line.size() > 12 && line[12] != ' ') return {502, "bad upstream status line"};
     head.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
+    // The reason phrase is relayed to HTTP/1.1 clients: a CR or LF in it would start a header
+    // of the worker's choosing (RFC 9112 §4: HTAB, SP, VCHAR, obs-text only).
+    if (!valid_field_value(head.reason)) return {502, "bad upstream reason phrase"};
 
     bool has_te, has_cl;
     if (auto e = read_framing_headers(head, has_te, has_cl)) return {502, e.reason};
@@ -502,6 +505,21 @@ BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
             break;
         }
         }
+    }
+}
+
+void write_response_head(std::string& out, int status, std::string_view reason,
+                         const std::vector<Header>& headers) {
+    char code[4] = {char('0' + status / 100 % 10), char('0' + status / 10 % 10), char('0' + status % 10), ' '};
+    out.append("HTTP/1.1 ");
+    out.append(code, 4);
+    out.append(reason.empty() ? std::string_view(status_reason(status)) : reason);
+    out.append("\r\n");
+    for (const auto& h : headers) {
+        out.append(h.name);
+        out.append(": ");
+        out.append(h.value);
+        out.append("\r\n");
     }
 }
 

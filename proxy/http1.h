@@ -141,6 +141,11 @@ private:
     const char* error_ = "";
 };
 
+// The start line and fields of a response to an HTTP/1.1 client (no blank line: the caller adds
+// its framing fields first). `status` is three digits; an empty reason becomes status_reason().
+// Every byte comes from a parsed head or from the balancer, so nothing is checked again here.
+void write_response_head(std::string& out, int status, std::string_view reason, const std::vector<Header>& headers);
+
 const char* status_reason(int status);
 
 }  // namespace stepflow::http1

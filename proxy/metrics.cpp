@@ -78,6 +78,9 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       upstream_retries(BuildCounter().Name("stepflow_lb_upstream_retries_total")
                            .Help("Unpinned requests re-sent to another instance (connect failure, stale connection, -32300)")
                            .Register(*r).Add({})),
+      upstream_bad_responses(BuildCounter().Name("stepflow_lb_upstream_bad_responses_total")
+                                 .Help("Worker response heads refused as malformed (answered 502, instance charged)")
+                                 .Register(*r).Add({})),
       queue_depth(BuildGauge().Name("stepflow_lb_queue_depth")
                       .Help("New requests waiting for a free slot (all threads)").Register(*r).Add({})),
       queue_wait_seconds(BuildHistogram().Name("stepflow_lb_queue_wait_seconds")
@@ -125,6 +128,7 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
     queue_rejections[1] = &rejections.Add({{"reason", "queue-timeout"}});
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
                         .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
+    static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
     for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")

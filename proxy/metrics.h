@@ -63,12 +63,13 @@ public:
     prometheus::Counter& rejected_requests;  // malformed requests answered without an upstream
     prometheus::Counter& upstream_connect_errors;
     prometheus::Counter& upstream_retries;
+    prometheus::Counter& upstream_bad_responses;  // heads refused: 502, instance charged
     std::array<prometheus::Counter*, 6> upstream_responses{};  // index = status / 100 (0: none)
     // Admission (docs/admission.md)
     prometheus::Gauge& queue_depth;
     prometheus::Histogram& queue_wait_seconds;
     std::array<prometheus::Counter*, 2> queue_rejections{};  // [0] queue-full, [1] queue-timeout
-    std::array<prometheus::Counter*, 16> retries_by_reason{};  // index: Failure
+    std::array<prometheus::Counter*, 32> retries_by_reason{};  // index: Failure (room for new kinds)
     prometheus::Counter& worker_at_capacity;
     prometheus::Family<prometheus::Gauge>& instance_limit;
     prometheus::Gauge& sse_streams_open;

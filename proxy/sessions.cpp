@@ -45,6 +45,8 @@ std::unique_ptr<Sessions> Sessions::from_config(const Config& config, std::strin
         prev = previous;
     }
     s->sealer = std::make_unique<SessionSealer>(current, prev);
+    s->hide_routed_instance = !config.expose_instance;
+    s->hide_instance_header = !config.expose_instance && config.health_check != HealthCheck::Stepflow;
     return s;
 }
 
@@ -52,6 +54,13 @@ const std::string* Sessions::match(std::string_view name) const {
     for (const auto& h : headers)
         if (http1::iequals(name, h)) return &h;
     return nullptr;
+}
+
+int Sessions::count_in(const std::vector<http1::Header>& fields, size_t& first) const {
+    int n = 0;
+    for (size_t i = 0; i < fields.size(); ++i)
+        if (match(fields[i].name) && n++ == 0) first = i;
+    return n;
 }
 
 size_t mcp_method_index(std::string_view method) {

@@ -14,6 +14,7 @@
 #include <prometheus/gauge.h>
 
 #include "proxy/config.h"
+#include "proxy/http1.h"
 #include "proxy/session_seal.h"
 #include "proxy/session_table.h"
 
@@ -23,11 +24,19 @@ struct Sessions {
     std::vector<std::string> headers;       // --session-header names
     std::unique_ptr<SessionTable> table;    // learned mode
     std::unique_ptr<SessionSealer> sealer;  // sealed mode (--session-key-file)
+    // Sealed mode tells clients nothing about the fleet: responses carry no
+    // X-Stepflow-Routed-Instance, and no instance header unless Stepflow workers need it (their
+    // orchestrator pins callbacks with it). --expose-instance keeps both.
+    bool hide_routed_instance = false;
+    bool hide_instance_header = false;
 
     // Null when no --session-header is given; exits with a clear message on a bad key file.
     static std::unique_ptr<Sessions> from_config(const Config& config, std::string& error, bool& failed);
     // The name of the session header `name` matches, or null.
     const std::string* match(std::string_view name) const;
+    // How many of the request's fields are session headers (any configured name, any case);
+    // `first` is set to the first one's index.
+    int count_in(const std::vector<http1::Header>& fields, size_t& first) const;
 };
 
 // Why a request naming a session got 404 "Session not found" from the balancer.

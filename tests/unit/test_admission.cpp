@@ -98,4 +98,13 @@ TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK(a.body == R"({"jsonrpc":"2.0","id":7,"error":{"code":-32000,"message":"No capacity available","data":{"reason":"queue-full"}}})");
     a = answer_failure(Failure::ConnectFailed, Decision::Pinned, "\"x\"", "inst-1", "connection refused");
     CHECK(a.body == R"({"jsonrpc":"2.0","id":"x","error":{"code":-32000,"message":"Instance not available","data":{"instanceId":"inst-1","reason":"connect-failed","detail":"connection refused"}}})");
+    // A malformed response head is the worker's fault: charged, never retried (issue 22).
+    CHECK(judge(Failure::BadResponse, Decision::LeastLoad).charge_instance);
+    CHECK_FALSE(judge(Failure::BadResponse, Decision::LeastLoad).retriable);
+    CHECK(judge(Failure::BadResponse, Decision::Pinned).status == 502);
+    // Two session headers: the client's fault, 400 Invalid Request with its id.
+    a = answer_failure(Failure::SessionAmbiguous, Decision::None, "5", "", "");
+    CHECK(a.status == 400);
+    CHECK_FALSE(judge(Failure::SessionAmbiguous, Decision::None).charge_instance);
+    CHECK(a.body == R"({"jsonrpc":"2.0","id":5,"error":{"code":-32600,"message":"More than one session header","data":{"reason":"ambiguous-session"}}})");
 }

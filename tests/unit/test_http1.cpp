@@ -223,3 +223,30 @@ TEST_CASE("response heads decide their framing", "[http1]") {
     h.raw = "HTTP/1.1 2x0 OK\r\n\r\n";
     CHECK(parse_response(h, false).status == 502);
 }
+
+TEST_CASE("a reason phrase takes HTAB, SP, VCHAR and obs-text only", "[http1]") {
+    for (std::string bad : {std::string("OK\nSet-Cookie: x=1"), std::string("OK\rX"), std::string("O\0K", 3),
+                            std::string("O\x7fK"), std::string("O\x01K")}) {
+        Head h;
+        h.raw = "HTTP/1.1 200 " + bad + "\r\nContent-Length: 0\r\n\r\n";
+        Error e = parse_response(h, false);
+        CHECK(e.status == 502);
+        CHECK(std::string_view(e.reason) == "bad upstream reason phrase");
+    }
+    Head h;
+    h.raw = "HTTP/1.1 200 Tr\xe8s\tbien !\r\n\r\n";
+    REQUIRE_FALSE(parse_response(h, false));
+    CHECK(h.reason == "Tr\xe8s\tbien !");
+}
+
+TEST_CASE("write_response_head writes a head that parses back to the same fields", "[http1]") {
+    std::vector<Header> fields = {{"X-A", "caf\xe9 au\tlait"}, {"Content-Length", "2"}};
+    Head h;
+    write_response_head(h.raw, 404, "", fields);
+    h.raw += "\r\n";
+    REQUIRE_FALSE(parse_response(h, false));
+    CHECK(h.status == 404);
+    CHECK(h.reason == "Not Found");
+    REQUIRE(h.headers.size() == 2);
+    CHECK(h.headers[0].value == "caf\xe9 au\tlait");
+}
