@@ -187,13 +187,19 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     thread_local std::string instance_id;  // scratch: no allocation per request once warm
     auto& metrics = SessionMetrics::get();
     if (sessions.sealer) {
-        if (!sessions.sealer->unseal(session_value_, instance_id, backend_session_)) {
-            metrics.not_found[size_t(SessionMiss::InvalidSeal)]->Increment();
-            log::debug("session id does not unseal", {{"session", session_log_hash(session_value_)}});
+        OpenedSession opened;
+        UnsealResult r = sessions.sealer->unseal(session_value_, instance_id, backend_session_, &opened);
+        if (r != UnsealResult::Ok) {
+            bool expired = r == UnsealResult::Expired;
+            metrics.not_found[size_t(expired ? SessionMiss::Expired : SessionMiss::InvalidSeal)]->Increment();
+            log::debug(expired ? "session id past --session-max-age" : "session id does not unseal",
+                       {{"session", session_log_hash(session_value_)}});
             outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
             return true;
         }
         session_unsealed_ = true;
+        session_stale_ = opened.stale;
+        session_issued_at_ = opened.issued_at;
     } else if (!sessions.table->lookup(session_value_, instance_id)) {
         return false;
     }
@@ -232,7 +238,12 @@ void Exchange::take_response_session(const http1::Header& h, const Instance& ins
     const Sessions& sessions = *worker_.sessions();
     if (sessions.sealer) {
         if (session_unsealed_ && h.value == backend_session_) {
-            out.push_back({h.name, session_value_});  // the client's own sealed id still holds
+            if (!session_stale_) {
+                out.push_back({h.name, session_value_});  // the client's own sealed id still holds
+                return;
+            }
+            reseal_session(inst);  // opened with an older key: hand back the same session under the current one
+            if (!sealed_session_.empty()) out.push_back({h.name, sealed_session_});
             return;
         }
         sealed_session_ = sessions.sealer->seal(inst.id, h.value);
@@ -243,6 +254,12 @@ void Exchange::take_response_session(const http1::Header& h, const Instance& ins
     if (h.value != session_value_) SessionMetrics::get().learned->Increment();
     sessions.table->remember(h.value, inst.id);
     out.push_back(h);
+}
+
+void Exchange::reseal_session(const Instance& inst) {
+    // Keeps the original issue time, so re-sealing never extends --session-max-age.
+    sealed_session_ = worker_.sessions()->sealer->seal(inst.id, backend_session_, session_issued_at_);
+    if (!sealed_session_.empty()) SessionMetrics::get().resealed->Increment();
 }
 
 bool Exchange::connect_to(const InstancePtr& inst) {
@@ -524,6 +541,11 @@ bool Exchange::parse_response_head() {
         if (http1::iequals(h.name, header_name)) has_instance_header = true;
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
+    }
+    if (session_stale_ && sealed_session_.empty() && status_ / 100 == 2 && request_.method != "DELETE") {
+        // The worker did not repeat the session header: the balancer adds it to re-seal the id.
+        reseal_session(inst);
+        if (!sealed_session_.empty()) headers.push_back({*session_header_, sealed_session_});
     }
     if (!has_instance_header) headers.push_back({header_name, inst.id});
     headers.push_back({"X-Stepflow-Routed-Instance", inst.id});

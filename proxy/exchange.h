@@ -112,6 +112,7 @@ private:
     void count_mcp_method();
     bool route_session(const Fleet& fleet, RouteOutcome& outcome);
     void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
+    void reseal_session(const Instance& inst);
     void send_request_head();
     bool parse_response_head();
     void pump_response();
@@ -137,6 +138,8 @@ private:
     const std::string* session_header_ = nullptr;  // the --session-header the request carries
     std::string_view session_value_;              // its value (a view of the request head)
     bool session_unsealed_ = false;               // backend_session_ replaces it upstream
+    bool session_stale_ = false;                  // opened with an older key: re-sealed on the response
+    int64_t session_issued_at_ = 0;
     std::string backend_session_;
     std::string sealed_session_;  // the sealed id sent to the client (the header list views it)
     std::array<Instance*, kMaxAttempts> tried_{};

@@ -238,7 +238,7 @@ def sealed_sessions_across_two_replicas_and_a_restart():
     print(f"  two replicas: {sessions} sessions, {requests} requests, {split} split", flush=True)
 
     sid, first = start_session(replicas[0].port)
-    check(sid.startswith("sf1.") and len(sid) < 256 and sid.isascii() and sid.isprintable(), sid)
+    check(sid.startswith("sf2.") and len(sid) < 256 and sid.isascii() and sid.isprintable(), sid)
     backend_ids = set(next(s for s in servers if s.name == first).stats()["session_ids"])
     replicas[0].stop()
     replicas[0] = Balancer([s.address for s in servers], args=args)
