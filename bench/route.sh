@@ -20,9 +20,12 @@ taskset -c "${BENCH_PROXY_CPU:-0}" "$build/bench/$name-bench" --benchmark_repeti
 python3 - "$json" ".bench-out/$name-$stamp.md" "$name" <<'PY'
 import json, statistics, sys
 bench = sys.argv[3]
-runs = {}
+runs, sizes = {}, {}
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     if b.get("run_type") == "iteration":
+        if "bytes_per_session" in b:  # a memory figure, not a time
+            sizes.setdefault(b["run_name"], []).append(b["bytes_per_session"])
+            continue
         runs.setdefault(b["run_name"], []).append(b["cpu_time"])
 if bench == "route":
     rows = ["| benchmark | instances | ns per decision, median (min..max) | target at 1,000 (≤ 200 ns) |",
@@ -35,6 +38,11 @@ for name, ts in runs.items():
     if n == "1000" and fn in ("BM_RoutePinned", "BM_RouteLeastLoad"):
         target = "met" if statistics.median(ts) <= 200 else "NOT met"
     rows.append(f"| {fn[3:]} | {n} | {statistics.median(ts):.1f} ({min(ts):.1f}..{max(ts):.1f}) | {target} |")
+if sizes:
+    rows += ["", "| table | sessions | heap bytes per session (36-byte id) |", "|---|---|---|"]
+    for name, bs in sizes.items():
+        fn, n = name.split("/")[:2]
+        rows.append(f"| {fn[3:]} | {n} | {statistics.median(bs):.1f} |")
 title = "Routing decision" if bench == "route" else "Session lookup and sealing"
 text = f"### {title} (Google Benchmark, 5 repetitions, one core)\n\n" + "\n".join(rows)
 print(text)

@@ -102,7 +102,7 @@ Config parse_config(int argc, char** argv) {
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
         dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout, health_check = "stepflow",
-        session_idle_timeout;
+        session_idle_timeout, session_max_age;
     std::vector<std::string> session_headers;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
@@ -181,11 +181,17 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_SESSION_HEADER")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)->delimiter(',');
     app.add_option("--session-idle-timeout", session_idle_timeout, "Forget a learned session unused this long [1h]")
         ->envname("STEPFLOW_LB_SESSION_IDLE_TIMEOUT");
-    app.add_option("--max-sessions", cfg.max_sessions, "Learned sessions kept; the least recently used go first")
+    app.add_option("--max-sessions", cfg.max_sessions,
+                   "Learned sessions kept; the least recently used go first. 0: a quarter of the cgroup memory "
+                   "limit at 128 B each, at most 1000000")
         ->envname("STEPFLOW_LB_MAX_SESSIONS")->capture_default_str();
     app.add_option("--session-key-file", cfg.session_key_file,
-                   "32-byte key (raw, hex or base64) sealing session ids so every replica routes them without a table")
+                   "Keys sealing session ids so every replica routes them without a table: a file with one key "
+                   "a line (hex or base64 of 32 bytes; the first seals, all open) or a directory of such files; "
+                   "re-read when it changes")
         ->envname("STEPFLOW_LB_SESSION_KEY_FILE");
+    app.add_option("--session-max-age", session_max_age, "Refuse sealed session ids issued longer ago than this [off]")
+        ->envname("STEPFLOW_LB_SESSION_MAX_AGE");
     app.add_option("--session-key-file-previous", cfg.session_key_file_previous,
                    "The key before --session-key-file: ids it sealed are still accepted (key rotation)")
         ->envname("STEPFLOW_LB_SESSION_KEY_FILE_PREVIOUS");
@@ -313,6 +319,7 @@ Config parse_config(int argc, char** argv) {
     if (cfg.retries < 0 || cfg.retries > 10) fail("--retries: must be between 0 and 10");
     if (cfg.retry_buffer_size > 64 * 1024 * 1024) fail("--retry-buffer-size: must be at most 67108864 (64 MiB)");
     duration_flag("--session-idle-timeout", session_idle_timeout, cfg.session_idle_timeout, false);
+    duration_flag("--session-max-age", session_max_age, cfg.session_max_age, true);
 
     if (health_check == "stepflow") cfg.health_check = HealthCheck::Stepflow;
     else if (health_check == "http") cfg.health_check = HealthCheck::Http;
@@ -327,9 +334,13 @@ Config parse_config(int argc, char** argv) {
         if (!valid_header_name(h)) fail("--session-header: '" + h + "' is not a header name");
         cfg.session_headers.push_back(h);
     }
-    if (cfg.max_sessions < 1 || cfg.max_sessions > 100000000) fail("--max-sessions: must be between 1 and 100000000");
+    if (cfg.max_sessions > 100000000) fail("--max-sessions: must be between 0 (auto) and 100000000");
     if (!cfg.session_key_file_previous.empty() && cfg.session_key_file.empty())
         fail("--session-key-file-previous needs --session-key-file");
+    if (cfg.session_max_age.count() > 0 && cfg.session_key_file.empty())
+        fail("--session-max-age needs --session-key-file (only sealed ids carry their issue time)");
+    if (cfg.session_max_age.count() > 0 && cfg.session_max_age.count() < 1000)
+        fail("--session-max-age: at least 1s (issue times are in seconds)");
     if (!cfg.session_key_file.empty() && cfg.session_headers.empty())
         fail("--session-key-file needs --session-header (the header whose ids are sealed)");
 

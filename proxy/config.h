@@ -85,9 +85,10 @@ struct Config {
     // Sessions learned from response headers (e.g. Mcp-Session-Id); see docs/sessions.md
     std::vector<std::string> session_headers;
     Millis session_idle_timeout{3600000};
-    size_t max_sessions = 1000000;
-    std::string session_key_file;           // set: ids are sealed, no table is kept
-    std::string session_key_file_previous;  // accepted when unsealing, during a key rotation
+    size_t max_sessions = 0;                // 0: from the cgroup memory limit, at most 1,000,000
+    std::string session_key_file;           // set: ids are sealed, no table is kept (file or directory of keys)
+    std::string session_key_file_previous;  // more keys accepted when unsealing (older form of a rotation)
+    Millis session_max_age{0};              // sealed ids older than this are refused; 0 = never
     bool expose_instance = false;  // sealed mode: responses still name the instance (docs/sessions.md)
 
     // Timeouts (0 = off where noted)

@@ -192,13 +192,19 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     thread_local std::string instance_id;  // scratch: no allocation per request once warm
     auto& metrics = SessionMetrics::get();
     if (sessions.sealer) {
-        if (!sessions.sealer->unseal(pending_->session_value, instance_id, pending_->backend_session)) {
-            metrics.not_found[size_t(SessionMiss::InvalidSeal)]->Increment();
-            log::debug("session id does not unseal", {{"session", session_log_hash(pending_->session_value)}});
+        OpenedSession opened;
+        UnsealResult r = sessions.sealer->unseal(pending_->session_value, instance_id, pending_->backend_session, &opened);
+        if (r != UnsealResult::Ok) {
+            bool expired = r == UnsealResult::Expired;
+            metrics.not_found[size_t(expired ? SessionMiss::Expired : SessionMiss::InvalidSeal)]->Increment();
+            log::debug(expired ? "session id past --session-max-age" : "session id does not unseal",
+                       {{"session", session_log_hash(pending_->session_value)}});
             outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
             return true;
         }
         pending_->session_unsealed = true;
+        pending_->session_stale = opened.stale;
+        pending_->session_issued_at = opened.issued_at;
     } else if (!sessions.table->lookup(pending_->session_value, instance_id)) {
         return false;
     }
@@ -237,7 +243,12 @@ void Exchange::take_response_session(const http1::Header& h, const Instance& ins
     const Sessions& sessions = *worker_.sessions();
     if (sessions.sealer) {
         if (pending_->session_unsealed && h.value == pending_->backend_session) {
-            out.push_back({h.name, pending_->session_value});  // the client's own sealed id still holds
+            if (!pending_->session_stale) {
+                out.push_back({h.name, pending_->session_value});  // the client's own sealed id still holds
+                return;
+            }
+            reseal_session(inst);  // opened with an older key: hand back the same session under the current one
+            if (!pending_->sealed_session.empty()) out.push_back({h.name, pending_->sealed_session});
             return;
         }
         pending_->sealed_session = sessions.sealer->seal(inst.id, h.value);
@@ -248,6 +259,12 @@ void Exchange::take_response_session(const http1::Header& h, const Instance& ins
     if (h.value != pending_->session_value) SessionMetrics::get().learned->Increment();
     sessions.table->remember(h.value, inst.id);
     out.push_back(h);
+}
+
+void Exchange::reseal_session(const Instance& inst) {
+    // Keeps the original issue time, so re-sealing never extends --session-max-age.
+    pending_->sealed_session = worker_.sessions()->sealer->seal(inst.id, pending_->backend_session, pending_->session_issued_at);
+    if (!pending_->sealed_session.empty()) SessionMetrics::get().resealed->Increment();
 }
 
 bool Exchange::connect_to(const InstancePtr& inst) {
@@ -533,6 +550,11 @@ bool Exchange::parse_response_head() {
         }
         if (h.field == http1::Field::ContentType && h.value.substr(0, 17) == "text/event-stream") sse_ = true;
         headers.push_back(h);
+    }
+    if (pending_->session_stale && pending_->sealed_session.empty() && status_ / 100 == 2 && request_.method != "DELETE") {
+        // The worker did not repeat the session header: the balancer adds it to re-seal the id.
+        reseal_session(inst);
+        if (!pending_->sealed_session.empty()) headers.push_back({*pending_->session_header, pending_->sealed_session});
     }
     if (!has_instance_header && !(sessions && sessions->hide_instance_header)) headers.push_back({header_name, inst.id});
     if (!(sessions && sessions->hide_routed_instance)) headers.push_back({"X-Stepflow-Routed-Instance", inst.id});

@@ -113,6 +113,7 @@ private:
     void count_mcp_method();
     bool route_session(const Fleet& fleet, RouteOutcome& outcome);
     void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
+    void reseal_session(const Instance& inst);
     void send_request_head();
     bool parse_response_head();
     void bad_response(const char* why);
@@ -139,6 +140,8 @@ private:
         const std::string* session_header = nullptr;  // the --session-header the request carries
         std::string_view session_value;              // its value (a view of the request head)
         bool session_unsealed = false;               // backend_session replaces it upstream
+        bool session_stale = false;                  // opened with an older key: re-sealed on the response
+        int64_t session_issued_at = 0;
         uint8_t tried_count = 0;
         std::array<Instance*, kMaxAttempts> tried{};  // instances tried for new work
         std::string backend_session;

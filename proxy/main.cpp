@@ -87,10 +87,18 @@ void on_shutdown_poll(int, short, void* arg) {
     evtimer_add(s->poll, &tv);
 }
 
+struct Reloadable {
+    TlsServer* tls;
+    Sessions* sessions;
+};
+
+// SIGHUP: the TLS certificate and the session keys are read again (the keys also on change).
 void on_reload(int, short, void* arg) {
-    auto* tls = static_cast<TlsServer*>(arg);
+    auto* r = static_cast<Reloadable*>(arg);
+    if (r->sessions) r->sessions->reload_keys();
+    if (!r->tls) return;
     std::string error;
-    if (tls->reload(error)) log::info("TLS certificate reloaded");
+    if (r->tls->reload(error)) log::info("TLS certificate reloaded");
     else log::error("TLS certificate reload failed: keeping the previous one", {{"reason", error}});
 }
 
@@ -167,10 +175,12 @@ int main(int argc, char** argv) {
     Shutdown shutdown{control, &admin, &workers, &config, nullptr, {}, false};
     event* sigterm = evsignal_new(control, SIGTERM, on_signal, &shutdown);
     event* sigint = evsignal_new(control, SIGINT, on_signal, &shutdown);
-    event* sighup = evsignal_new(control, SIGHUP, on_reload, tls_server.get());
+    Reloadable reloadable{tls_server.get(), sessions.get()};
+    event* sighup = evsignal_new(control, SIGHUP, on_reload, &reloadable);
     event_add(sigterm, nullptr);
     event_add(sigint, nullptr);
-    if (tls_server) event_add(sighup, nullptr);
+    if (sessions) sessions->watch_keys(control);
+    if (tls_server || (sessions && sessions->sealer)) event_add(sighup, nullptr);
     else std::signal(SIGHUP, SIG_IGN);
 
     source->start([&fleet](std::vector<Endpoint> endpoints) { fleet.update(std::move(endpoints)); });

@@ -18,7 +18,7 @@ import threading
 import urllib.request
 
 from harness import Balancer, ROOT, _started, check, run_tests, test, wait_for
-from session_lib import RoundRobinRelay, key_file
+from session_lib import RoundRobinRelay, SecretVolume, key_file, new_key, write_atomically
 
 MCP_DIR = os.path.join(ROOT, "tests", "mcp")
 H = "Mcp-Session-Id"
@@ -69,22 +69,30 @@ class Clients:
     """tests/mcp/client.mjs: SESSIONS concurrent SDK sessions against one URL. With hold=True
     every session stops after its first call until release()."""
 
-    def __init__(self, port, sessions=20, calls=5, hold=False, notification_wait_ms=15000):
+    def __init__(self, port, sessions=20, calls=5, hold=False, notification_wait_ms=15000, holds=1):
         argv = [node(), os.path.join(MCP_DIR, "client.mjs"), f"http://127.0.0.1:{port}/mcp", str(sessions), str(calls)]
         self.proc = subprocess.Popen(argv + (["hold"] if hold else []), cwd=MCP_DIR, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, MCP_NOTIFICATION_WAIT_MS=str(notification_wait_ms)))
+                                     env=dict(os.environ, MCP_NOTIFICATION_WAIT_MS=str(notification_wait_ms),
+                                              MCP_HOLDS=str(holds)))
         _started.append(self.proc)
         self.lines = queue.Queue()
         threading.Thread(target=_read_lines, args=(self.proc, self.lines), daemon=True).start()
         if hold:
-            line = self.lines.get(timeout=60)
-            if line != "ready":
-                raise AssertionError(f"clients did not reach the hold point: {line!r}")
+            self.wait_ready()
+
+    def wait_ready(self):
+        line = self.lines.get(timeout=60)
+        if line != "ready":
+            raise AssertionError(f"clients did not reach the hold point: {line!r}")
 
     def release(self):
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
+
+    def release_to_next_hold(self):
+        self.release()
+        self.wait_ready()
 
     def result(self, timeout=120):
         line = self.lines.get(timeout=timeout)
@@ -139,7 +147,7 @@ def two_replicas_with_a_shared_key_behind_a_round_robin_front():
     learned = [lb.metric("stepflow_lb_sessions_learned_total") or 0 for lb in replicas]
     check(all(n > 0 for n in per_replica), f"both replicas carried requests: {per_replica}")
     check(sum(learned) == 20, f"each initialize sealed once, on either replica: {learned}")
-    check(all(s["sessionId"].startswith("sf1.") for s in summary["sessions"]), "the clients saw sealed ids")
+    check(all(s["sessionId"].startswith("sf2.") for s in summary["sessions"]), "the clients saw sealed ids")
     stats = [s.stats() for s in servers]
     check(sum(s["unknownSession"] for s in stats) == 0, f"no server saw an id it does not hold: {stats}")
     print(f"      two replicas: {summary['started']} sessions, {sum(s['requests'] for s in stats)} requests at the "
@@ -225,6 +233,72 @@ def a_killed_server_ends_its_sessions_with_404_while_the_others_go_on():
           f"each got 404 Session not found: {[s['error'] for s in lost]}")
     check(summary["completed"] == 12 - len(lost) and summary["split"] == 0, "the others completed, none split")
     check(lb.metric("stepflow_lb_session_not_found_total", reason="instance-gone") >= len(lost), "counted")
+
+
+def post_with_session(port, sid):
+    body = b'{"jsonrpc":"2.0","id":"t","method":"tools/call","params":{"name":"whoami","arguments":{}}}'
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/mcp", body, {"Content-Type": "application/json", H: sid,
+                                        "Accept": "application/json, text/event-stream"})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    return r.status
+
+
+@test
+def key_rotation_in_three_phases_drops_no_session():
+    # docs/sessions.md: (1) add the new key as accepted-only, (2) make it current, (3) drop the old,
+    # each phase reaching the replicas one at a time, while SDK sessions run through a round-robin
+    # front. Replica A reads a Secret-style directory (..data swapped), replica B a file replaced by
+    # rename; neither restarts.
+    servers = [McpServer(c) for c in "abc"]
+    old, new = new_key(), new_key()
+    volume = SecretVolume("rotation-a", {"keys": old + "\n"})
+    file_b = key_file("rotation-b")
+    write_atomically(file_b, old + "\n")
+    paths = [volume.path, file_b]
+    replicas = [Balancer([s.address for s in servers], args=LEARNED + ["--session-key-file", p]) for p in paths]
+    for lb in replicas:
+        lb.wait_healthy(3)
+    relay = RoundRobinRelay([lb.port for lb in replicas])
+    sessions = 20
+    # A hold before each step below: every session makes one call between two steps.
+    clients = Clients(relay.port, sessions=sessions, calls=6, hold=True, holds=6)
+    reloads = [0, 0]
+
+    def roll(i, keys):
+        # One replica takes the new key set; the next step waits until it has.
+        if i == 0:
+            volume.update({"keys": "\n".join(keys) + "\n"})
+        else:
+            write_atomically(file_b, "\n".join(keys) + "\n")
+        reloads[i] += 1
+        wait_for(lambda: replicas[i].metric("stepflow_lb_session_key_reloads_total", result="ok") == reloads[i], 10,
+                 f"replica {i} reloaded its keys")
+
+    for phase, keys in ((1, [old, new]), (2, [new, old]), (3, [new])):
+        for i in range(2):
+            roll(i, keys)
+            # Sessions make a call between the two replicas' updates: the fleet is mixed.
+            if phase < 3 or i == 0:
+                clients.release_to_next_hold()
+    clients.release()
+    summary = clients.result()
+    check_clean(summary, sessions)
+    ids = summary["sessions"]
+    resealed = [lb.metric("stepflow_lb_sessions_resealed_total") or 0 for lb in replicas]
+    check(sum(resealed) >= sessions, f"ids opened with the old key were re-sealed: {resealed}")
+    check(all(s["finalSessionId"] != s["sessionId"] for s in ids), "every client ended with a re-sealed id")
+    # The old key is gone everywhere: the ids the sessions started with are refused now.
+    refused = [post_with_session(replicas[n % 2].port, s["sessionId"]) for n, s in enumerate(ids[:4])]
+    check(refused == [404] * 4, f"ids sealed under the dropped key get 404: {refused}")
+    errors = [lb.metric("stepflow_lb_session_key_reloads_total", result="error") for lb in replicas]
+    check(errors == [0, 0], f"no reload failed: {errors}")
+    print(f"      key rotation: {summary['started']} sessions, {summary['calls']} tool calls, "
+          f"{summary['notifications']} notifications, re-sealed {resealed}, {summary['failed']} failed, "
+          f"{summary['split']} split", flush=True)
+    relay.close()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from harness import Balancer, HERE, ROOT, _started, check, run_tests, test, wait_for
-from session_lib import RoundRobinRelay, key_file
+from session_lib import RoundRobinRelay, key_file, new_key, write_atomically
 
 SERVER = os.path.join(ROOT, "tests", "worker", "session_server.py")
 H = "Mcp-Session-Id"
@@ -199,6 +199,25 @@ def the_table_is_bounded_and_counts_evictions():
 
 
 @test
+def a_full_table_evicts_and_reports_its_bytes():
+    servers, lb = servers_and_balancer(n=1, args=["--max-sessions", "3"])
+    lb.wait_healthy(1)
+    empty = lb.metric("stepflow_lb_session_table_bytes")
+    ids = [start_session(lb.port)[0] for _ in range(3)]
+    full = lb.metric("stepflow_lb_session_table_bytes")
+    check(full > empty, f"the gauge grows with the sessions: {empty} -> {full}")
+    more = [start_session(lb.port)[0] for _ in range(5)]  # never refused: the oldest make room
+    check(lb.metric("stepflow_lb_sessions") == 3, "bounded")
+    check(lb.metric("stepflow_lb_sessions_evicted_total", reason="lru") == 5, "each new one evicted the oldest")
+    for sid in more[-3:]:
+        status, _, _ = request(lb.port, "DELETE", sid)
+        check(status == 200, "ended")
+    check(lb.metric("stepflow_lb_sessions") == 0, "DELETE emptied the table")
+    check(lb.metric("stepflow_lb_session_table_bytes") < full, "the ids' memory was given back")
+    del ids
+
+
+@test
 def idle_sessions_expire():
     servers, lb = servers_and_balancer(n=1, args=["--session-idle-timeout", "300ms"])
     lb.wait_healthy(1)
@@ -238,7 +257,7 @@ def sealed_sessions_across_two_replicas_and_a_restart():
     print(f"  two replicas: {sessions} sessions, {requests} requests, {split} split", flush=True)
 
     sid, first = start_session(replicas[0].port)
-    check(sid.startswith("sf1.") and len(sid) < 256 and sid.isascii() and sid.isprintable(), sid)
+    check(sid.startswith("sf2.") and len(sid) < 256 and sid.isascii() and sid.isprintable(), sid)
     backend_ids = set(next(s for s in servers if s.name == first).stats()["session_ids"])
     replicas[0].stop()
     replicas[0] = Balancer([s.address for s in servers], args=args)
@@ -298,6 +317,92 @@ def a_bad_key_file_is_a_clear_start_up_error():
                           "--backends", "127.0.0.1:1", "--session-header", H, "--session-key-file", path],
                          capture_output=True, text=True, timeout=10)
     check(out.returncode == 2 and "--session-key-file" in out.stderr and "32 bytes" in out.stderr, out.stderr)
+
+
+def start_with_key_file(path):
+    return subprocess.run([os.environ.get("STEPFLOW_LB_BIN") or os.path.join(ROOT, "build", "stepflow-lb"),
+                           "--backends", "127.0.0.1:1", "--session-header", H, "--session-key-file", path],
+                          capture_output=True, text=True, timeout=10)
+
+
+@test
+def key_files_that_are_not_exactly_a_key_are_refused_at_start_up():
+    # The usual mistakes: a 32-character passphrase, `openssl rand -hex 16` without a newline (both
+    # once taken as 32 raw bytes), a truncated raw key, an empty file, a directory without keys.
+    cases = {
+        "passphrase": (b"correct-horse-battery-staple-123", "base64 decoding to 24 bytes"),
+        "hex16": (b"00112233445566778899aabbccddeeff", "32 hex digits"),
+        "raw31": (bytes(range(0x80, 0x80 + 31)), "not text"),
+        "empty": (b"", "no key"),
+        "second-line": ((new_key() + "\nnope\n").encode(), "line 2"),
+    }
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"stepflow-lb-test-{os.getpid()}-")
+    for name, (content, reason) in cases.items():
+        path = base + name + ".key"
+        with open(path, "wb") as f:
+            f.write(content)
+        out = start_with_key_file(path)
+        check(out.returncode == 2 and path in out.stderr and reason in out.stderr, f"{name}: {out.stderr}")
+    empty_dir = base + "no-keys"
+    os.makedirs(empty_dir, exist_ok=True)
+    out = start_with_key_file(empty_dir)
+    check(out.returncode == 2 and empty_dir in out.stderr and "no key file" in out.stderr, out.stderr)
+    raw = base + "raw32.key"
+    with open(raw, "wb") as f:
+        f.write(bytes(range(0x80, 0xa0)))  # 32 bytes that are not text: a raw key
+    servers, lb = servers_and_balancer(n=1, args=["--session-key-file", raw])
+    lb.wait_healthy(1)
+    check(start_session(lb.port)[0].startswith("sf2."), "a raw 32-byte key seals")
+
+
+@test
+def a_key_file_change_is_picked_up_and_a_broken_one_keeps_the_keys_in_use():
+    path = key_file("reload")
+    servers, lb = servers_and_balancer(n=1, args=["--session-key-file", path])
+    lb.wait_healthy(1)
+    sid, _ = start_session(lb.port)
+    write_atomically(path, "not a key\n")
+    wait_for(lambda: lb.metric("stepflow_lb_session_key_reloads_total", result="error") == 1, 10, "the bad file seen")
+    status, _, _ = request(lb.port, "POST", sid)
+    check(status == 200, f"the keys in use stay: {status}")
+    write_atomically(path, new_key() + "\n")  # a new key only: ids sealed before are now foreign
+    wait_for(lambda: lb.metric("stepflow_lb_session_key_reloads_total", result="ok") == 1, 10, "the new key loaded")
+    status, _, _ = request(lb.port, "POST", sid)
+    check(status == 404, f"an id under a dropped key gets 404: {status}")
+
+
+@test
+def ids_sealed_under_an_older_key_are_resealed_on_their_next_response():
+    old, new = new_key(), new_key()
+    path = key_file("reseal")
+    write_atomically(path, old + "\n")
+    servers, lb = servers_and_balancer(n=1, args=["--session-key-file", path])
+    lb.wait_healthy(1)
+    sid, _ = start_session(lb.port)
+    write_atomically(path, new + "\n" + old + "\n")
+    wait_for(lambda: lb.metric("stepflow_lb_session_key_reloads_total", result="ok") == 1, 10, "reloaded")
+    status, headers, _ = request(lb.port, "POST", sid)
+    resealed = headers.get(H.lower(), "")
+    check(status == 200 and resealed.startswith("sf2.") and resealed != sid, f"re-sealed: {status} {headers}")
+    check(lb.metric("stepflow_lb_sessions_resealed_total") == 1, "counted")
+    status, headers, _ = request(lb.port, "POST", resealed)
+    check(status == 200 and headers.get(H.lower()) == resealed, "an id under the current key is handed back as is")
+    write_atomically(path, new + "\n")
+    wait_for(lambda: lb.metric("stepflow_lb_session_key_reloads_total", result="ok") == 2, 10, "old key dropped")
+    check(request(lb.port, "POST", resealed)[0] == 200, "the re-sealed id outlives the old key")
+    check(request(lb.port, "POST", sid)[0] == 404, "the original does not")
+
+
+@test
+def session_max_age_ends_sealed_ids():
+    servers, lb = servers_and_balancer(n=1, args=["--session-key-file", key_file("age"), "--session-max-age", "1s"])
+    lb.wait_healthy(1)
+    sid, _ = start_session(lb.port)
+    check(request(lb.port, "POST", sid)[0] == 200, "a young id routes")
+    # Issue times are whole seconds: within a few seconds the id is past 1 s.
+    wait_for(lambda: request(lb.port, "POST", sid)[0] == 404, 10, "the id expired", interval=0.25)
+    check(lb.metric("stepflow_lb_session_not_found_total", reason="expired") >= 1, "counted as expired")
+    check(request(lb.port, "POST", start_session(lb.port)[0])[0] == 200, "a new session starts and routes")
 
 
 run_tests()

@@ -8,7 +8,7 @@
 // then ends the session with DELETE. Every answer and notification names the server instance;
 // a session that meets two names is split. With `hold`, every session stops after its first
 // calls, the process prints "ready" and waits for a line on stdin before going on (the test
-// restarts or kills something meanwhile). Prints one JSON summary line and exits 0.
+// restarts or kills something meanwhile); MCP_HOLDS=N makes N such stops, one call apart. Prints one JSON summary line and exits 0.
 import readline from 'node:readline';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
@@ -18,12 +18,16 @@ const [url, sessionsArg, callsArg, mode] = process.argv.slice(2);
 const sessions = Number(sessionsArg || 20), calls = Number(callsArg || 5), hold = mode === 'hold';
 const NOTIFICATION_WAIT_MS = Number(process.env.MCP_NOTIFICATION_WAIT_MS || 15000);
 
-let releaseHeld;
-const released = new Promise((resolve) => { releaseHeld = resolve; });
-let atHoldCount = 0, everyoneArrived;
-const everyoneAtHold = new Promise((resolve) => { everyoneArrived = resolve; });
-// Each session arrives once: at the hold point, or earlier when it failed before reaching it.
-const arriveAtHold = () => { if (++atHoldCount === sessions) everyoneArrived(); };
+// Hold points (MCP_HOLDS, default 1): at each, every session has made one more call; when all
+// have arrived (or failed before), "ready" is printed and a "go" line on stdin releases them.
+const HOLDS = hold ? Number(process.env.MCP_HOLDS || 1) : 0;
+const rounds = Array.from({ length: HOLDS }, () => {
+  const round = { arrived: 0 };
+  round.all = new Promise((resolve) => { round.allArrived = resolve; });
+  round.released = new Promise((resolve) => { round.release = resolve; });
+  round.arrive = () => { if (++round.arrived === sessions) round.allArrived(); };
+  return round;
+});
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -45,19 +49,17 @@ async function runSession(index) {
     if (n.params?.data?.instance) result.names.add(n.params.data.instance);
   });
   const transport = new StreamableHTTPClientTransport(new URL(url));
-  let atHold = false;
+  let reached = 0;  // hold points this session arrived at
   try {
     await client.connect(transport);
     result.sessionId = transport.sessionId;
-    const first = hold ? 1 : calls;
-    for (let i = 0; i < first; i++) await whoami(client, result);
-    if (hold) {
-      atHold = true;
-      arriveAtHold();
-      await released;
-      notified = 0;  // from here on, a notification must come over the stream as it is now
-      for (let i = 1; i < calls; i++) await whoami(client, result);
+    for (; reached < HOLDS; reached++) {
+      await whoami(client, result);
+      rounds[reached].arrive();
+      await rounds[reached].released;
     }
+    if (hold) notified = 0;  // from here on, a notification must come over the stream as it is now
+    for (let i = HOLDS; i < calls; i++) await whoami(client, result);
     // The GET stream opens after initialize, on its own schedule (and reopens after a cut):
     // keep calling until a notification arrived on it.
     const deadline = Date.now() + NOTIFICATION_WAIT_MS;
@@ -66,11 +68,12 @@ async function runSession(index) {
       if (notified === 0) await sleep(100);
     }
     if (notified === 0) throw new Error('no notification on the GET stream');
+    result.finalSessionId = transport.sessionId;
     await transport.terminateSession();
     result.deleted = true;
   } catch (e) {
     result.error = `${e?.code ?? ''} ${e?.message ?? e}`.trim();
-    if (hold && !atHold) arriveAtHold();
+    for (; reached < HOLDS; reached++) rounds[reached].arrive();
   } finally {
     await client.close().catch(() => {});
   }
@@ -79,12 +82,15 @@ async function runSession(index) {
 
 const runs = Array.from({ length: sessions }, (_, i) => runSession(i));
 if (hold) {
-  await everyoneAtHold;
-  process.stdout.write('ready\n');
   const rl = readline.createInterface({ input: process.stdin });
-  await new Promise((resolve) => rl.once('line', resolve));
+  const lines = rl[Symbol.asyncIterator]();
+  for (const round of rounds) {
+    await round.all;
+    process.stdout.write('ready\n');
+    await lines.next();
+    round.release();
+  }
   rl.close();
-  releaseHeld();
 }
 const results = await Promise.all(runs);
 const summary = { started: sessions, completed: 0, failed: 0, split: 0, calls: 0, notifications: 0, deleted: 0,
@@ -96,7 +102,8 @@ for (const r of results) {
   if (r.error) { summary.failed++; summary.errors.push(r.error); } else summary.completed++;
   if (r.deleted) summary.deleted++;
   if (r.instance) summary.instances[r.instance] = (summary.instances[r.instance] || 0) + 1;
-  summary.sessions.push({ instance: r.instance, error: r.error, names: [...r.names], sessionId: r.sessionId });
+  summary.sessions.push({ instance: r.instance, error: r.error, names: [...r.names], sessionId: r.sessionId,
+                         finalSessionId: r.finalSessionId });
 }
 process.stdout.write(JSON.stringify(summary) + '\n');
 process.exit(0);
