@@ -9,6 +9,7 @@
 #include <event2/event.h>
 
 #include "proxy/admission.h"
+#include "proxy/demand.h"
 #include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/router.h"
@@ -76,14 +77,20 @@ RouteOutcome Exchange::route() {
     }
     decision_ = Decision::LeastLoad;
     if (!route_least_load(fleet, worker_.rng())) {
-        decision_ = Decision::None;
-        metrics.no_healthy_instance.Increment();
-        return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
+        // No instance takes new work: a fleet at zero waking up, or a bad rollout. The request
+        // waits in the queue for the first instance to become routable (docs/autoscaling.md).
+        if (worker_.config().cold_start_timeout.count() == 0) {
+            decision_ = Decision::None;
+            metrics.no_healthy_instance.Increment();
+            return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
+        }
+        cold_start_ = true;
     }
     metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
     routing_ = true;
     bool going = dispatch(false);
     routing_ = false;
+    if (cold_start_ && going && ticket_) DemandSignal::get().held_on_empty_fleet();
     if (!going && !refused_set_) {
         refused_ = Failure::QueueFull;
         refused_set_ = true;
@@ -128,7 +135,8 @@ bool Exchange::enqueue(bool at_front) {
     worker_.wait_for_slot(ticket, this);
     if (!queue_deadline_.armed()) {  // each stay in the queue is bounded, a retry's too
         queued_at_ = std::chrono::steady_clock::now();
-        queue_deadline_.arm(worker_.timers(), worker_.config().queue_timeout);
+        queue_deadline_.arm(worker_.timers(),
+                            cold_start_ ? worker_.config().cold_start_timeout : worker_.config().queue_timeout);
     }
     return true;
 }
@@ -152,7 +160,12 @@ void Exchange::slot_offered() {
     ticket_ = 0;  // handed over: no longer in the queue
     if (finished_) return;
     tried_count_ = 0;  // a slot freed since: every instance may be tried again
-    if (dispatch(true) && ticket_ == 0 && !finished_) leave_queue();
+    if (dispatch(true) && ticket_ == 0 && !finished_) {
+        leave_queue();
+        // Room left where this one went (an unlimited instance, or a fleet just woken up): the
+        // next in line goes too, without waiting for a request to end or the admission tick.
+        if (admitted_ && instance_ && instance_->has_room()) offer_queued_work();
+    }
 }
 
 void Exchange::on_queue_timeout(void* arg) {
@@ -162,6 +175,12 @@ void Exchange::on_queue_timeout(void* arg) {
     self->queue_wait_ms_ += ms;
     Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     self->leave_queue();
+    if (self->cold_start_ && !route_least_load(self->worker_.fleet().get(), self->worker_.rng())) {
+        DemandSignal::get().cold_start_timeouts.Increment();
+        Metrics::get().no_healthy_instance.Increment();
+        self->fail(Failure::NoInstance, "no instance became routable within --cold-start-timeout");
+        return;
+    }
     Metrics::get().queue_rejections[1]->Increment();
     self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
 }

@@ -147,6 +147,7 @@ private:
     bool refused_set_ = false;
     // Admission queue
     uint64_t ticket_ = 0;  // nonzero while queued
+    bool cold_start_ = false;  // arrived while no instance took new work: waits --cold-start-timeout
     std::chrono::steady_clock::time_point queued_at_{};
     bool exhausted_ = false;  // dispatch found no untried instance taking new work
     double queue_wait_ms_ = 0;
