@@ -140,7 +140,9 @@ def held_request_wakes_the_scaler_and_completes_on_the_first_instance():
     api = FakeApiServer().start()
     try:
         api.put_slice("workers-a", [], port=9)
-        lb = balancer(api)
+        # One health check only (the first, when the endpoint appears), and a rise of 5: the new
+        # instance must be routable after that single check (rise is for recovering instances).
+        lb = balancer(api, extra=["--health-interval", "1h", "--health-rise", "5"])
         wait_for(lambda: lb.ready()[0] == 200, 10, "ready with an empty fleet")
         stream = Stream(lb)
         stream.wait_for("open")
