@@ -12,9 +12,11 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "k8s"))
@@ -235,6 +237,42 @@ def get_metrics_sums_demand_over_two_replicas():
     check(a.metric("stepflow_lb_scaler_peers_reached") == 0, "no peer reached")
     a.proc.kill()  # its held requests would hold a drain for --drain-timeout
     a.proc.wait()
+
+
+
+@test
+def peers_found_through_the_balancers_own_service():
+    # Two replicas share an admin port on two loopback addresses, as pods do; their own Service
+    # "lb" lists both (port "metrics"). Replica a skips itself by pod name (its hostname).
+    probe = socket.socket()
+    probe.bind(("127.0.0.20", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    api = FakeApiServer().start()
+    try:
+        api.put_slice("workers-a", [], port=9)
+        api.put_slice("lb-a", [endpoint("127.0.0.20", socket.gethostname()), endpoint("127.0.0.21", "lb-b"),
+                               endpoint("127.0.0.22", "lb-old", ready=False, serving=True, terminating=True)],
+                      ports=[("http", 8080), ("metrics", port)], service="lb")
+        # a's admin on 127.0.0.1 (the harness reads it there); its own entry is skipped by name anyway.
+        b = Balancer(args=api.balancer_args(extra=["--admin-listen", "127.0.0.21:%d" % port]), wait_ready=False)
+        a = balancer(api, extra=["--admin-listen", "127.0.0.1:%d" % port, "--peer-service", "lb"])
+        wait_for(lambda: a.logs("balancer peers changed"), 10, "peers discovered")
+        threads = [in_thread(lambda: a.execute("/echo", {}, timeout=30)) for _ in range(1)]
+        threads += [in_thread(lambda: b.execute("/echo", {}, timeout=30)) for _ in range(2)]
+        wait_for(held(a, 1), 10, "one held at replica a")
+        b_demand = lambda: json.loads(urllib.request.urlopen("http://127.0.0.21:%d/demand" % port, timeout=5).read())
+        wait_for(lambda: b_demand()["queued"] == 2, 10, "two held at replica b")
+        values = scaler(a, "metrics", "stepflow_lb_demand")
+        check(values[0]["metricValue"] == 3, values)
+        check(a.metric("stepflow_lb_scaler_peers_reached") == 1, "one peer asked and reached (itself and the "
+              "terminating replica left out)")
+        check(a.metric("stepflow_lb_scaler_peer_queries_total", result="missed") == 0, "none missed")
+        for lb in (a, b):
+            lb.proc.kill()
+            lb.proc.wait()
+    finally:
+        api.stop()
 
 
 if __name__ == "__main__":
