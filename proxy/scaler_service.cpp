@@ -67,6 +67,7 @@ struct ScalerService::Connection : std::enable_shared_from_this<Connection> {
         std::string message;
         bool responded = false;
         bool watching = false;  // StreamIsActive
+        int sent = -1;          // its last answer (0/1), -1 before the first
     };
 
     ScalerService& service;
@@ -228,6 +229,7 @@ void ScalerService::Connection::handle(int32_t id) {
     if (method == "StreamIsActive") {
         st.watching = true;
         bool active = service.local_demand() > 0;
+        st.sent = active;  // peers' demand, if any, follows at the next tick
         externalscaler::IsActiveResponse out;
         out.set_result(active);
         return send(id, frame(out), false);  // first answer now, then on every change
@@ -292,10 +294,16 @@ void ScalerService::push_active(bool active) {
     externalscaler::IsActiveResponse out;
     out.set_result(active);
     std::string framed = frame(out);
-    last_pushed_ = active;
+    // Ids first: sending may close other streams of the connection (nghttp2 callbacks erase them).
+    std::vector<std::pair<std::shared_ptr<Connection>, int32_t>> watchers;
     for (const auto& c : connections_)
         for (auto& [id, st] : c->streams)
-            if (st.watching) c->send(id, framed, false);
+            if (st.watching && st.sent != int(active)) {
+                st.sent = active;
+                watchers.emplace_back(c, id);
+            }
+    for (auto& [c, id] : watchers)
+        if (!c->closed) c->send(id, framed, false);
 }
 
 // A request was just held on an empty fleet: tell KEDA now (wakes a Deployment at zero).
@@ -310,14 +318,11 @@ void ScalerService::on_tick(int, short, void* arg) {
     for (const auto& c : self->connections_)
         for (auto& [id, st] : c->streams) watched = watched || st.watching;
     if (!watched || self->polling_) return;
-    if (self->local_demand() > 0) {
-        if (!self->last_pushed_) self->push_active(true);
-        return;
-    }
+    if (self->local_demand() > 0) return self->push_active(true);  // no need to ask the peers
     self->polling_ = true;
     self->total_demand([self](uint64_t demand, size_t, size_t) {
         self->polling_ = false;
-        if ((demand > 0) != self->last_pushed_) self->push_active(demand > 0);
+        self->push_active(demand > 0);
     });
 }
 

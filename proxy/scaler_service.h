@@ -34,7 +34,7 @@ public:
     // Demand here plus at every peer that answers in time; `done` gets the sum.
     void total_demand(std::function<void(uint64_t demand, size_t asked, size_t reached)> done);
     uint64_t local_demand() const;
-    // Pushes `active` to every open StreamIsActive.
+    // Pushes `active` to every open StreamIsActive whose last answer differs.
     void push_active(bool active);
 
     struct Connection;
@@ -52,7 +52,6 @@ private:
     event* wake_ = nullptr;
     event* tick_ = nullptr;
     bool polling_ = false;     // a tick's peer poll is under way
-    bool last_pushed_ = false;
     size_t last_reached_ = SIZE_MAX;
     std::set<std::shared_ptr<Connection>> connections_;
     friend struct Connection;

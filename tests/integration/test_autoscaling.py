@@ -218,10 +218,16 @@ def get_metrics_sums_demand_over_two_replicas():
     a = Balancer(backends, args=["--scaler-listen", "127.0.0.1:0", "--peers", "127.0.0.1:%d" % b.admin_port],
                  wait_ready=False)
     a.scaler_port = scaler_port(a)
-    threads = [in_thread(lambda: a.execute("/echo", {}, timeout=30)) for _ in range(2)]
-    threads += [in_thread(lambda: b.execute("/echo", {}, timeout=30)) for _ in range(3)]
-    wait_for(held(a, 2), 10, "two held at replica a")
+    threads = [in_thread(lambda: b.execute("/echo", {}, timeout=30)) for _ in range(3)]
     wait_for(held(b, 3), 10, "three held at replica b")
+    # Work waits only at the peer: a's stream starts from its own view, then the peers' demand.
+    stream = Stream(a)
+    stream.wait_for("open")
+    check(stream.next() == "active false", "nothing waits at a itself")
+    stream.wait_for("active true", timeout=10)
+    stream.close()
+    threads += [in_thread(lambda: a.execute("/echo", {}, timeout=30)) for _ in range(2)]
+    wait_for(held(a, 2), 10, "two held at replica a")
     values = scaler(a, "metrics", "stepflow_lb_demand")
     print("    GetMetrics over two replicas:", values)
     check(values == [{"metricName": "stepflow_lb_demand", "metricValue": 5, "metricValueFloat": 5.0}], values)
