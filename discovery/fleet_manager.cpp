@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "proxy/demand.h"
 #include "proxy/log.h"
 #include "proxy/metrics.h"
 #include "proxy/net.h"
@@ -21,6 +22,7 @@ Membership FleetManager::membership_of(const Endpoint& e) {
 
 void FleetManager::update(std::vector<Endpoint> endpoints) {
     Metrics::get().discovery_op("update", "success").Increment();
+    synced_ = true;
     bool changed = false;
     std::set<std::string> seen;
     for (auto& e : endpoints) {
@@ -42,6 +44,7 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
                 // Read live by routing: no new snapshot needed.
                 log::info("backend state changed", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(after)}});
                 if (b.instance) b.instance->membership.store(after);
+                if (b.instance && after == Membership::Active) offer_queued_work();
             }
             continue;
         }
@@ -170,7 +173,10 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     if (b.instance && b.instance->id == id) {
         b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health);
         if (b.instance->record_check_success(config_.health_rise))
+        {
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
+            offer_queued_work();
+        }
         return;
     }
     adopt_instance(b, id, r.max_concurrency);
@@ -183,6 +189,7 @@ void FleetManager::publish_now() {
         if (b->instance) instances.push_back(b->instance);
     publisher_.publish(make_fleet(++version_, std::move(instances)));
     log::debug("fleet published", {{"version", version_}, {"instances", uint64_t(backends_.size())}});
+    offer_queued_work();  // work held while no instance was routable leaves now
 }
 
 std::vector<FleetManager::BackendView> FleetManager::backends() const {

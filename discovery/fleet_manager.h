@@ -39,6 +39,8 @@ public:
     };
     std::vector<BackendView> backends() const;
     size_t backend_count() const { return backends_.size(); }
+    // Discovery has reported its endpoint set at least once (possibly empty).
+    bool synced() const { return synced_; }
     FleetPtr fleet() const { return publisher_.current(); }
 
 private:
@@ -70,6 +72,7 @@ private:
     TlsClient* tls_;
     std::map<std::string, std::unique_ptr<Backend>> backends_;  // by address
     uint64_t version_ = 0;
+    bool synced_ = false;
     // 5,000 workers passing their first health check publish once per burst, not 5,000 times.
     PublishPacer pacer_{base_, [this] { publish_now(); }};
 };

@@ -5,6 +5,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "proxy/demand.h"
 #include "proxy/http1.h"
 #include "proxy/local_response.h"
 #include "proxy/metrics.h"
@@ -108,22 +109,35 @@ std::string AdminServer::respond(std::string_view method, std::string_view path)
     if (path == "/ready") {
         auto backends = fleet_.backends();
         Counts c = count(backends);
-        bool ready = !shutting_down_ && c.healthy > 0;
+        // Ready means "this balancer can serve": with no routable instance it still holds new work
+        // for the fleet to wake up and answers with a JSON-RPC 503 rather than a refused
+        // connection (docs/operations.md). The old meaning is one flag away.
+        bool synced = fleet_.synced();
+        bool ready = !shutting_down_ && synced && (c.healthy > 0 || !ready_requires_instance_);
         std::string body = std::string("{\"ready\":") + (ready ? "true" : "false") +
                            ",\"shuttingDown\":" + (shutting_down_ ? "true" : "false") +
+                           ",\"discoverySynced\":" + (synced ? "true" : "false") +
                            ",\"healthyInstances\":" + std::to_string(c.healthy);
-        if (!ready) body += ",\"notRoutable\":" + not_routable_json(backends);
+        if (c.healthy == 0) body += ",\"notRoutable\":" + not_routable_json(backends);
         body += "}";
         return http_response(ready ? 200 : 503, "application/json", body);
     }
     if (path == "/metrics") {
         FleetPtr fleet = fleet_.fleet();
         SessionMetrics::get().refresh(sessions_);
+        DemandSignal::get().refresh(*fleet);
         return http_response(200, "text/plain; version=0.0.4; charset=utf-8",
                              Metrics::get().render(*fleet, fleet_.backend_count()));
     }
     if (path == "/debug/backends") return http_response(200, "application/json", backends_body());
-    return http_response(404, "text/plain", "not found: try /health, /ready, /metrics, /debug/backends\n");
+    if (path == "/demand") {
+        // This replica's own demand, for the replica answering the autoscaler (proxy/peers.h).
+        Demand d = measure_demand(*fleet_.fleet());
+        return http_response(200, "application/json",
+                             "{\"demand\":" + std::to_string(d.total()) + ",\"queued\":" + std::to_string(d.queued) +
+                                 ",\"inFlight\":" + std::to_string(d.in_flight) + "}");
+    }
+    return http_response(404, "text/plain", "not found: try /health, /ready, /metrics, /debug/backends, /demand\n");
 }
 
 std::string AdminServer::health_body() {

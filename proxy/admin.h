@@ -22,6 +22,8 @@ public:
 
     void set_shutting_down() { shutting_down_ = true; }
     void set_sessions(const Sessions* sessions) { sessions_ = sessions; }
+    // --ready-requires-instance: /ready also needs an instance taking new work (the old meaning).
+    void set_ready_requires_instance(bool on) { ready_requires_instance_ = on; }
     // Renders one admin response for `method` and `path` (exposed for tests).
     std::string respond(std::string_view method, std::string_view path);
 
@@ -39,6 +41,7 @@ private:
     std::string discovery_name_;
     const Sessions* sessions_ = nullptr;
     std::atomic<bool> shutting_down_{false};
+    bool ready_requires_instance_ = false;
 };
 
 }  // namespace stepflow

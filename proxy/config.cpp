@@ -218,6 +218,29 @@ Config parse_config(int argc, char** argv) {
                    "A limit learned from -32300 grows back by one per this quiet interval [1s]")
         ->envname("STEPFLOW_LB_CAPACITY_RECOVERY_INTERVAL");
 
+    // Autoscaling (docs/autoscaling.md)
+    std::string cold_start_timeout = "30s", peer_timeout = "300ms";
+    app.add_option("--cold-start-timeout", cold_start_timeout,
+                   "Longest wait of new work that arrives while no instance is routable (a fleet at zero "
+                   "waking up); 0 = 503 at once [30s]")
+        ->envname("STEPFLOW_LB_COLD_START_TIMEOUT");
+    app.add_flag("--ready-requires-instance", cfg.ready_requires_instance,
+                 "/ready answers 503 while no instance takes new work (the old meaning of /ready)")
+        ->envname("STEPFLOW_LB_READY_REQUIRES_INSTANCE");
+    app.add_option("--scaler-listen", cfg.scaler_listen,
+                   "ip:port of the KEDA external scaler (gRPC over h2c); off when not given")
+        ->envname("STEPFLOW_LB_SCALER_LISTEN");
+    app.add_option("--peer-service", cfg.peer_service,
+                   "The balancer's own Service (same namespace): its replicas' demand is summed for the scaler")
+        ->envname("STEPFLOW_LB_PEER_SERVICE");
+    app.add_option("--peer-port-name", cfg.peer_port_name,
+                   "Port of --peer-service that reaches the replicas' admin listener")
+        ->envname("STEPFLOW_LB_PEER_PORT_NAME")->capture_default_str();
+    app.add_option("--peers", cfg.peers, "Admin addresses (ip:port) of the other balancer replicas, static discovery")
+        ->envname("STEPFLOW_LB_PEERS")->delimiter(',');
+    app.add_option("--peer-timeout", peer_timeout, "A peer that has not answered within this is left out of the sum [300ms]")
+        ->envname("STEPFLOW_LB_PEER_TIMEOUT");
+
     app.add_option("--connect-timeout", connect_timeout, "Upstream connect timeout [2s]")->envname("STEPFLOW_LB_CONNECT_TIMEOUT");
     app.add_option("--upstream-header-timeout", upstream_header_timeout,
                    "Time for an upstream to send its response head [5m]")->envname("STEPFLOW_LB_UPSTREAM_HEADER_TIMEOUT");
@@ -313,6 +336,13 @@ Config parse_config(int argc, char** argv) {
     duration_flag("--dns-interval", dns_interval, cfg.dns_interval, false);
     duration_flag("--queue-timeout", queue_timeout, cfg.queue_timeout, false);
     duration_flag("--capacity-recovery-interval", capacity_recovery_interval, cfg.capacity_recovery_interval, false);
+    duration_flag("--cold-start-timeout", cold_start_timeout, cfg.cold_start_timeout, true);
+    duration_flag("--peer-timeout", peer_timeout, cfg.peer_timeout, false);
+    if (!cfg.scaler_listen.empty() && !parse_host_port(cfg.scaler_listen, hp))
+        fail("--scaler-listen: '" + cfg.scaler_listen + "' is not host:port");
+    for (const auto& peer : cfg.peers)
+        if (!parse_host_port(peer, hp)) fail("--peers: '" + peer + "' is not host:port");
+    if (!cfg.peer_service.empty() && !cfg.peers.empty()) fail("--peer-service and --peers exclude each other");
     if (cfg.max_in_flight_per_instance < 0 || cfg.max_in_flight_per_instance > 1000000)
         fail("--max-in-flight-per-instance: must be between 0 and 1000000");
     if (cfg.queue_size > 1000000) fail("--queue-size: must be between 0 and 1000000");

@@ -82,6 +82,16 @@ struct Config {
     int retries = 2;                     // further instances tried for one unpinned request
     size_t retry_buffer_size = 64 * 1024;  // request body kept for replay; larger bodies are not retried
     Millis capacity_recovery_interval{1000};  // a learned limit grows by one per quiet interval
+
+    // Autoscaling (docs/autoscaling.md)
+    // New work arriving while no instance is routable waits this long for one (0: 503 at once).
+    Millis cold_start_timeout{30000};
+    bool ready_requires_instance = false;  // /ready 503 while no instance takes new work (old meaning)
+    std::string scaler_listen;             // KEDA external scaler (gRPC, h2c); empty = off
+    std::string peer_service;              // the balancer's own Service: peers summed into demand
+    std::string peer_port_name = "metrics";  // its port that reaches the peers' admin listener
+    std::vector<std::string> peers;        // static peers' admin addresses (host:port)
+    Millis peer_timeout{300};              // a peer slower than this is left out of the sum
     // Sessions learned from response headers (e.g. Mcp-Session-Id); see docs/sessions.md
     std::vector<std::string> session_headers;
     Millis session_idle_timeout{3600000};

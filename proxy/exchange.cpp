@@ -9,6 +9,7 @@
 #include <event2/event.h>
 
 #include "proxy/admission.h"
+#include "proxy/demand.h"
 #include "proxy/local_response.h"
 #include "proxy/log.h"
 #include "proxy/router.h"
@@ -76,14 +77,20 @@ RouteOutcome Exchange::route() {
     }
     decision_ = Decision::LeastLoad;
     if (!route_least_load(fleet, worker_.rng())) {
-        decision_ = Decision::None;
-        metrics.no_healthy_instance.Increment();
-        return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
+        // No instance takes new work: a fleet at zero waking up, or a bad rollout. The request
+        // waits in the queue for the first instance to become routable (docs/autoscaling.md).
+        if (worker_.config().cold_start_timeout.count() == 0) {
+            decision_ = Decision::None;
+            metrics.no_healthy_instance.Increment();
+            return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
+        }
+        pending_->cold_start = true;
     }
     metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
     routing_ = true;
     bool going = dispatch(false);
     routing_ = false;
+    if (pending_ && pending_->cold_start && going && pending_->ticket) DemandSignal::get().held_on_empty_fleet();
     if (!going && !refused_set_) {
         refused_ = Failure::QueueFull;
         refused_set_ = true;
@@ -128,7 +135,8 @@ bool Exchange::enqueue(bool at_front) {
     worker_.wait_for_slot(ticket, this);
     if (!pending_->queue_deadline.armed()) {  // each stay in the queue is bounded, a retry's too
         pending_->queued_at = std::chrono::steady_clock::now();
-        pending_->queue_deadline.arm(worker_.timers(), worker_.config().queue_timeout);
+        pending_->queue_deadline.arm(worker_.timers(), pending_->cold_start ? worker_.config().cold_start_timeout
+                                                                            : worker_.config().queue_timeout);
     }
     return true;
 }
@@ -154,7 +162,12 @@ void Exchange::slot_offered() {
     pending_->ticket = 0;  // handed over: no longer in the queue
     if (finished_) return;
     pending_->tried_count = 0;  // a slot freed since: every instance may be tried again
-    if (dispatch(true) && pending_->ticket == 0 && !finished_) leave_queue();
+    if (dispatch(true) && pending_ && pending_->ticket == 0 && !finished_) {
+        leave_queue();
+        // Room left where this one went (an unlimited instance, or a fleet just woken up): the
+        // next in line goes too, without waiting for a request to end or the admission tick.
+        if (admitted_ && instance_ && instance_->has_room()) offer_queued_work();
+    }
 }
 
 void Exchange::on_queue_timeout(void* arg) {
@@ -164,6 +177,12 @@ void Exchange::on_queue_timeout(void* arg) {
     self->queue_wait_ms_ += ms;
     Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     self->leave_queue();
+    if (self->pending_->cold_start && !route_least_load(self->worker_.fleet().get(), self->worker_.rng())) {
+        DemandSignal::get().cold_start_timeouts.Increment();
+        Metrics::get().no_healthy_instance.Increment();
+        self->fail(Failure::NoInstance, "no instance became routable within --cold-start-timeout");
+        return;
+    }
     Metrics::get().queue_rejections[1]->Increment();
     self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
 }

@@ -148,6 +148,7 @@ private:
         std::string sealed_session;  // the sealed id sent to the client (the header list views it)
         // Admission queue
         uint64_t ticket = 0;  // nonzero while queued
+        bool cold_start = false;  // arrived while no instance took new work: waits --cold-start-timeout
         std::chrono::steady_clock::time_point queued_at{};
         Deadline queue_deadline;
         // --upstream-request-timeout: from the head's send until the worker took the whole body.

@@ -15,9 +15,12 @@
 #include "proxy/admin.h"
 #include "proxy/admission.h"
 #include "proxy/config.h"
+#include "proxy/demand.h"
 #include "proxy/log.h"
 #include "proxy/metrics.h"
 #include "proxy/net.h"
+#include "proxy/peers.h"
+#include "proxy/scaler_service.h"
 #include "proxy/sessions.h"
 #include "proxy/tls.h"
 #include "proxy/worker.h"
@@ -151,17 +154,29 @@ int main(int argc, char** argv) {
     std::unique_ptr<Sessions> sessions = Sessions::from_config(config, error, sessions_failed);
     if (sessions_failed) startup_error(error);
     SessionMetrics::get();  // every session series exists from the first scrape
+    DemandSignal::get();    // and every demand series
 
     std::string proxy_bound, admin_bound, tls_bound;
     std::vector<int> proxy_fds = open_listeners(config.listen, config.threads, proxy_bound);
     std::vector<int> tls_fds;
     if (tls_server) tls_fds = open_listeners(config.tls_listen, config.threads, tls_bound);
     std::vector<int> admin_fds = open_listeners(config.admin_listen, 1, admin_bound);
+    std::string scaler_bound;
+    std::vector<int> scaler_fds;
+    if (!config.scaler_listen.empty()) scaler_fds = open_listeners(config.scaler_listen, 1, scaler_bound);
 
     FleetPublisher publisher;
     FleetManager fleet(control, config, publisher, tls_client.get());
     AdminServer admin(control, admin_fds[0], fleet, source->describe());
     admin.set_sessions(sessions.get());
+    admin.set_ready_requires_instance(config.ready_requires_instance);
+    std::unique_ptr<Peers> peers;
+    std::unique_ptr<ScalerService> scaler;
+    if (!scaler_fds.empty()) {
+        peers = std::make_unique<Peers>(control, config);
+        if (!peers->start(error)) startup_error("--peer-service: " + error);
+        scaler = std::make_unique<ScalerService>(control, scaler_fds[0], fleet, *peers, config);
+    }
 
     std::vector<std::unique_ptr<Worker>> workers;
     for (int i = 0; i < config.threads; ++i) {
@@ -185,7 +200,7 @@ int main(int argc, char** argv) {
 
     source->start([&fleet](std::vector<Endpoint> endpoints) { fleet.update(std::move(endpoints)); });
     for (auto& w : workers) w->start();
-    log::info("listening", {{"proxy", proxy_bound}, {"tls", tls_bound}, {"admin", admin_bound}, {"threads", config.threads},
+    log::info("listening", {{"proxy", proxy_bound}, {"tls", tls_bound}, {"admin", admin_bound}, {"scaler", scaler_bound}, {"threads", config.threads},
                             {"discovery", source->describe()}, {"pid", int64_t(getpid())}});
 
     event_base_dispatch(control);

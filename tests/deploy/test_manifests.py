@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -272,8 +273,11 @@ def check_balancer(rel, docs):
           port_of_address(listen) == DATA_PORT and port_of_address(admin) == ADMIN_PORT,
           f"listen={listen} admin={admin}")
     ports = sorted(p.get("containerPort") for p in c.get("ports") or [])
-    check(f"{name}: container ports are exactly {DATA_PORT} and {ADMIN_PORT}",
-          ports == [DATA_PORT, ADMIN_PORT], str(ports))
+    want_ports = [DATA_PORT, ADMIN_PORT]
+    scaler = env_value(c, "STEPFLOW_LB_SCALER_LISTEN")  # components/keda: the external scaler's port
+    if scaler:
+        want_ports = sorted(want_ports + [port_of_address(scaler)])
+    check(f"{name}: container ports are exactly {want_ports}", ports == want_ports, str(ports))
 
     # Probes on admin paths that exist, on the admin port.
     for kind, want_path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"),
@@ -602,6 +606,76 @@ def check_kind_files():
             check(f"[deploy/kind] {script} parses (bash -n)", proc.returncode == 0, proc.stderr)
 
 
+def render_with_component(component: str) -> list[dict] | None:
+    """Renders base + the example worker + `component` through a throw-away overlay (components
+    render only inside an overlay; nothing is written into the repository)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = lambda p: os.path.relpath(DEPLOY / p, tmp)  # noqa: E731
+        Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "namespace": "stepflow", "resources": [rel("base"), rel("worker")],
+            "components": [rel(component)]}))
+        proc = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", tmp],
+                              capture_output=True, text=True, timeout=120)
+    if not check(f"[deploy/{component}] renders inside an overlay", proc.returncode == 0, proc.stderr.strip()):
+        return None
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def check_autoscaling_components():
+    """components/keda and components/hpa-demand (docs/autoscaling.md)."""
+    rel = "deploy/components/keda"
+    docs = render_with_component("components/keda")
+    if docs is not None:
+        check_balancer(rel, docs)
+        sos = find(docs, "ScaledObject", "stepflow-worker")
+        if check(f"[{rel}] has the ScaledObject stepflow-worker", len(sos) == 1):
+            so = sos[0]["spec"]
+            check(f"[{rel}] ScaledObject scales to zero (minReplicaCount 0)", so.get("minReplicaCount") == 0,
+                  str(so.get("minReplicaCount")))
+            target = so["scaleTargetRef"]["name"]
+            check(f"[{rel}] ScaledObject targets a Deployment that exists", bool(find(docs, "Deployment", target)),
+                  target)
+            trig = (so.get("triggers") or [{}])[0]
+            meta = trig.get("metadata") or {}
+            check(f"[{rel}] trigger is external-push with a targetDemand", trig.get("type") == "external-push"
+                  and str(meta.get("targetDemand", "")).isdigit(), str(trig))
+            svc = find(docs, "Service", LB_NAME)[0]
+            host, _, port = str(meta.get("scalerAddress", "")).rpartition(":")
+            sport = next((p for p in svc["spec"]["ports"] if str(p.get("port")) == port), None)
+            check(f"[{rel}] scalerAddress names the balancer Service's scaler port", host.split(".")[0] == LB_NAME
+                  and sport is not None and sport.get("name") == "scaler", f"{meta.get('scalerAddress')}")
+            dep = find(docs, "Deployment", LB_NAME)[0]
+            c = next(x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == LB_NAME)
+            listen = env_value(c, "STEPFLOW_LB_SCALER_LISTEN") or ""
+            check(f"[{rel}] the Service's scaler port reaches --scaler-listen",
+                  sport is not None and resolve_container_port(c, sport.get("targetPort")) == port_of_address(listen),
+                  f"{sport} -> {listen}")
+            peer = env_value(c, "STEPFLOW_LB_PEER_SERVICE")
+            metrics_port = next((p for p in svc["spec"]["ports"] if p.get("name") == "metrics"), None)
+            check(f"[{rel}] peers found through the balancer's own Service, whose `metrics` port is the admin port",
+                  peer == LB_NAME and metrics_port is not None
+                  and resolve_container_port(c, metrics_port.get("targetPort")) == ADMIN_PORT,
+                  f"peer={peer} metrics={metrics_port}")
+    rel = "deploy/components/hpa-demand"
+    docs = render_with_component("components/hpa-demand")
+    if docs is not None:
+        hpas = find(docs, "HorizontalPodAutoscaler", "stepflow-worker")
+        if check(f"[{rel}] has the HorizontalPodAutoscaler stepflow-worker", len(hpas) == 1):
+            spec = hpas[0]["spec"]
+            check(f"[{rel}] HPA targets a Deployment that exists",
+                  bool(find(docs, "Deployment", spec["scaleTargetRef"]["name"])))
+            ext = [m["external"] for m in spec.get("metrics", []) if m.get("type") == "External"]
+            name = ext[0]["metric"]["name"] if ext else None
+            check(f"[{rel}] HPA reads the external metric stepflow_lb_demand per replica",
+                  name == "stepflow_lb_demand" and ext[0]["target"]["type"] == "AverageValue", str(ext))
+            rules = yaml.safe_load((DEPLOY / "components/hpa-demand/prometheus-adapter-rules.yaml").read_text())
+            served = [r["name"]["as"] for r in rules["rules"]["external"]]
+            check(f"[{rel}] the prometheus-adapter rule serves the metric the HPA reads", name in served, str(served))
+            query = rules["rules"]["external"][0]["metricsQuery"]
+            check(f"[{rel}] the rule sums over balancer replicas", query.startswith("sum("), query)
+
+
 def main() -> int:
     if shutil.which("kubectl") is None:
         print("SKIP: kubectl is not installed; the manifest checks need "
@@ -631,6 +705,7 @@ def main() -> int:
                   bool(find(docs, "NetworkPolicy")))
             check(f"[{rel}] has no example worker",
                   not find(docs, "Deployment", "stepflow-worker"))
+    check_autoscaling_components()
     check_against_binary(lb_flags)
     check_dockerfiles()
     check_kind_files()

@@ -218,8 +218,21 @@ class Balancer:
                 found = True
         return total if found else None
 
-    def wait_ready(self, timeout=15):
-        wait_for(lambda: self.admin_get("/ready")[0] == 200, timeout, "balancer /ready")
+    def ready(self):
+        """(status, body) of /ready."""
+        status, body = self.admin_get("/ready")
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {}
+
+    def wait_ready(self, timeout=15, instances=1):
+        """/ready 200 and, by default, an instance taking new work: /ready itself is 200 with an
+        empty fleet (docs/operations.md), and most tests want a fleet to talk to."""
+        def ok():
+            status, body = self.ready()
+            return status == 200 and body.get("healthyInstances", 0) >= instances
+        wait_for(ok, timeout, "balancer /ready with %d instance(s)" % instances)
 
     def wait_healthy(self, count, timeout=15):
         wait_for(lambda: sum(1 for b in self.backends() if b["state"] == "healthy") == count, timeout,

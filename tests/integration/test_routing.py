@@ -126,11 +126,14 @@ def worker_killed_mid_stream():
 
 
 @test
-def no_healthy_instance_gets_503():
+def no_healthy_instance_gets_503_with_cold_start_off():
+    # The old behaviour, kept behind two flags: no holding for an empty fleet, and a /ready that
+    # needs a routable instance (the default holds and stays ready: test_autoscaling.py).
     dead = Worker("dead")
     port = dead.port
     dead.kill()
-    lb = Balancer([f"127.0.0.1:{port}"], wait_ready=False)
+    lb = Balancer([f"127.0.0.1:{port}"], args=["--cold-start-timeout", "0", "--ready-requires-instance"],
+                  wait_ready=False)
     check(lb.admin_get("/ready")[0] == 503, "/ready is 503 without a healthy instance")
     r = lb.post({"jsonrpc": "2.0", "id": "n1", "method": "components/list"})
     check(r.status == 503, r.status)

@@ -1,0 +1,61 @@
+#include <catch2/catch.hpp>
+
+#include "discovery/fleet.h"
+#include "proxy/demand.h"
+#include "proxy/net.h"
+#include "proxy/peers.h"
+
+using namespace stepflow;
+
+namespace {
+
+InstancePtr instance(const std::string& id, uint16_t port) {
+    HostPort hp{"127.0.0.1", port};
+    sockaddr_storage ss;
+    socklen_t len;
+    numeric_sockaddr(hp, ss, len);
+    return std::make_shared<Instance>(id, format_host_port(hp.host, hp.port), ss, len, "");
+}
+
+}  // namespace
+
+TEST_CASE("demand: new work on every instance; capacity only where a limit is known", "[demand]") {
+    auto limited = instance("limited", 10101), unlimited = instance("unlimited", 10102),
+         draining = instance("draining", 10103);
+    limited->base_limit = 4;
+    limited->new_work = 3;
+    limited->in_flight = 9;  // pinned work (callback answers) is not demand
+    unlimited->new_work = 2;
+    draining->base_limit = 2;
+    draining->new_work = 1;  // still running: demand, but not routable capacity
+    draining->membership = Membership::Draining;
+    FleetPtr fleet = make_fleet(1, {limited, unlimited, draining});
+    Demand d = measure_demand(*fleet);
+    CHECK(d.in_flight == 6);
+    CHECK(d.routable == 2);
+    CHECK(d.slots == 4);
+    CHECK(d.slots_used == 3);
+    CHECK(d.total() == d.queued + 6);
+}
+
+TEST_CASE("a brand-new instance is routable at once; rise applies only once it was unhealthy", "[demand]") {
+    auto inst = instance("new", 10104);
+    CHECK(inst->takes_new_work());
+    CHECK_FALSE(inst->record_check_success(5));  // already healthy: nothing to rise from
+    CHECK(inst->takes_new_work());
+    for (int i = 0; i < 3; ++i) inst->record_check_failure(3, "down");
+    CHECK_FALSE(inst->takes_new_work());
+    for (int i = 0; i < 4; ++i) CHECK_FALSE(inst->record_check_success(5));
+    CHECK(inst->record_check_success(5));
+    CHECK(inst->takes_new_work());
+}
+
+TEST_CASE("a peer's /demand answer", "[demand]") {
+    uint64_t v = 0;
+    CHECK(Peers::parse_demand("HTTP/1.1 200 OK\r\n\r\n{\"demand\":17,\"queued\":2,\"inFlight\":15}", v));
+    CHECK(v == 17);
+    CHECK(Peers::parse_demand("{\"demand\":0}", v));
+    CHECK(v == 0);
+    CHECK_FALSE(Peers::parse_demand("{\"queued\":3}", v));
+    CHECK_FALSE(Peers::parse_demand("{\"demand\":\"x\"}", v));
+}
