@@ -172,8 +172,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     if (config_.health_check != HealthCheck::Stepflow) id = id_for(b, r);
     if (b.instance && b.instance->id == id) {
         b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health);
-        if (b.instance->record_check_success(config_.health_rise))
-        {
+        if (b.instance->record_check_success(config_.health_rise)) {
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
             offer_queued_work();
         }

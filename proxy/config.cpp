@@ -343,6 +343,8 @@ Config parse_config(int argc, char** argv) {
     for (const auto& peer : cfg.peers)
         if (!parse_host_port(peer, hp)) fail("--peers: '" + peer + "' is not host:port");
     if (!cfg.peer_service.empty() && !cfg.peers.empty()) fail("--peer-service and --peers exclude each other");
+    if ((!cfg.peer_service.empty() || !cfg.peers.empty()) && cfg.scaler_listen.empty())
+        fail("--peer-service/--peers only serve the external scaler: give --scaler-listen too");
     if (cfg.max_in_flight_per_instance < 0 || cfg.max_in_flight_per_instance > 1000000)
         fail("--max-in-flight-per-instance: must be between 0 and 1000000");
     if (cfg.queue_size > 1000000) fail("--queue-size: must be between 0 and 1000000");

@@ -80,6 +80,10 @@ def bad_configuration_exits_2_with_one_clear_message():
         (["--backends", "127.0.0.1:1", "--no-such-flag"], "no-such-flag"),
         ([], "no backends"),
         (["--backends", "no.such.host.invalid:80"], "resolve"),
+        (["--backends", "127.0.0.1:1", "--cold-start-timeout", "soon"], "--cold-start-timeout"),
+        (["--backends", "127.0.0.1:1", "--scaler-listen", "nowhere"], "--scaler-listen"),
+        (["--backends", "127.0.0.1:1", "--peers", "127.0.0.1:9"], "--scaler-listen"),
+        (["--backends", "127.0.0.1:1", "--scaler-listen", "127.0.0.1:0", "--peers", "x"], "--peers"),
     ]
     for args, needle in cases:
         out = subprocess.run([lb_binary(), "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"] + args
