@@ -116,7 +116,8 @@ bool Exchange::dispatch(bool from_queue) {
         return true;
     }
     if (finished_) return true;
-    if (pending_->tried_count > 0 && !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
+    if (pending_->tried_count > 0 &&
+        !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
         exhausted_ = true;  // every instance taking new work was tried: waiting would not help
         return true;
     }
@@ -151,7 +152,8 @@ void Exchange::leave_queue() {
     }
     if (pending_->queue_deadline.armed()) {
         pending_->queue_deadline.cancel();
-        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pending_->queued_at).count();
+        auto waited = std::chrono::steady_clock::now() - pending_->queued_at;
+        double ms = std::chrono::duration<double, std::milli>(waited).count();
         queue_wait_ms_ += ms;
         Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     }
@@ -173,7 +175,8 @@ void Exchange::slot_offered() {
 void Exchange::on_queue_timeout(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
     // The deadline has fired (no longer armed): account the wait here.
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - self->pending_->queued_at).count();
+    auto waited = std::chrono::steady_clock::now() - self->pending_->queued_at;
+    double ms = std::chrono::duration<double, std::milli>(waited).count();
     self->queue_wait_ms_ += ms;
     Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
     self->leave_queue();
@@ -235,7 +238,8 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
         // The instance that minted the session left, restarted or stopped answering: nobody else
         // knows the session, and a 404 makes an MCP client start a new one rather than wait.
         metrics.not_found[size_t(SessionMiss::InstanceGone)]->Increment();
-        log::debug("session's instance is gone", {{"session", session_log_hash(pending_->session_value)}, {"instance", instance_id}});
+        log::debug("session's instance is gone",
+                   {{"session", session_log_hash(pending_->session_value)}, {"instance", instance_id}});
         if (sessions.table) sessions.table->forget(pending_->session_value);
         outcome = {RouteOutcome::Refused, Failure::SessionNotFound, {}, {}};
         return true;
@@ -472,7 +476,8 @@ void Exchange::request_body_done() {
 }
 
 void Exchange::request_sent_check() {
-    if (pending_ && request_done_ && pending_->request_deadline.armed() && conn_ && evbuffer_get_length(conn_->bev()->output()) == 0)
+    if (pending_ && request_done_ && pending_->request_deadline.armed() && conn_ &&
+        evbuffer_get_length(conn_->bev()->output()) == 0)
         pending_->request_deadline.cancel();
 }
 

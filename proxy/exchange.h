@@ -135,7 +135,8 @@ private:
     // What only routing, queueing and retrying need: freed once the response head arrived (the
     // request is then dispatched for the last time), so an open stream does not hold it.
     struct Pending {
-        explicit Pending(Exchange* self) : queue_deadline(on_queue_timeout, self), request_deadline(on_request_deadline, self) {}
+        explicit Pending(Exchange* self)
+            : queue_deadline(on_queue_timeout, self), request_deadline(on_request_deadline, self) {}
         // Sessions learned from a response header (docs/sessions.md)
         const std::string* session_header = nullptr;  // the --session-header the request carries
         std::string_view session_value;              // its value (a view of the request head)

@@ -1,12 +1,13 @@
 """Memory an open SSE stream holds in the balancer (issue 26): 1,000 streams held open over
 HTTP/1.1 and over h2c, RSS growth divided by the streams, against a bound.
 
-The figure is about 2.2 KiB per HTTP/1.1 stream and 3.3 KiB per h2c stream (docs/benchmarks.md;
-bench/sse_memory.py measures it beside HAProxy and nginx). The bounds are generous so that noise
-never fails them, yet a stream that again keeps its request state (the replay copy, the queue and
-retry state, the request's fields) for its whole life fails, and so does any doubling. Nothing here
-depends on timing: the streams count as open once the balancer's SSE gauge says it has relayed
-every response head, and RSS is read once it stopped moving.
+Measured here: about 2.2 KiB per HTTP/1.1 stream and 2.3 KiB per h2c stream (bench/sse_memory.py
+measures the same beside HAProxy and nginx: docs/benchmarks.md). The bound, 3 KiB (6 KiB in an
+ASan build), leaves a third for noise, yet a stream that again keeps its request state for its
+whole life fails it (main e8912c7, which kept the replay copy, the queue and retry state and, on
+HTTP/2, the request's fields: 3.5 KiB over HTTP/1.1, 4.0 KiB over h2c), and so does any doubling.
+Nothing here depends on timing: streams count as open once the balancer's SSE gauge says it
+relayed every response head, and RSS is read once it stopped moving.
 
 The worker is bench/sse_server.py (asyncio, one event, then the stream stays open), which holds
 thousands of streams in one process where the example worker would need a thread each.
