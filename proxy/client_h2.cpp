@@ -141,6 +141,17 @@ public:
         }
     }
 
+    // The field header() stored at `at` in raw; false past the last.
+    static bool next_field(std::string_view raw, size_t& at, std::string_view& name, std::string_view& value) {
+        if (at >= raw.size()) return false;
+        uint32_t lengths[2];
+        std::memcpy(lengths, raw.data() + at, sizeof lengths);
+        name = raw.substr(at + sizeof lengths, lengths[0]);
+        value = raw.substr(at + sizeof lengths + lengths[0], lengths[1]);
+        at += sizeof lengths + lengths[0] + lengths[1];
+        return true;
+    }
+
     void begin(bool end_stream) {
         began_ = true;
         request_ended_ = end_stream;
@@ -149,17 +160,12 @@ public:
         // enforced HTTP/2's own rules (lower-case names, pseudo-header order, no
         // connection-specific fields), so what is left is what both versions share.
         head_.headers.reserve(field_count_ + 1);
-        size_t cookies = 0;
         if (cookie_fields_ > 1) head_.raw.reserve(head_.raw.size() + cookie_bytes_ + 2 * cookie_fields_);
         size_t cookie_at = SIZE_MAX;  // where the joined cookie field goes
         std::string_view authority, host;
         std::string_view raw = head_.raw;
-        for (size_t at = 0; at < raw.size();) {
-            uint32_t lengths[2];
-            std::memcpy(lengths, raw.data() + at, sizeof lengths);
-            std::string_view name = raw.substr(at + sizeof lengths, lengths[0]);
-            std::string_view value = raw.substr(at + sizeof lengths + lengths[0], lengths[1]);
-            at += sizeof lengths + lengths[0] + lengths[1];
+        std::string_view name, value;
+        for (size_t at = 0; next_field(raw, at, name, value);) {
             if (!name.empty() && name[0] == ':') {  // pseudo-header fields come first (nghttp2 checks)
                 if (name == ":method") head_.method = value;
                 else if (name == ":path") head_.target = value;
@@ -187,13 +193,8 @@ public:
             // RFC 9113 §8.2.3: crumbs sent as separate fields are one Cookie field to HTTP/1.1,
             // joined with "; ". Appended to raw within the capacity reserved above, so no view moves.
             std::string& joined = head_.raw;
-            size_t start = joined.size();
-            for (size_t at = 0; at < raw.size();) {
-                uint32_t lengths[2];
-                std::memcpy(lengths, raw.data() + at, sizeof lengths);
-                std::string_view name = raw.substr(at + sizeof lengths, lengths[0]);
-                std::string_view value = raw.substr(at + sizeof lengths + lengths[0], lengths[1]);
-                at += sizeof lengths + lengths[0] + lengths[1];
+            size_t start = joined.size(), cookies = 0;
+            for (size_t at = 0; next_field(raw, at, name, value);) {
                 if (name != "cookie" || value.empty()) continue;
                 if (cookies++ > 0) joined.append("; ");
                 joined.append(value);
