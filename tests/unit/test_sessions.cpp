@@ -5,7 +5,9 @@
 
 #include <openssl/evp.h>
 
+#include <atomic>
 #include <cstdio>
+#include <thread>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -187,6 +189,25 @@ TEST_CASE("key rotation: add accepted-only, make current, drop the old; re-seali
     CHECK(opened.issued_at == 1800000000);
     CHECK_FALSE(opened.stale);
     CHECK(sealer.key_count() == 1);
+}
+
+TEST_CASE("keys replaced while other threads seal and open", "[sessions]") {
+    SessionSealer sealer({key_of(1), key_of(2)});
+    std::atomic<bool> stop{false};
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; ++t)
+        threads.emplace_back([&] {
+            std::string inst, sid;
+            while (!stop.load()) {
+                std::string token = sealer.seal("pod-1", "backend");
+                if (sealer.unseal(token, inst, sid) != UnsealResult::Ok || inst != "pod-1") ++failures;
+            }
+        });
+    for (int i = 0; i < 2000; ++i) sealer.set_keys(i % 2 ? std::vector{key_of(1), key_of(2)} : std::vector{key_of(2), key_of(1)});
+    stop = true;
+    for (auto& t : threads) t.join();
+    CHECK(failures == 0);  // both keys stay in every set: whichever a thread saw, it opens
 }
 
 TEST_CASE("--session-max-age ends sealed ids by their issue time", "[sessions]") {
