@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "discovery/instance.h"
+#include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/http1.h"
 #include "proxy/timers.h"
@@ -66,6 +67,8 @@ public:
     RouteOutcome route();
     // The admission queue offers a free slot (Worker::run_admitted).
     void slot_offered();
+    // Answers a request still waiting in the queue 503 now (draining: before the drain timeout).
+    void queue_timed_out(const char* why);
     // True once request body bytes went to a worker (the client no longer holds them all).
     bool body_consumed() const { return body_consumed_; }
     // The request's JSON-RPC id from the body kept for replay, "" when not known.
@@ -97,7 +100,7 @@ public:
     void upstream_closed(UpstreamClose how) override;
 
 private:
-    bool connect_to(const InstancePtr& inst);
+    bool connect_to(const InstancePtr& inst, bool fresh = false);
     bool dispatch(bool from_queue);
     bool enqueue(bool at_front);
     void leave_queue();
@@ -142,12 +145,17 @@ private:
     std::array<Instance*, kMaxAttempts> tried_{};
     size_t tried_count_ = 0;
     int retries_ = 0;
+    bool repeatable_ = false;      // may run twice without harm (proxy/delivery.h may_repeat)
+    bool pinned_retried_ = false;  // pinned work gets one fresh connection after our own failure
     bool routing_ = false;  // inside route(): a refusal is returned, not sent
     Failure refused_ = Failure::NoInstance;
     bool refused_set_ = false;
     // Admission queue
     uint64_t ticket_ = 0;  // nonzero while queued
     std::chrono::steady_clock::time_point queued_at_{};
+    bool waiting_ = false;                 // in the queue now (or being offered a slot)
+    bool queue_deadline_started_ = false;  // armed once, at the first wait: a deadline, not a per-stay timeout
+    bool queue_expired_ = false;           // it passed while the request was at a worker
     bool exhausted_ = false;  // dispatch found no untried instance taking new work
     double queue_wait_ms_ = 0;
     Deadline queue_deadline_{on_queue_timeout, this};

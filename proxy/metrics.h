@@ -68,8 +68,10 @@ public:
     prometheus::Gauge& queue_depth;
     prometheus::Histogram& queue_wait_seconds;
     std::array<prometheus::Counter*, 2> queue_rejections{};  // [0] queue-full, [1] queue-timeout
-    std::array<prometheus::Counter*, 16> retries_by_reason{};  // index: Failure
+    std::array<prometheus::Counter*, 24> retries_by_reason{};  // index: Failure
     prometheus::Counter& worker_at_capacity;
+    prometheus::Counter& may_have_run;  // answered 502: not retried, the call may have run
+    prometheus::Counter& upstream_idle_closed;  // pooled connections found closed when about to be reused
     prometheus::Family<prometheus::Gauge>& instance_limit;
     prometheus::Gauge& sse_streams_open;
     prometheus::Counter& sse_streams_total;
