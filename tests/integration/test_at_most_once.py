@@ -11,6 +11,7 @@ a test can tell a call that ran twice from one that ran once:
 """
 
 import json
+import signal
 import socket
 import struct
 import threading
@@ -283,6 +284,29 @@ def a_worker_stuck_at_capacity_is_probed_not_tried_first():
     stuck.close()
     a.close()
     b.close()
+
+
+@test
+def requests_still_queued_at_sigterm_are_answered_before_the_drain_timeout():
+    w = Worker("drain", max_concurrency=1)
+    lb = Balancer([w.address], args=["--drain-timeout", "3s", "--queue-timeout", "60s"], threads=1)
+    lb.wait_healthy(1)
+    held = client.SseReader("127.0.0.1", lb.port, HOLD)  # the only slot, held past the drain
+    check(held.next_event(timeout=10) is not None, "the slot is held")
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(post(lb, "queued-1", timeout=20)))
+    waiter.start()
+    wait_for(lambda: lb.metric("stepflow_lb_queue_depth") == 1, 10, "a request queued")
+    t0 = time.monotonic()
+    lb.signal(signal.SIGTERM)
+    waiter.join(timeout=20)
+    elapsed = time.monotonic() - t0
+    check(results, "the queued request got an answer")
+    r = results[0]
+    check(r.status == 503 and r.json()["id"] == "queued-1" and r.json()["error"]["data"]["reason"] == "queue-timeout",
+          f"503 queue-timeout with the id: {r.status} {r.body!r}")
+    check(elapsed < 3.0, f"before the 3 s drain timeout closed it: {elapsed:.2f}s")
+    held.close()
 
 
 # --------------------------------------------------------------------------- HTTP/2 windows
