@@ -375,5 +375,24 @@ def a_pinned_callback_never_waits_behind_queued_uploads_on_its_connection():
     c.close()
 
 
+@test
+def an_http2_stream_answered_locally_after_a_failed_exchange_gets_the_body_deadline():
+    w = Worker("gone")
+    lb = Balancer([w.address], args=["--health-interval", "1h", "--max-failures", "1000",
+                                     "--local-body-timeout", "1s"], threads=1)
+    lb.wait_healthy(1)
+    iid = w.instance_id
+    w.kill()  # still listed and healthy: the connect fails, the body never left the stream
+    c = H2Client("127.0.0.1", lb.port)
+    sid = c.request(headers=[("stepflow-instance-id", iid)], end_stream=False, body=b"", content_length=False)
+    c.send_data(sid, b'{"jsonrpc":"2.0","id":"cb-9","result":', end_stream=False)  # and never the rest
+    t0 = time.monotonic()
+    c.wait(lambda: c.streams[sid].closed, timeout=8, what="a local answer")
+    elapsed = time.monotonic() - t0
+    check(c.streams[sid].status == 503, f"503: {c.streams[sid].status} {bytes(c.streams[sid].data)!r}")
+    check(elapsed < 4, f"within --local-body-timeout, not --request-body-timeout: {elapsed:.2f}s")
+    c.close()
+
+
 if __name__ == "__main__":
     run_tests()
