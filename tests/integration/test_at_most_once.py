@@ -222,7 +222,7 @@ def idempotent_requests_are_retried_after_an_orderly_close():
     lb.wait_healthy(2)
     # Until a call lands on the crashing worker first (least load picks at random among ties).
     for i in range(20):
-        for method, headers in (("PUT", {}), ("POST", {"Idempotency-Key": f"k{i}"})):
+        for method, headers in (("GET", {}), ("PUT", {}), ("POST", {"Idempotency-Key": f"k{i}"})):
             rid = f"{method}-{i}"
             r = post(lb, rid, headers=headers, method=method)
             check(r.status == 200 and r.json()["result"]["ran_on"] == "good", f"{method}: {r.status} {r.body!r}")
