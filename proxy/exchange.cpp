@@ -361,11 +361,14 @@ void Exchange::failed_before_response(Failure f, const char* why) {
         exhausted_ = false;
         dispatch(true);  // another instance, or back to the head of the queue
         if (!exhausted_) return;
-        if (f == Failure::WorkerAtCapacity) {
-            // Every instance is full: wait for a slot, within what is left of the queue deadline.
-            tried_count_ = 0;
-            if (enqueue(true)) return;
-        }
+    }
+    if (may_retry && f == Failure::WorkerAtCapacity) {
+        // Every instance is full (or its retries are spent): wait for a slot like new work,
+        // within what is left of the queue deadline. A refusing instance is probed about once
+        // per cool-down, so waiting costs it little.
+        instance_.reset();
+        tried_count_ = 0;
+        if (enqueue(true)) return;
     }
     if (f == Failure::MayHaveRun && decision_ != Decision::Pinned) {
         Metrics::get().may_have_run.Increment();
