@@ -1,5 +1,9 @@
 #include "proxy/admin.h"
 
+#include <algorithm>
+
+#include "proxy/admission.h"
+
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
@@ -167,6 +171,15 @@ std::string AdminServer::backends_body() {
         out += ",\"newWorkInFlight\":" + std::to_string(b.instance ? b.instance->new_work.load() : 0);
         out += ",\"limit\":" + std::to_string(b.instance ? b.instance->limit() : 0);
         out += ",\"limitSource\":\"" + std::string(b.instance ? to_string(b.instance->limit_source()) : "none") + "\"";
+        if (b.instance) {
+            // docs/admission.md: cooling (no new work), probing (one slot), recovering (doubling).
+            const Instance& inst = *b.instance;
+            int64_t cool = inst.cooling.load() ? std::max<int64_t>(0, inst.cooling_until_ms.load() - steady_ms()) : 0;
+            out += ",\"capacity\":{\"state\":\"" + std::string(inst.capacity_state()) + "\"";
+            out += ",\"coolingMs\":" + std::to_string(cool);
+            out += ",\"refusals\":" + std::to_string(inst.refusals.load());
+            out += ",\"flagLimit\":" + std::to_string(inst.flag_limit) + "}";
+        }
         out += ",\"consecutiveFailures\":" + std::to_string(b.consecutive_failures);
         out += ",\"lastError\":" + (b.last_error.empty() ? std::string("null") : json_string(b.last_error));
         out += '}';

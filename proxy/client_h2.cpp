@@ -232,6 +232,11 @@ public:
 
     void data(const uint8_t* bytes, size_t len) {
         record_.bytes_in += len;
+        // The connection window reopens at once: what a stream holds is bounded by its own
+        // window (--h2-initial-window-size, times --h2-max-concurrent-streams per connection), so
+        // uploads queued or back-pressured never close the window a pinned callback answer on
+        // the same connection needs.
+        nghttp2_session_consume_connection(conn_.session_, len);
         if (!local_mode_) watch_body();
         if (exchange_ && !answered_) {
             // Nothing queued ahead and the worker's connection takes it: straight there rather
@@ -249,7 +254,7 @@ public:
             return;
         }
         // Answered already, or collecting a body only to read its JSON-RPC id.
-        nghttp2_session_consume(conn_.session_, id_, len);
+        nghttp2_session_consume_stream(conn_.session_, id_, len);
         if (local_mode_ && !answered_) {
             evbuffer_add(req_buf(), bytes, len);
             if (evbuffer_get_length(req_buf_) > kLocalBodyLimit) {
@@ -276,8 +281,7 @@ public:
             record_.note_route(*exchange_);
         }
         if (record_.status == 0) record_.status = malformed ? 400 : 499;  // ended before any answer
-        if (unconsumed_ > 0) nghttp2_session_consume_connection(conn_.session_, unconsumed_);
-        unconsumed_ = 0;
+        unconsumed_ = 0;  // its bytes left the connection window on arrival
         if (!began_) {
             // The head never completed (an invalid field, or a reset during it): not a request,
             // so no access-log line or request metric; a malformed one counts as rejected.
@@ -396,11 +400,14 @@ public:
             // The body never left the stream: read it for its id, as for a routing miss.
             local_mode_ = true;
             if (unconsumed_ > 0) {
-                nghttp2_session_consume(conn_.session_, id_, unconsumed_);
+                nghttp2_session_consume_stream(conn_.session_, id_, unconsumed_);
                 conn_.schedule_send();
                 unconsumed_ = 0;
             }
-            if (request_ended_) answer_locally();
+            if (request_ended_) return answer_locally();
+            // As for a routing miss: --local-body-timeout in all, so a client that stops sending
+            // cannot hold the stream.
+            body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().local_body_timeout);
             return;
         }
         std::string id = ended->replay_id_json();
@@ -439,7 +446,7 @@ private:
         }
         write();
         if (chunked_up_) evbuffer_add(sink, "\r\n", 2);
-        nghttp2_session_consume(conn_.session_, id_, n);
+        nghttp2_session_consume_stream(conn_.session_, id_, n);
         conn_.schedule_send();  // window updates
     }
 
@@ -914,8 +921,8 @@ int ClientH2::on_send_data(nghttp2_session*, nghttp2_frame* frame, const uint8_t
 // A response sent in full before the request ended (a local answer, or a worker that answered
 // without reading the whole body): RST_STREAM(NO_ERROR) asks the client to stop sending the rest
 // (RFC 9113 §8.1), after the response so that it is not lost. DATA already on its way is still
-// counted in the connection's window: nghttp2 consumes what arrives for a closed stream, and
-// closed() returns what the stream held.
+// counted in the connection's window: nghttp2 consumes what arrives for a closed stream, and a
+// stream's bytes leave the connection window on arrival (Stream::data).
 int ClientH2::on_frame_send(nghttp2_session* session, const nghttp2_frame* frame, void*) {
     if (frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS) return 0;
     if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;

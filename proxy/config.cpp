@@ -214,8 +214,13 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--retry-buffer-size", cfg.retry_buffer_size,
                    "Request body bytes kept for replay on retry; larger bodies are streamed and not retried")
         ->envname("STEPFLOW_LB_RETRY_BUFFER_SIZE")->capture_default_str();
+    app.add_option("--trust-idempotency-key", cfg.trust_idempotency_key,
+                   "Retry a request with an Idempotency-Key header even when the worker may have read it "
+                   "(true/false)")
+        ->envname("STEPFLOW_LB_TRUST_IDEMPOTENCY_KEY")->capture_default_str();
     app.add_option("--capacity-recovery-interval", capacity_recovery_interval,
-                   "A limit learned from -32300 grows back by one per this quiet interval [1s]")
+                   "Cool-down of a worker refusing with -32300, and the quiet interval after which a learned "
+                   "limit doubles [1s]")
         ->envname("STEPFLOW_LB_CAPACITY_RECOVERY_INTERVAL");
 
     // Autoscaling (docs/autoscaling.md)

@@ -81,6 +81,9 @@ struct Config {
     Millis queue_timeout{30000};
     int retries = 2;                     // further instances tried for one unpinned request
     size_t retry_buffer_size = 64 * 1024;  // request body kept for replay; larger bodies are not retried
+    // A request carrying an Idempotency-Key header may be sent again after a worker may have read
+    // it (docs/admission.md), like an idempotent method. Off: only the method counts.
+    bool trust_idempotency_key = true;
     Millis capacity_recovery_interval{1000};  // a learned limit grows by one per quiet interval
 
     // Autoscaling (docs/autoscaling.md)

@@ -40,6 +40,7 @@ Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& re
       pending_(std::make_unique<Pending>(this)), client_tls_(client_tls) {
     request_chunked_ = request_.framing == http1::Framing::Chunked;
     request_done_ = request_.framing == http1::Framing::None;
+    pending_->repeatable = may_repeat(request_, worker_.config().trust_idempotency_key);
 }
 
 Exchange::~Exchange() {
@@ -125,6 +126,13 @@ bool Exchange::dispatch(bool from_queue) {
 }
 
 bool Exchange::enqueue(bool at_front) {
+    if (pending_->queue_expired || std::chrono::steady_clock::now() >= worker_.queue_cutoff()) {
+        // Its queue deadline passed while it was at a worker (or the balancer is draining): a
+        // re-queue gets no fresh wait.
+        Metrics::get().queue_rejections[1]->Increment();
+        give_up(Failure::QueueTimeout, "queue deadline passed");
+        return true;
+    }
     AdmissionQueue& queue = AdmissionQueue::get();
     uint64_t ticket = AdmissionQueue::next_ticket();
     if (at_front) {
@@ -134,11 +142,18 @@ bool Exchange::enqueue(bool at_front) {
     }
     pending_->ticket = ticket;
     worker_.wait_for_slot(ticket, this);
-    if (!pending_->queue_deadline.armed()) {  // each stay in the queue is bounded, a retry's too
-        pending_->queued_at = std::chrono::steady_clock::now();
+    pending_->waiting = true;
+    pending_->queued_at = std::chrono::steady_clock::now();
+    // Armed when the request first waits and never restarted: a re-queue after a -32300 waits
+    // only for what is left of it (one timer duration, so the thread's timer queues stay few).
+    if (!pending_->queue_deadline_started) {
+        pending_->queue_deadline_started = true;
         pending_->queue_deadline.arm(worker_.timers(), pending_->cold_start ? worker_.config().cold_start_timeout
                                                                             : worker_.config().queue_timeout);
     }
+    // A slot freed between dispatch's look and the push saw an empty queue and offered nothing:
+    // offer it now rather than at the next admission tick.
+    if (route_least_load(worker_.fleet().get(), worker_.rng(), {}, true)) AdmissionQueue::get().slot_freed();
     return true;
 }
 
@@ -150,8 +165,8 @@ void Exchange::leave_queue() {
         worker_.stop_waiting(pending_->ticket);
         pending_->ticket = 0;
     }
-    if (pending_->queue_deadline.armed()) {
-        pending_->queue_deadline.cancel();
+    if (pending_->waiting) {
+        pending_->waiting = false;
         auto waited = std::chrono::steady_clock::now() - pending_->queued_at;
         double ms = std::chrono::duration<double, std::milli>(waited).count();
         queue_wait_ms_ += ms;
@@ -174,20 +189,24 @@ void Exchange::slot_offered() {
 
 void Exchange::on_queue_timeout(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
-    // The deadline has fired (no longer armed): account the wait here.
-    auto waited = std::chrono::steady_clock::now() - self->pending_->queued_at;
-    double ms = std::chrono::duration<double, std::milli>(waited).count();
-    self->queue_wait_ms_ += ms;
-    Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
-    self->leave_queue();
+    if (!self->pending_->waiting) {
+        self->pending_->queue_expired = true;  // at a worker now: only a later re-queue is refused
+        return;
+    }
     if (self->pending_->cold_start && !route_least_load(self->worker_.fleet().get(), self->worker_.rng())) {
+        self->leave_queue();
         DemandSignal::get().cold_start_timeouts.Increment();
         Metrics::get().no_healthy_instance.Increment();
         self->fail(Failure::NoInstance, "no instance became routable within --cold-start-timeout");
         return;
     }
+    self->queue_timed_out("no slot freed within --queue-timeout");
+}
+
+void Exchange::queue_timed_out(const char* why) {
+    leave_queue();
     Metrics::get().queue_rejections[1]->Increment();
-    self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
+    fail(Failure::QueueTimeout, why);
 }
 
 void Exchange::count_mcp_method() {
@@ -234,9 +253,11 @@ bool Exchange::route_session(const Fleet& fleet, RouteOutcome& outcome) {
     stepflow::PinnedMiss why{};
     Instance* inst = route_pinned(fleet, instance_id, why);
     Instance* known = inst ? inst : fleet.find(instance_id);
-    if (!inst && (!known || !known->healthy.load(std::memory_order_relaxed))) {
-        // The instance that minted the session left, restarted or stopped answering: nobody else
-        // knows the session, and a 404 makes an MCP client start a new one rather than wait.
+    if (!inst && (!known || known->membership.load(std::memory_order_relaxed) == Membership::Gone)) {
+        // The instance that minted the session left discovery or restarted (a new id): nobody
+        // else knows the session, and a 404 makes an MCP client start a new one rather than wait.
+        // One still discovered but unhealthy keeps its sessions: a retryable 503 below, so a
+        // short illness (slow health checks under load) does not end them.
         metrics.not_found[size_t(SessionMiss::InstanceGone)]->Increment();
         log::debug("session's instance is gone",
                    {{"session", session_log_hash(pending_->session_value)}, {"instance", instance_id}});
@@ -290,11 +311,18 @@ void Exchange::reseal_session(const Instance& inst) {
     if (!pending_->sealed_session.empty()) SessionMetrics::get().resealed->Increment();
 }
 
-bool Exchange::connect_to(const InstancePtr& inst) {
+bool Exchange::connect_to(const InstancePtr& inst, bool fresh) {
     instance_ = inst;
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
     in_flight_counted_ = true;
-    conn_ = worker_.pool().acquire(inst, this);
+    conn_ = worker_.pool().acquire(inst, this, fresh);
+    if (!conn_ && decision_ == Decision::Pinned && !pending_->pinned_retried) {
+        // Our shortage must not end a pinned step: free an idle pooled connection (a descriptor)
+        // and try once more.
+        pending_->pinned_retried = true;
+        worker_.pool().shed_one();
+        conn_ = worker_.pool().acquire(inst, this, true);
+    }
     if (!conn_) {
         // No socket or TLS object could be made: our shortage (descriptors, memory), not the
         // worker's, so it is never charged to the instance's health.
@@ -338,7 +366,7 @@ void Exchange::charge(Failure f, const char* why) {
 }
 
 bool Exchange::can_replay() const {
-    if (response_started_) return false;
+    if (response_started_ || interim_count_ > 0) return false;  // a relayed 1xx ends retries
     if (!body_consumed_) return true;  // nothing of the body left the client yet
     return replay_ && !replay_overflow_;
 }
@@ -347,7 +375,7 @@ bool Exchange::can_replay() const {
 // instance, then retry new work elsewhere (or queue it) when the policy allows and the body can
 // be replayed, else answer the client.
 void Exchange::failed_before_response(Failure f, const char* why) {
-    FailureVerdict verdict = judge(f, decision_);
+    FailureVerdict verdict = judge(f, decision_, pending_->repeatable);
     charge(f, why);
     if (f == Failure::ConnectFailed) Metrics::get().upstream_connect_errors.Increment();
     if (instance_)
@@ -360,6 +388,15 @@ void Exchange::failed_before_response(Failure f, const char* why) {
     release_instance();
     head_sent_ = false;
     scan_from_ = 0;
+    // Pinned work cannot go elsewhere; a stale pooled connection (never read) gets one fresh one.
+    if (decision_ == Decision::Pinned && f == Failure::StaleConnection && !pending_->pinned_retried && can_replay()) {
+        pending_->pinned_retried = true;
+        Metrics::get().retries_by_reason[size_t(f)]->Increment();
+        InstancePtr inst = instance_;
+        if (connect_to(inst, true)) return;
+        f = Failure::SocketFailed;
+        why = "could not create a socket";
+    }
     bool may_retry = verdict.retriable && can_replay();
     if (may_retry && retries_ < worker_.config().retries) {
         ++retries_;
@@ -371,10 +408,18 @@ void Exchange::failed_before_response(Failure f, const char* why) {
         if (!exhausted_) return;
     }
     if (may_retry && f == Failure::WorkerAtCapacity) {
-        // Out of retries but only because the fleet is full: wait for a slot like new work.
+        // Every instance is full (or its retries are spent): wait for a slot like new work,
+        // within what is left of the queue deadline. A refusing instance is probed about once
+        // per cool-down, so waiting costs it little.
         instance_.reset();
         pending_->tried_count = 0;
         if (enqueue(true)) return;
+    }
+    if (f == Failure::MayHaveRun && decision_ != Decision::Pinned) {
+        Metrics::get().may_have_run.Increment();
+        log::warn("not retried: the call may have run",
+                  {{"instance", instance_ ? instance_->id : std::string()},
+                   {"backend", instance_ ? instance_->address : std::string()}, {"reason", why}});
     }
     // A request that reached its instance keeps it for the access log; one that never did
     // (connect failures) names none.
@@ -544,6 +589,7 @@ bool Exchange::parse_response_head() {
     response_keep_alive_ = response.keep_alive;
     Instance& inst = conn_->instance();
     inst.record_success();
+    inst.worker_answered();
     auto& metrics = Metrics::get();
     metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
 
@@ -560,7 +606,7 @@ bool Exchange::parse_response_head() {
         if (hop.contains(h)) continue;
         if (h.name.size() == 21 && http1::iequals(h.name, "endpoint-load-metrics")) {
             int capacity = load_report_capacity(h.value);
-            if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header);
+            if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header, steady_ms());
             continue;
         }
         if (sessions && sessions->match(h.name) && !h.value.empty()) {
@@ -628,11 +674,13 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     evbuffer_drain(in, need);
     Instance& inst = conn_->instance();
     int64_t now = steady_ms();
-    inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now);
+    inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now,
+                            worker_.config().capacity_recovery_interval.count());
     Metrics::get().worker_at_capacity.Increment();
     log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.limit()}});
-    if (request_done_ && response.keep_alive) {
-        // The connection is clean: give it back rather than close it.
+    if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
+        evbuffer_get_length(conn_->bev()->output()) == 0) {
+        // The connection is clean (no extra bytes either way): give it back rather than close it.
         watch_sink(false);
         conn_->attach(nullptr);
         worker_.pool().release(std::move(conn_));
@@ -695,10 +743,13 @@ void Exchange::upstream_closed(UpstreamClose how) {
         fail(Failure::CutShort, why);
         return;
     }
-    // Closed before any response byte. On a pooled keep-alive connection the worker had closed
-    // it before our request arrived: it never saw the request.
-    bool nothing_read = scan_from_ == 0 && evbuffer_get_length(conn_->bev()->input()) == 0;
-    failed_before_response(conn_reused_ && nothing_read ? Failure::StaleConnection : Failure::ResetBeforeResponse, why);
+    // Closed before the response head: what the socket showed decides whether the worker may
+    // have read the request (proxy/delivery.h), never whether the connection was pooled.
+    bool response_seen = interim_count_ > 0 || scan_from_ != 0 || evbuffer_get_length(conn_->bev()->input()) != 0;
+    bool all_sent = request_done_ && evbuffer_get_length(conn_->bev()->output()) == 0;
+    bool reset = how == UpstreamClose::Reset || (how == UpstreamClose::Eof && reset_followed_close(conn_->bev()->fd()));
+    Delivery d = observe_delivery(reset, all_sent, response_seen);
+    failed_before_response(close_failure(d, conn_reused_), why);
 }
 
 void Exchange::fail(Failure f, const char* why) {
@@ -716,7 +767,10 @@ void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
     leave_queue();
-    if (pending_) pending_->request_deadline.cancel();
+    if (pending_) {
+        pending_->queue_deadline.cancel();
+        pending_->request_deadline.cancel();
+    }
     if (sse_) Metrics::get().sse_streams_open.Decrement();
     if (conn_) {
         watch_sink(false);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "discovery/instance.h"
+#include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/http1.h"
 #include "proxy/timers.h"
@@ -66,6 +67,8 @@ public:
     RouteOutcome route();
     // The admission queue offers a free slot (Worker::run_admitted).
     void slot_offered();
+    // Answers a request still waiting in the queue 503 now (draining: before the drain timeout).
+    void queue_timed_out(const char* why);
     // True once request body bytes went to a worker (the client no longer holds them all).
     bool body_consumed() const { return body_consumed_; }
     // The request's JSON-RPC id from the body kept for replay, "" when not known.
@@ -97,7 +100,7 @@ public:
     void upstream_closed(UpstreamClose how) override;
 
 private:
-    bool connect_to(const InstancePtr& inst);
+    bool connect_to(const InstancePtr& inst, bool fresh = false);
     bool dispatch(bool from_queue);
     bool enqueue(bool at_front);
     void leave_queue();
@@ -150,6 +153,11 @@ private:
         // Admission queue
         uint64_t ticket = 0;  // nonzero while queued
         bool cold_start = false;  // arrived while no instance took new work: waits --cold-start-timeout
+        bool waiting = false;                 // in the queue now (or being offered a slot)
+        bool queue_deadline_started = false;  // armed once, at the first wait: a deadline, not a per-stay timeout
+        bool queue_expired = false;           // it passed while the request was at a worker
+        bool repeatable = false;              // may run twice without harm (proxy/delivery.h may_repeat)
+        bool pinned_retried = false;          // pinned work gets one fresh connection after our own failure
         std::chrono::steady_clock::time_point queued_at{};
         Deadline queue_deadline;
         // --upstream-request-timeout: from the head's send until the worker took the whole body.

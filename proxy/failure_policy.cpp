@@ -14,6 +14,7 @@ const char* to_string(Failure f) {
     case Failure::SocketFailed: return "socket-failed";
     case Failure::StaleConnection: return "stale-connection";
     case Failure::ResetBeforeResponse: return "reset";
+    case Failure::MayHaveRun: return "may-have-run";
     case Failure::HeadTimeout: return "timeout";
     case Failure::BadResponse: return "bad-response";
     case Failure::CutShort: return "cut-short";
@@ -29,8 +30,9 @@ const char* to_string(Failure f) {
     return "unknown";
 }
 
-FailureVerdict judge(Failure f, Decision decision) {
+FailureVerdict judge(Failure f, Decision decision, bool repeatable) {
     const bool unpinned = decision == Decision::LeastLoad;
+    const bool pinned = decision == Decision::Pinned;
     switch (f) {
     case Failure::NoInstance:
     case Failure::PinnedUnknown:
@@ -38,10 +40,13 @@ FailureVerdict judge(Failure f, Decision decision) {
     // Nothing reached the worker: safe to send elsewhere; the instance is charged.
     case Failure::ConnectFailed: return {503, true, unpinned, true};
     case Failure::SocketFailed: return {503, false, unpinned, true};
-    // A pooled connection the worker had closed: the worker never saw the request.
-    case Failure::StaleConnection: return {unpinned ? 502 : 503, true, unpinned, !unpinned};
-    // The worker may have started on it: not replayed.
-    case Failure::ResetBeforeResponse: return {decision == Decision::Pinned ? 503 : 502, true, false, decision == Decision::Pinned};
+    // A pooled connection the worker had closed: it never read the request. The race is benign,
+    // not the worker's fault.
+    case Failure::StaleConnection: return {pinned ? 503 : 502, false, unpinned, pinned};
+    // Reset without reading: provably not run, but a fresh connection should not be reset.
+    case Failure::ResetBeforeResponse: return {pinned ? 503 : 502, true, unpinned, pinned};
+    // The worker may have read it and started: sent again only when running twice is harmless.
+    case Failure::MayHaveRun: return {pinned ? 503 : 502, true, unpinned && repeatable, pinned};
     // A slow worker is not a broken one.
     case Failure::HeadTimeout: return {504, false, false, false};
     // A head that breaks HTTP/1.1 is the worker's fault (a protocol failure): charged.
@@ -82,14 +87,21 @@ LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_jso
     int code = -32000;
     const char* message = nullptr;
     if (f == Failure::SessionNotFound) {
-        code = -32001;
+        code = kCodeSessionNotFound;
         message = "Session not found";
     } else if (f == Failure::SessionAmbiguous) {
         code = -32600;
         message = "More than one session header";
+    } else if (f == Failure::SocketFailed) {
+        // Ours, not the instance's: a pinned step is not abandoned on a misleading answer.
+        code = kCodeLocalShortage;
+        message = "Balancer out of local resources (descriptors or ports)";
+    } else if (f == Failure::MayHaveRun && decision != Decision::Pinned) {
+        code = kCodeMayHaveRun;
+        message = "Worker closed the connection after reading the request: the call may have run";
     } else if (decision == Decision::Pinned && v.status == 503) {
         message = "Instance not available";  // the orchestrator abandons the step on this
-    } else if (f == Failure::NoInstance || f == Failure::ConnectFailed || f == Failure::SocketFailed) {
+    } else if (f == Failure::NoInstance || f == Failure::ConnectFailed) {
         message = "No healthy instance available";
     } else if (f == Failure::QueueFull || f == Failure::QueueTimeout || f == Failure::WorkerAtCapacity) {
         message = "No capacity available";

@@ -17,8 +17,9 @@ enum class Failure : uint8_t {
     PinnedNotServing,    // ... is in it but takes no work
     ConnectFailed,       // refused, unreachable, connect timeout: nothing reached the worker
     SocketFailed,        // no socket on our side (descriptors exhausted): not the instance's fault
-    StaleConnection,     // a pooled keep-alive connection closed or reset before any response byte
-    ResetBeforeResponse, // a fresh connection closed or reset before any response byte
+    StaleConnection,     // a pooled keep-alive connection the worker provably never read (proxy/delivery.h)
+    ResetBeforeResponse, // a fresh connection the worker reset without reading the request
+    MayHaveRun,          // closed after the whole request left, before a response: the call may have run
     HeadTimeout,         // no response head within --upstream-header-timeout
     BadResponse,         // the worker's response head broke HTTP/1.1 (never relayed)
     CutShort,            // the response broke after it had started
@@ -41,8 +42,15 @@ struct FailureVerdict {
     bool retry_after;      // the answer carries Retry-After
 };
 
-// The decision. `decision` is how the request was routed (pinned requests are never retried).
-FailureVerdict judge(Failure f, Decision decision);
+// The decision. `decision` is how the request was routed (pinned requests are never sent to
+// another instance). `repeatable`: the request may run twice without harm (proxy/delivery.h
+// may_repeat); only then is a request that may have run sent again.
+FailureVerdict judge(Failure f, Decision decision, bool repeatable = false);
+
+// JSON-RPC error codes of the balancer's own answers besides -32000 (docs/admission.md).
+constexpr int kCodeSessionNotFound = -32001;
+constexpr int kCodeMayHaveRun = -32002;      // not "Instance not available": the call may have run
+constexpr int kCodeLocalShortage = -32003;   // our descriptors or ports ran out, not the worker
 
 // The balancer's own answer: always a JSON-RPC error body echoing `id_json`.
 struct LocalAnswer {

@@ -90,6 +90,14 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       worker_at_capacity(BuildCounter().Name("stepflow_lb_worker_at_capacity_total")
                              .Help("503 / -32300 answers from workers (each also cuts that instance's limit)")
                              .Register(*r).Add({})),
+      may_have_run(BuildCounter().Name("stepflow_lb_may_have_run_total")
+                       .Help("Requests answered 502 unretried because the worker may have read them before its "
+                             "connection closed (the call may have run)")
+                       .Register(*r).Add({})),
+      upstream_idle_closed(BuildCounter().Name("stepflow_lb_upstream_reuse_refused_total")
+                               .Help("Pooled worker connections dropped instead of reused because the worker had "
+                                     "closed them (or sent stray bytes)")
+                               .Register(*r).Add({})),
       instance_limit(BuildGauge().Name("stepflow_lb_instance_limit")
                          .Help("Limit on new requests in flight per instance (0: unlimited)").Register(*r)),
       sse_streams_open(BuildGauge().Name("stepflow_lb_sse_streams_open")
@@ -129,7 +137,8 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
                         .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
     static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
-    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::WorkerAtCapacity})
+    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::ResetBeforeResponse,
+                      Failure::MayHaveRun, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")
                           .Help("Responses received from workers, by status class").Register(*registry_);

@@ -71,6 +71,8 @@ public:
     std::array<prometheus::Counter*, 2> queue_rejections{};  // [0] queue-full, [1] queue-timeout
     std::array<prometheus::Counter*, 32> retries_by_reason{};  // index: Failure (room for new kinds)
     prometheus::Counter& worker_at_capacity;
+    prometheus::Counter& may_have_run;  // answered 502: not retried, the call may have run
+    prometheus::Counter& upstream_idle_closed;  // pooled connections found closed when about to be reused
     prometheus::Family<prometheus::Gauge>& instance_limit;
     prometheus::Gauge& sse_streams_open;
     prometheus::Counter& sse_streams_total;

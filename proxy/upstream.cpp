@@ -2,6 +2,9 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <cerrno>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -17,6 +20,18 @@
 
 namespace stepflow {
 namespace {
+
+// An idle connection is reused only while the worker has neither closed it nor sent anything
+// on it: the close may be waiting in the socket, not yet seen by the loop. One recv(MSG_PEEK)
+// per reuse, far cheaper than a call the worker never read, or may have.
+bool still_open(Conn* bev) {
+    if (evbuffer_get_length(bev->input()) != 0) return false;
+    int fd = bev->fd();
+    if (fd < 0) return true;  // TLS: its reads are the library's; the loop sees a close
+    char c;
+    ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
 
 }  // namespace
 
@@ -95,12 +110,20 @@ void UpstreamConn::on_event(Conn* bev, short what, void* arg) {
 
 UpstreamPool::~UpstreamPool() = default;
 
-std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance, UpstreamConn::Handler* handler) {
+std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance, UpstreamConn::Handler* handler,
+                                                   bool fresh) {
     auto it = idle_.find(instance.get());
-    if (it != idle_.end() && !it->second.empty()) {
+    while (!fresh && it != idle_.end() && !it->second.empty()) {
+        // The most recently used first: the least likely to have met the worker's idle timeout.
         std::unique_ptr<UpstreamConn> conn = std::move(it->second.back());
         it->second.pop_back();
-        if (it->second.empty()) idle_.erase(it);
+        bool empty = it->second.empty();
+        if (empty) idle_.erase(it);
+        if (!still_open(conn->bev_)) {
+            Metrics::get().upstream_idle_closed.Increment();
+            if (empty) break;
+            continue;  // closed here; try the next
+        }
         conn->bev_->set_deadline(Millis(0));
         conn->attach(handler);
         conn->bev_->enable(EV_READ | EV_WRITE);
@@ -110,6 +133,14 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
     conn->attach(handler);
     if (!conn->connect(config_.connect_timeout)) return nullptr;
     return conn;
+}
+
+bool UpstreamPool::shed_one() {
+    auto it = idle_.begin();
+    if (it == idle_.end()) return false;
+    it->second.erase(it->second.begin());  // its least recently used
+    if (it->second.empty()) idle_.erase(it);
+    return true;
 }
 
 void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {

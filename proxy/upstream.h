@@ -73,9 +73,13 @@ public:
     UpstreamPool(Loop& loop, const Config& config, TlsClient* tls) : loop_(loop), config_(config), tls_(tls) {}
     ~UpstreamPool();
 
-    // An idle connection to `instance`, or a new one still connecting (handler gets
+    // An idle connection to `instance` (the most recently used one that shows no pending close or
+    // data), or with `fresh` or none left a new one still connecting (handler gets
     // upstream_connected). nullptr when the socket could not even be created.
-    std::unique_ptr<UpstreamConn> acquire(const InstancePtr& instance, UpstreamConn::Handler* handler);
+    std::unique_ptr<UpstreamConn> acquire(const InstancePtr& instance, UpstreamConn::Handler* handler,
+                                          bool fresh = false);
+    // Closes one idle connection (any instance) to free a descriptor; false when none is idle.
+    bool shed_one();
     // Gives a connection whose last exchange ended cleanly back for reuse.
     void release(std::unique_ptr<UpstreamConn> conn);
     // Instances with idle connections kept (never one with none).

@@ -88,12 +88,15 @@ void Worker::on_admission_tick(int, short, void* arg) {
     auto* self = static_cast<Worker*>(arg);
     int64_t now = steady_ms();
     const Fleet& fleet = self->fleet_.get();  // also lets an idle thread drop instances that left
-    for (const auto& inst : fleet.instances) inst->recover_limit(now, self->config_.capacity_recovery_interval.count());
+    const Config& cfg = self->config_;
+    // A capacity report not renewed for this long is stale: the flag applies again.
+    int64_t report_ttl = std::max(3 * cfg.health_interval.count(), 10 * cfg.capacity_recovery_interval.count());
+    for (const auto& inst : fleet.instances) inst->recover_limit(now, cfg.capacity_recovery_interval.count(), report_ttl);
     AdmissionQueue& queue = AdmissionQueue::get();
     if (queue.depth() == 0) return;
     int room = 0;
     for (const auto& inst : fleet.instances) {
-        if (!inst->takes_new_work()) continue;
+        if (!inst->takes_new_work() || inst->cooling.load(std::memory_order_relaxed)) continue;
         int lim = inst->limit();
         room += lim == 0 ? 1 : std::max(0, lim - inst->new_work.load(std::memory_order_relaxed));
         if (room >= 4) break;
@@ -112,6 +115,7 @@ Worker::~Worker() {
     timers_.reset();
     event_free(wake_event_);
     event_free(admission_tick_);
+    if (drain_cutoff_) event_free(drain_cutoff_);
     ::close(wake_fd_);
     event_base_free(base_);
 }
@@ -267,8 +271,30 @@ void Worker::drain_now() {
         evconnlistener_free(l);
         l = nullptr;
     }
+    // Queued requests are answered 503 (queue-timeout) a little before the drain timeout would
+    // close their connections unanswered.
+    Millis margin = std::min(Millis(1000), config_.drain_timeout / 10);
+    queue_cutoff_ = std::chrono::steady_clock::now() + config_.drain_timeout - margin;
+    drain_cutoff_ = evtimer_new(base_, on_drain_cutoff, this);
+    timeval tv{static_cast<time_t>((config_.drain_timeout - margin).count() / 1000),
+               static_cast<suseconds_t>((config_.drain_timeout - margin).count() % 1000 * 1000)};
+    evtimer_add(drain_cutoff_, &tv);
     for (auto* conn : connections_.snapshot()) conn->drain();
     maybe_exit();
+}
+
+void Worker::on_drain_cutoff(int, short, void* arg) {
+    auto* self = static_cast<Worker*>(arg);
+    std::vector<Exchange*> waiting;
+    for (auto& [ticket, exchange] : self->queued_) waiting.push_back(exchange);
+    for (Exchange* exchange : waiting)
+        if (self->queued_waiting(exchange)) exchange->queue_timed_out("draining: no slot freed before --drain-timeout");
+}
+
+bool Worker::queued_waiting(const Exchange* exchange) const {
+    for (const auto& [ticket, e] : queued_)
+        if (e == exchange) return true;
+    return false;
 }
 
 void Worker::maybe_exit() {

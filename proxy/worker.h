@@ -82,6 +82,9 @@ public:
     // Admission queue (proxy/admission.h): requests of this thread waiting for a slot, by ticket.
     void wait_for_slot(uint64_t ticket, Exchange* exchange) { queued_[ticket] = exchange; }
     void stop_waiting(uint64_t ticket) { queued_.erase(ticket); }
+    // While draining: the latest a queued request may wait, so it is answered 503 before
+    // --drain-timeout closes its connection. The far future otherwise.
+    std::chrono::steady_clock::time_point queue_cutoff() const { return queue_cutoff_; }
     // Any thread: the queue handed `ticket` a free slot; runs on this thread's loop.
     void admit(uint64_t ticket);
 
@@ -128,6 +131,10 @@ private:
     event* wake_event_ = nullptr;
     std::atomic<unsigned> commands_{0};
     bool draining_ = false;
+    std::chrono::steady_clock::time_point queue_cutoff_ = std::chrono::steady_clock::time_point::max();
+    event* drain_cutoff_ = nullptr;  // answers what is still queued (see queue_cutoff)
+    static void on_drain_cutoff(int, short, void* arg);
+    bool queued_waiting(const Exchange* exchange) const;
     std::unordered_map<uint64_t, Exchange*> queued_;
     std::mutex admitted_mutex_;
     std::vector<uint64_t> admitted_;  // tickets handed over by other threads, under the mutex

@@ -5,6 +5,7 @@ Real binary, real example workers with a concurrency limit, loopback only."""
 import concurrent.futures
 import json
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -145,9 +146,10 @@ def raw_server(handle, backlog=64):
 
 
 def flaky_keepalive_server(instance_id):
-    """A worker that answers one request per connection with keep-alive, then closes the connection
-    when the next request arrives on it without answering: what a worker closing an idle
-    connection while our request is on its way looks like."""
+    """A worker that answers one request per connection with keep-alive, then resets the
+    connection when the next request arrives on it, without running it: to the balancer this is
+    what a request meeting a connection the worker had closed looks like (a reset).
+    A worker that read the request and then closed is another case (test_at_most_once.py)."""
     served = {"requests": 0}
 
     def handle(conn):
@@ -173,7 +175,9 @@ def flaky_keepalive_server(instance_id):
                         body = json.dumps({"status": "healthy", "instanceId": instance_id}).encode()
                     else:
                         if answered >= 1:
-                            return  # closes without a byte of response
+                            # A reset, as the kernel sends for a request reaching a closed socket.
+                            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            return
                         answered += 1
                         served["requests"] += 1
                         body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"flaky": True}}).encode()

@@ -216,7 +216,9 @@ def forged_ids_get_404_and_reach_no_server():
 
 
 @test
-def a_killed_server_ends_its_sessions_with_404_while_the_others_go_on():
+def a_killed_server_still_listed_answers_its_sessions_503_while_the_others_go_on():
+    # Static discovery keeps listing the address, so its sessions are kept and answered a
+    # retryable 503 (issue 21: 404 only once the instance leaves discovery or restarts as another).
     servers, lb = servers_and_balancer(LEARNED)
     clients = Clients(lb.port, sessions=12, calls=5, hold=True)
     held = {s.name: s.stats()["sessions"] for s in servers}
@@ -229,10 +231,10 @@ def a_killed_server_ends_its_sessions_with_404_while_the_others_go_on():
     summary = clients.result()
     lost = [s for s in summary["sessions"] if s["error"]]
     check(len(lost) == held[victim.name], f"exactly the victim's {held[victim.name]} sessions failed: {len(lost)}")
-    check(all(s["instance"] == victim.name and "404" in s["error"] for s in lost),
-          f"each got 404 Session not found: {[s['error'] for s in lost]}")
+    check(all(s["instance"] == victim.name and "503" in s["error"] for s in lost),
+          f"each got 503: {[s['error'] for s in lost]}")
     check(summary["completed"] == 12 - len(lost) and summary["split"] == 0, "the others completed, none split")
-    check(lb.metric("stepflow_lb_session_not_found_total", reason="instance-gone") >= len(lost), "counted")
+    check(lb.metric("stepflow_lb_session_not_found_total", reason="instance-gone") in (None, 0.0), "none forgotten")
 
 
 def post_with_session(port, sid):

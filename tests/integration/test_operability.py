@@ -260,7 +260,7 @@ def client_input_never_mints_series():
         "instance_id": {wid},
         "decision": {"pinned", "least-load", "none"},
         "reason": {"unknown-instance", "not-serving", "connect-failed", "queue-full", "queue-timeout",
-                   "socket-failed", "stale-connection", "worker-at-capacity",
+                   "socket-failed", "stale-connection", "reset", "may-have-run", "worker-at-capacity",
                    "instance-gone", "invalid-seal", "lru", "idle"},
         "class": {"none", "1xx", "2xx", "3xx", "4xx", "5xx"},
         "result": {"success", "error", "failure"},

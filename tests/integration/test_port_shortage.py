@@ -97,4 +97,43 @@ def exhausted_local_ports_answer_503_without_charging_the_worker():
     check(again.status == 200, f"ports free again: the worker answers, got {again.status}")
 
 
+def post_from_port(port, local_port, rpc_id, headers):
+    body = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {"ok": True}}).encode()
+    with BoundConnection(port, local_port) as conn:
+        return conn.request("POST", "/", body, {"Content-Type": "application/json", **headers})
+
+
+@test
+def a_pinned_request_meeting_our_port_shortage_is_told_it_is_ours():
+    """Issue 21 point 7: pinned work is tried once more after our own shortage, then answered
+    with a message naming the balancer's shortage, not "Instance not available" (on which the
+    orchestrator abandons the step)."""
+    bring_up_loopback()
+    w = Worker("ports-pin")
+    lb = Balancer([w.address], args=["--health-interval", "1h", "--health-timeout", "2s",
+                                     "--max-failures", "1", "--threads", "1"])
+    lb.wait_healthy(1)
+    iid = w.instance_id
+    low = 61100
+    set_port_range(low, low + 1)
+    try:
+        held = [client.SseReader("127.0.0.1", lb.port, dict(HOLD, id=f"hold-{i}")) for i in range(2)]
+        for r in held:
+            check(r.next_event(timeout=10) is not None, "a held stream started")
+        wait_for(lambda: lb.backends()[0]["inFlight"] == 2, 10, "both streams in flight")
+        r = post_from_port(lb.port, low + 2, "cb-1", {"Stepflow-Instance-Id": iid})
+        check(r.status == 503, f"503, got {r.status} {r.body!r}")
+        err = r.json()["error"]
+        check(r.json()["id"] == "cb-1", f"the id is echoed: {r.body!r}")
+        check(err["code"] == -32003 and err["message"] != "Instance not available"
+              and "Balancer" in err["message"], f"names our shortage: {err}")
+        check(err["data"]["reason"] == "socket-failed", err)
+        b = lb.backends()[0]
+        check(b["state"] == "healthy" and b["consecutiveFailures"] == 0, f"the worker was not charged: {b}")
+        for h in held:
+            h.close()
+    finally:
+        set_port_range(32768, 60999)
+
+
 run_tests()

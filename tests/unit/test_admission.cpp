@@ -2,6 +2,7 @@
 
 #include "discovery/fleet.h"
 #include "proxy/admission.h"
+#include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/net.h"
 #include "proxy/router.h"
@@ -45,28 +46,72 @@ TEST_CASE("limits: the worker's report wins, -32300 cuts, quiet intervals grow i
     CHECK(inst->limit_source() == LimitSource::Health);
 
     inst->new_work = 3;
-    inst->worker_at_capacity(3, 1000);
+    inst->worker_at_capacity(3, 1000, 1000);
     CHECK(inst->limit() == 2);
     CHECK(inst->limit_source() == LimitSource::Learned);
+    CHECK(std::string(inst->capacity_state()) == "recovering");
     CHECK_FALSE(inst->has_room());
     CHECK_FALSE(inst->recover_limit(1500, 1000));  // not quiet long enough
     CHECK(inst->recover_limit(2000, 1000));
-    CHECK(inst->limit() == 3);
-    CHECK(inst->recover_limit(3000, 1000));
-    CHECK(inst->limit() == 4);  // back at the reported limit: the learned one is gone
+    CHECK(inst->limit() == 4);  // doubled: back at the reported limit, the learned one is gone
     CHECK(inst->limit_source() == LimitSource::Health);
     CHECK_FALSE(inst->recover_limit(9000, 1000));
 }
 
-TEST_CASE("a cut never goes below one", "[admission]") {
+TEST_CASE("recovery is multiplicative: a cut from 100 is back in a few intervals", "[admission]") {
     auto inst = instance("a", 10001);
-    inst->worker_at_capacity(1, 0);
-    CHECK(inst->limit() == 1);
+    inst->set_reported_limit(100, LimitSource::Health);
+    inst->worker_at_capacity(4, 0, 1000);  // 3 fit
+    CHECK(inst->limit() == 3);
+    int64_t now = 0;
+    int steps = 0;
+    while (inst->limit_source() == LimitSource::Learned && steps < 100) {
+        now += 1000;
+        inst->recover_limit(now, 1000);
+        ++steps;
+    }
+    CHECK(inst->limit() == 100);
+    CHECK(steps <= 6);  // 3, 6, 12, 24, 48, 96, then the base: not 97 seconds
+}
+
+TEST_CASE("a refusal with nothing else of ours on it cools the instance, then one probe slot", "[admission]") {
+    auto inst = instance("a", 10001);
+    inst->set_reported_limit(100, LimitSource::Health);
     inst->new_work = 1;
-    CHECK_FALSE(inst->try_admit());
+    inst->worker_at_capacity(1, 5000, 1000);
     inst->new_work = 0;
+    CHECK(std::string(inst->capacity_state()) == "cooling");
+    CHECK_FALSE(inst->has_room());
+    CHECK_FALSE(inst->try_admit());
+    CHECK_FALSE(inst->recover_limit(5900, 1000));  // still cooling
+    CHECK(inst->recover_limit(6000, 1000));          // the probe slot opens
+    CHECK(std::string(inst->capacity_state()) == "probing");
     CHECK(inst->try_admit());
-    CHECK(inst->new_work == 1);
+    CHECK_FALSE(inst->try_admit());  // one probe at a time
+    // The probe is refused too: cooling again, not tried by every request.
+    inst->worker_at_capacity(1, 6100, 1000);
+    CHECK(std::string(inst->capacity_state()) == "cooling");
+    CHECK(inst->refusals == 2);
+    inst->new_work = 0;
+    CHECK(inst->recover_limit(7100, 1000));
+    inst->worker_answered();  // the probe succeeded
+    CHECK(inst->refusals == 0);
+    CHECK(inst->recover_limit(8100, 1000));
+    CHECK(inst->limit() == 2);
+}
+
+TEST_CASE("a capacity report that stops falls back to the flag", "[admission]") {
+    auto inst = instance("a", 10001);
+    inst->flag_limit = 8;
+    inst->base_limit = 8;
+    inst->base_source = LimitSource::Flag;
+    inst->set_reported_limit(50, LimitSource::Header, 1000);
+    CHECK(inst->limit() == 50);
+    inst->recover_limit(5000, 1000, 10000);
+    CHECK(inst->limit() == 50);  // still fresh
+    inst->recover_limit(11000, 1000, 10000);
+    CHECK(inst->limit() == 8);
+    CHECK(inst->limit_source() == LimitSource::Flag);
 }
 
 TEST_CASE("least load with need_room skips full instances", "[admission]") {
@@ -82,6 +127,20 @@ TEST_CASE("least load with need_room skips full instances", "[admission]") {
     CHECK(route_least_load(*fleet, rng, {}, false) != nullptr);  // pinned-free routing ignores limits
 }
 
+TEST_CASE("delivery: what was observed decides whether the worker may have read the request", "[admission]") {
+    // observe_delivery(reset, all_sent, response_seen)
+    CHECK(observe_delivery(false, false, false) == Delivery::NotRead);    // closed before the last byte left
+    CHECK(observe_delivery(true, true, false) == Delivery::NotRead);      // reset: it never read it all
+    CHECK(observe_delivery(false, true, false) == Delivery::MayHaveRun);  // FIN after the whole request
+    CHECK(observe_delivery(true, true, true) == Delivery::MayHaveRun);    // it answered something
+    CHECK(close_failure(Delivery::NotRead, true) == Failure::StaleConnection);
+    CHECK(close_failure(Delivery::NotRead, false) == Failure::ResetBeforeResponse);
+    CHECK(close_failure(Delivery::MayHaveRun, true) == Failure::MayHaveRun);
+    for (const char* m : {"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"}) CHECK(idempotent_method(m));
+    CHECK_FALSE(idempotent_method("POST"));
+    CHECK_FALSE(idempotent_method("PATCH"));
+}
+
 TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK(judge(Failure::WorkerAtCapacity, Decision::LeastLoad).retriable);
     CHECK_FALSE(judge(Failure::WorkerAtCapacity, Decision::LeastLoad).charge_instance);
@@ -89,8 +148,22 @@ TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK(judge(Failure::ConnectFailed, Decision::LeastLoad).charge_instance);
     CHECK(judge(Failure::StaleConnection, Decision::LeastLoad).retriable);
     CHECK_FALSE(judge(Failure::StaleConnection, Decision::Pinned).retriable);
-    CHECK_FALSE(judge(Failure::ResetBeforeResponse, Decision::LeastLoad).retriable);
+    CHECK_FALSE(judge(Failure::StaleConnection, Decision::LeastLoad).charge_instance);  // benign race
+    CHECK(judge(Failure::ResetBeforeResponse, Decision::LeastLoad).retriable);  // reset unread: never ran
     CHECK(judge(Failure::ResetBeforeResponse, Decision::Pinned).status == 503);
+    // At most once: a call the worker may have read goes nowhere else unless it is repeatable.
+    CHECK_FALSE(judge(Failure::MayHaveRun, Decision::LeastLoad).retriable);
+    CHECK(judge(Failure::MayHaveRun, Decision::LeastLoad, true).retriable);
+    CHECK_FALSE(judge(Failure::MayHaveRun, Decision::Pinned, true).retriable);
+    CHECK(judge(Failure::MayHaveRun, Decision::LeastLoad).status == 502);
+    LocalAnswer m = answer_failure(Failure::MayHaveRun, Decision::LeastLoad, "5", "", "");
+    CHECK(m.status == 502);
+    CHECK(m.body.find("\"code\":-32002") != std::string::npos);
+    CHECK(m.body.find("may have run") != std::string::npos);
+    LocalAnswer own = answer_failure(Failure::SocketFailed, Decision::Pinned, "5", "inst-1", "");
+    CHECK(own.status == 503);
+    CHECK(own.body.find("Instance not available") == std::string::npos);  // ours, not the instance's
+    CHECK(own.body.find("\"code\":-32003") != std::string::npos);
     CHECK(judge(Failure::HeadTimeout, Decision::LeastLoad).status == 504);
     LocalAnswer a = answer_failure(Failure::QueueFull, Decision::LeastLoad, "7", "", "");
     CHECK(a.status == 503);

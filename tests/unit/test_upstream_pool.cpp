@@ -1,11 +1,19 @@
 #include <catch2/catch.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
 #include <memory>
 
 #include <event2/event.h>
 
 #include "discovery/instance.h"
 #include "proxy/config.h"
+#include "proxy/conn.h"
 #include "proxy/outbox.h"
 #include "proxy/timers.h"
 #include "proxy/upstream.h"
@@ -29,4 +37,67 @@ TEST_CASE("the upstream pool keeps no entry for an instance that left discovery"
         CHECK(pool.instances_held() == 0);
     }
     event_base_free(base);
+}
+
+namespace {
+
+struct NullHandler : UpstreamConn::Handler {
+    bool connected = false;
+    void upstream_connected() override { connected = true; }
+    void upstream_readable() override {}
+    void upstream_writable() override {}
+    void upstream_closed(UpstreamClose) override {}
+};
+
+}  // namespace
+
+TEST_CASE("a pooled connection the worker closed is not reused, even before the loop saw the close") {
+    int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&sin), sizeof sin) == 0);
+    REQUIRE(::listen(listener, 8) == 0);
+    socklen_t len = sizeof sin;
+    ::getsockname(listener, reinterpret_cast<sockaddr*>(&sin), &len);
+    sockaddr_storage addr{};
+    std::memcpy(&addr, &sin, sizeof sin);
+
+    event_base* base = event_base_new();
+    {
+        Timers timers(base);
+        Outbox outbox(base);
+        Loop loop{base, timers, outbox};
+        Config config;
+        UpstreamPool pool(loop, config, nullptr);
+        auto inst = std::make_shared<Instance>("w-1", "127.0.0.1:x", addr, socklen_t(sizeof sin), "");
+        NullHandler handler;
+        auto conn = pool.acquire(inst, &handler);
+        REQUIRE(conn);
+        for (int i = 0; i < 100 && !handler.connected; ++i) event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        REQUIRE(handler.connected);
+        int worker_side = ::accept(listener, nullptr, nullptr);
+        REQUIRE(worker_side >= 0);
+        int fd = conn->bev()->fd();
+        pool.release(std::move(conn));
+        CHECK(pool.instances_held() == 1);
+
+        SECTION("still open: reused") {
+            auto again = pool.acquire(inst, &handler);
+            REQUIRE(again);
+            CHECK(again->connected());
+        }
+        SECTION("closed by the worker (the FIN is in the socket, the loop has not run): a fresh one") {
+            ::close(worker_side);
+            worker_side = -1;
+            pollfd p{fd, POLLIN, 0};
+            REQUIRE(::poll(&p, 1, 5000) == 1);  // the FIN reached our socket; the loop has not run
+            auto again = pool.acquire(inst, &handler);
+            REQUIRE(again);
+            CHECK_FALSE(again->connected());
+        }
+        if (worker_side >= 0) ::close(worker_side);
+    }
+    event_base_free(base);
+    ::close(listener);
 }
