@@ -2,7 +2,7 @@
 HTTP/1.1 and over h2c, RSS growth divided by the streams, against a bound.
 
 Measured here: about 2.2 KiB per HTTP/1.1 stream and 2.3 KiB per h2c stream (bench/sse_memory.py
-measures the same beside HAProxy and nginx: docs/benchmarks.md). The bound, 3 KiB (6 KiB in an
+measures the same beside HAProxy and nginx: docs/benchmarks.md). The bound, 3 KiB (7.5 KiB in an
 ASan build), leaves a third for noise, yet a stream that again keeps its request state for its
 whole life fails it (main e8912c7, which kept the replay copy, the queue and retry state and, on
 HTTP/2, the request's fields: 3.5 KiB over HTTP/1.1, 4.0 KiB over h2c), and so does any doubling.
@@ -28,7 +28,8 @@ RPC = b'{"jsonrpc":"2.0","id":7,"method":"components/execute","params":{}}'
 
 
 def sanitized(lb):
-    """ASan builds carry redzones per allocation: the bounds are then doubled."""
+    """ASan builds carry redzones and shadow memory per allocation (measured: 4.9 KiB per HTTP/1.1
+    stream, 5.4 per h2c): the bounds are then 2.5 times as large."""
     try:
         out = subprocess.run(["nm", "-D", harness.lb_binary()], capture_output=True, text=True, timeout=30).stdout
     except OSError:
@@ -124,7 +125,7 @@ def an_open_http1_sse_stream_holds_little_memory():
     raise_fd_limit()
     worker = SseWorker()
     lb = start_balancer(worker)
-    bound = 3.0 * (2 if sanitized(lb) else 1)
+    bound = 3.0 * (2.5 if sanitized(lb) else 1)
     warm_up_h1(lb)
     before = settled_rss_kib(lb.proc.pid)
     socks = []
@@ -146,7 +147,7 @@ def an_open_h2c_sse_stream_holds_little_memory():
     raise_fd_limit()
     worker = SseWorker()
     lb = start_balancer(worker)
-    bound = 3.0 * (2 if sanitized(lb) else 1)
+    bound = 3.0 * (2.5 if sanitized(lb) else 1)
     body = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"stream-memory-{os.getpid()}.json")
     with open(body, "wb") as f:
         f.write(RPC)
