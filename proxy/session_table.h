@@ -77,7 +77,7 @@ private:
 
     std::vector<std::unique_ptr<Shard>> shards_;
     size_t per_shard_limit_;
-    uint32_t block_size_;
+    uint32_t block_shift_;  // entries per block: 1 << block_shift_
     int64_t idle_ticks_;
     mutable std::mutex ids_mutex_;  // taken inside a shard's lock, never the other way round
     std::unordered_map<std::string_view, InstanceId*> ids_;
