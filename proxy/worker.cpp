@@ -119,7 +119,9 @@ Worker::~Worker() {
 void Worker::start() {
     thread_ = std::thread([this] {
         // The wake event keeps the loop alive while idle; it ends through maybe_exit() or force_stop().
+        log::attach_loop(base_);
         event_base_dispatch(base_);
+        log::detach_loop();
     });
 }
 
