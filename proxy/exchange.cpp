@@ -145,10 +145,18 @@ void Exchange::leave_queue() {
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - queued_at_).count();
         queue_wait_ms_ += ms;
         Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
+        note_queue_wait(ms);
     }
 }
 
+void Exchange::note_queue_wait(double ms) {
+    if (!trace_ || !trace_->recording) return;
+    uint64_t now = trace::now_ns();
+    trace_->note_queue_wait(now - uint64_t(ms * 1e6), now);
+}
+
 void Exchange::slot_offered() {
+    log::Scope ids(correlation());
     ticket_ = 0;  // handed over: no longer in the queue
     if (finished_) return;
     tried_count_ = 0;  // a slot freed since: every instance may be tried again
@@ -161,6 +169,8 @@ void Exchange::on_queue_timeout(void* arg) {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - self->queued_at_).count();
     self->queue_wait_ms_ += ms;
     Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
+    self->note_queue_wait(ms);
+    log::Scope ids(self->correlation());
     self->leave_queue();
     Metrics::get().queue_rejections[1]->Increment();
     self->fail(Failure::QueueTimeout, "no slot freed within --queue-timeout");
@@ -247,6 +257,7 @@ void Exchange::take_response_session(const http1::Header& h, const Instance& ins
 
 bool Exchange::connect_to(const InstancePtr& inst) {
     instance_ = inst;
+    attempt_.start(trace_, *inst, decision_ != Decision::Pinned ? "least-load" : session_header_ ? "pinned-session" : "pinned-header");
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
     in_flight_counted_ = true;
     conn_ = worker_.pool().acquire(inst, this);
@@ -283,7 +294,10 @@ void Exchange::release_instance() {
     }
 }
 
-void Exchange::upstream_connected() { send_request_head(); }
+void Exchange::upstream_connected() {
+    log::Scope ids(correlation());
+    send_request_head();
+}
 
 void Exchange::charge(Failure f, const char* why) {
     if (!instance_ || !judge(f, decision_).charge_instance) return;
@@ -302,6 +316,7 @@ bool Exchange::can_replay() const {
 // instance, then retry new work elsewhere (or queue it) when the policy allows and the body can
 // be replayed, else answer the client.
 void Exchange::failed_before_response(Failure f, const char* why) {
+    attempt_.end(0, &f, why, 0);
     FailureVerdict verdict = judge(f, decision_);
     charge(f, why);
     if (f == Failure::ConnectFailed) Metrics::get().upstream_connect_errors.Increment();
@@ -363,6 +378,7 @@ void Exchange::send_request_head() {
         if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
+        if (attempt_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
         if (session_unsealed_ && h.value.data() == session_value_.data()) {
             append_header(head, h.name, backend_session_);  // the backend sees its own id
             continue;
@@ -379,6 +395,7 @@ void Exchange::send_request_head() {
     }
     head.append(client_ip_);
     head.append(client_tls_ ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
+    if (attempt_.open()) attempt_.append_traceparent(head);
     if (request_.framing == http1::Framing::Length) {
         head.append("Content-Length: ");
         head.append(std::to_string(request_.content_length));
@@ -441,6 +458,7 @@ void Exchange::request_sent_check() {
 void Exchange::on_request_deadline(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
     if (self->finished_) return;
+    log::Scope ids(self->correlation());
     self->fail(Failure::UpstreamRequestTimeout, "request body not taken by the worker in time");
 }
 
@@ -452,6 +470,7 @@ void Exchange::upstream_writable() {
 
 void Exchange::upstream_readable() {
     if (finished_) return;
+    log::Scope ids(correlation());
     if (!response_started_ && !parse_response_head()) return;
     pump_response();
 }
@@ -603,6 +622,7 @@ void Exchange::complete_response() {
 
 void Exchange::upstream_closed(UpstreamClose how) {
     if (finished_) return;
+    log::Scope ids(correlation());
     const char* why = describe(how);
     if (!head_sent_) {
         failed_before_response(Failure::ConnectFailed, why);
@@ -633,6 +653,7 @@ void Exchange::upstream_closed(UpstreamClose how) {
 
 void Exchange::fail(Failure f, const char* why) {
     if (finished_) return;
+    attempt_.end(response_started_ ? status_ : 0, &f, why, response_bytes());
     int status = judge(f, decision_).status;
     if (!response_started_) status_ = status;
     bool started = response_started_;
@@ -645,6 +666,11 @@ void Exchange::fail(Failure f, const char* why) {
 void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
+    attempt_.end(status_, nullptr, {}, response_bytes());
+    if (trace_ && trace_->recording && replay_ && !request_chunked_) {
+        size_t n = evbuffer_get_length(replay_);
+        trace_->note_jsonrpc({reinterpret_cast<const char*>(evbuffer_pullup(replay_, -1)), n});
+    }
     leave_queue();
     request_deadline_.cancel();
     if (sse_) Metrics::get().sse_streams_open.Decrement();
@@ -718,6 +744,7 @@ std::string Exchange::replay_id_json() const {
 
 void Exchange::abort() {
     if (finished_) return;
+    attempt_.cancel(status_, response_bytes());
     finish(false);
 }
 

@@ -14,6 +14,7 @@
 #include "proxy/http1.h"
 #include "proxy/timers.h"
 #include "proxy/metrics.h"
+#include "proxy/request_trace.h"
 #include "proxy/timers.h"
 #include "proxy/upstream.h"
 
@@ -60,6 +61,9 @@ public:
     Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
              bool client_tls);
     ~Exchange() override;
+
+    // The request's trace (owned by the client side's record): attempts become its CLIENT spans.
+    void set_trace(RequestTrace* trace) { trace_ = trace; }
 
     // Chooses an instance and starts connecting, or queues new work while no instance has a
     // free slot. When refused nothing is started.
@@ -121,6 +125,8 @@ private:
     void release_instance();
     static void on_request_deadline(void* arg);
     void request_sent_check();
+    const log::Correlation* correlation() const { return trace_ ? trace_->correlation() : nullptr; }
+    void note_queue_wait(double ms);
 
     Worker& worker_;
     Downstream& downstream_;
@@ -173,6 +179,8 @@ private:
     evbuffer* sink_ = nullptr;
     // --upstream-request-timeout: from the head's send until the worker took the whole body.
     Deadline request_deadline_{on_request_deadline, this};
+    RequestTrace* trace_ = nullptr;
+    AttemptSpan attempt_;  // the current attempt's CLIENT span
 };
 
 }  // namespace stepflow
