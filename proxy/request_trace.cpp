@@ -61,34 +61,34 @@ void RequestTrace::begin(const http1::Head& request) {
     log_ids.span_id[16] = 0;
     if (!recording) return;
     start_ns = trace::now_ns();
-    method.assign(request.method);
+    rec = std::make_unique<Recording>();
+    rec->method.assign(request.method);
     std::string_view target = request.target;
-    path.assign(target.substr(0, target.find('?')));
-    user_agent.assign(request.get("User-Agent"));
-    mcp_method.assign(request.get("Mcp-Method"));
-    rpc_method.clear();
-    rpc_id.clear();
+    rec->path.assign(target.substr(0, target.find('?')));
+    rec->user_agent.assign(request.get("User-Agent"));
+    rec->mcp_method.assign(request.get("Mcp-Method"));
 }
 
 void RequestTrace::note_jsonrpc(std::string_view body) {
-    if (!recording || body.empty() || !rpc_method.empty()) return;
+    if (!recording || body.empty() || !rec->rpc_method.empty()) return;
     simdjson::dom::parser parser;
     simdjson::dom::object obj;
     if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) return;
     std::string_view m;
     if (obj["method"].get(m) != simdjson::SUCCESS) return;
-    rpc_method.assign(m);
+    rec->rpc_method.assign(m);
     simdjson::dom::element id;
     if (obj["id"].get(id) == simdjson::SUCCESS) {
-        if (id.is_string()) rpc_id.assign(std::string_view(id));
-        else if (id.is_int64()) rpc_id = std::to_string(int64_t(id));
-        else if (id.is_uint64()) rpc_id = std::to_string(uint64_t(id));
+        if (id.is_string()) rec->rpc_id.assign(std::string_view(id));
+        else if (id.is_int64()) rec->rpc_id = std::to_string(int64_t(id));
+        else if (id.is_uint64()) rec->rpc_id = std::to_string(uint64_t(id));
     }
 }
 
 void RequestTrace::end(const Outcome& o) {
     if (!recording || ended) return;
     ended = true;
+    Recording& r = *rec;
     trace::SpanData span;
     std::memcpy(span.trace_id, ids.trace_id, 16);
     std::memcpy(span.span_id, ids.span_id, 8);
@@ -96,17 +96,17 @@ void RequestTrace::end(const Outcome& o) {
     if (has_parent) std::memcpy(span.parent_span_id, parent_span_id, 8);
     span.flags = ids.flags;
     span.kind = trace::Kind::Server;
-    span.name = method;
+    span.name = r.method;
     span.start_ns = start_ns;
     span.end_ns = trace::now_ns();
     span.error = o.status >= 500;
     auto& a = span.attributes;
     a.reserve(20);
-    a.push_back({"http.request.method", method});
-    a.push_back({"url.path", path});
+    a.push_back({"http.request.method", r.method});
+    a.push_back({"url.path", r.path});
     if (o.status) a.push_back({"http.response.status_code", int64_t(o.status)});
     a.push_back({"network.peer.address", std::string(o.client_ip)});
-    if (!user_agent.empty()) a.push_back({"user_agent.original", user_agent});
+    if (!r.user_agent.empty()) a.push_back({"user_agent.original", r.user_agent});
     a.push_back({"stepflow.routing.decision", std::string(o.decision)});
     if (!o.instance_id.empty()) a.push_back({"stepflow.instance.id", std::string(o.instance_id)});
     a.push_back({"stepflow.attempts", int64_t(attempts)});
@@ -114,15 +114,15 @@ void RequestTrace::end(const Outcome& o) {
     a.push_back({"stepflow.queue_wait_ms", o.queue_wait_ms});
     a.push_back({"http.request.body.size", int64_t(o.bytes_in)});
     a.push_back({"http.response.body.size", int64_t(o.bytes_out)});
-    if (!mcp_method.empty()) a.push_back({"mcp.method.name", mcp_method});
-    if (!rpc_method.empty()) {
+    if (!r.mcp_method.empty()) a.push_back({"mcp.method.name", r.mcp_method});
+    if (!r.rpc_method.empty()) {
         a.push_back({"rpc.system", std::string("jsonrpc")});
-        a.push_back({"rpc.method", rpc_method});
-        if (!rpc_id.empty()) a.push_back({"rpc.jsonrpc.request_id", rpc_id});
+        a.push_back({"rpc.method", r.rpc_method});
+        if (!r.rpc_id.empty()) a.push_back({"rpc.jsonrpc.request_id", r.rpc_id});
     }
     if (span.error) span.status_message = "HTTP " + std::to_string(o.status);
     // Each wait in the admission queue is a child span, so the wait shows as a bar in the trace.
-    for (auto& [from, to] : queue_waits) {
+    for (auto& [from, to] : r.queue_waits) {
         trace::SpanData wait;
         std::memcpy(wait.trace_id, ids.trace_id, 16);
         trace::new_span_id(wait.span_id);
@@ -148,22 +148,23 @@ void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_v
     flags_ = trace->ids.flags;
     recording_ = trace->recording;
     if (!recording_) return;
-    data_ = trace::SpanData{};
-    std::memcpy(data_.trace_id, trace->ids.trace_id, 16);
-    std::memcpy(data_.span_id, span_id_, 8);
-    std::memcpy(data_.parent_span_id, trace->ids.span_id, 8);
-    data_.has_parent = true;
-    data_.flags = trace->ids.flags;
-    data_.kind = trace::Kind::Client;
-    data_.name = trace->method;
-    data_.start_ns = trace::now_ns();
+    data_ = std::make_unique<trace::SpanData>();
+    trace::SpanData& d = *data_;
+    std::memcpy(d.trace_id, trace->ids.trace_id, 16);
+    std::memcpy(d.span_id, span_id_, 8);
+    std::memcpy(d.parent_span_id, trace->ids.span_id, 8);
+    d.has_parent = true;
+    d.flags = trace->ids.flags;
+    d.kind = trace::Kind::Client;
+    d.name = trace->rec->method;
+    d.start_ns = trace::now_ns();
     std::string host;
     int64_t port = 0;
     split_address(inst.address, host, port);
-    auto& a = data_.attributes;
+    auto& a = d.attributes;
     a.reserve(12);
-    a.push_back({"http.request.method", trace->method});
-    a.push_back({"url.path", trace->path});
+    a.push_back({"http.request.method", trace->rec->method});
+    a.push_back({"url.path", trace->rec->path});
     a.push_back({"server.address", std::move(host)});
     if (port) a.push_back({"server.port", port});
     a.push_back({"stepflow.instance.id", inst.id});
@@ -182,9 +183,9 @@ void AttemptSpan::append_traceparent(std::string& head) const {
 
 void AttemptSpan::cancel(int status, uint64_t bytes_out) {
     if (open_ && recording_) {
-        data_.attributes.push_back({"error.type", std::string("cancelled")});
-        data_.error = true;
-        data_.status_message = "the client went away";
+        data_->attributes.push_back({"error.type", std::string("cancelled")});
+        data_->error = true;
+        data_->status_message = "the client went away";
     }
     end(status, nullptr, {}, bytes_out);
 }
@@ -193,20 +194,22 @@ void AttemptSpan::end(int status, const Failure* failure, std::string_view why, 
     if (!open_) return;
     open_ = false;
     if (!recording_) return;
-    data_.end_ns = trace::now_ns();
-    auto& a = data_.attributes;
+    trace::SpanData& d = *data_;
+    d.end_ns = trace::now_ns();
+    auto& a = d.attributes;
     if (status) a.push_back({"http.response.status_code", int64_t(status)});
     if (bytes_out) a.push_back({"http.response.body.size", int64_t(bytes_out)});
     if (failure) {
         a.push_back({"stepflow.failure", std::string(to_string(*failure))});
         a.push_back({"error.type", std::string(to_string(*failure))});
-        data_.error = true;
-        data_.status_message.assign(why);
+        d.error = true;
+        d.status_message.assign(why);
     } else if (status >= 500) {
-        data_.error = true;
-        data_.status_message = "HTTP " + std::to_string(status);
+        d.error = true;
+        d.status_message = "HTTP " + std::to_string(status);
     }
-    trace::emit(std::move(data_));
+    trace::emit(std::move(d));
+    data_.reset();
 }
 
 }  // namespace stepflow

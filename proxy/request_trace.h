@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -30,17 +31,24 @@ struct RequestTrace {
     log::Correlation log_ids;
     uint64_t start_ns = 0;
     int attempts = 0;
-    // Kept only while recording:
-    std::string method, path, user_agent, mcp_method, rpc_method, rpc_id;
-    std::vector<std::pair<uint64_t, uint64_t>> queue_waits;  // unix ns
+    // What the spans say, allocated only for a sampled request: an untraced one carries none of it.
+    struct Recording {
+        std::string method, path, user_agent, mcp_method, rpc_method, rpc_id;
+        std::vector<std::pair<uint64_t, uint64_t>> queue_waits;  // unix ns
+    };
+    std::unique_ptr<Recording> rec;
 
     // A request head arrived (parsed): continue its traceparent or start a trace.
     void begin(const http1::Head& request);
-    void reset() { active = ours = recording = has_parent = ended = false; attempts = 0; queue_waits.clear(); }
+    void reset() {
+        active = ours = recording = has_parent = ended = false;
+        attempts = 0;
+        rec.reset();
+    }
     const log::Correlation* correlation() const { return active ? &log_ids : nullptr; }
     // The admission queue held the request from `from` to `to` (steady clock ms ago, unix ns).
     void note_queue_wait(uint64_t from_ns, uint64_t to_ns) {
-        if (recording) queue_waits.emplace_back(from_ns, to_ns);
+        if (recording) rec->queue_waits.emplace_back(from_ns, to_ns);
     }
     // The JSON-RPC method and id of the body, for rpc.* attributes (recording only).
     void note_jsonrpc(std::string_view body);
@@ -76,7 +84,7 @@ private:
     uint8_t trace_id_[16] = {};
     uint8_t span_id_[8] = {};
     uint8_t flags_ = 0;
-    trace::SpanData data_;  // filled while recording
+    std::unique_ptr<trace::SpanData> data_;  // while recording
 };
 
 }  // namespace stepflow

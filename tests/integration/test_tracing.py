@@ -164,6 +164,29 @@ def h2_request_is_traced_like_h1():
 
 
 @test
+def sse_streams_and_pinned_requests_are_spans_like_any_other():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    sse = "5e" * 16
+    r = lb.execute("/stream", {"events": 3, "interval_ms": 150},
+                   headers={"traceparent": f"00-{sse}-{PARENT_SPAN}-01"})
+    check(r.status == 200 and b"data:" in r.body, f"an SSE answer: {r.status} {r.body[:200]!r}")
+    spans = rx.wait_trace(sse, 2)
+    for span in (one(spans, SERVER), one(spans, CLIENT)):
+        took_ms = (int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])) / 1e6
+        check(took_ms >= 300, f"the span ends when the stream ends: {took_ms:.0f} ms for 3 events 150 ms apart")
+    pinned = "9a" * 16
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{pinned}-{PARENT_SPAN}-01",
+                                        "Stepflow-Instance-Id": w.instance_id})
+    check(r.status == 200, f"pinned: {r.status}")
+    spans = rx.wait_trace(pinned, 2)
+    check(one(spans, SERVER)["attributes"]["stepflow.routing.decision"] == "pinned", f"{spans}")
+    check(one(spans, CLIENT)["attributes"]["stepflow.routing.decision"] == "pinned-header", f"{spans}")
+
+
+@test
 def an_unsampled_parent_exports_nothing_but_the_worker_gets_the_trace():
     rx = Receiver()
     w = Worker("a")

@@ -3,7 +3,8 @@
 // OpenTelemetry JS SDK ships (@opentelemetry/otlp-transformer), so the balancer's encoding is
 // checked by someone else's decoder.
 //
-//   node receiver.mjs            prints {"grpc": PORT, "http": PORT} once listening
+//   node receiver.mjs [GRPC_PORT HTTP_PORT [count-only]]
+//                                prints {"grpc": PORT, "http": PORT} once listening
 //   GET  /spans                  every span received, decoded (ids as lowercase hex)
 //   GET  /stats                  {"grpcCalls", "httpCalls", "refused"}
 //   POST /mode {"mode": "ok"|"refuse"|"slow", "delayMs": N}
@@ -17,7 +18,8 @@ const root = require("@opentelemetry/otlp-transformer/build/src/generated/root")
 const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
 
 const spans = [];
-const stats = { grpcCalls: 0, httpCalls: 0, refused: 0 };
+const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0 };
+const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
 let mode = { mode: "ok", delayMs: 0 };
 
 const hex = (b) => (b && b.length ? Buffer.from(b).toString("hex") : "");
@@ -42,6 +44,10 @@ function attributes(list) {
 
 function collect(request, protocol) {
   for (const rs of request.resourceSpans) {
+    if (countOnly) {
+      for (const ss of rs.scopeSpans) stats.spans += ss.spans.length;
+      continue;
+    }
     const resource = attributes(rs.resource && rs.resource.attributes);
     for (const ss of rs.scopeSpans) {
       for (const s of ss.spans) {
