@@ -24,6 +24,7 @@
 #include "proxy/log.h"
 #include "proxy/metrics.h"
 #include "otlp.pb.h"
+#include <google/protobuf/arena.h>
 #include "proxy/span.h"
 
 namespace stepflow {
@@ -422,7 +423,9 @@ void set_value(otlp::AnyValue* out, const trace::Value& v) {
 }
 
 void encode(const ExporterSettings& settings, std::vector<trace::SpanData>& spans, std::string& out) {
-    otlp::ExportTraceServiceRequest request;
+    // One arena per batch: the thousands of small messages of a batch cost one free, not one each.
+    google::protobuf::Arena arena;
+    auto& request = *google::protobuf::Arena::CreateMessage<otlp::ExportTraceServiceRequest>(&arena);
     auto* rs = request.add_resource_spans();
     for (auto& [k, v] : settings.resource) {
         auto* kv = rs->mutable_resource()->add_attributes();
