@@ -20,6 +20,9 @@ SERVER, CLIENT, INTERNAL = 2, 3, 1
 
 class Receiver:
     def __init__(self, grpc_port=0, http_port=0):
+        if not os.path.isdir(os.path.join(os.path.dirname(RECEIVER), "node_modules", "@opentelemetry")):
+            raise AssertionError("node or the OpenTelemetry JS packages are missing: run scripts/install-deps.sh test "
+                                 "(installs nodejs and runs npm ci in tests/otlp)")
         self.proc = subprocess.Popen(["node", RECEIVER, str(grpc_port), str(http_port)], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, cwd=os.path.dirname(RECEIVER))
         _started.append(self.proc)
