@@ -5,9 +5,11 @@ decodes OTLP/gRPC and OTLP/HTTP with the OpenTelemetry JS SDK's protobuf definit
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 
 from harness import (ROOT, Balancer, Worker, _started, check, lb_binary, run_tests, test, wait_for)
@@ -19,12 +21,13 @@ SERVER, CLIENT, INTERNAL = 2, 3, 1
 
 
 class Receiver:
-    def __init__(self, grpc_port=0, http_port=0):
+    def __init__(self, grpc_port=0, http_port=0, env=None):
         if not os.path.isdir(os.path.join(os.path.dirname(RECEIVER), "node_modules", "@opentelemetry")):
             raise AssertionError("node or the OpenTelemetry JS packages are missing: run scripts/install-deps.sh test "
                                  "(installs nodejs and runs npm ci in tests/otlp)")
         self.proc = subprocess.Popen(["node", RECEIVER, str(grpc_port), str(http_port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, cwd=os.path.dirname(RECEIVER))
+                                     stderr=subprocess.DEVNULL, text=True, cwd=os.path.dirname(RECEIVER),
+                                     env={**os.environ, **(env or {})})
         _started.append(self.proc)
         ports = json.loads(self.proc.stdout.readline())
         self.grpc, self.http = ports["grpc"], ports["http"]
@@ -356,6 +359,36 @@ def collector_absent_refusing_or_slow_never_fails_a_request_and_flow_resumes():
     wait_for(arrived, 30, "spans flow again after refusing and slow", interval=0.5)
     print(f"after refusing and slow: {dropped(lb):.0f} spans dropped in all, "
           f"{lb.metric('stepflow_lb_trace_export_failures_total'):.0f} failed exports")
+
+
+@test
+def an_https_collector_is_reached_over_verified_tls():
+    d = tempfile.mkdtemp(prefix="otlp-tls-")
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=30)
+    rx = Receiver(env={"OTLP_TLS_CERT": cert, "OTLP_TLS_KEY": key})
+    w = Worker("a")
+    common = ["--trace-enabled", "true", "--otlp-endpoint", f"https://localhost:{rx.grpc}",
+              "--otel-bsp-schedule-delay", "50", "--otel-exporter-otlp-timeout", "1000"]
+    # Verified against the given CA (the self-signed certificate itself): spans arrive.
+    lb = Balancer([w.address], args=common + ["--otel-exporter-otlp-certificate", cert])
+    lb.wait_healthy(1)
+    trace = "7e" * 16
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    rx.wait_trace(trace, 2)
+    lb.stop()
+    # Against the system CA bundle the self-signed certificate is refused: nothing arrives, the
+    # failures are counted, requests are unaffected.
+    lb = Balancer([w.address], args=common)
+    lb.wait_healthy(1)
+    untrusted = "8e" * 16
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{untrusted}-{PARENT_SPAN}-01"})
+    check(r.status == 200, f"status {r.status}")
+    wait_for(lambda: (lb.metric("stepflow_lb_trace_export_failures_total") or 0) > 0, 15, "TLS failure counted")
+    check(rx.spans(untrusted) == [], "no span crossed an unverified connection")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @test

@@ -10,6 +10,7 @@
 //   POST /mode {"mode": "ok"|"refuse"|"slow", "delayMs": N}
 //       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs
 import { createRequire } from "node:module";
+import { readFileSync } from "node:fs";
 import http from "node:http";
 
 const require = createRequire(import.meta.url);
@@ -141,8 +142,14 @@ const web = http.createServer((req, res) => {
   });
 });
 
+// OTLP_TLS_CERT / OTLP_TLS_KEY (PEM files): the gRPC port speaks TLS (the control port stays plain).
+const credentials = process.env.OTLP_TLS_CERT
+  ? grpc.ServerCredentials.createSsl(null, [
+      { cert_chain: readFileSync(process.env.OTLP_TLS_CERT), private_key: readFileSync(process.env.OTLP_TLS_KEY) },
+    ])
+  : grpc.ServerCredentials.createInsecure();
 const grpcPort = await new Promise((resolve, reject) =>
-  server.bindAsync(`127.0.0.1:${process.argv[2] || 0}`, grpc.ServerCredentials.createInsecure(), (err, port) =>
+  server.bindAsync(`127.0.0.1:${process.argv[2] || 0}`, credentials, (err, port) =>
     err ? reject(err) : resolve(port),
   ),
 );
