@@ -390,23 +390,47 @@ backend workers
     return p
 
 
-def start_stepflow_lb(port, backends, extra=()):
+def start_stepflow_lb(port, backends, extra=(), name="stepflow-lb"):
     admin = free_port()
     argv = [find_lb(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--backends", ",".join(f"127.0.0.1:{b}" for b in backends), "--threads", "1",
             "--access-log", "off", "--log-level", "warn", *extra]
-    p = start(argv, cpu=PROXY_CPU, name="stepflow-lb")
+    p = start(argv, cpu=PROXY_CPU, name=name)
     wait_port(admin, proc=p)
     wait_http_ok(admin, "/ready")
     return p
 
 
 PROXIES = ("stepflow-lb", "haproxy", "nginx")
+# More stepflow-lb configurations for --proxies: the default access log on (to a file, as stderr
+# redirected), and that plus tracing every request to an OTLP receiver on the load core.
+LB_VARIANTS = ("stepflow-lb+log", "stepflow-lb+trace")
+
+_collector = None
+
+
+def otlp_collector_port():
+    """tests/otlp/receiver.mjs counting spans without keeping them (npm ci in tests/otlp first)."""
+    global _collector
+    if _collector is None:
+        grpc_port, http_port = free_port(), free_port()
+        receiver = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "otlp",
+                                "receiver.mjs")
+        start(["node", receiver, str(grpc_port), str(http_port), "count-only"], cpu=LOAD_CPU, name="otlp-receiver")
+        wait_port(grpc_port)
+        _collector = grpc_port
+    return _collector
 
 
 def start_proxy(kind, port, backends, h2=False, sse=False):
     if kind == "stepflow-lb":
         return start_stepflow_lb(port, backends)
+    if kind == "stepflow-lb+log":
+        return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info"], name="stepflow-lb-log")
+    if kind == "stepflow-lb+trace":
+        return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info", "--trace-enabled", "true",
+                                                  "--otlp-endpoint", f"http://127.0.0.1:{otlp_collector_port()}"],
+                                 name="stepflow-lb-trace")
     if kind == "haproxy":
         return start_haproxy(port, backends, h2=h2, sse=sse)
     return start_nginx_proxy(port, backends, h2=h2, sse=sse)

@@ -96,7 +96,7 @@ def main():
             B.log(f"round {r + 1} direct: {rnd['direct']}")
         rounds.append(rnd)
 
-    rows = [B.throughput_row(rounds, kind, kind in ("stepflow-lb", "nginx") and "haproxy" in kinds,
+    rows = [B.throughput_row(rounds, kind, (kind.startswith("stepflow-lb") or kind == "nginx") and "haproxy" in kinds,
                              sum(rnd[kind]["errors"] for rnd in rounds), with_cpu=kind != "direct")
             for kind in kinds + ([] if args.no_direct else ["direct"])]
     text = (f"### HTTP/1.1 keep-alive POST, {args.connections} connections, {args.rounds} rounds x "

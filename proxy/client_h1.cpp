@@ -166,7 +166,10 @@ void ClientH1::parse_head() {
     request_pump_.start(request_.framing, request_.content_length, request_.framing == http1::Framing::Chunked);
 
     state_ = State::Proxying;
+    record_.trace.begin(request_);
+    log::Scope ids(record_.trace.correlation());
     exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
+    exchange_->set_trace(&record_.trace);
     RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
     if (outcome.kind == RouteOutcome::Routed) return;
 
@@ -290,6 +293,7 @@ void ClientH1::on_body_timeout(void* arg) {
         return;
     }
     if (self->state_ != State::Proxying || !self->exchange_) return;
+    log::Scope ids(self->record_.trace.correlation());
     log::debug("request body timeout", {{"client", self->client_ip_}});
     self->exchange_->abort();  // the worker learns of it from the closed connection
     self->record_.note_route(*self->exchange_);
@@ -478,6 +482,7 @@ void ClientH1::exchange_failed(Failure failure, const char* why, bool response_s
     if (response_started) {
         // The response is already on its way: end the connection without the closing framing,
         // so the client sees the stream break instead of a silent truncation.
+        log::Scope ids(record_.trace.correlation());
         log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", client_ip_}});
         keep_alive_ = false;
         log_access();

@@ -218,7 +218,10 @@ public:
         }
         if (request_ended_) head_.framing = http1::Framing::None;
         watch_body();
+        record_.trace.begin(head_);
+        log::Scope ids(record_.trace.correlation());
         exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
+        exchange_->set_trace(&record_.trace);
         local_ = exchange_->route();
         if (local_.kind == RouteOutcome::Routed) return;
         record_.decision = exchange_->decision();
@@ -388,6 +391,7 @@ public:
         Exchange* ended = exchange_;
         exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
         if (response_started) {
+            log::Scope ids(record_.trace.correlation());
             log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", conn_.client_ip_}});
             nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, NGHTTP2_INTERNAL_ERROR);
             conn_.schedule_send();
@@ -466,6 +470,7 @@ private:
             self->answer_locally();  // without the id
             return;
         }
+        log::Scope ids(self->record_.trace.correlation());
         log::debug("request body timeout", {{"client", self->conn_.client_ip_}, {"stream", int64_t(self->id_)}});
         if (!self->exchange_) return;
         self->exchange_->abort();  // the worker learns of it from the closed connection

@@ -292,6 +292,9 @@ Config parse_config(int argc, char** argv) {
     app.add_option("--access-log", access_log, "on|off: one log line per request")->envname("STEPFLOW_LB_ACCESS_LOG")
         ->capture_default_str();
 
+    TraceFlags trace_flags;
+    add_trace_flags(app, trace_flags);
+
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp&) {
@@ -307,6 +310,7 @@ Config parse_config(int argc, char** argv) {
     if (cfg.log_buffer_lines < 16 || cfg.log_buffer_lines > 10000000)
         fail("--log-buffer-lines: must be between 16 and 10000000");
     switch_flag("--access-log", access_log, cfg.access_log);
+    if (std::string err = finish_trace_flags(trace_flags, cfg.trace); !err.empty()) fail(err);
     switch_flag("--upstream-tls", upstream_tls, cfg.upstream_tls);
     switch_flag("--upstream-insecure", upstream_insecure, cfg.upstream_insecure);
     switch_flag("--compat-metrics", compat_metrics, cfg.compat_metrics);

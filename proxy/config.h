@@ -10,6 +10,7 @@
 #include <sys/time.h>
 
 #include "proxy/log.h"
+#include "proxy/trace_config.h"
 
 namespace stepflow {
 
@@ -136,6 +137,7 @@ struct Config {
     log::Format log_format = log::Format::Json;
     int log_buffer_lines = 10000;  // records queued for stderr before new ones are dropped
     bool access_log = true;
+    TraceConfig trace;  // spans and OTLP export (docs/tracing.md)
 
     // Metrics
     bool compat_metrics = true;  // also export stepflow_lb_request_duration_ms (old dashboards)

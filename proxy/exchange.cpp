@@ -171,10 +171,18 @@ void Exchange::leave_queue() {
         double ms = std::chrono::duration<double, std::milli>(waited).count();
         queue_wait_ms_ += ms;
         Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
+        note_queue_wait(ms);
     }
 }
 
+void Exchange::note_queue_wait(double ms) {
+    if (!trace_ || !trace_->recording) return;
+    uint64_t now = trace::now_ns();
+    trace_->note_queue_wait(now - uint64_t(ms * 1e6), now);
+}
+
 void Exchange::slot_offered() {
+    log::Scope ids(correlation());
     if (!pending_) return;
     pending_->ticket = 0;  // handed over: no longer in the queue
     if (finished_) return;
@@ -189,6 +197,7 @@ void Exchange::slot_offered() {
 
 void Exchange::on_queue_timeout(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
+    log::Scope ids(self->correlation());
     if (!self->pending_->waiting) {
         self->pending_->queue_expired = true;  // at a worker now: only a later re-queue is refused
         return;
@@ -313,6 +322,7 @@ void Exchange::reseal_session(const Instance& inst) {
 
 bool Exchange::connect_to(const InstancePtr& inst, bool fresh) {
     instance_ = inst;
+    attempt_.start(trace_, *inst, decision_ != Decision::Pinned ? "least-load" : pending_->session_header ? "pinned-session" : "pinned-header");
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
     in_flight_counted_ = true;
     conn_ = worker_.pool().acquire(inst, this, fresh);
@@ -356,7 +366,10 @@ void Exchange::release_instance() {
     }
 }
 
-void Exchange::upstream_connected() { send_request_head(); }
+void Exchange::upstream_connected() {
+    log::Scope ids(correlation());
+    send_request_head();
+}
 
 void Exchange::charge(Failure f, const char* why) {
     if (!instance_ || !judge(f, decision_).charge_instance) return;
@@ -375,6 +388,7 @@ bool Exchange::can_replay() const {
 // instance, then retry new work elsewhere (or queue it) when the policy allows and the body can
 // be replayed, else answer the client.
 void Exchange::failed_before_response(Failure f, const char* why) {
+    attempt_.end(0, &f, why, 0);
     FailureVerdict verdict = judge(f, decision_, pending_->repeatable);
     charge(f, why);
     if (f == Failure::ConnectFailed) Metrics::get().upstream_connect_errors.Increment();
@@ -453,6 +467,7 @@ void Exchange::send_request_head() {
         if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
+        if (attempt_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
         if (pending_->session_unsealed && h.value.data() == pending_->session_value.data()) {
             append_header(head, h.name, pending_->backend_session);  // the backend sees its own id
             continue;
@@ -469,6 +484,7 @@ void Exchange::send_request_head() {
     }
     head.append(client_ip_);
     head.append(client_tls_ ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
+    if (attempt_.open()) attempt_.append_traceparent(head);
     if (request_.framing == http1::Framing::Length) {
         head.append("Content-Length: ");
         head.append(std::to_string(request_.content_length));
@@ -532,6 +548,7 @@ void Exchange::request_sent_check() {
 void Exchange::on_request_deadline(void* arg) {
     auto* self = static_cast<Exchange*>(arg);
     if (self->finished_) return;
+    log::Scope ids(self->correlation());
     self->fail(Failure::UpstreamRequestTimeout, "request body not taken by the worker in time");
 }
 
@@ -543,6 +560,7 @@ void Exchange::upstream_writable() {
 
 void Exchange::upstream_readable() {
     if (finished_) return;
+    log::Scope ids(correlation());
     if (!response_started_ && !parse_response_head()) return;
     pump_response();
 }
@@ -721,6 +739,7 @@ void Exchange::complete_response() {
 
 void Exchange::upstream_closed(UpstreamClose how) {
     if (finished_) return;
+    log::Scope ids(correlation());
     const char* why = describe(how);
     if (!head_sent_) {
         failed_before_response(Failure::ConnectFailed, why);
@@ -754,6 +773,7 @@ void Exchange::upstream_closed(UpstreamClose how) {
 
 void Exchange::fail(Failure f, const char* why) {
     if (finished_) return;
+    attempt_.end(response_started_ ? status_ : 0, &f, why, response_bytes());
     int status = judge(f, decision_).status;
     if (!response_started_) status_ = status;
     bool started = response_started_;
@@ -766,6 +786,8 @@ void Exchange::fail(Failure f, const char* why) {
 void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
+    attempt_.end(status_, nullptr, {}, response_bytes());
+    note_jsonrpc_body();
     leave_queue();
     if (pending_) {
         pending_->queue_deadline.cancel();
@@ -824,10 +846,17 @@ void Exchange::on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void
 // after it needs the body's id (a failure now cuts the response short). An SSE stream may stay
 // open for minutes, so the copy (at least a 1 KiB buffer chain) goes now, not at the end.
 void Exchange::release_replay() {
+    note_jsonrpc_body();  // the span's rpc.* attributes come from the copy, read before it goes
     watch_sink(false);
     if (replay_) evbuffer_free(replay_);
     replay_ = nullptr;
     replay_overflow_ = true;  // whatever the client still sends is streamed, not kept
+}
+
+void Exchange::note_jsonrpc_body() {
+    if (!trace_ || !trace_->recording || !replay_ || request_chunked_) return;
+    size_t n = evbuffer_get_length(replay_);
+    trace_->note_jsonrpc({reinterpret_cast<const char*>(evbuffer_pullup(replay_, -1)), n});
 }
 
 std::string Exchange::replay_id_json() const {
@@ -852,6 +881,7 @@ std::string Exchange::replay_id_json() const {
 
 void Exchange::abort() {
     if (finished_) return;
+    attempt_.cancel(status_, response_bytes());
     finish(false);
 }
 

@@ -15,6 +15,7 @@
 #include "proxy/http1.h"
 #include "proxy/timers.h"
 #include "proxy/metrics.h"
+#include "proxy/request_trace.h"
 #include "proxy/timers.h"
 #include "proxy/upstream.h"
 
@@ -61,6 +62,9 @@ public:
     Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
              bool client_tls);
     ~Exchange() override;
+
+    // The request's trace (owned by the client side's record): attempts become its CLIENT spans.
+    void set_trace(RequestTrace* trace) { trace_ = trace; }
 
     // Chooses an instance and starts connecting, or queues new work while no instance has a
     // free slot. When refused nothing is started.
@@ -127,6 +131,9 @@ private:
     void release_instance();
     static void on_request_deadline(void* arg);
     void request_sent_check();
+    const log::Correlation* correlation() const { return trace_ ? trace_->correlation() : nullptr; }
+    void note_queue_wait(double ms);
+    void note_jsonrpc_body();
 
     static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
 
@@ -198,6 +205,8 @@ private:
     bool finished_ = false;
     bool sse_ = false;
     bool response_keep_alive_ = false;
+    RequestTrace* trace_ = nullptr;
+    AttemptSpan attempt_;  // the current attempt's CLIENT span
 };
 
 }  // namespace stepflow

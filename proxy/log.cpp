@@ -1,5 +1,6 @@
 #include "proxy/log.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -11,10 +12,13 @@
 #include <thread>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 namespace stepflow::log {
 namespace {
 
 std::atomic<Level> g_level{Level::Info};
+thread_local const Correlation* t_correlation = nullptr;
 std::atomic<Format> g_format{Format::Json};
 
 // Lines go to a bounded queue that one writer thread drains to stderr, so a slow or stuck log
@@ -22,21 +26,26 @@ std::atomic<Format> g_format{Format::Json};
 // line is dropped and counted. Leaked on purpose: the writer may still run while the process exits.
 class Sink {
 public:
-    void push(std::string&& line) {
+    // `text` holds `lines` whole lines: one event-loop turn's records, or one record from a
+    // thread without a loop. One lock and at most one wake per batch, not per record.
+    void push(std::string&& text, size_t lines) {
+        bool wake;
         {
             std::lock_guard lock(mutex_);
             if (!started_) {
                 started_ = true;
                 std::thread([this] { run(); }).detach();
             }
-            if (queued_ >= capacity_.load(std::memory_order_relaxed)) {
-                dropped_.fetch_add(1, std::memory_order_relaxed);
+            if (queued_ + lines > capacity_.load(std::memory_order_relaxed)) {
+                dropped_.fetch_add(lines, std::memory_order_relaxed);
                 return;
             }
-            ++queued_;
-            lines_.push_back(std::move(line));
+            batches_.fetch_add(1, std::memory_order_relaxed);
+            wake = queued_ == 0;  // the writer sleeps only on an empty queue
+            queued_ += lines;
+            lines_.push_back(std::move(text));
         }
-        wake_.notify_one();
+        if (wake) wake_.notify_one();
     }
 
     // Waits (at most `limit`) until every queued line was written: at exit, so the last lines are
@@ -48,6 +57,7 @@ public:
 
     void set_capacity(size_t lines) { capacity_.store(lines, std::memory_order_relaxed); }
     uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+    uint64_t batches() const { return batches_.load(std::memory_order_relaxed); }
 
 private:
     void run() {
@@ -96,11 +106,12 @@ private:
 
     std::mutex mutex_;
     std::condition_variable wake_, drained_;
-    std::deque<std::string> lines_;
-    size_t queued_ = 0;
+    std::deque<std::string> lines_;  // batches of whole lines
+    size_t queued_ = 0;              // lines in them
     bool started_ = false, writing_ = false;
     std::atomic<size_t> capacity_{10000};
     std::atomic<uint64_t> dropped_{0};
+    std::atomic<uint64_t> batches_{0};
 };
 
 Sink& sink() {
@@ -208,6 +219,13 @@ void format_line(std::string& line, Level level, std::string_view message, std::
         line += "\",\"message\":\"";
         append_json_escaped(line, message);
         line += '"';
+        if (t_correlation && !t_correlation->empty()) {
+            line += ",\"trace_id\":\"";
+            line += t_correlation->trace_id;
+            line += "\",\"span_id\":\"";
+            line += t_correlation->span_id;
+            line += '"';
+        }
         for (const auto& f : fields) {
             line += ",\"";
             append_json_escaped(line, f.key);
@@ -221,6 +239,12 @@ void format_line(std::string& line, Level level, std::string_view message, std::
         line += level_name(level);
         line += ' ';
         line += message;
+        if (t_correlation && !t_correlation->empty()) {
+            line += " trace_id=";
+            line += t_correlation->trace_id;
+            line += " span_id=";
+            line += t_correlation->span_id;
+        }
         for (const auto& f : fields) {
             line += ' ';
             line += f.key;
@@ -231,15 +255,73 @@ void format_line(std::string& line, Level level, std::string_view message, std::
     }
 }
 
-void write(Level level, std::string_view message, std::initializer_list<Field> fields) {
-    std::string line;
-    line.reserve(160);
-    format_line(line, level, message, fields);
-    sink().push(std::move(line));
+namespace {
+
+// Records written on an event-loop thread collect here and go to the sink once per loop turn (an
+// event made active by the first record of the turn runs after the turn's other callbacks) or
+// as soon as the buffer grows past kHandOffBytes.
+struct ThreadBuffer {
+    std::string text;
+    size_t lines = 0;
+    event* hand_off = nullptr;  // null: the thread has no loop, records go one at a time
+    bool scheduled = false;
+
+    void flush() {
+        scheduled = false;
+        if (lines == 0) return;
+        std::string batch;
+        batch.reserve(std::max<size_t>(4096, text.size()));
+        batch.swap(text);
+        sink().push(std::move(batch), lines);
+        lines = 0;
+    }
+};
+constexpr size_t kHandOffBytes = 64 * 1024;
+thread_local ThreadBuffer t_buffer;
+
+void on_hand_off(int, short, void*) { t_buffer.flush(); }
+
+}  // namespace
+
+void attach_loop(event_base* base) {
+    if (t_buffer.hand_off) return;
+    t_buffer.hand_off = event_new(base, -1, 0, on_hand_off, nullptr);
+    t_buffer.text.reserve(4096);
 }
+
+void detach_loop() {
+    t_buffer.flush();
+    if (t_buffer.hand_off) event_free(t_buffer.hand_off);
+    t_buffer.hand_off = nullptr;
+}
+
+void write(Level level, std::string_view message, std::initializer_list<Field> fields) {
+    ThreadBuffer& tb = t_buffer;
+    if (!tb.hand_off) {
+        std::string line;
+        line.reserve(160);
+        format_line(line, level, message, fields);
+        sink().push(std::move(line), 1);
+        return;
+    }
+    format_line(tb.text, level, message, fields);
+    ++tb.lines;
+    if (tb.text.size() >= kHandOffBytes) {
+        tb.flush();
+    } else if (!tb.scheduled) {
+        tb.scheduled = true;
+        event_active(tb.hand_off, 0, 0);
+    }
+}
+
+Scope::Scope(const Correlation* c) : saved_(t_correlation) {
+    if (c && !c->empty()) t_correlation = c;
+}
+Scope::~Scope() { t_correlation = saved_; }
 
 void set_buffer_lines(size_t lines) { sink().set_capacity(lines); }
 uint64_t dropped_lines() { return sink().dropped(); }
+uint64_t batches_handed() { return sink().batches(); }
 void flush(std::chrono::milliseconds limit) { sink().flush(limit); }
 
 }  // namespace stepflow::log

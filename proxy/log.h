@@ -10,6 +10,8 @@
 #include <string_view>
 #include <variant>
 
+struct event_base;
+
 namespace stepflow::log {
 
 enum class Level { Trace, Debug, Info, Warn, Error };
@@ -35,14 +37,39 @@ struct Field {
     std::variant<std::string_view, int64_t, double, bool> value;
 };
 
+// The trace a record belongs to: while a Scope naming one is open on this thread, every record
+// carries trace_id and span_id (lowercase hex), so log lines join the spans of their request.
+struct Correlation {
+    char trace_id[33] = {};  // empty: none
+    char span_id[17] = {};
+    bool empty() const { return trace_id[0] == 0; }
+};
+class Scope {
+public:
+    explicit Scope(const Correlation* c);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+private:
+    const Correlation* saved_;
+};
+
 // Formats one record and queues it for the writer thread; never blocks on the sink. When
-// --log-buffer-lines records already wait, the record is dropped and counted instead.
+// --log-buffer-lines records already wait, the batch is dropped and its records counted instead.
 void write(Level level, std::string_view message, std::initializer_list<Field> fields = {});
 // One record as a line, newline included (what write() queues).
 void format_line(std::string& out, Level level, std::string_view message, std::initializer_list<Field> fields);
 
+// An event-loop thread calls attach_loop() before running its loop: its records then collect in
+// a per-thread buffer handed to the writer thread once per loop turn (or when large), instead of
+// one lock and wake per record. detach_loop() hands over what is left (before the loop is freed).
+void attach_loop(event_base* base);
+void detach_loop();
+
 void set_buffer_lines(size_t lines);
 uint64_t dropped_lines();  // records dropped because the queue was full, since start
+uint64_t batches_handed();  // batches taken by the writer's queue, since start (tests)
 // Waits at most `limit` for the queued records to reach stderr (call before exiting).
 void flush(std::chrono::milliseconds limit);
 

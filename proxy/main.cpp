@@ -19,6 +19,7 @@
 #include "proxy/log.h"
 #include "proxy/metrics.h"
 #include "proxy/net.h"
+#include "proxy/otlp_exporter.h"
 #include "proxy/peers.h"
 #include "proxy/scaler_service.h"
 #include "proxy/sessions.h"
@@ -131,6 +132,8 @@ int main(int argc, char** argv) {
     log::configure(config.log_level, config.log_format);
     log::set_buffer_lines(config.log_buffer_lines);
     Metrics::get().set_compat_metrics(config.compat_metrics);
+    trace::configure(config.trace.sampling);
+    if (config.trace.sampling.enabled) otlp_exporter::start(config.trace.exporter);
     std::signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
 
@@ -203,10 +206,20 @@ int main(int argc, char** argv) {
     log::info("listening", {{"proxy", proxy_bound}, {"tls", tls_bound}, {"admin", admin_bound}, {"scaler", scaler_bound}, {"threads", config.threads},
                             {"discovery", source->describe()}, {"pid", int64_t(getpid())}});
 
+    if (config.trace.sampling.enabled) {
+        const auto& t = config.trace.exporter.target;
+        log::info("exporting spans", {{"endpoint", std::string(t.tls ? "https://" : "http://") + t.host + ":" + std::to_string(t.port) + t.path},
+                                      {"protocol", t.protocol == OtlpTarget::Protocol::Grpc ? "grpc" : "http/protobuf"},
+                                      {"sampler", trace::to_string(config.trace.sampling.sampler)}});
+    }
+
     event_base_dispatch(control);
 
     for (auto& w : workers) w->join();
     workers.clear();
+    // The loops handed over their last spans as they ended: send them, bounded like the drain.
+    otlp_exporter::shutdown(std::min<std::chrono::milliseconds>(config.drain_timeout, std::chrono::seconds(5)) +
+                            std::chrono::seconds(1));
     event_free(sigterm);
     event_free(sigint);
     event_free(sighup);

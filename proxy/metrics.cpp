@@ -8,9 +8,15 @@
 
 #include "discovery/fleet.h"
 #include "proxy/log.h"
+#include "proxy/span.h"
 
 namespace stepflow {
 namespace {
+
+// One family, two series: the help text must match for the registry to merge them.
+constexpr const char* kSpansDroppedHelp =
+    "Spans dropped, by reason: queue-full (the export queue was full), export-failed (the collector "
+    "did not take them after retries)";
 
 using prometheus::BuildCounter;
 using prometheus::BuildGauge;
@@ -119,6 +125,16 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       log_lines_dropped(BuildCounter().Name("stepflow_lb_log_lines_dropped_total")
                             .Help("Log records dropped because stderr did not keep up (queue full)")
                             .Register(*r).Add({})),
+      trace_spans_exported(BuildCounter().Name("stepflow_lb_trace_spans_exported_total")
+                               .Help("Spans the OTLP collector accepted").Register(*r).Add({})),
+      trace_spans_queue_dropped(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
+                                    .Help(kSpansDroppedHelp)
+                                    .Register(*r).Add({{"reason", "queue-full"}})),
+      trace_spans_export_dropped(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
+                                     .Help(kSpansDroppedHelp)
+                                     .Register(*r).Add({{"reason", "export-failed"}})),
+      trace_export_failures(BuildCounter().Name("stepflow_lb_trace_export_failures_total")
+                                .Help("OTLP export attempts that failed (each retry counts)").Register(*r).Add({})),
       registry_(std::move(r)) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
                           .Help("Requests routed, by decision").Register(*registry_);
@@ -201,6 +217,9 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
         backend_pool_size.Set(pool);
         double dropped = double(log::dropped_lines());
         if (dropped > log_lines_dropped.Value()) log_lines_dropped.Increment(dropped - log_lines_dropped.Value());
+        double spans_dropped = double(trace::Queue::dropped());
+        if (spans_dropped > trace_spans_queue_dropped.Value())
+            trace_spans_queue_dropped.Increment(spans_dropped - trace_spans_queue_dropped.Value());
         backends_known.Set(double(known));
     }
     return prometheus::TextSerializer{}.Serialize(registry_->Collect());

@@ -82,6 +82,11 @@ public:
     prometheus::Counter& connections_refused;  // closed at accept: --max-connections reached
     prometheus::Counter& accept_pauses;        // accepting paused: no descriptor or memory left
     prometheus::Counter& log_lines_dropped;  // brought up to log::dropped_lines() on render
+    // Tracing (docs/tracing.md)
+    prometheus::Counter& trace_spans_exported;
+    prometheus::Counter& trace_spans_queue_dropped;   // brought up to trace::Queue::dropped() on render
+    prometheus::Counter& trace_spans_export_dropped;  // given up after the export's retries
+    prometheus::Counter& trace_export_failures;
 
     prometheus::Counter& discovery_op(const std::string& operation, const std::string& result);
 

@@ -14,6 +14,7 @@ void RequestRecord::begin() {
     bytes_in = bytes_out = 0;
     queue_wait_ms = 0;
     retries = 0;
+    trace.reset();
 }
 
 void RequestRecord::note_route(const Exchange& exchange) {
@@ -25,10 +26,13 @@ void RequestRecord::note_route(const Exchange& exchange) {
 }
 
 void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
-                           const std::string& client) const {
+                           const std::string& client) {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
     worker.series().observe(instance ? instance->series.get() : nullptr, status, method, ms, decision);
+    if (trace.recording)
+        trace.end({status, to_string(decision), instance_id(), client, bytes_in, bytes_out, queue_wait_ms, retries});
     if (!worker.config().access_log) return;
+    log::Scope ids(trace.correlation());
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},
                           {"status", status},

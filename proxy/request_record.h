@@ -9,6 +9,7 @@
 
 #include "discovery/instance.h"
 #include "proxy/metrics.h"
+#include "proxy/request_trace.h"
 
 namespace stepflow {
 
@@ -24,13 +25,15 @@ struct RequestRecord {
     uint64_t bytes_out = 0;
     double queue_wait_ms = 0;  // time waited in the admission queue
     int retries = 0;           // further instances tried
+    RequestTrace trace;        // its trace ids and server span (docs/tracing.md)
 
     void begin();
     std::string_view instance_id() const { return instance ? std::string_view(instance->id) : std::string_view(); }
     // Copies where the exchange went (kept after the exchange is gone).
     void note_route(const Exchange& exchange);
-    // Observes the request metrics and writes the access-log line.
-    void finish(Worker& worker, std::string_view method, std::string_view target, const std::string& client) const;
+    // Observes the request metrics, writes the access-log line (with the trace ids) and ends
+    // the server span.
+    void finish(Worker& worker, std::string_view method, std::string_view target, const std::string& client);
 };
 
 }  // namespace stepflow

@@ -24,6 +24,7 @@
 #include "proxy/tls.h"
 #include "proxy/log.h"
 #include "proxy/net.h"
+#include "proxy/span.h"
 
 namespace stepflow {
 
@@ -123,7 +124,11 @@ Worker::~Worker() {
 void Worker::start() {
     thread_ = std::thread([this] {
         // The wake event keeps the loop alive while idle; it ends through maybe_exit() or force_stop().
+        log::attach_loop(base_);
+        trace::attach_loop(base_);
         event_base_dispatch(base_);
+        trace::detach_loop();
+        log::detach_loop();
     });
 }
 

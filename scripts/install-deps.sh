@@ -8,7 +8,7 @@ set -euo pipefail
 profile="${1:-test}"
 
 build=(g++ meson ninja-build pkg-config libevent-dev libnghttp2-dev libssl-dev libsimdjson-dev
-       prometheus-cpp-dev libcli11-dev)
+       prometheus-cpp-dev libcli11-dev libprotobuf-dev protobuf-compiler)
 run=(python3)
 test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps iproute2 util-linux)
 image=(podman runc mmdebstrap uidmap)
@@ -53,12 +53,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   done
 fi
 
-# The SDK itself, exactly as tests/mcp/package-lock.json pins it (npm ci: the lockfile or nothing).
+# The MCP SDK and the OpenTelemetry JS packages of the OTLP test receiver, exactly as their
+# package-lock.json files pin them (npm ci: the lockfile or nothing).
 if [ "$profile" = test ] || [ "$profile" = bench ]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
-  lock="$here/tests/mcp/package-lock.json" installed="$here/tests/mcp/node_modules/.package-lock.json"
-  if [ ! -f "$installed" ] || [ "$lock" -nt "$installed" ]; then
-    echo "installing tests/mcp (npm ci)" >&2
-    npm ci --prefix "$here/tests/mcp" --no-audit --no-fund --loglevel=error >/dev/null
-  fi
+  for dir in tests/mcp tests/otlp; do
+    lock="$here/$dir/package-lock.json" installed="$here/$dir/node_modules/.package-lock.json"
+    if [ ! -f "$installed" ] || [ "$lock" -nt "$installed" ]; then
+      echo "installing $dir (npm ci)" >&2
+      npm ci --prefix "$here/$dir" --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+  done
 fi

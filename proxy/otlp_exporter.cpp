@@ -1,0 +1,631 @@
+#include "proxy/otlp_exporter.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "proxy/log.h"
+#include "proxy/metrics.h"
+#include "otlp.pb.h"
+#include <google/protobuf/arena.h>
+#include "proxy/span.h"
+
+namespace stepflow {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr const char* kGrpcPath = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+constexpr int kMaxAttempts = 5;  // per batch, the first included
+constexpr auto kFirstBackoff = std::chrono::milliseconds(500);
+constexpr auto kMaxBackoff = std::chrono::seconds(16);
+
+// Set by shutdown(): every wait of the exporter ends by then, whatever the export timeout says.
+std::atomic<int64_t> g_stop_at{INT64_MAX};
+
+Clock::time_point stop_at() { return Clock::time_point(Clock::duration(g_stop_at.load())); }
+
+// A blocking client connection with deadlines; the exporter thread is its only user.
+class Connection {
+public:
+    ~Connection() { close(); }
+
+    bool open(const OtlpTarget& t, bool h2, Clock::time_point deadline, std::string& error) {
+        close();
+        addrinfo hints{}, *res = nullptr;
+        hints.ai_socktype = SOCK_STREAM;
+        std::string port = std::to_string(t.port);
+        int rc = getaddrinfo(t.host.c_str(), port.c_str(), &hints, &res);
+        if (rc != 0) {
+            error = std::string("cannot resolve ") + t.host + ": " + gai_strerror(rc);
+            return false;
+        }
+        for (addrinfo* ai = res; ai && fd_ < 0; ai = ai->ai_next) {
+            int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+            if (fd < 0) continue;
+            if (::connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) {
+                error = std::string("connect: ") + std::strerror(errno);
+                ::close(fd);
+                continue;
+            }
+            fd_ = fd;
+            if (!wait(POLLOUT, deadline)) {
+                error = "connect timed out";
+                close();
+                continue;
+            }
+            int err = 0;
+            socklen_t len = sizeof err;
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err != 0) {
+                error = std::string("connect: ") + std::strerror(err);
+                close();
+            }
+        }
+        freeaddrinfo(res);
+        if (fd_ < 0) return false;
+        int one = 1;
+        setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (t.tls && !handshake(t, h2, deadline, error)) {
+            close();
+            return false;
+        }
+        return true;
+    }
+
+    bool is_open() const { return fd_ >= 0; }
+
+    void close() {
+        if (ssl_) SSL_free(ssl_);
+        ssl_ = nullptr;
+        if (fd_ >= 0) ::close(fd_);
+        fd_ = -1;
+    }
+
+    bool write_all(const char* p, size_t n, Clock::time_point deadline, std::string& error) {
+        while (n > 0) {
+            ssize_t w;
+            if (ssl_) {
+                int r = SSL_write(ssl_, p, int(std::min<size_t>(n, 1 << 30)));
+                if (r <= 0) {
+                    if (!ssl_retry(r, deadline, error)) return false;
+                    continue;
+                }
+                w = r;
+            } else {
+                w = ::send(fd_, p, n, MSG_NOSIGNAL);
+                if (w < 0) {
+                    if (errno == EINTR) continue;
+                    if (errno != EAGAIN) { error = std::string("send: ") + std::strerror(errno); return false; }
+                    if (!wait(POLLOUT, deadline)) { error = "send timed out"; return false; }
+                    continue;
+                }
+            }
+            p += w;
+            n -= size_t(w);
+        }
+        return true;
+    }
+
+    // Bytes read (> 0), 0 at the peer's end of stream, -1 on an error or at the deadline.
+    ssize_t read_some(char* buf, size_t n, Clock::time_point deadline, std::string& error) {
+        for (;;) {
+            if (ssl_) {
+                int r = SSL_read(ssl_, buf, int(n));
+                if (r > 0) return r;
+                if (SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN) return 0;
+                if (!ssl_retry(r, deadline, error)) return -1;
+                continue;
+            }
+            ssize_t r = ::recv(fd_, buf, n, 0);
+            if (r >= 0) return r;
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) { error = std::string("recv: ") + std::strerror(errno); return -1; }
+            if (!wait(POLLIN, deadline)) { error = "no answer before the export timeout"; return -1; }
+        }
+    }
+
+private:
+    bool wait(short events, Clock::time_point deadline) {
+        deadline = std::min(deadline, stop_at());
+        for (;;) {
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+            if (left <= 0) return false;
+            pollfd p{fd_, events, 0};
+            int r = ::poll(&p, 1, int(std::min<int64_t>(left, 100)));  // short slices: shutdown may move the deadline
+            if (r > 0) return true;
+            if (r < 0 && errno != EINTR) return false;
+            deadline = std::min(deadline, stop_at());
+        }
+    }
+
+    bool ssl_retry(int r, Clock::time_point deadline, std::string& error) {
+        int e = SSL_get_error(ssl_, r);
+        if (e == SSL_ERROR_WANT_READ) {
+            if (wait(POLLIN, deadline)) return true;
+            error = "TLS read timed out";
+            return false;
+        }
+        if (e == SSL_ERROR_WANT_WRITE) {
+            if (wait(POLLOUT, deadline)) return true;
+            error = "TLS write timed out";
+            return false;
+        }
+        unsigned long code = ERR_get_error();
+        char buf[256];
+        ERR_error_string_n(code, buf, sizeof buf);
+        error = std::string("TLS: ") + (code ? buf : "connection closed");
+        ERR_clear_error();
+        return false;
+    }
+
+    static SSL_CTX* context(const std::string& ca_file) {
+        static SSL_CTX* ctx = [&] {
+            SSL_CTX* c = SSL_CTX_new(TLS_client_method());
+            SSL_CTX_set_min_proto_version(c, TLS1_2_VERSION);
+            SSL_CTX_set_verify(c, SSL_VERIFY_PEER, nullptr);
+            if (ca_file.empty()) SSL_CTX_set_default_verify_paths(c);  // the system CA bundle
+            else SSL_CTX_load_verify_locations(c, ca_file.c_str(), nullptr);
+            return c;
+        }();
+        return ctx;
+    }
+
+    bool handshake(const OtlpTarget& t, bool h2, Clock::time_point deadline, std::string& error) {
+        ssl_ = SSL_new(context(t.ca_file));
+        SSL_set_fd(ssl_, fd_);
+        // SSL_set_tlsext_host_name is a macro with a C cast: call what it expands to.
+        SSL_ctrl(ssl_, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, const_cast<char*>(t.host.c_str()));
+        SSL_set1_host(ssl_, t.host.c_str());
+        static const unsigned char h2_alpn[] = {2, 'h', '2'};
+        static const unsigned char h1_alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+        if (h2) SSL_set_alpn_protos(ssl_, h2_alpn, sizeof h2_alpn);
+        else SSL_set_alpn_protos(ssl_, h1_alpn, sizeof h1_alpn);
+        for (;;) {
+            int r = SSL_connect(ssl_);
+            if (r == 1) return true;
+            if (!ssl_retry(r, deadline, error)) return false;
+        }
+    }
+
+    int fd_ = -1;
+    SSL* ssl_ = nullptr;
+};
+
+struct Result {
+    bool ok = false;
+    bool retryable = true;
+    std::string error;
+};
+
+// One gRPC unary call at a time on a kept HTTP/2 session (nghttp2 in memory mode: it frames,
+// the connection above moves the bytes).
+class GrpcChannel {
+public:
+    ~GrpcChannel() { reset(); }
+
+    Result call(const OtlpTarget& t, const std::string& message, Clock::time_point deadline) {
+        Result result;
+        if (!session_ && !open(t, deadline, result.error)) return result;
+        body_.clear();
+        body_.push_back('\0');  // not compressed
+        uint32_t len = uint32_t(message.size());
+        for (int shift = 24; shift >= 0; shift -= 8) body_.push_back(char((len >> shift) & 0xff));
+        body_ += message;
+        sent_ = 0;
+        closed_ = false;
+        http_status_ = 0;
+        grpc_status_ = -1;
+        grpc_message_.clear();
+        std::string authority = t.host + ":" + std::to_string(t.port);
+        std::vector<nghttp2_nv> nv;
+        auto add = [&](const std::string& n, const std::string& v) {
+            nv.push_back({reinterpret_cast<uint8_t*>(const_cast<char*>(n.data())),
+                          reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), n.size(), v.size(),
+                          NGHTTP2_NV_FLAG_NONE});
+        };
+        static const std::string method = ":method", post = "POST", scheme = ":scheme", path = ":path",
+                                 auth = ":authority", ct = "content-type", grpc = "application/grpc", te = "te",
+                                 trailers = "trailers", path_value = kGrpcPath, https = "https", http = "http";
+        add(method, post);
+        add(scheme, t.tls ? https : http);
+        add(path, path_value);
+        add(auth, authority);
+        add(ct, grpc);
+        add(te, trailers);
+        for (auto& [k, v] : t.headers) add(k, v);
+        nghttp2_data_provider provider{};
+        provider.read_callback = on_read_body;
+        stream_id_ = nghttp2_submit_request(session_, nullptr, nv.data(), nv.size(), &provider, this);
+        if (stream_id_ < 0) {
+            result.error = nghttp2_strerror(stream_id_);
+            reset();
+            return result;
+        }
+        if (!pump(deadline, result.error)) {
+            reset();
+            return result;
+        }
+        if (grpc_status_ == 0) {
+            result.ok = true;
+            return result;
+        }
+        if (grpc_status_ < 0) {
+            result.error = "no grpc-status (HTTP " + std::to_string(http_status_) + ")";
+            return result;
+        }
+        result.error = "grpc-status " + std::to_string(grpc_status_) + (grpc_message_.empty() ? "" : ": " + grpc_message_);
+        // UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, OUT_OF_RANGE,
+        // DATA_LOSS may pass (the OTLP specification's retryable codes); others will not.
+        static constexpr int retryable[] = {1, 4, 8, 10, 11, 14, 15};
+        result.retryable = std::find(std::begin(retryable), std::end(retryable), grpc_status_) != std::end(retryable);
+        return result;
+    }
+
+    void reset() {
+        if (session_) nghttp2_session_del(session_);
+        session_ = nullptr;
+        conn_.close();
+    }
+
+private:
+    bool open(const OtlpTarget& t, Clock::time_point deadline, std::string& error) {
+        if (!conn_.open(t, true, deadline, error)) return false;
+        nghttp2_session_callbacks* cb;
+        nghttp2_session_callbacks_new(&cb);
+        nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+        nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+        nghttp2_session_client_new(&session_, cb, this);
+        nghttp2_session_callbacks_del(cb);
+        nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, nullptr, 0);
+        return true;
+    }
+
+    bool pump(Clock::time_point deadline, std::string& error) {
+        char buf[16384];
+        for (;;) {
+            for (;;) {
+                const uint8_t* data;
+                ssize_t n = nghttp2_session_mem_send(session_, &data);
+                if (n < 0) { error = nghttp2_strerror(int(n)); return false; }
+                if (n == 0) break;
+                if (!conn_.write_all(reinterpret_cast<const char*>(data), size_t(n), deadline, error)) return false;
+            }
+            if (closed_) return true;
+            if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_)) {
+                error = "the collector closed the HTTP/2 session";
+                return false;
+            }
+            ssize_t n = conn_.read_some(buf, sizeof buf, deadline, error);
+            if (n == 0) { error = "the collector closed the connection"; return false; }
+            if (n < 0) return false;
+            ssize_t used = nghttp2_session_mem_recv(session_, reinterpret_cast<const uint8_t*>(buf), size_t(n));
+            if (used < 0) { error = nghttp2_strerror(int(used)); return false; }
+        }
+    }
+
+    static ssize_t on_read_body(nghttp2_session*, int32_t, uint8_t* buf, size_t length, uint32_t* flags,
+                                nghttp2_data_source*, void* user) {
+        auto* self = static_cast<GrpcChannel*>(user);
+        size_t n = std::min(length, self->body_.size() - self->sent_);
+        std::memcpy(buf, self->body_.data() + self->sent_, n);
+        self->sent_ += n;
+        if (self->sent_ == self->body_.size()) *flags |= NGHTTP2_DATA_FLAG_EOF;
+        return ssize_t(n);
+    }
+
+    static int on_header(nghttp2_session*, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
+                         const uint8_t* value, size_t valuelen, uint8_t, void* user) {
+        auto* self = static_cast<GrpcChannel*>(user);
+        if (frame->hd.stream_id != self->stream_id_) return 0;
+        std::string_view n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
+        if (n == ":status") self->http_status_ = std::atoi(std::string(v).c_str());
+        else if (n == "grpc-status") self->grpc_status_ = std::atoi(std::string(v).c_str());
+        else if (n == "grpc-message") self->grpc_message_.assign(v);
+        return 0;
+    }
+
+    static int on_stream_close(nghttp2_session*, int32_t stream_id, uint32_t, void* user) {
+        auto* self = static_cast<GrpcChannel*>(user);
+        if (stream_id == self->stream_id_) self->closed_ = true;
+        return 0;
+    }
+
+    Connection conn_;
+    nghttp2_session* session_ = nullptr;
+    std::string body_;
+    size_t sent_ = 0;
+    int32_t stream_id_ = -1;
+    bool closed_ = false;
+    int http_status_ = 0, grpc_status_ = -1;
+    std::string grpc_message_;
+};
+
+// OTLP/HTTP: POST <path> with application/x-protobuf on a kept HTTP/1.1 connection.
+class HttpChannel {
+public:
+    Result call(const OtlpTarget& t, const std::string& message, Clock::time_point deadline) {
+        Result result;
+        if (!conn_.is_open() && !conn_.open(t, false, deadline, result.error)) return result;
+        std::string req = "POST " + t.path + " HTTP/1.1\r\nHost: " + t.host + ":" + std::to_string(t.port) +
+                          "\r\nContent-Type: application/x-protobuf\r\nContent-Length: " + std::to_string(message.size()) +
+                          "\r\n";
+        for (auto& [k, v] : t.headers) req += k + ": " + v + "\r\n";
+        req += "\r\n";
+        if (!conn_.write_all(req.data(), req.size(), deadline, result.error) ||
+            !conn_.write_all(message.data(), message.size(), deadline, result.error)) {
+            conn_.close();
+            return result;
+        }
+        std::string in;
+        char buf[8192];
+        size_t head_end;
+        while ((head_end = in.find("\r\n\r\n")) == std::string::npos) {
+            ssize_t n = conn_.read_some(buf, sizeof buf, deadline, result.error);
+            if (n <= 0 || in.size() > 65536) {
+                if (n == 0) result.error = "the collector closed the connection";
+                conn_.close();
+                return result;
+            }
+            in.append(buf, size_t(n));
+        }
+        int status = in.size() > 12 ? std::atoi(in.c_str() + 9) : 0;
+        std::string head = in.substr(0, head_end);
+        for (auto& c : head) c = char(std::tolower(static_cast<unsigned char>(c)));
+        size_t body_have = in.size() - head_end - 4;
+        size_t cl = head.find("\r\ncontent-length:");
+        bool keep = cl != std::string::npos && head.find("connection: close") == std::string::npos;
+        if (keep) {
+            size_t want = size_t(std::atoll(head.c_str() + cl + 17));
+            while (body_have < want) {
+                ssize_t n = conn_.read_some(buf, sizeof buf, deadline, result.error);
+                if (n <= 0) { keep = false; break; }
+                body_have += size_t(n);
+            }
+        }
+        if (!keep) conn_.close();  // no length to find the end by: a new connection next time
+        if (status >= 200 && status < 300) {
+            result.ok = true;
+            return result;
+        }
+        result.error = "HTTP " + std::to_string(status);
+        result.retryable = status == 429 || status == 502 || status == 503 || status == 504 || status == 0;
+        return result;
+    }
+
+    void reset() { conn_.close(); }
+
+private:
+    Connection conn_;
+};
+
+void set_value(otlp::AnyValue* out, const trace::Value& v) {
+    if (auto s = std::get_if<std::string>(&v)) out->set_string_value(*s);
+    else if (auto i = std::get_if<int64_t>(&v)) out->set_int_value(*i);
+    else if (auto d = std::get_if<double>(&v)) out->set_double_value(*d);
+    else if (auto b = std::get_if<bool>(&v)) out->set_bool_value(*b);
+}
+
+void encode(const ExporterSettings& settings, std::vector<trace::SpanData>& spans, std::string& out) {
+    // One arena per batch: the thousands of small messages of a batch cost one free, not one each.
+    google::protobuf::Arena arena;
+    auto& request = *google::protobuf::Arena::CreateMessage<otlp::ExportTraceServiceRequest>(&arena);
+    auto* rs = request.add_resource_spans();
+    for (auto& [k, v] : settings.resource) {
+        auto* kv = rs->mutable_resource()->add_attributes();
+        kv->set_key(k);
+        kv->mutable_value()->set_string_value(v);
+    }
+    auto* ss = rs->add_scope_spans();
+    ss->mutable_scope()->set_name("stepflow-lb");
+    ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
+    for (auto& s : spans) {
+        auto* span = ss->add_spans();
+        span->set_trace_id(reinterpret_cast<const char*>(s.trace_id), 16);
+        span->set_span_id(reinterpret_cast<const char*>(s.span_id), 8);
+        if (s.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(s.parent_span_id), 8);
+        span->set_name(std::move(s.name));
+        span->set_kind(static_cast<otlp::Span_SpanKind>(s.kind));
+        span->set_start_time_unix_nano(s.start_ns);
+        span->set_end_time_unix_nano(s.end_ns);
+        span->set_flags(s.flags | 0x100);  // bit 8: the has-is-remote flag is known ...
+        if (s.has_parent && s.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);  // ... and the parent is remote
+        for (auto& a : s.attributes) {
+            auto* kv = span->add_attributes();
+            kv->set_key(std::string(a.key));
+            set_value(kv->mutable_value(), a.value);
+        }
+        for (auto& e : s.events) {
+            auto* ev = span->add_events();
+            ev->set_name(std::string(e.name));
+            ev->set_time_unix_nano(e.time_ns);
+            for (auto& a : e.attributes) {
+                auto* kv = ev->add_attributes();
+                kv->set_key(std::string(a.key));
+                set_value(kv->mutable_value(), a.value);
+            }
+        }
+        if (s.error) {
+            span->mutable_status()->set_code(otlp::Status_StatusCode_STATUS_CODE_ERROR);
+            span->mutable_status()->set_message(s.status_message);
+        }
+    }
+    out.clear();
+    request.SerializeToString(&out);
+}
+
+class Exporter {
+public:
+    explicit Exporter(const ExporterSettings& s) : settings_(s) {
+        trace::Queue::configure(s.max_queue_size, s.max_export_batch_size);
+        thread_ = std::thread([this] { run(); });
+    }
+
+    void shutdown(std::chrono::milliseconds limit) {
+        g_stop_at.store((Clock::now() + limit).time_since_epoch().count());
+        {
+            std::lock_guard lock(mutex_);
+            stopping_ = true;
+        }
+        backoff_.notify_all();
+        trace::Queue::wake();
+        if (thread_.joinable()) thread_.join();
+    }
+
+private:
+    void run() {
+        std::vector<trace::SpanData> batch;
+        std::string message;
+        for (;;) {
+            bool stopping = is_stopping();
+            batch.clear();
+            trace::Queue::take(batch, settings_.max_export_batch_size,
+                               stopping ? 0 : uint64_t(settings_.schedule_delay.count()));
+            if (batch.empty()) {
+                if (stopping) return;
+                continue;
+            }
+            encode(settings_, batch, message);
+            send(message, batch.size());
+        }
+    }
+
+    bool is_stopping() {
+        std::lock_guard lock(mutex_);
+        return stopping_;
+    }
+
+    Result attempt(const std::string& message) {
+        auto deadline = Clock::now() + settings_.export_timeout;
+        if (settings_.target.protocol == OtlpTarget::Protocol::Grpc) return grpc_.call(settings_.target, message, deadline);
+        return http_.call(settings_.target, message, deadline);
+    }
+
+    void send(const std::string& message, size_t spans) {
+        auto& m = Metrics::get();
+        auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kFirstBackoff);
+        for (int n = 1;; ++n) {
+            Result r = attempt(message);
+            if (r.ok) {
+                m.trace_spans_exported.Increment(double(spans));
+                if (failing_) log::info("trace export resumed", {{"endpoint", endpoint()}});
+                failing_ = false;
+                return;
+            }
+            m.trace_export_failures.Increment();
+            if (!failing_) log::warn("trace export failed", {{"endpoint", endpoint()}, {"reason", r.error}, {"spans", spans}});
+            failing_ = true;
+            if (!r.retryable || n >= kMaxAttempts || Clock::now() >= stop_at()) break;
+            // Exponential backoff with jitter, cut short by shutdown.
+            std::uniform_int_distribution<int64_t> jitter(0, backoff.count() / 2);
+            auto wait = backoff + std::chrono::milliseconds(jitter(rng_));
+            std::unique_lock lock(mutex_);
+            auto until = std::min(Clock::now() + wait, stop_at());
+            backoff_.wait_until(lock, until, [this] { return stopping_ && Clock::now() >= stop_at(); });
+            if (Clock::now() >= stop_at()) break;
+            backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
+        }
+        m.trace_spans_export_dropped.Increment(double(spans));
+    }
+
+    std::string endpoint() const {
+        const auto& t = settings_.target;
+        return std::string(t.tls ? "https://" : "http://") + t.host + ":" + std::to_string(t.port) +
+               (t.protocol == OtlpTarget::Protocol::HttpProtobuf ? t.path : "");
+    }
+
+    ExporterSettings settings_;
+    GrpcChannel grpc_;
+    HttpChannel http_;
+    std::mutex mutex_;
+    std::condition_variable backoff_;
+    bool stopping_ = false;
+    bool failing_ = false;
+    std::minstd_rand rng_{std::random_device{}()};
+    std::thread thread_;
+};
+
+Exporter* g_exporter = nullptr;
+
+}  // namespace
+
+bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, bool exact_path, OtlpTarget& out,
+                         std::string& error) {
+    std::string rest;
+    if (url.rfind("http://", 0) == 0) {
+        out.tls = false;
+        rest = url.substr(7);
+    } else if (url.rfind("https://", 0) == 0) {
+        out.tls = true;
+        rest = url.substr(8);
+    } else {
+        error = "'" + url + "' is not an http:// or https:// URL";
+        return false;
+    }
+    size_t slash = rest.find('/');
+    std::string authority = rest.substr(0, slash);
+    std::string path = slash == std::string::npos ? "" : rest.substr(slash);
+    if (authority.empty()) {
+        error = "'" + url + "' names no host";
+        return false;
+    }
+    int default_port = protocol == OtlpTarget::Protocol::Grpc ? 4317 : 4318;
+    size_t colon = authority.rfind(':');
+    bool bracketed = !authority.empty() && authority.front() == '[';
+    if (colon != std::string::npos && (!bracketed || authority[colon - 1] == ']')) {
+        std::string port = authority.substr(colon + 1);
+        if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+            std::stoi(port) < 1 || std::stoi(port) > 65535) {
+            error = "'" + url + "' has no valid port";
+            return false;
+        }
+        out.port = std::stoi(port);
+        authority.resize(colon);
+    } else {
+        out.port = default_port;
+    }
+    if (bracketed) authority = authority.substr(1, authority.size() - 2);
+    if (authority.empty()) {
+        error = "'" + url + "' names no host";
+        return false;
+    }
+    out.host = authority;
+    out.protocol = protocol;
+    if (protocol == OtlpTarget::Protocol::HttpProtobuf) {
+        if (exact_path) out.path = path.empty() ? "/" : path;
+        else out.path = (path.empty() || path == "/" ? "" : (path.back() == '/' ? path.substr(0, path.size() - 1) : path)) + "/v1/traces";
+    }
+    return true;
+}
+
+namespace otlp_exporter {
+
+void start(const ExporterSettings& settings) {
+    if (!g_exporter) g_exporter = new Exporter(settings);
+}
+
+void shutdown(std::chrono::milliseconds limit) {
+    if (!g_exporter) return;
+    g_exporter->shutdown(limit);
+    delete g_exporter;
+    g_exporter = nullptr;
+}
+
+}  // namespace otlp_exporter
+}  // namespace stepflow

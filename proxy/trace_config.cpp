@@ -1,0 +1,229 @@
+#include "proxy/trace_config.h"
+
+#include <cstdlib>
+
+#include <CLI/CLI.hpp>
+
+namespace stepflow {
+namespace {
+
+// "true"/"false" as the OpenTelemetry specification spells booleans, plus on/off and 1/0 as
+// our other switches do.
+bool parse_bool(const std::string& s, bool& out) {
+    std::string l;
+    for (char c : s) l += char(std::tolower(static_cast<unsigned char>(c)));
+    if (l == "true" || l == "on" || l == "1") { out = true; return true; }
+    if (l == "false" || l == "off" || l == "0") { out = false; return true; }
+    return false;
+}
+
+bool parse_count(const std::string& s, size_t lo, size_t hi, size_t& out) {
+    if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string::npos) return false;
+    out = size_t(std::stoul(s));
+    return out >= lo && out <= hi;
+}
+
+int hex(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+std::string trim(std::string s) {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.erase(s.begin());
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.pop_back();
+    return s;
+}
+
+// `key=value,key=value` with percent-encoded values (W3C Baggage octets, as the specification
+// has OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES).
+bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::string>>& out) {
+    size_t start = 0;
+    while (start < s.size()) {
+        size_t comma = s.find(',', start);
+        if (comma == std::string::npos) comma = s.size();
+        std::string item = trim(s.substr(start, comma - start));
+        start = comma + 1;
+        if (item.empty()) continue;
+        size_t eq = item.find('=');
+        if (eq == std::string::npos || eq == 0) return false;
+        std::string key = trim(item.substr(0, eq)), raw = trim(item.substr(eq + 1)), value;
+        if (key.empty()) return false;
+        for (size_t i = 0; i < raw.size(); ++i) {
+            if (raw[i] == '%' && i + 2 < raw.size() && hex(raw[i + 1]) >= 0 && hex(raw[i + 2]) >= 0) {
+                value += char(hex(raw[i + 1]) * 16 + hex(raw[i + 2]));
+                i += 2;
+            } else {
+                value += raw[i];
+            }
+        }
+        out.emplace_back(key, value);
+    }
+    return true;
+}
+
+}  // namespace
+
+void add_trace_flags(CLI::App& app, TraceFlags& f) {
+    app.add_option("--trace-enabled", f.trace_enabled,
+                   "true|false: make spans and export them over OTLP (default: true when an OTLP endpoint is set)")
+        ->envname("STEPFLOW_TRACE_ENABLED");
+    app.add_option("--otlp-endpoint", f.stepflow_endpoint, "OTLP/gRPC collector URL, as the Stepflow services take it "
+                                                           "(e.g. http://otel-collector:4317)")
+        ->envname("STEPFLOW_OTLP_ENDPOINT");
+    app.add_option("--otel-exporter-otlp-endpoint", f.endpoint,
+                   "OTLP base URL (http/protobuf appends /v1/traces); wins over --otlp-endpoint")
+        ->envname("OTEL_EXPORTER_OTLP_ENDPOINT");
+    app.add_option("--otel-exporter-otlp-traces-endpoint", f.traces_endpoint, "OTLP traces URL, used as given; wins over both")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    app.add_option("--otel-exporter-otlp-protocol", f.protocol, "grpc|http/protobuf")
+        ->envname("OTEL_EXPORTER_OTLP_PROTOCOL")->capture_default_str();
+    app.add_option("--otel-exporter-otlp-headers", f.headers, "Headers sent with every export: key=value,key=value")
+        ->envname("OTEL_EXPORTER_OTLP_HEADERS");
+    app.add_option("--otel-exporter-otlp-certificate", f.certificate,
+                   "PEM CA bundle that verifies an https:// collector (default: the system CA bundle)")
+        ->envname("OTEL_EXPORTER_OTLP_CERTIFICATE");
+    app.add_option("--otel-exporter-otlp-timeout", f.timeout, "Milliseconds one export may take [10000]")
+        ->envname("OTEL_EXPORTER_OTLP_TIMEOUT");
+    app.add_option("--otel-service-name", f.service_name, "service.name of the spans [stepflow-lb]")
+        ->envname("OTEL_SERVICE_NAME");
+    app.add_option("--otel-resource-attributes", f.resource_attributes, "Resource attributes: key=value,key=value")
+        ->envname("OTEL_RESOURCE_ATTRIBUTES");
+    app.add_option("--otel-traces-sampler", f.sampler,
+                   "parentbased_always_on|parentbased_traceidratio|parentbased_always_off|always_on|always_off|"
+                   "traceidratio [parentbased_always_on]")
+        ->envname("OTEL_TRACES_SAMPLER");
+    app.add_option("--otel-traces-sampler-arg", f.sampler_arg, "Ratio 0..1 for the traceidratio samplers [1.0]")
+        ->envname("OTEL_TRACES_SAMPLER_ARG");
+    app.add_option("--otel-sdk-disabled", f.sdk_disabled, "true: no spans at all, whatever else is set [false]")
+        ->envname("OTEL_SDK_DISABLED");
+    app.add_option("--otel-bsp-schedule-delay", f.bsp_schedule_delay, "Milliseconds between span exports [5000]")
+        ->envname("OTEL_BSP_SCHEDULE_DELAY");
+    app.add_option("--otel-bsp-export-timeout", f.bsp_export_timeout,
+                   "Milliseconds one export may take, retries excluded (the smaller of this and "
+                   "--otel-exporter-otlp-timeout applies) [30000]")
+        ->envname("OTEL_BSP_EXPORT_TIMEOUT");
+    app.add_option("--otel-bsp-max-queue-size", f.bsp_max_queue_size,
+                   "Finished spans waiting for export; beyond, spans are dropped and counted [2048]")
+        ->envname("OTEL_BSP_MAX_QUEUE_SIZE");
+    app.add_option("--otel-bsp-max-export-batch-size", f.bsp_max_export_batch_size, "Spans per export [512]")
+        ->envname("OTEL_BSP_MAX_EXPORT_BATCH_SIZE");
+    app.add_option("--metrics-enabled", f.metrics_enabled,
+                   "true|false: accepted for the Stepflow services' convention; /metrics is always served [true]")
+        ->envname("STEPFLOW_METRICS_ENABLED");
+}
+
+std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
+    auto bad = [](const char* flag, const char* env, const std::string& value, const std::string& why) {
+        return std::string(flag) + " (" + env + "): '" + value + "' " + why;
+    };
+    bool explicit_enabled = false, enabled = false;
+    if (!f.trace_enabled.empty()) {
+        if (!parse_bool(f.trace_enabled, enabled))
+            return bad("--trace-enabled", "STEPFLOW_TRACE_ENABLED", f.trace_enabled, "is not true or false");
+        explicit_enabled = true;
+    }
+    bool disabled = false;
+    if (!f.sdk_disabled.empty() && !parse_bool(f.sdk_disabled, disabled))
+        return bad("--otel-sdk-disabled", "OTEL_SDK_DISABLED", f.sdk_disabled, "is not true or false");
+    if (!f.metrics_enabled.empty() && !parse_bool(f.metrics_enabled, out.metrics_enabled))
+        return bad("--metrics-enabled", "STEPFLOW_METRICS_ENABLED", f.metrics_enabled, "is not true or false");
+
+    OtlpTarget::Protocol protocol;
+    if (f.protocol == "grpc") protocol = OtlpTarget::Protocol::Grpc;
+    else if (f.protocol == "http/protobuf") protocol = OtlpTarget::Protocol::HttpProtobuf;
+    else return bad("--otel-exporter-otlp-protocol", "OTEL_EXPORTER_OTLP_PROTOCOL", f.protocol, "is not grpc or http/protobuf");
+
+    // Every endpoint given is checked, the most specific one used.
+    std::string error;
+    OtlpTarget target;
+    bool any_endpoint = false;
+    struct Candidate {
+        const std::string& value;
+        const char* flag;
+        const char* env;
+        bool exact;
+    } candidates[] = {{f.stepflow_endpoint, "--otlp-endpoint", "STEPFLOW_OTLP_ENDPOINT", false},
+                      {f.endpoint, "--otel-exporter-otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", false},
+                      {f.traces_endpoint, "--otel-exporter-otlp-traces-endpoint", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", true}};
+    for (auto& c : candidates) {
+        if (c.value.empty()) continue;
+        OtlpTarget t;
+        if (!parse_otlp_endpoint(c.value, protocol, c.exact, t, error))
+            return std::string(c.flag) + " (" + c.env + "): " + error;
+        target = t;
+        any_endpoint = true;
+    }
+    if (!any_endpoint) {
+        parse_otlp_endpoint(protocol == OtlpTarget::Protocol::Grpc ? "http://localhost:4317" : "http://localhost:4318",
+                            protocol, false, target, error);
+    }
+    if (!f.headers.empty() && !parse_pairs(f.headers, target.headers))
+        return bad("--otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS", f.headers, "is not key=value,key=value");
+    for (auto& [k, v] : target.headers)
+        for (auto& c : k) c = char(std::tolower(static_cast<unsigned char>(c)));  // HTTP/2 field names are lower case
+    target.ca_file = f.certificate;
+
+    ExporterSettings& ex = out.exporter;
+    size_t n = 0;
+    if (!f.timeout.empty()) {
+        if (!parse_count(f.timeout, 1, 600000, n))
+            return bad("--otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT", f.timeout, "is not milliseconds between 1 and 600000");
+        ex.export_timeout = std::chrono::milliseconds(n);
+    }
+    if (!f.bsp_export_timeout.empty()) {
+        if (!parse_count(f.bsp_export_timeout, 1, 600000, n))
+            return bad("--otel-bsp-export-timeout", "OTEL_BSP_EXPORT_TIMEOUT", f.bsp_export_timeout, "is not milliseconds between 1 and 600000");
+        ex.export_timeout = std::min(ex.export_timeout, std::chrono::milliseconds(n));
+    }
+    if (!f.bsp_schedule_delay.empty()) {
+        if (!parse_count(f.bsp_schedule_delay, 1, 3600000, n))
+            return bad("--otel-bsp-schedule-delay", "OTEL_BSP_SCHEDULE_DELAY", f.bsp_schedule_delay, "is not milliseconds between 1 and 3600000");
+        ex.schedule_delay = std::chrono::milliseconds(n);
+    }
+    if (!f.bsp_max_queue_size.empty() && !parse_count(f.bsp_max_queue_size, 1, 10000000, ex.max_queue_size))
+        return bad("--otel-bsp-max-queue-size", "OTEL_BSP_MAX_QUEUE_SIZE", f.bsp_max_queue_size, "is not a count between 1 and 10000000");
+    if (!f.bsp_max_export_batch_size.empty() &&
+        !parse_count(f.bsp_max_export_batch_size, 1, 10000000, ex.max_export_batch_size))
+        return bad("--otel-bsp-max-export-batch-size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", f.bsp_max_export_batch_size,
+                   "is not a count between 1 and 10000000");
+    if (ex.max_export_batch_size > ex.max_queue_size)
+        return "--otel-bsp-max-export-batch-size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE) must not exceed "
+               "--otel-bsp-max-queue-size (OTEL_BSP_MAX_QUEUE_SIZE)";
+    ex.target = target;
+
+    trace::Settings& s = out.sampling;
+    if (!f.sampler.empty() && !trace::parse_sampler(f.sampler, s.sampler))
+        return bad("--otel-traces-sampler", "OTEL_TRACES_SAMPLER", f.sampler,
+                   "is not parentbased_always_on, parentbased_traceidratio, parentbased_always_off, always_on, "
+                   "always_off or traceidratio");
+    if (!f.sampler_arg.empty()) {
+        char* end = nullptr;
+        double r = std::strtod(f.sampler_arg.c_str(), &end);
+        if (end == f.sampler_arg.c_str() || *end != 0 || !(r >= 0.0 && r <= 1.0))
+            return bad("--otel-traces-sampler-arg", "OTEL_TRACES_SAMPLER_ARG", f.sampler_arg, "is not a ratio between 0 and 1");
+        s.ratio = r;
+    }
+
+    std::vector<std::pair<std::string, std::string>> resource;
+    if (!f.resource_attributes.empty() && !parse_pairs(f.resource_attributes, resource))
+        return bad("--otel-resource-attributes", "OTEL_RESOURCE_ATTRIBUTES", f.resource_attributes, "is not key=value,key=value");
+    // service.name: OTEL_SERVICE_NAME wins over the resource attribute (as in the specification).
+    std::string service = "stepflow-lb";
+    for (auto& [k, v] : resource)
+        if (k == "service.name") service = v;
+    if (!f.service_name.empty()) service = f.service_name;
+    ex.resource.clear();
+    ex.resource.emplace_back("service.name", service);
+    for (auto& kv : resource)
+        if (kv.first != "service.name") ex.resource.push_back(kv);
+    bool has_version = false;
+    for (auto& kv : resource) has_version |= kv.first == "service.version";
+    if (!has_version) ex.resource.emplace_back("service.version", STEPFLOW_LB_VERSION);
+
+    s.enabled = !disabled && (explicit_enabled ? enabled : any_endpoint);
+    return "";
+}
+
+}  // namespace stepflow

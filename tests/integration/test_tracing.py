@@ -1,0 +1,448 @@
+"""Traces and logs (issue 23): the balancer is a hop of every distributed trace and its log lines
+carry the trace ids. Spans are checked as a real OTLP decoder sees them: tests/otlp/receiver.mjs
+decodes OTLP/gRPC and OTLP/HTTP with the OpenTelemetry JS SDK's protobuf definitions."""
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+
+from harness import (ROOT, Balancer, Worker, _started, check, lb_binary, run_tests, test, wait_for)
+
+RECEIVER = os.path.join(ROOT, "tests", "otlp", "receiver.mjs")
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+SERVER, CLIENT, INTERNAL = 2, 3, 1
+
+
+class Receiver:
+    def __init__(self, grpc_port=0, http_port=0, env=None):
+        if not os.path.isdir(os.path.join(os.path.dirname(RECEIVER), "node_modules", "@opentelemetry")):
+            raise AssertionError("node or the OpenTelemetry JS packages are missing: run scripts/install-deps.sh test "
+                                 "(installs nodejs and runs npm ci in tests/otlp)")
+        self.proc = subprocess.Popen(["node", RECEIVER, str(grpc_port), str(http_port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=os.path.dirname(RECEIVER),
+                                     env={**os.environ, **(env or {})})
+        _started.append(self.proc)
+        ports = json.loads(self.proc.stdout.readline())
+        self.grpc, self.http = ports["grpc"], ports["http"]
+
+    def _call(self, method, path, body=None):
+        c = socket.create_connection(("127.0.0.1", self.http), timeout=5)
+        data = json.dumps(body).encode() if body is not None else b""
+        c.sendall(f"{method} {path} HTTP/1.1\r\nHost: r\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                  .encode() + data)
+        out = b""
+        while chunk := c.recv(65536):
+            out += chunk
+        c.close()
+        return json.loads(out.split(b"\r\n\r\n", 1)[1])
+
+    def spans(self, trace_id=None):
+        return [s for s in self._call("GET", "/spans") if trace_id is None or s["traceId"] == trace_id]
+
+    def stats(self):
+        return self._call("GET", "/stats")
+
+    def mode(self, mode, delay_ms=0):
+        self._call("POST", "/mode", {"mode": mode, "delayMs": delay_ms})
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def wait_trace(self, trace_id, count, what="spans"):
+        wait_for(lambda: len(self.spans(trace_id)) >= count, 15, f"{count} {what} of trace {trace_id}")
+        return self.spans(trace_id)
+
+
+def tracing_args(receiver, protocol="grpc", extra=None):
+    if protocol == "grpc":
+        args = ["--trace-enabled", "true", "--otlp-endpoint", f"http://127.0.0.1:{receiver.grpc}"]
+    else:
+        args = ["--otel-exporter-otlp-protocol", "http/protobuf",
+                "--otel-exporter-otlp-endpoint", f"http://127.0.0.1:{receiver.http}"]
+    return args + ["--otel-bsp-schedule-delay", "50"] + (extra or [])
+
+
+def one(spans, kind, **match):
+    found = [s for s in spans if s["kind"] == kind and all(s.get(k) == v for k, v in match.items())]
+    check(len(found) == 1, f"one span of kind {kind} {match}: {json.dumps(spans, indent=1)}")
+    return found[0]
+
+
+def seen_traceparent(r):
+    value = r.headers.get("x-seen-traceparent", "")
+    parts = value.split("-")
+    check(len(parts) == 4 and parts[0] == "00", f"the worker received a traceparent: {value!r}")
+    return parts
+
+
+@test
+def h1_request_continues_the_trace_and_the_worker_sees_its_attempt_span():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx, extra=["--otel-resource-attributes",
+                                                            "deployment.environment=test,k8s.pod.name=lb-0"]))
+    lb.wait_healthy(1)
+    r = lb.execute("/echo", {"x": 1}, id=42, headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01",
+                                                      "tracestate": "vendor=abc,other=1",
+                                                      "User-Agent": "orchestrator/1", "Mcp-Method": "tools/call"})
+    check(r.status == 200, f"status {r.status}")
+    _, trace_id, attempt_id, flags = seen_traceparent(r)
+    check(trace_id == PARENT_TRACE and flags == "01", f"same trace, sampled: {trace_id} {flags}")
+    check(attempt_id != PARENT_SPAN, "the worker's parent is the balancer's span, not the caller's")
+    check(r.headers.get("x-seen-tracestate") == "vendor=abc,other=1", f"tracestate unchanged: {r.headers}")
+    spans = rx.wait_trace(PARENT_TRACE, 2)
+    server = one(spans, SERVER)
+    client = one(spans, CLIENT)
+    check(server["parentSpanId"] == PARENT_SPAN, f"server span continues the caller's: {server}")
+    check(client["parentSpanId"] == server["spanId"] and client["spanId"] == attempt_id,
+          f"client span under the server span, and it is what the worker saw: {client}")
+    a = server["attributes"]
+    for key, want in {"http.request.method": "POST", "http.response.status_code": 200, "url.path": "/",
+                      "network.peer.address": "127.0.0.1", "user_agent.original": "orchestrator/1",
+                      "stepflow.routing.decision": "least-load", "stepflow.instance.id": w.instance_id,
+                      "stepflow.attempts": 1, "rpc.system": "jsonrpc", "rpc.method": "components/execute",
+                      "rpc.jsonrpc.request_id": "42", "mcp.method.name": "tools/call"}.items():
+        check(a.get(key) == want, f"server span {key} = {a.get(key)!r}, want {want!r}")
+    check(a["http.request.body.size"] > 0 and a["http.response.body.size"] > 0, f"bytes: {a}")
+    c = client["attributes"]
+    for key, want in {"server.address": "127.0.0.1", "server.port": w.port, "stepflow.attempt": 1,
+                      "http.response.status_code": 200, "stepflow.instance.id": w.instance_id}.items():
+        check(c.get(key) == want, f"client span {key} = {c.get(key)!r}, want {want!r}")
+    check(server["status"]["code"] == 0 and client["status"]["code"] == 0, "no error status on a 200")
+    res = server["resource"]
+    check(res.get("service.name") == "stepflow-lb" and res.get("deployment.environment") == "test"
+          and res.get("k8s.pod.name") == "lb-0", f"resource: {res}")
+    check(server["protocol"] == "grpc", "sent over OTLP/gRPC")
+    # The access log line joins the trace.
+    wait_for(lambda: lb.logs("request"), 5, "access log line")
+    line = lb.logs("request")[-1]
+    check(line.get("trace_id") == PARENT_TRACE and line.get("span_id") == server["spanId"], f"access log: {line}")
+
+
+@test
+def invalid_or_missing_traceparent_starts_a_new_trace_over_otlp_http():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx, protocol="http/protobuf"))
+    lb.wait_healthy(1)
+    for header in [None, f"00-{'0' * 32}-{PARENT_SPAN}-01", f"00-{PARENT_TRACE.upper()}-{PARENT_SPAN}-01",
+                   "garbage"]:
+        r = lb.execute("/echo", 1, headers={"traceparent": header} if header else None)
+        check(r.status == 200, f"status {r.status}")
+        _, trace_id, attempt_id, flags = seen_traceparent(r)
+        check(trace_id not in (PARENT_TRACE, "0" * 32, PARENT_TRACE.upper()) and flags == "01",
+              f"{header!r}: a new sampled trace, got {trace_id}-{flags}")
+        spans = rx.wait_trace(trace_id, 2)
+        server = one(spans, SERVER)
+        check(server["parentSpanId"] == "", f"{header!r}: a root span: {server}")
+        check(one(spans, CLIENT)["spanId"] == attempt_id, "the worker's parent is the attempt span")
+        check(server["protocol"] == "http", "sent over OTLP/HTTP")
+
+
+@test
+def h2_request_is_traced_like_h1():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "components/execute",
+                       "params": {"component": "/echo", "input": 1}})
+    out = subprocess.run(["nghttp", "-v", "-d", "-", "-H", "content-type: application/json",
+                          "-H", f"traceparent: 00-{PARENT_TRACE}-{PARENT_SPAN}-01", "-H", "tracestate: k=v",
+                          f"http://127.0.0.1:{lb.port}/"], input=body, capture_output=True, text=True, timeout=20)
+    seen = [l.split("x-seen-traceparent: ", 1)[1].strip() for l in out.stdout.splitlines() if "x-seen-traceparent: " in l]
+    check(seen, f"nghttp output: {out.stdout[-2000:]}")
+    _, trace_id, attempt_id, _ = seen[0].split("-")
+    check(trace_id == PARENT_TRACE, f"same trace over h2: {seen}")
+    check("x-seen-tracestate: k=v" in out.stdout, "tracestate forwarded over h2")
+    spans = rx.wait_trace(PARENT_TRACE, 2)
+    server = one(spans, SERVER)
+    check(server["parentSpanId"] == PARENT_SPAN and one(spans, CLIENT)["spanId"] == attempt_id, f"{spans}")
+    check(server["attributes"].get("rpc.jsonrpc.request_id") == "7", f"{server['attributes']}")
+
+
+@test
+def sse_streams_and_pinned_requests_are_spans_like_any_other():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    sse = "5e" * 16
+    r = lb.execute("/stream", {"events": 3, "interval_ms": 150},
+                   headers={"traceparent": f"00-{sse}-{PARENT_SPAN}-01"})
+    check(r.status == 200 and b"data:" in r.body, f"an SSE answer: {r.status} {r.body[:200]!r}")
+    spans = rx.wait_trace(sse, 2)
+    for span in (one(spans, SERVER), one(spans, CLIENT)):
+        took_ms = (int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])) / 1e6
+        check(took_ms >= 300, f"the span ends when the stream ends: {took_ms:.0f} ms for 3 events 150 ms apart")
+    pinned = "9a" * 16
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{pinned}-{PARENT_SPAN}-01",
+                                        "Stepflow-Instance-Id": w.instance_id})
+    check(r.status == 200, f"pinned: {r.status}")
+    spans = rx.wait_trace(pinned, 2)
+    check(one(spans, SERVER)["attributes"]["stepflow.routing.decision"] == "pinned", f"{spans}")
+    check(one(spans, CLIENT)["attributes"]["stepflow.routing.decision"] == "pinned-header", f"{spans}")
+
+
+@test
+def an_unsampled_parent_exports_nothing_but_the_worker_gets_the_trace():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-00"})
+    _, trace_id, attempt_id, flags = seen_traceparent(r)
+    check(trace_id == PARENT_TRACE and flags == "00" and attempt_id != PARENT_SPAN, f"{trace_id} {attempt_id} {flags}")
+    # A sampled request after it is a barrier: once its spans are in, the unsampled ones would be too.
+    other = "aaaabbbbccccddddeeeeffff00001111"
+    lb.execute("/echo", 2, headers={"traceparent": f"00-{other}-{PARENT_SPAN}-01"})
+    rx.wait_trace(other, 2)
+    check(rx.spans(PARENT_TRACE) == [], "nothing exported for the unsampled trace")
+    line = [l for l in lb.logs("request") if l.get("trace_id") == PARENT_TRACE]
+    check(line, "the access log still names the unsampled trace")
+
+
+@test
+def trace_ids_in_logs_without_export_when_a_traceparent_arrived():
+    w = Worker("a")
+    lb = Balancer([w.address])
+    lb.wait_healthy(1)
+    incoming = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"
+    r = lb.execute("/echo", 1, headers={"traceparent": incoming})
+    check(r.headers.get("x-seen-traceparent") == incoming, "without tracing the traceparent passes untouched")
+    lb.execute("/echo", 2)
+    wait_for(lambda: len(lb.logs("request")) >= 2, 5, "two access log lines")
+    lines = lb.logs("request")
+    check(lines[0].get("trace_id") == PARENT_TRACE and lines[0].get("span_id") == PARENT_SPAN, f"{lines[0]}")
+    check("trace_id" not in lines[1], f"no trace, no ids: {lines[1]}")
+
+
+class Refuser(http.server.BaseHTTPRequestHandler):
+    """A worker that is always at capacity (503 / -32300): new work sent there is retried."""
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"status": "healthy", "instanceId": "refuser-1"})
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        req = json.loads(self.rfile.read(n) or b"{}")
+        self._send(503, {"jsonrpc": "2.0", "id": req.get("id"), "error": {"code": -32300, "message": "at capacity"}})
+
+    def log_message(self, *a):
+        pass
+
+
+@test
+def a_retried_request_shows_two_attempts_under_one_server_span():
+    rx = Receiver()
+    w = Worker("a", max_concurrency=1)
+    refuser = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuser)
+    threading.Thread(target=refuser.serve_forever, daemon=True).start()
+    lb = Balancer([w.address, f"127.0.0.1:{refuser.server_address[1]}"],
+                  args=tracing_args(rx, extra=["--capacity-recovery-interval", "50ms", "--threads", "1"]))
+    lb.wait_healthy(2)
+    # Retried: a request the refuser turned away goes to the worker, a second attempt.
+    retried = None
+    for i in range(40):
+        trace = f"{i + 1:032x}"
+        r = lb.execute("/echo", i, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+        check(r.status == 200, f"status {r.status}")
+        spans = rx.wait_trace(trace, 2)
+        if len([s for s in spans if s["kind"] == CLIENT]) == 2:
+            retried = rx.wait_trace(trace, 3)
+            break
+    check(retried, "a request went to the refuser first within 40 tries")
+    server = one(retried, SERVER)
+    attempts = sorted([s for s in retried if s["kind"] == CLIENT], key=lambda s: s["attributes"]["stepflow.attempt"])
+    check([a["parentSpanId"] for a in attempts] == [server["spanId"]] * 2, "both attempts under the server span")
+    check(attempts[0]["attributes"].get("stepflow.failure") == "worker-at-capacity"
+          and attempts[0]["status"]["code"] == 2, f"first attempt failed, kind named: {attempts[0]}")
+    check(attempts[1]["attributes"].get("stepflow.attempt") == 2 and attempts[1]["status"]["code"] == 0
+          and attempts[1]["attributes"].get("stepflow.instance.id") == w.instance_id, f"second: {attempts[1]}")
+    check(server["attributes"]["stepflow.retries"] == 1 and server["attributes"]["stepflow.attempts"] == 2, f"{server}")
+    refuser.shutdown()
+    refuser.server_close()
+    print("EXAMPLE retried trace:", json.dumps(retried))
+
+
+@test
+def a_queued_request_shows_its_wait_as_a_child_span():
+    rx = Receiver()
+    w = Worker("a", max_concurrency=1)
+    lb = Balancer([w.address], args=tracing_args(rx, extra=["--threads", "1"]))
+    lb.wait_healthy(1)
+    # The worker runs one request at a time (its /health says so); a second one waits for the first.
+    held = threading.Thread(target=lambda: lb.execute("/sleep", {"ms": 600},
+                                                       headers={"traceparent": f"00-{'e' * 32}-{PARENT_SPAN}-01"}))
+    held.start()
+    wait_for(lambda: lb.in_flight_total() == 1, 5, "the first request in flight")
+    queued = "f" * 32
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{queued}-{PARENT_SPAN}-01"})
+    held.join()
+    check(r.status == 200, f"queued request answered: {r.status}")
+    spans = rx.wait_trace(queued, 3)
+    server = one(spans, SERVER)
+    wait = one(spans, INTERNAL, name="admission queue")
+    check(wait["parentSpanId"] == server["spanId"] and int(wait["endTimeUnixNano"]) > int(wait["startTimeUnixNano"]),
+          f"queue wait is a child span: {wait}")
+    check(server["attributes"]["stepflow.queue_wait_ms"] > 0, f"{server['attributes']}")
+    print("EXAMPLE queued trace:", json.dumps(spans))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def dropped(lb):
+    return (lb.metric("stepflow_lb_trace_spans_dropped_total") or 0)
+
+
+@test
+def collector_absent_refusing_or_slow_never_fails_a_request_and_flow_resumes():
+    port = free_port()  # nothing listens there yet: the collector is absent
+    w = Worker("a", max_concurrency=64)
+    lb = Balancer([w.address], args=["--trace-enabled", "true", "--otlp-endpoint", f"http://127.0.0.1:{port}",
+                                     "--otel-bsp-schedule-delay", "50", "--otel-bsp-max-queue-size", "16",
+                                     "--otel-bsp-max-export-batch-size", "8", "--otel-exporter-otlp-timeout", "300"])
+    lb.wait_healthy(1)
+    for i in range(100):
+        check(lb.execute("/echo", i).status == 200, "requests succeed while the collector is absent")
+    wait_for(lambda: dropped(lb) > 0 and (lb.metric("stepflow_lb_trace_export_failures_total") or 0) > 0, 15,
+             "spans dropped and failures counted")
+    absent_drops = dropped(lb)
+    print(f"collector absent: {absent_drops:.0f} spans dropped, "
+          f"{lb.metric('stepflow_lb_trace_export_failures_total'):.0f} failed exports, 100/100 requests answered")
+
+    rx = Receiver(grpc_port=port)  # the collector comes up: spans flow again
+    trace = "12" * 16
+    def arrived():
+        lb.execute("/echo", 0, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+        return len(rx.spans(trace)) >= 2
+    wait_for(arrived, 30, "spans flow once the collector is back", interval=0.5)
+    exported = lb.metric("stepflow_lb_trace_spans_exported_total")
+    check(exported and exported > 0, f"exported counted: {exported}")
+
+    rx.mode("refuse")
+    failures = lb.metric("stepflow_lb_trace_export_failures_total")
+    for i in range(40):
+        check(lb.execute("/echo", i).status == 200, "requests succeed while the collector refuses")
+    wait_for(lambda: lb.metric("stepflow_lb_trace_export_failures_total") > failures and rx.stats()["refused"] > 0, 15,
+             "refused exports counted")
+    rx.mode("slow", delay_ms=2000)  # slower than --otel-exporter-otlp-timeout
+    before = lb.metric("stepflow_lb_trace_export_failures_total")
+    for i in range(40):
+        check(lb.execute("/echo", i, timeout=5).status == 200, "requests succeed while the collector is slow")
+    wait_for(lambda: lb.metric("stepflow_lb_trace_export_failures_total") > before, 15, "timed-out exports counted")
+    rx.mode("ok")
+    trace = "34" * 16
+    wait_for(arrived, 30, "spans flow again after refusing and slow", interval=0.5)
+    print(f"after refusing and slow: {dropped(lb):.0f} spans dropped in all, "
+          f"{lb.metric('stepflow_lb_trace_export_failures_total'):.0f} failed exports")
+
+
+@test
+def an_https_collector_is_reached_over_verified_tls():
+    d = tempfile.mkdtemp(prefix="otlp-tls-")
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=30)
+    rx = Receiver(env={"OTLP_TLS_CERT": cert, "OTLP_TLS_KEY": key})
+    w = Worker("a")
+    common = ["--trace-enabled", "true", "--otlp-endpoint", f"https://localhost:{rx.grpc}",
+              "--otel-bsp-schedule-delay", "50", "--otel-exporter-otlp-timeout", "1000"]
+    # Verified against the given CA (the self-signed certificate itself): spans arrive.
+    lb = Balancer([w.address], args=common + ["--otel-exporter-otlp-certificate", cert])
+    lb.wait_healthy(1)
+    trace = "7e" * 16
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    rx.wait_trace(trace, 2)
+    lb.stop()
+    # Against the system CA bundle the self-signed certificate is refused: nothing arrives, the
+    # failures are counted, requests are unaffected.
+    lb = Balancer([w.address], args=common)
+    lb.wait_healthy(1)
+    untrusted = "8e" * 16
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{untrusted}-{PARENT_SPAN}-01"})
+    check(r.status == 200, f"status {r.status}")
+    wait_for(lambda: (lb.metric("stepflow_lb_trace_export_failures_total") or 0) > 0, 15, "TLS failure counted")
+    check(rx.spans(untrusted) == [], "no span crossed an unverified connection")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@test
+def sigterm_flushes_the_queued_spans():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=["--trace-enabled", "true", "--otlp-endpoint", f"http://127.0.0.1:{rx.grpc}",
+                                     "--otel-bsp-schedule-delay", "600000"])  # nothing leaves on its own
+    lb.wait_healthy(1)
+    trace = "56" * 16
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    check(rx.spans(trace) == [], "not exported before the batch delay")
+    lb.signal(signal.SIGTERM)
+    check(lb.wait_exit(15) == 0, "clean exit")
+    check(len(rx.spans(trace)) == 2, f"flushed at exit: {rx.spans(trace)}")
+
+
+@test
+def bad_tracing_values_are_startup_errors_naming_them():
+    cases = [({"STEPFLOW_TRACE_ENABLED": "maybe"}, "STEPFLOW_TRACE_ENABLED"),
+             ({"STEPFLOW_OTLP_ENDPOINT": "otel-collector:4317"}, "STEPFLOW_OTLP_ENDPOINT"),
+             ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+             ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+             ({"OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
+             ({"OTEL_SDK_DISABLED": "yes please"}, "OTEL_SDK_DISABLED"),
+             ({"OTEL_EXPORTER_OTLP_HEADERS": "novalue"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+             ({"OTEL_RESOURCE_ATTRIBUTES": "=x"}, "OTEL_RESOURCE_ATTRIBUTES"),
+             ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
+             ({"OTEL_BSP_SCHEDULE_DELAY": "5s"}, "OTEL_BSP_SCHEDULE_DELAY"),
+             ({"STEPFLOW_METRICS_ENABLED": "sure"}, "STEPFLOW_METRICS_ENABLED")]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STEPFLOW_"))}
+    for env, name in cases:
+        p = subprocess.run([lb_binary(), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                            "--backends", "127.0.0.1:1"], env={**base, **env}, capture_output=True, text=True,
+                           timeout=10)
+        check(p.returncode == 2 and name in p.stderr, f"{env}: exit {p.returncode}, stderr {p.stderr!r}")
+
+
+@test
+def the_otel_variables_configure_export():
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{rx.http}/v1/traces",
+                                    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "edge-lb",
+                                    "OTEL_BSP_SCHEDULE_DELAY": "50", "STEPFLOW_METRICS_ENABLED": "true",
+                                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    lb.wait_healthy(1)
+    # Ratio 0: new traces are not sampled; a sampled parent still is (parent-based).
+    r = lb.execute("/echo", 1)
+    check(seen_traceparent(r)[3] == "00", "a root trace at ratio 0 is unsampled")
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"})
+    spans = rx.wait_trace(PARENT_TRACE, 2)
+    check(spans[0]["resource"]["service.name"] == "edge-lb" and spans[0]["protocol"] == "http", f"{spans[0]}")
+    check(len(rx.spans()) == 2, "only the sampled trace was exported")
+
+
+run_tests()

@@ -1,0 +1,158 @@
+// An OTLP trace receiver for tests/integration/test_tracing.py: OTLP/gRPC (with @grpc/grpc-js)
+// and OTLP/HTTP protobuf (POST /v1/traces), both decoded with the protobuf definitions the
+// OpenTelemetry JS SDK ships (@opentelemetry/otlp-transformer), so the balancer's encoding is
+// checked by someone else's decoder.
+//
+//   node receiver.mjs [GRPC_PORT HTTP_PORT [count-only]]
+//                                prints {"grpc": PORT, "http": PORT} once listening
+//   GET  /spans                  every span received, decoded (ids as lowercase hex)
+//   GET  /stats                  {"grpcCalls", "httpCalls", "refused"}
+//   POST /mode {"mode": "ok"|"refuse"|"slow", "delayMs": N}
+//       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs
+import { createRequire } from "node:module";
+import { readFileSync } from "node:fs";
+import http from "node:http";
+
+const require = createRequire(import.meta.url);
+const grpc = require("@grpc/grpc-js");
+const root = require("@opentelemetry/otlp-transformer/build/src/generated/root");
+const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
+
+const spans = [];
+const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0 };
+const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
+let mode = { mode: "ok", delayMs: 0 };
+
+const hex = (b) => (b && b.length ? Buffer.from(b).toString("hex") : "");
+
+function value(v) {
+  if (!v) return null;
+  switch (v.value) {
+    case "stringValue": return v.stringValue;
+    case "boolValue": return v.boolValue;
+    case "intValue": return Number(v.intValue.toString());
+    case "doubleValue": return v.doubleValue;
+    case "bytesValue": return hex(v.bytesValue);
+    default: return null;
+  }
+}
+
+function attributes(list) {
+  const out = {};
+  for (const kv of list || []) out[kv.key] = value(kv.value);
+  return out;
+}
+
+function collect(request, protocol) {
+  for (const rs of request.resourceSpans) {
+    if (countOnly) {
+      for (const ss of rs.scopeSpans) stats.spans += ss.spans.length;
+      continue;
+    }
+    const resource = attributes(rs.resource && rs.resource.attributes);
+    for (const ss of rs.scopeSpans) {
+      for (const s of ss.spans) {
+        spans.push({
+          protocol,
+          resource,
+          scope: ss.scope ? ss.scope.name : "",
+          traceId: hex(s.traceId),
+          spanId: hex(s.spanId),
+          parentSpanId: hex(s.parentSpanId),
+          name: s.name,
+          kind: s.kind,
+          flags: s.flags,
+          startTimeUnixNano: s.startTimeUnixNano.toString(),
+          endTimeUnixNano: s.endTimeUnixNano.toString(),
+          attributes: attributes(s.attributes),
+          events: (s.events || []).map((e) => ({ name: e.name, attributes: attributes(e.attributes) })),
+          status: s.status ? { code: s.status.code, message: s.status.message } : { code: 0, message: "" },
+        });
+      }
+    }
+  }
+}
+
+const later = (fn) => (mode.mode === "slow" ? setTimeout(fn, mode.delayMs) : fn());
+
+const server = new grpc.Server();
+server.addService(
+  {
+    Export: {
+      path: "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+      requestStream: false,
+      responseStream: false,
+      requestSerialize: (m) => Buffer.from(ExportTraceServiceRequest.encode(m).finish()),
+      requestDeserialize: (b) => ExportTraceServiceRequest.decode(b),
+      responseSerialize: (m) => Buffer.from(ExportTraceServiceResponse.encode(m).finish()),
+      responseDeserialize: (b) => ExportTraceServiceResponse.decode(b),
+    },
+  },
+  {
+    Export(call, callback) {
+      stats.grpcCalls++;
+      if (mode.mode === "refuse") {
+        stats.refused++;
+        return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
+      }
+      later(() => {
+        collect(call.request, "grpc");
+        callback(null, ExportTraceServiceResponse.create({}));
+      });
+    },
+  },
+);
+
+const web = http.createServer((req, res) => {
+  const chunks = [];
+  req.on("data", (c) => chunks.push(c));
+  req.on("end", () => {
+    const body = Buffer.concat(chunks);
+    const json = (status, obj) => {
+      const text = Buffer.from(JSON.stringify(obj));
+      res.writeHead(status, { "content-type": "application/json", "content-length": text.length });
+      res.end(text);
+    };
+    if (req.method === "GET" && req.url === "/spans") return json(200, spans);
+    if (req.method === "GET" && req.url === "/stats") return json(200, stats);
+    if (req.method === "POST" && req.url === "/mode") {
+      mode = { mode: "ok", delayMs: 0, ...JSON.parse(body.toString() || "{}") };
+      return json(200, mode);
+    }
+    if (req.method === "POST" && req.url === "/v1/traces") {
+      stats.httpCalls++;
+      if (req.headers["content-type"] !== "application/x-protobuf") return json(415, { error: "content-type" });
+      if (mode.mode === "refuse") {
+        stats.refused++;
+        return json(503, { error: "refusing on purpose" });
+      }
+      let decoded;
+      try {
+        decoded = ExportTraceServiceRequest.decode(body);
+      } catch (e) {
+        return json(400, { error: String(e) });
+      }
+      return later(() => {
+        collect(decoded, "http");
+        res.writeHead(200, { "content-type": "application/x-protobuf" });
+        res.end(Buffer.from(ExportTraceServiceResponse.encode(ExportTraceServiceResponse.create({})).finish()));
+      });
+    }
+    json(404, { error: "not found" });
+  });
+});
+
+// OTLP_TLS_CERT / OTLP_TLS_KEY (PEM files): the gRPC port speaks TLS (the control port stays plain).
+const credentials = process.env.OTLP_TLS_CERT
+  ? grpc.ServerCredentials.createSsl(null, [
+      { cert_chain: readFileSync(process.env.OTLP_TLS_CERT), private_key: readFileSync(process.env.OTLP_TLS_KEY) },
+    ])
+  : grpc.ServerCredentials.createInsecure();
+const grpcPort = await new Promise((resolve, reject) =>
+  server.bindAsync(`127.0.0.1:${process.argv[2] || 0}`, credentials, (err, port) =>
+    err ? reject(err) : resolve(port),
+  ),
+);
+await new Promise((resolve) => web.listen(Number(process.argv[3] || 0), "127.0.0.1", resolve));
+console.log(JSON.stringify({ grpc: grpcPort, http: web.address().port }));
+process.on("SIGTERM", () => process.exit(0));
