@@ -1,4 +1,4 @@
-// KEDA's external scaler (gRPC service externalscaler.ExternalScaler, proto/externalscaler.proto)
+// KEDA's external scaler (gRPC service externalscaler.ExternalScaler, proxy/externalscaler.proto)
 // on its own port (--scaler-listen): h2c served with nghttp2, messages encoded with protobuf, no
 // gRPC library. IsActive and StreamIsActive say whether any request waits or runs at any replica;
 // StreamIsActive pushes `true` the moment a request is held on an empty fleet, which wakes a

@@ -14,8 +14,7 @@ test=(catch2 python3 python3-yaml curl nghttp2-client openssl prometheus procps 
 image=(podman runc mmdebstrap uidmap)
 bench=(haproxy nginx wrk nghttp2-client valgrind libbenchmark-dev linux-perf)
 fuzz=(clang-16 libfuzzer-16-dev libclang-rt-16-dev)
-# KEDA external scaler (issue 24): protobuf messages; its test runs a real gRPC client.
-build+=(libprotobuf-dev protobuf-compiler)
+# The KEDA external scaler's test runs a real gRPC client (Debian's /usr/bin/python3 modules).
 test+=(python3-grpcio python3-grpc-tools python3-protobuf)
 
 case "$profile" in

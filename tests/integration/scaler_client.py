@@ -1,6 +1,6 @@
 """A real gRPC client of the balancer's KEDA external scaler (run with Debian's /usr/bin/python3,
 which has python3-grpcio and python3-grpc-tools). Stubs are generated from the project's
-proto/externalscaler.proto into a temporary directory at each run.
+proxy/externalscaler.proto into a temporary directory at each run.
 
   scaler_client.py ADDR stream            StreamIsActive: one line per message, "active true|false"
   scaler_client.py ADDR isactive          IsActive: prints {"result": bool}
@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROTO_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "proto")
+PROTO_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "proxy")
 
 
 def stubs():

@@ -4,7 +4,7 @@ once; GetMetrics sums the demand over replicas.
 
 Real parts throughout: the balancer binary, example workers, the Kubernetes API stand-in
 (tests/k8s/fake_apiserver.py) and a real gRPC client (Debian's python3-grpcio, run with
-/usr/bin/python3; stubs generated from proto/externalscaler.proto at each run). Every wait polls a
+/usr/bin/python3; stubs generated from proxy/externalscaler.proto at each run). Every wait polls a
 condition to a deadline.
 """
 
