@@ -817,7 +817,7 @@ def upstream_tls_verifies_workers():
         address = f"127.0.0.1:{front.port}"
         for args in (["--upstream-ca", wrong_ca.ca_cert], ["--upstream-ca", ca.ca_cert, "--upstream-sni", "elsewhere.test"]):
             failed_before = front.tls_failed
-            lb = Balancer([address], args=["--upstream-tls", "on", *args], wait_ready=False)
+            lb = Balancer([address], args=["--upstream-tls", "on", "--cold-start-timeout", "0", *args], wait_ready=False)
             wait_for(lambda: (lb.backend(address) or {}).get("lastError"), 10, "the probe's failure is reported")
             check(lb.backend(address)["state"] == "unreachable", lb.backend(address))
             check("TLS" in lb.backend(address)["lastError"], lb.backend(address)["lastError"])

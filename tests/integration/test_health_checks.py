@@ -150,7 +150,7 @@ def unusable_instance_ids_are_refused_and_never_routed():
 @test
 def an_instance_whose_id_turns_unusable_leaves_the_fleet():
     w = Worker("turn", extra=["--instance-id", "ok-id"])
-    lb = Balancer([w.address])
+    lb = Balancer([w.address], args=["--cold-start-timeout", "0"])  # the 503 at once, not a held request
     lb.wait_healthy(1)
     w.stop()
     w2 = Worker("turn2", port=w.port, extra=["--omit-instance-id"])
