@@ -13,7 +13,6 @@
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/http1.h"
-#include "proxy/timers.h"
 #include "proxy/metrics.h"
 #include "proxy/request_trace.h"
 #include "proxy/timers.h"
