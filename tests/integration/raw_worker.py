@@ -20,6 +20,46 @@ def ok(body=b'{"jsonrpc":"2.0","id":1,"result":{}}', extra=b""):
             + b"\r\n" + extra + b"\r\n" + body)
 
 
+def read_request(conn, buf):
+    """One HTTP/1.1 request from `conn`, `buf` holding bytes already read -> (head lines, [(name,
+    value)], body, bytes after it), or None when the peer closed first. Content-Length and chunked
+    bodies; the test workers' one reader."""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+    length = next((int(v) for n, v in fields if n.lower() == "content-length"), 0)
+    body = b""
+    if any(n.lower() == "transfer-encoding" for n, _ in fields):
+        while True:
+            while b"\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            size_line, _, buf = buf.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(buf) < size + 2:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            body += buf[:size]
+            buf = buf[size + 2:]
+            if size == 0:
+                return lines, fields, body, buf
+    while len(buf) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    return lines, fields, buf[:length], buf[length:]
+
+
 class RawWorker:
     def __init__(self, respond=None, instance_id="raw-1"):
         self.respond = respond or (lambda head, body: ok())
@@ -54,47 +94,14 @@ class RawWorker:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _read_head(conn, buf):
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None, buf
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        return head, rest
-
     def _serve(self, conn):
         buf = b""
         try:
             while True:
-                head, buf = self._read_head(conn, buf)
-                if head is None:
+                request = read_request(conn, buf)
+                if request is None:
                     return
-                lines = head.decode("latin-1").split("\r\n")
-                fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
-                length = next((int(v) for n, v in fields if n.lower() == "content-length"), 0)
-                chunked = any(n.lower() == "transfer-encoding" for n, _ in fields)
-                body = b""
-                if chunked:
-                    while True:
-                        while b"\r\n" not in buf:
-                            buf += conn.recv(65536)
-                        size_line, _, buf = buf.partition(b"\r\n")
-                        size = int(size_line.split(b";")[0], 16)
-                        while len(buf) < size + 2:
-                            buf += conn.recv(65536)
-                        body += buf[:size]
-                        buf = buf[size + 2:]
-                        if size == 0:
-                            break
-                else:
-                    while len(buf) < length:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    body, buf = buf[:length], buf[length:]
+                lines, fields, body, buf = request
                 if lines[0].split(" ")[1:2] == ["/health"]:
                     answer = json.dumps({"status": "healthy", "instanceId": self.instance_id}).encode()
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "

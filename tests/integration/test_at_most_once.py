@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h2raw
 from h2raw import H2Client
 from harness import Balancer, Worker, check, client, run_tests, test, wait_for
+from raw_worker import read_request
 
 
 class RawWorker:
@@ -67,23 +68,11 @@ class RawWorker:
                             return
                         if peek.startswith(b"POST"):
                             return abort(conn)
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                    continue
-                head, _, rest = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    k, _, v = line.partition(b":")
-                    if k.strip().lower() == b"content-length":
-                        length = int(v.strip())
-                while len(rest) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    rest += data
-                body, buf = rest[:length], rest[length:]
+                request = read_request(conn, buf)
+                if request is None:
+                    return
+                lines, _, body, buf = request
+                head = lines[0].encode("latin-1")
                 if head.startswith(b"GET /health"):
                     send_json(conn, 200, {"status": "healthy", "instanceId": self.instance_id})
                     continue
