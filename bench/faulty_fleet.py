@@ -34,7 +34,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "integration"))
 import benchlib as B  # noqa: E402
+from raw_worker import read_request  # noqa: E402  (tests/integration: the test workers' reader)
 
 
 class Worker:
@@ -104,29 +106,17 @@ class Worker:
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    if self.idle_close_s:
-                        conn.settimeout(self.idle_close_s)
-                    try:
-                        data = conn.recv(65536)
-                    except socket.timeout:
-                        return  # idle keep-alive timeout: close
-                    if not data:
-                        return
-                    buf += data
+                # The idle keep-alive timeout applies while waiting for the next request.
+                conn.settimeout(self.idle_close_s or None)
+                try:
+                    request = read_request(conn, buf)
+                except socket.timeout:
+                    return  # idle keep-alive timeout: close
+                if request is None:
+                    return
                 conn.settimeout(None)
-                head, _, rest = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    k, _, v = line.partition(b":")
-                    if k.strip().lower() == b"content-length":
-                        length = int(v.strip())
-                while len(rest) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    rest += data
-                body, buf = rest[:length], rest[length:]
+                lines, _, body, buf = request
+                head = lines[0].encode("latin-1")
                 if head.startswith(b"GET /health"):
                     out = json.dumps({"status": "healthy", "instanceId": self.name}).encode()
                 else:
