@@ -5,21 +5,12 @@
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/net.h"
+#include "tests/unit/instances.h"
 #include "proxy/router.h"
 
 using namespace stepflow;
 
-namespace {
-
-InstancePtr instance(const std::string& id, uint16_t port) {
-    HostPort hp{"127.0.0.1", port};
-    sockaddr_storage ss;
-    socklen_t len;
-    numeric_sockaddr(hp, ss, len);
-    return std::make_shared<Instance>(id, format_host_port(hp.host, hp.port), ss, len, "");
-}
-
-}  // namespace
+using stepflow::testing::instance;
 
 TEST_CASE("endpoint-load-metrics capacity, '=' or ':'", "[admission]") {
     CHECK(load_report_capacity("TEXT named_metrics.capacity=4, named_metrics.inflight=3") == 4);

@@ -3,21 +3,12 @@
 #include "discovery/fleet.h"
 #include "proxy/demand.h"
 #include "proxy/net.h"
+#include "tests/unit/instances.h"
 #include "proxy/peers.h"
 
 using namespace stepflow;
 
-namespace {
-
-InstancePtr instance(const std::string& id, uint16_t port) {
-    HostPort hp{"127.0.0.1", port};
-    sockaddr_storage ss;
-    socklen_t len;
-    numeric_sockaddr(hp, ss, len);
-    return std::make_shared<Instance>(id, format_host_port(hp.host, hp.port), ss, len, "");
-}
-
-}  // namespace
+using stepflow::testing::instance;
 
 TEST_CASE("demand: new work on every instance; capacity only where a limit is known", "[demand]") {
     auto limited = instance("limited", 10101), unlimited = instance("unlimited", 10102),

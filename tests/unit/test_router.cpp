@@ -5,6 +5,7 @@
 #include "discovery/fleet.h"
 #include "proxy/net.h"
 #include "proxy/router.h"
+#include "tests/unit/instances.h"
 
 using namespace stepflow;
 
@@ -13,12 +14,7 @@ namespace {
 FleetPtr fleet_of(size_t n) {
     std::vector<InstancePtr> instances;
     for (size_t i = 0; i < n; ++i) {
-        HostPort hp{"127.0.0.1", static_cast<uint16_t>(10000 + i)};
-        sockaddr_storage ss;
-        socklen_t len;
-        numeric_sockaddr(hp, ss, len);
-        instances.push_back(std::make_shared<Instance>("inst-" + std::to_string(i), format_host_port(hp.host, hp.port), ss,
-                                                       len, ""));
+        instances.push_back(testing::instance("inst-" + std::to_string(i), static_cast<uint16_t>(10000 + i)));
     }
     return make_fleet(1, std::move(instances));
 }
