@@ -4,7 +4,7 @@
 
 #include <event2/event.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 #include "proxy/metrics.h"
 
 namespace stepflow {

@@ -3,10 +3,10 @@
 #include <chrono>
 #include <set>
 
+#include "core/log.h"
+#include "core/net.h"
 #include "proxy/demand.h"
-#include "proxy/log.h"
 #include "proxy/metrics.h"
-#include "proxy/net.h"
 
 namespace stepflow {
 namespace {

@@ -8,11 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "core/config.h"
 #include "discovery/endpoint.h"
 #include "discovery/fleet.h"
 #include "discovery/health_probe.h"
 #include "discovery/publish_pacer.h"
-#include "proxy/config.h"
 
 struct event_base;
 

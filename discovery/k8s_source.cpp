@@ -7,10 +7,10 @@
 #include <event2/event.h>
 #include <openssl/ssl.h>
 
-#include "proxy/config.h"
-#include "proxy/log.h"
+#include "core/config.h"
+#include "core/log.h"
+#include "core/net.h"
 #include "proxy/metrics.h"
-#include "proxy/net.h"
 
 namespace stepflow {
 namespace {

@@ -3,7 +3,7 @@
 #include <event2/buffer.h>
 #include <simdjson.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 
 namespace stepflow {
 

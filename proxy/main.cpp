@@ -10,20 +10,20 @@
 #include <event2/thread.h>
 #include <unistd.h>
 
+#include "core/config.h"
+#include "core/log.h"
+#include "core/net.h"
+#include "core/tls.h"
 #include "discovery/fleet_manager.h"
 #include "discovery/sources.h"
 #include "proxy/admin.h"
 #include "proxy/admission.h"
-#include "proxy/config.h"
 #include "proxy/demand.h"
-#include "proxy/log.h"
 #include "proxy/metrics.h"
-#include "proxy/net.h"
 #include "proxy/otlp_exporter.h"
 #include "proxy/peers.h"
 #include "proxy/scaler_service.h"
 #include "proxy/sessions.h"
-#include "proxy/tls.h"
 #include "proxy/worker.h"
 
 using namespace stepflow;

@@ -6,8 +6,8 @@
 
 #include <prometheus/text_serializer.h>
 
+#include "core/log.h"
 #include "discovery/fleet.h"
-#include "proxy/log.h"
 #include "proxy/span.h"
 
 namespace stepflow {

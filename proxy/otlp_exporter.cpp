@@ -21,7 +21,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 #include "proxy/metrics.h"
 #include "otlp.pb.h"
 #include <google/protobuf/arena.h>

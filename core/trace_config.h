@@ -4,8 +4,8 @@
 
 #include <string>
 
+#include "core/trace_context.h"
 #include "proxy/otlp_exporter.h"
-#include "proxy/trace_context.h"
 
 namespace CLI {
 class App;

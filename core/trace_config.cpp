@@ -1,4 +1,4 @@
-#include "proxy/trace_config.h"
+#include "core/trace_config.h"
 
 #include <cstdlib>
 

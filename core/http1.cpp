@@ -1,4 +1,4 @@
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 #include <algorithm>
 #include <array>
