@@ -4,6 +4,8 @@
 
 #include <CLI/CLI.hpp>
 
+#include "core/text.h"
+
 namespace stepflow {
 namespace {
 
@@ -30,12 +32,6 @@ int hex(char c) {
     return -1;
 }
 
-std::string trim(std::string s) {
-    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.erase(s.begin());
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.pop_back();
-    return s;
-}
-
 // `key=value,key=value` with percent-encoded values (W3C Baggage octets, as the specification
 // has OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES).
 bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::string>>& out) {
@@ -43,12 +39,13 @@ bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::s
     while (start < s.size()) {
         size_t comma = s.find(',', start);
         if (comma == std::string::npos) comma = s.size();
-        std::string item = trim(s.substr(start, comma - start));
+        std::string_view item = trim(std::string_view(s).substr(start, comma - start));
         start = comma + 1;
         if (item.empty()) continue;
         size_t eq = item.find('=');
         if (eq == std::string::npos || eq == 0) return false;
-        std::string key = trim(item.substr(0, eq)), raw = trim(item.substr(eq + 1)), value;
+        std::string key(trim(item.substr(0, eq))), value;
+        std::string_view raw = trim(item.substr(eq + 1));
         if (key.empty()) return false;
         for (size_t i = 0; i < raw.size(); ++i) {
             if (raw[i] == '%' && i + 2 < raw.size() && hex(raw[i + 1]) >= 0 && hex(raw[i + 2]) >= 0) {
