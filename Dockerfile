@@ -32,6 +32,7 @@ RUN bash scripts/install-deps.sh build \
 # Only what the build reads, so that a change to docs/ or tests/ reuses the
 # compiled layer below.
 COPY meson.build meson_options.txt ./
+COPY core/ core/
 COPY proxy/ proxy/
 COPY discovery/ discovery/
 COPY scripts/build.sh scripts/image-rootfs.sh scripts/

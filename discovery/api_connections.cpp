@@ -6,7 +6,7 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
-#include "proxy/config.h"
+#include "core/config.h"
 
 namespace stepflow {
 

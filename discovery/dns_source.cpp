@@ -4,8 +4,8 @@
 
 #include <event2/event.h>
 
-#include "proxy/log.h"
-#include "proxy/metrics.h"
+#include "core/log.h"
+#include "discovery/discovery_metrics.h"
 
 namespace stepflow {
 
@@ -71,11 +71,11 @@ void DnsSource::take_answer() {
     auto name = format_host_port(target_.host, target_.port);
     if (!a->ok) {
         // Keep the last answer: a resolver hiccup must not empty the fleet.
-        Metrics::get().discovery_op("resolve", "error").Increment();
+        DiscoveryMetrics::get().operation("resolve", "error").Increment();
         log::warn("DNS resolution failed: keeping the last backends", {{"name", name}, {"reason", a->error}});
         return;
     }
-    Metrics::get().discovery_op("resolve", "success").Increment();
+    DiscoveryMetrics::get().operation("resolve", "success").Increment();
     auto endpoints = dns_endpoints(a->addrs);
     if (published_ && *published_ == endpoints) return;
     log::info("DNS backends changed", {{"name", name}, {"addresses", uint64_t(endpoints.size())}});

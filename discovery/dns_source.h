@@ -14,8 +14,8 @@
 
 #include <sys/socket.h>
 
+#include "core/net.h"
 #include "discovery/endpoint.h"
-#include "proxy/net.h"
 
 struct event_base;
 struct event;

@@ -3,10 +3,10 @@
 #include <chrono>
 #include <set>
 
-#include "proxy/demand.h"
-#include "proxy/log.h"
-#include "proxy/metrics.h"
-#include "proxy/net.h"
+#include "core/log.h"
+#include "core/metrics_registry.h"
+#include "core/net.h"
+#include "discovery/discovery_metrics.h"
 
 namespace stepflow {
 namespace {
@@ -31,7 +31,7 @@ Membership FleetManager::membership_of(const Endpoint& e) {
 }
 
 void FleetManager::update(std::vector<Endpoint> endpoints) {
-    Metrics::get().discovery_op("update", "success").Increment();
+    DiscoveryMetrics::get().operation("update", "success").Increment();
     synced_ = true;
     bool changed = false;
     std::set<std::string> seen;
@@ -54,7 +54,7 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
                 // Read live by routing: no new snapshot needed.
                 log::info("backend state changed", {{"backend", e.address}, {"pod", e.pod}, {"state", to_string(after)}});
                 if (b.instance) b.instance->membership.store(after);
-                if (b.instance && after == Membership::Active) offer_queued_work();
+                if (b.instance && after == Membership::Active) notify_routable();
             }
             continue;
         }
@@ -83,7 +83,7 @@ void FleetManager::update(std::vector<Endpoint> endpoints) {
             changed = true;
         }
         // Its request series go now, not when the last request or snapshot naming it ends.
-        Metrics::get().retire_backend(b.endpoint.address);
+        MetricsRegistry::get().retire_backend(b.endpoint.address);
         it = backends_.erase(it);
     }
     if (changed) publish();
@@ -120,7 +120,7 @@ void FleetManager::adopt_instance(Backend& b, const std::string& id, int reporte
         log::info("instance discovered", {{"instance", id}, {"backend", b.endpoint.address}, {"pod", b.endpoint.pod}});
     }
     auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
-    inst->series = Metrics::get().backend_series(b.endpoint.address);
+    inst->series = MetricsRegistry::get().backend_series(b.endpoint.address);
     inst->membership.store(membership_of(b.endpoint));
     if (config_.max_in_flight_per_instance > 0) {
         inst->base_limit.store(config_.max_in_flight_per_instance);
@@ -134,10 +134,10 @@ void FleetManager::adopt_instance(Backend& b, const std::string& id, int reporte
 }
 
 void FleetManager::on_health(Backend& b, const HealthResult& r) {
-    auto& metrics = Metrics::get();
+    auto& metrics = DiscoveryMetrics::get();
     if (r.local) {
         // Our own shortage (descriptors, memory): the worker was not even asked.
-        metrics.health_checks_total.Add({{"result", "skipped"}}).Increment();
+        metrics.health_check("skipped").Increment();
         log::warn("health check not run: no resources on our side", {{"backend", b.endpoint.address}, {"reason", r.error}});
         return;
     }
@@ -145,7 +145,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     if (config_.health_check == HealthCheck::Stepflow && r.healthy && !stepflow_instance_id(r, id, id_error)) {
         // A configuration error on the worker, not an outage: it stays out of routing until its
         // /health names a usable id, and /debug/backends says why.
-        metrics.health_checks_total.Add({{"result", "failure"}}).Increment();
+        metrics.health_check("failure").Increment();
         if (b.last_error != id_error)
             log::error("worker's instanceId refused: instance not routable",
                        {{"backend", b.endpoint.address}, {"pod", b.endpoint.pod}, {"reason", id_error}});
@@ -160,7 +160,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
         }
         return;
     }
-    metrics.health_checks_total.Add({{"result", r.healthy ? "success" : "failure"}}).Increment();
+    metrics.health_check(r.healthy ? "success" : "failure").Increment();
     if (!r.healthy) {
         b.last_error = r.error;
         if (r.config_error && !b.config_error_logged) {
@@ -185,7 +185,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
         b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health, now_ms());
         if (b.instance->record_check_success(config_.health_rise)) {
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
-            offer_queued_work();
+            notify_routable();
         }
         return;
     }
@@ -199,7 +199,7 @@ void FleetManager::publish_now() {
         if (b->instance) instances.push_back(b->instance);
     publisher_.publish(make_fleet(++version_, std::move(instances)));
     log::debug("fleet published", {{"version", version_}, {"instances", uint64_t(backends_.size())}});
-    offer_queued_work();  // work held while no instance was routable leaves now
+    notify_routable();  // work held while no instance was routable leaves now
 }
 
 std::vector<FleetManager::BackendView> FleetManager::backends() const {

@@ -3,16 +3,17 @@
 // whenever an instance appears, restarts or leaves. Lives on the control thread.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "core/config.h"
 #include "discovery/endpoint.h"
 #include "discovery/fleet.h"
 #include "discovery/health_probe.h"
 #include "discovery/publish_pacer.h"
-#include "proxy/config.h"
 
 struct event_base;
 
@@ -42,6 +43,10 @@ public:
     // Discovery has reported its endpoint set at least once (possibly empty).
     bool synced() const { return synced_; }
     FleetPtr fleet() const { return publisher_.current(); }
+    // Called (control thread) whenever an instance may have started taking new work: a snapshot
+    // published, an endpoint ready again, a recovered health check. The data path installs one so
+    // that work held in its admission queue leaves at once (proxy/demand.h: offer_queued_work).
+    void on_routable(std::function<void()> hook) { on_routable_ = std::move(hook); }
 
 private:
     struct Backend {
@@ -65,6 +70,9 @@ private:
     // each Instance and is read live, so only a change of the set is published.
     void publish() { pacer_.request(); }
     void publish_now();
+    void notify_routable() {
+        if (on_routable_) on_routable_();
+    }
 
     event_base* base_;
     const Config& config_;
@@ -73,6 +81,7 @@ private:
     std::map<std::string, std::unique_ptr<Backend>> backends_;  // by address
     uint64_t version_ = 0;
     bool synced_ = false;
+    std::function<void()> on_routable_;
     // 5,000 workers passing their first health check publish once per burst, not 5,000 times.
     PublishPacer pacer_{base_, [this] { publish_now(); }};
 };

@@ -10,9 +10,9 @@
 #include <openssl/ssl.h>
 #include <simdjson.h>
 
-#include "proxy/config.h"
-#include "proxy/net.h"
-#include "proxy/tls.h"
+#include "core/config.h"
+#include "core/net.h"
+#include "core/tls.h"
 
 namespace stepflow {
 namespace {

@@ -9,8 +9,8 @@
 
 #include <sys/socket.h>
 
-#include "proxy/config.h"
-#include "proxy/http1.h"
+#include "core/config.h"
+#include "core/http1.h"
 
 struct event_base;
 struct event;

@@ -14,7 +14,7 @@
 
 namespace stepflow {
 
-class BackendSeries;  // proxy/metrics.h
+class BackendSeries;  // core/metrics_registry.h
 
 // What discovery says of the endpoint. Health is kept apart (Instance::healthy) because the two
 // change for different reasons and from different places.

@@ -12,8 +12,8 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "proxy/config.h"
-#include "proxy/net.h"
+#include "core/config.h"
+#include "core/net.h"
 
 namespace stepflow {
 namespace {

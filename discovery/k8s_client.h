@@ -13,9 +13,9 @@
 
 #include <sys/socket.h>
 
+#include "core/http1.h"
 #include "discovery/api_connections.h"
 #include "discovery/k8s_line_splitter.h"
-#include "proxy/http1.h"
 
 struct event_base;
 struct event;

@@ -3,7 +3,7 @@
 #include <chrono>
 #include <mutex>
 
-#include "proxy/metrics.h"
+#include "core/metrics_registry.h"
 
 namespace stepflow {
 namespace {
@@ -20,7 +20,7 @@ struct Families {
 
 Families& families() {
     static Families* f = [] {
-        auto& r = Metrics::get().registry();
+        auto& r = MetricsRegistry::get().registry();
         using prometheus::BuildCounter;
         using prometheus::BuildGauge;
         return new Families{

@@ -13,7 +13,7 @@ namespace stepflow {
 
 class K8sMetrics : public ReflectorHooks {
 public:
-    K8sMetrics();  // registers the families once per process, with Metrics::get().registry()
+    K8sMetrics();  // registers the families once per process, with MetricsRegistry::get().registry()
     void relist() override;
     void watch_restart() override;
     void event(K8sWatchEvent::Type type) override;

@@ -2,7 +2,7 @@
 
 #include <set>
 
-#include "proxy/net.h"
+#include "core/net.h"
 
 namespace stepflow {
 namespace {

@@ -7,10 +7,10 @@
 #include <event2/event.h>
 #include <openssl/ssl.h>
 
-#include "proxy/config.h"
-#include "proxy/log.h"
-#include "proxy/metrics.h"
-#include "proxy/net.h"
+#include "core/config.h"
+#include "core/log.h"
+#include "core/net.h"
+#include "discovery/discovery_metrics.h"
 
 namespace stepflow {
 namespace {
@@ -163,7 +163,7 @@ void K8sSource::send() {
     ApiCall::Callbacks cb;
     cb.on_open = [this, id] {
         if (id != reflector_.current_id()) return;
-        Metrics::get().discovery_op("watch", "success").Increment();
+        DiscoveryMetrics::get().operation("watch", "success").Increment();
         reflector_.watch_opened(id);
     };
     cb.on_line = [this, id](std::string_view line) { on_watch_line(id, line); };
@@ -187,7 +187,7 @@ void K8sSource::note_api_error(const char* what, const ApiCall::Outcome& o) {
     log::warn("kubernetes API request failed",
               {{"request", what}, {"status", o.status}, {"reason", reason},
                {"consecutive_failures", reflector_.consecutive_failures() + 1}});
-    Metrics::get().discovery_op(what, "error").Increment();
+    DiscoveryMetrics::get().operation(what, "error").Increment();
 }
 
 void K8sSource::on_list_done(uint64_t id, ApiCall::Outcome o) {
@@ -196,7 +196,7 @@ void K8sSource::on_list_done(uint64_t id, ApiCall::Outcome o) {
         K8sListPage page;
         std::string error;
         if (decode_list(parser_, o.body, settings_.kind, page, error)) {
-            Metrics::get().discovery_op("list", "success").Increment();
+            DiscoveryMetrics::get().operation("list", "success").Increment();
             log::debug("kubernetes list page", {{"items", uint64_t(page.items.size())},
                                                 {"connections_opened", connections_.opened()},
                                                 {"resource_version", page.resource_version},

@@ -4,8 +4,8 @@
 #include <memory>
 #include <string>
 
+#include "core/config.h"
 #include "discovery/endpoint.h"
-#include "proxy/config.h"
 
 struct event_base;
 

@@ -1,6 +1,6 @@
 #include "discovery/static_source.h"
 
-#include "proxy/net.h"
+#include "core/net.h"
 
 namespace stepflow {
 

@@ -14,11 +14,11 @@
 
 #include <event2/event.h>
 
+#include "core/config.h"
+#include "core/log.h"
 #include "discovery/fleet.h"
 #include "proxy/client_h2.h"
-#include "proxy/config.h"
 #include "proxy/conn.h"
-#include "proxy/log.h"
 #include "proxy/worker.h"
 
 using namespace stepflow;

@@ -3,7 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 using namespace stepflow::http1;
 

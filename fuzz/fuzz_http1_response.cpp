@@ -11,7 +11,7 @@
 #include <string_view>
 #include <vector>
 
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 using namespace stepflow::http1;
 

@@ -7,12 +7,12 @@
 #include <event2/event.h>
 #include <event2/bufferevent_ssl.h>
 
-#include "proxy/config.h"
+#include "core/config.h"
+#include "core/log.h"
+#include "core/tls.h"
 #include "proxy/client_h1.h"
-#include "proxy/conn.h"
 #include "proxy/client_h2.h"
-#include "proxy/log.h"
-#include "proxy/tls.h"
+#include "proxy/conn.h"
 #include "proxy/worker.h"
 
 namespace stepflow {

@@ -9,8 +9,8 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "core/http1.h"
 #include "proxy/demand.h"
-#include "proxy/http1.h"
 #include "proxy/local_response.h"
 #include "proxy/metrics.h"
 #include "proxy/sessions.h"

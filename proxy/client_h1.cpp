@@ -8,10 +8,10 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
-#include "proxy/config.h"
+#include "core/config.h"
+#include "core/log.h"
 #include "proxy/conn.h"
 #include "proxy/local_response.h"
-#include "proxy/log.h"
 #include "proxy/worker.h"
 
 namespace stepflow {

@@ -7,12 +7,12 @@
 #include <memory>
 #include <string>
 
+#include "core/http1.h"
+#include "core/timers.h"
 #include "proxy/client.h"
 #include "proxy/exchange.h"
 #include "proxy/local_response.h"
-#include "proxy/http1.h"
 #include "proxy/request_record.h"
-#include "proxy/timers.h"
 
 struct event;
 struct evbuffer;

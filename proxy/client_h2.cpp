@@ -11,10 +11,10 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "core/config.h"
+#include "core/log.h"
 #include "proxy/block_cache.h"
-#include "proxy/config.h"
 #include "proxy/conn.h"
-#include "proxy/log.h"
 #include "proxy/worker.h"
 
 namespace stepflow {

@@ -12,11 +12,11 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include "core/timers.h"
 #include "proxy/client.h"
 #include "proxy/exchange.h"
 #include "proxy/local_response.h"
 #include "proxy/request_record.h"
-#include "proxy/timers.h"
 
 struct event;
 struct evbuffer;

@@ -15,7 +15,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "proxy/net.h"
+#include "core/net.h"
 
 namespace stepflow {
 namespace {

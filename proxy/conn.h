@@ -12,8 +12,8 @@
 
 #include <sys/socket.h>
 
+#include "core/timers.h"
 #include "proxy/outbox.h"
-#include "proxy/timers.h"
 
 struct bufferevent;
 struct event;

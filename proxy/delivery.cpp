@@ -4,7 +4,7 @@
 
 #include <cerrno>
 
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 namespace stepflow {
 

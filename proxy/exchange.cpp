@@ -8,10 +8,10 @@
 #include "proxy/conn.h"
 #include <event2/event.h>
 
+#include "core/log.h"
 #include "proxy/admission.h"
 #include "proxy/demand.h"
 #include "proxy/local_response.h"
-#include "proxy/log.h"
 #include "proxy/router.h"
 #include "proxy/sessions.h"
 #include "proxy/worker.h"

@@ -9,13 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "core/http1.h"
+#include "core/timers.h"
 #include "discovery/instance.h"
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
-#include "proxy/http1.h"
 #include "proxy/metrics.h"
 #include "proxy/request_trace.h"
-#include "proxy/timers.h"
 #include "proxy/upstream.h"
 
 struct evbuffer;

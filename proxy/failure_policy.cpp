@@ -1,6 +1,6 @@
 #include "proxy/failure_policy.h"
 
-#include "proxy/http1.h"
+#include "core/http1.h"
 #include "proxy/local_response.h"
 
 namespace stepflow {

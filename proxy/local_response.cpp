@@ -3,9 +3,21 @@
 #include <event2/buffer.h>
 #include <simdjson.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 
 namespace stepflow {
+namespace {
+
+// One parser per thread, reused: a parser allocates its buffers on first use and keeps them. Bodies
+// larger than kKeptCapacity get a parser of their own, so a thread never holds on to an upload's size.
+constexpr size_t kKeptCapacity = 64 * 1024;
+
+simdjson::dom::parser& thread_parser() {
+    thread_local simdjson::dom::parser parser{kKeptCapacity};
+    return parser;
+}
+
+}  // namespace
 
 std::string json_string(std::string_view s) {
     std::string out = "\"";
@@ -18,7 +30,8 @@ std::string jsonrpc_id_of(evbuffer* body) {
     size_t len = evbuffer_get_length(body);
     if (len == 0) return "null";
     const char* data = reinterpret_cast<const char*>(evbuffer_pullup(body, -1));
-    simdjson::dom::parser parser;
+    simdjson::dom::parser own;
+    simdjson::dom::parser& parser = len <= kKeptCapacity ? thread_parser() : own;
     simdjson::dom::object obj;
     if (parser.parse(data, len).get(obj) != simdjson::SUCCESS) return "null";
     simdjson::dom::element id;
@@ -46,7 +59,8 @@ std::string jsonrpc_error(std::string_view id_json, int code, std::string_view m
 }
 
 int64_t jsonrpc_error_code_of(std::string_view body) {
-    simdjson::dom::parser parser;
+    simdjson::dom::parser own;
+    simdjson::dom::parser& parser = body.size() <= kKeptCapacity ? thread_parser() : own;
     simdjson::dom::object obj;
     if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) return 0;
     int64_t code = 0;

@@ -10,20 +10,20 @@
 #include <event2/thread.h>
 #include <unistd.h>
 
+#include "core/config.h"
+#include "core/log.h"
+#include "core/net.h"
+#include "core/tls.h"
 #include "discovery/fleet_manager.h"
 #include "discovery/sources.h"
 #include "proxy/admin.h"
 #include "proxy/admission.h"
-#include "proxy/config.h"
 #include "proxy/demand.h"
-#include "proxy/log.h"
 #include "proxy/metrics.h"
-#include "proxy/net.h"
 #include "proxy/otlp_exporter.h"
 #include "proxy/peers.h"
 #include "proxy/scaler_service.h"
 #include "proxy/sessions.h"
-#include "proxy/tls.h"
 #include "proxy/worker.h"
 
 using namespace stepflow;
@@ -131,7 +131,8 @@ int main(int argc, char** argv) {
     AdmissionQueue::get().configure(config.queue_size);
     log::configure(config.log_level, config.log_format);
     log::set_buffer_lines(config.log_buffer_lines);
-    Metrics::get().set_compat_metrics(config.compat_metrics);
+    MetricsRegistry::get().set_compat_metrics(config.compat_metrics);
+    Metrics::get();  // the data path's families, before discovery can add any
     trace::configure(config.trace.sampling);
     if (config.trace.sampling.enabled) otlp_exporter::start(config.trace.exporter);
     std::signal(SIGPIPE, SIG_IGN);
@@ -170,6 +171,7 @@ int main(int argc, char** argv) {
 
     FleetPublisher publisher;
     FleetManager fleet(control, config, publisher, tls_client.get());
+    fleet.on_routable(offer_queued_work);
     AdminServer admin(control, admin_fds[0], fleet, source->describe());
     admin.set_sessions(sessions.get());
     admin.set_ready_requires_instance(config.ready_requires_instance);

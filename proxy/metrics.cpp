@@ -6,8 +6,9 @@
 
 #include <prometheus/text_serializer.h>
 
+#include "core/log.h"
+#include "discovery/discovery_metrics.h"
 #include "discovery/fleet.h"
-#include "proxy/log.h"
 #include "proxy/span.h"
 
 namespace stepflow {
@@ -35,141 +36,117 @@ const char* to_string(Decision d) {
     return "none";
 }
 
-static constexpr const char* kMethods[kMethodLabels] = {"POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER"};
-
-uint8_t method_index(std::string_view method) {
-    for (uint8_t i = 0; i + 1 < kMethodLabels; ++i)
-        if (method == kMethods[i]) return i;
-    return kMethodLabels - 1;
-}
-
-const char* method_label(uint8_t index) { return kMethods[index < kMethodLabels ? index : kMethodLabels - 1]; }
-
 Metrics& Metrics::get() {
-    static Metrics* metrics = new Metrics(std::make_shared<prometheus::Registry>());
+    // The families of the layers below register first, so scrapes list every family in the order
+    // they always have (the exposition goes by type, then by registration).
+    static Metrics* metrics = [] {
+        DiscoveryMetrics::get();
+        return new Metrics(MetricsRegistry::get().registry());
+    }();
     return *metrics;
 }
 
-Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
-    : requests_total(BuildCounter().Name("stepflow_lb_requests_total")
-                         .Help("Requests answered, by backend address, HTTP status and method").Register(*r)),
-      request_duration_ms(BuildHistogram().Name("stepflow_lb_request_duration_ms")
-                              .Help("Request duration in milliseconds (compatible name), by backend and method")
-                              .Register(*r)),
-      request_duration_seconds(BuildHistogram().Name("stepflow_lb_request_duration_seconds")
+Metrics::Metrics(prometheus::Registry& r)
+    : request_duration_seconds(BuildHistogram().Name("stepflow_lb_request_duration_seconds")
                                    .Help("Request duration in seconds, head received to response end, by routing decision")
-                                   .Register(*r)),
+                                   .Register(r)),
       active_connections(BuildGauge().Name("stepflow_lb_active_connections")
-                             .Help("Requests in flight per backend address (compatible name)").Register(*r)),
+                             .Help("Requests in flight per backend address (compatible name)").Register(r)),
       instance_in_flight(BuildGauge().Name("stepflow_lb_instance_in_flight")
-                             .Help("Requests in flight per instance, SSE streams included").Register(*r)),
+                             .Help("Requests in flight per instance, SSE streams included").Register(r)),
       backend_health(BuildGauge().Name("stepflow_lb_backend_health")
-                         .Help("1 when the instance takes new work, else 0").Register(*r)),
+                         .Help("1 when the instance takes new work, else 0").Register(r)),
       backend_pool_size(BuildGauge().Name("stepflow_lb_backend_pool_size")
-                            .Help("Instances that take new work (healthy, not draining)").Register(*r).Add({})),
+                            .Help("Instances that take new work (healthy, not draining)").Register(r).Add({})),
       backends_known(BuildGauge().Name("stepflow_lb_backends_known")
-                         .Help("Backends discovery currently reports, whatever their state").Register(*r).Add({})),
-      discovery_operations_total(BuildCounter().Name("stepflow_lb_discovery_operations_total")
-                                     .Help("Discovery operations by operation and result").Register(*r)),
-      health_checks_total(BuildCounter().Name("stepflow_lb_health_checks_total")
-                              .Help("Active /health checks by result").Register(*r)),
+                         .Help("Backends discovery currently reports, whatever their state").Register(r).Add({})),
       no_healthy_instance(BuildCounter().Name("stepflow_lb_no_healthy_instance_total")
                               .Help("Unpinned requests answered 503 because no instance takes new work")
-                              .Register(*r).Add({})),
+                              .Register(r).Add({})),
       rejected_requests(BuildCounter().Name("stepflow_lb_rejected_requests_total")
                             .Help("Malformed or oversized requests answered without contacting a worker")
-                            .Register(*r).Add({})),
+                            .Register(r).Add({})),
       upstream_connect_errors(BuildCounter().Name("stepflow_lb_upstream_connect_errors_total")
-                                  .Help("Failed connection attempts to workers").Register(*r).Add({})),
+                                  .Help("Failed connection attempts to workers").Register(r).Add({})),
       upstream_retries(BuildCounter().Name("stepflow_lb_upstream_retries_total")
                            .Help("Unpinned requests re-sent to another instance (connect failure, stale connection, -32300)")
-                           .Register(*r).Add({})),
+                           .Register(r).Add({})),
       upstream_bad_responses(BuildCounter().Name("stepflow_lb_upstream_bad_responses_total")
                                  .Help("Worker response heads refused as malformed (answered 502, instance charged)")
-                                 .Register(*r).Add({})),
+                                 .Register(r).Add({})),
       queue_depth(BuildGauge().Name("stepflow_lb_queue_depth")
-                      .Help("New requests waiting for a free slot (all threads)").Register(*r).Add({})),
+                      .Help("New requests waiting for a free slot (all threads)").Register(r).Add({})),
       queue_wait_seconds(BuildHistogram().Name("stepflow_lb_queue_wait_seconds")
-                             .Help("Time new requests waited in the admission queue").Register(*r)
+                             .Help("Time new requests waited in the admission queue").Register(r)
                              .Add({}, prometheus::Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                                               0.5, 1, 2.5, 5, 10, 30, 60})),
       worker_at_capacity(BuildCounter().Name("stepflow_lb_worker_at_capacity_total")
                              .Help("503 / -32300 answers from workers (each also cuts that instance's limit)")
-                             .Register(*r).Add({})),
+                             .Register(r).Add({})),
       may_have_run(BuildCounter().Name("stepflow_lb_may_have_run_total")
                        .Help("Requests answered 502 unretried because the worker may have read them before its "
                              "connection closed (the call may have run)")
-                       .Register(*r).Add({})),
+                       .Register(r).Add({})),
       upstream_idle_closed(BuildCounter().Name("stepflow_lb_upstream_reuse_refused_total")
                                .Help("Pooled worker connections dropped instead of reused because the worker had "
                                      "closed them (or sent stray bytes)")
-                               .Register(*r).Add({})),
+                               .Register(r).Add({})),
       instance_limit(BuildGauge().Name("stepflow_lb_instance_limit")
-                         .Help("Limit on new requests in flight per instance (0: unlimited)").Register(*r)),
+                         .Help("Limit on new requests in flight per instance (0: unlimited)").Register(r)),
       sse_streams_open(BuildGauge().Name("stepflow_lb_sse_streams_open")
-                           .Help("text/event-stream responses currently streaming").Register(*r).Add({})),
+                           .Help("text/event-stream responses currently streaming").Register(r).Add({})),
       sse_streams_total(BuildCounter().Name("stepflow_lb_sse_streams_total")
-                            .Help("text/event-stream responses started").Register(*r).Add({})),
+                            .Help("text/event-stream responses started").Register(r).Add({})),
       client_received_bytes(BuildCounter().Name("stepflow_lb_client_received_bytes_total")
-                                .Help("Request body bytes received from clients").Register(*r).Add({})),
+                                .Help("Request body bytes received from clients").Register(r).Add({})),
       client_sent_bytes(BuildCounter().Name("stepflow_lb_client_sent_bytes_total")
-                            .Help("Response body bytes sent to clients").Register(*r).Add({})),
+                            .Help("Response body bytes sent to clients").Register(r).Add({})),
       client_connections(BuildGauge().Name("stepflow_lb_client_connections")
-                             .Help("Open client connections").Register(*r).Add({})),
+                             .Help("Open client connections").Register(r).Add({})),
       connections_refused(BuildCounter().Name("stepflow_lb_client_connections_refused_total")
                               .Help("Client connections closed at accept because --max-connections were open")
-                              .Register(*r).Add({})),
+                              .Register(r).Add({})),
       accept_pauses(BuildCounter().Name("stepflow_lb_accept_pauses_total")
                         .Help("Times accepting paused because accept() found no descriptor or memory")
-                        .Register(*r).Add({})),
+                        .Register(r).Add({})),
       log_lines_dropped(BuildCounter().Name("stepflow_lb_log_lines_dropped_total")
                             .Help("Log records dropped because stderr did not keep up (queue full)")
-                            .Register(*r).Add({})),
+                            .Register(r).Add({})),
       trace_spans_exported(BuildCounter().Name("stepflow_lb_trace_spans_exported_total")
-                               .Help("Spans the OTLP collector accepted").Register(*r).Add({})),
+                               .Help("Spans the OTLP collector accepted").Register(r).Add({})),
       trace_spans_queue_dropped(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
                                     .Help(kSpansDroppedHelp)
-                                    .Register(*r).Add({{"reason", "queue-full"}})),
+                                    .Register(r).Add({{"reason", "queue-full"}})),
       trace_spans_export_dropped(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
                                      .Help(kSpansDroppedHelp)
-                                     .Register(*r).Add({{"reason", "export-failed"}})),
+                                     .Register(r).Add({{"reason", "export-failed"}})),
       trace_export_failures(BuildCounter().Name("stepflow_lb_trace_export_failures_total")
-                                .Help("OTLP export attempts that failed (each retry counts)").Register(*r).Add({})),
-      registry_(std::move(r)) {
+                                .Help("OTLP export attempts that failed (each retry counts)").Register(r).Add({})) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
-                          .Help("Requests routed, by decision").Register(*registry_);
+                          .Help("Requests routed, by decision").Register(r);
     routing_decisions[size_t(Decision::Pinned)] = &decisions.Add({{"decision", "pinned"}});
     routing_decisions[size_t(Decision::LeastLoad)] = &decisions.Add({{"decision", "least-load"}});
     routing_decisions[size_t(Decision::None)] = &decisions.Add({{"decision", "none"}});
     auto& misses = BuildCounter().Name("stepflow_lb_pinned_misses_total")
-                       .Help("Pinned requests answered 503 Instance not available, by reason").Register(*registry_);
+                       .Help("Pinned requests answered 503 Instance not available, by reason").Register(r);
     pinned_misses[size_t(PinnedMiss::UnknownInstance)] = &misses.Add({{"reason", "unknown-instance"}});
     pinned_misses[size_t(PinnedMiss::NotServing)] = &misses.Add({{"reason", "not-serving"}});
     pinned_misses[size_t(PinnedMiss::ConnectFailed)] = &misses.Add({{"reason", "connect-failed"}});
     auto& rejections = BuildCounter().Name("stepflow_lb_queue_rejections_total")
-                           .Help("New requests answered 503 by the admission queue, by reason").Register(*registry_);
+                           .Help("New requests answered 503 by the admission queue, by reason").Register(r);
     queue_rejections[0] = &rejections.Add({{"reason", "queue-full"}});
     queue_rejections[1] = &rejections.Add({{"reason", "queue-timeout"}});
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
-                        .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
+                        .Help("New requests sent to another instance (or back to the queue), by reason").Register(r);
     static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
     for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::ResetBeforeResponse,
                       Failure::MayHaveRun, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")
-                          .Help("Responses received from workers, by status class").Register(*registry_);
+                          .Help("Responses received from workers, by status class").Register(r);
     const char* classes[] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
     for (size_t i = 0; i < upstream_responses.size(); ++i)
         upstream_responses[i] = &responses.Add({{"class", classes[i]}});
-}
-
-void Metrics::set_compat_metrics(bool on) {
-    if (compat_metrics_ && !on) registry_->Remove(request_duration_ms);
-    compat_metrics_ = on;
-}
-
-prometheus::Counter& Metrics::discovery_op(const std::string& operation, const std::string& result) {
-    return discovery_operations_total.Add({{"operation", operation}, {"result", result}});
 }
 
 std::string Metrics::render(const Fleet& fleet, size_t known) {
@@ -222,67 +199,7 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
             trace_spans_queue_dropped.Increment(spans_dropped - trace_spans_queue_dropped.Value());
         backends_known.Set(double(known));
     }
-    return prometheus::TextSerializer{}.Serialize(registry_->Collect());
-}
-
-namespace {
-
-const prometheus::Histogram::BucketBoundaries& ms_buckets() {
-    static const prometheus::Histogram::BucketBoundaries b{1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
-    return b;
-}
-
-}  // namespace
-
-std::shared_ptr<BackendSeries> Metrics::backend_series(const std::string& address) {
-    std::lock_guard lock(request_series_mutex_);
-    auto& slot = request_series_[address];
-    if (auto live = slot.lock()) return live;
-    auto fresh = std::make_shared<BackendSeries>(address);
-    slot = fresh;
-    return fresh;
-}
-
-void Metrics::retire_backend(const std::string& address) {
-    std::shared_ptr<BackendSeries> series;
-    {
-        std::lock_guard lock(request_series_mutex_);
-        auto it = request_series_.find(address);
-        if (it == request_series_.end()) return;
-        series = it->second.lock();
-        request_series_.erase(it);
-    }
-    if (series) series->retire();
-}
-
-void BackendSeries::observe(int status, uint8_t mi, double duration_ms) {
-    auto& m = Metrics::get();
-    std::lock_guard lock(mutex_);
-    if (retired_) return;
-    uint32_t key = uint32_t(status) * 16 + mi;
-    auto it = requests_.find(key);
-    if (it == requests_.end())
-        it = requests_.emplace(key, &m.requests_total.Add({{"backend", address_}, {"status", std::to_string(status)},
-                                                            {"method", method_label(mi)}})).first;
-    it->second->Increment();
-    if (m.compat_metrics()) {
-        auto& hist = durations_[mi];
-        if (!hist) hist = &m.request_duration_ms.Add({{"backend", address_}, {"method", method_label(mi)}}, ms_buckets());
-        hist->Observe(duration_ms);
-    }
-}
-
-void BackendSeries::retire() {
-    auto& m = Metrics::get();
-    std::lock_guard lock(mutex_);
-    if (retired_) return;
-    retired_ = true;
-    for (auto& [_, counter] : requests_) m.requests_total.Remove(counter);
-    requests_.clear();
-    if (m.compat_metrics())
-        for (auto* hist : durations_)
-            if (hist) m.request_duration_ms.Remove(hist);
-    durations_ = {};
+    return prometheus::TextSerializer{}.Serialize(registry().Collect());
 }
 
 void RequestSeries::observe(BackendSeries* series, int status, std::string_view method, double duration_ms,
@@ -290,6 +207,7 @@ void RequestSeries::observe(BackendSeries* series, int status, std::string_view 
     static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                                    0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
     auto& m = Metrics::get();
+    auto& core = MetricsRegistry::get();
     uint8_t mi = method_index(method);
     if (series) {
         series->observe(status, mi, duration_ms);
@@ -299,16 +217,16 @@ void RequestSeries::observe(BackendSeries* series, int status, std::string_view 
         auto cit = none_.requests.find(key);
         if (cit == none_.requests.end()) {
             std::lock_guard lock(g_family_mutex);
-            auto* c = &m.requests_total.Add(
+            auto* c = &core.requests_total.Add(
                 {{"backend", "none"}, {"status", std::to_string(status)}, {"method", method_label(mi)}});
             cit = none_.requests.emplace(key, c).first;
         }
         cit->second->Increment();
-        if (m.compat_metrics()) {
+        if (core.compat_metrics()) {
             auto& hist = none_.durations[mi];
             if (!hist) {
                 std::lock_guard lock(g_family_mutex);
-                hist = &m.request_duration_ms.Add({{"backend", "none"}, {"method", method_label(mi)}}, ms_buckets());
+                hist = &core.request_duration_ms.Add({{"backend", "none"}, {"method", method_label(mi)}}, ms_buckets());
             }
             hist->Observe(duration_ms);
         }

@@ -1,11 +1,10 @@
-// The Prometheus registry and every metric the balancer exports. Families are created once;
-// request threads keep pointers to the series they touch (label sets never come from clients).
+// The data path's metrics, in the process registry (core/metrics_registry.h). Families are created
+// once; request threads keep pointers to the series they touch (label sets never come from clients).
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <map>
-#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -17,10 +16,11 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "core/metrics_registry.h"
+
 namespace stepflow {
 
 struct Fleet;
-class BackendSeries;
 
 enum class Decision : uint8_t { Pinned, LeastLoad, None };
 const char* to_string(Decision d);
@@ -28,34 +28,21 @@ const char* to_string(Decision d);
 // Reasons a pinned request could not reach its instance (label values of pinned_misses_total).
 enum class PinnedMiss : uint8_t { UnknownInstance, NotServing, ConnectFailed, Count };
 
-// HTTP methods we label by; anything else is "OTHER" so clients cannot mint series.
-uint8_t method_index(std::string_view method);
-const char* method_label(uint8_t index);
-constexpr uint8_t kMethodLabels = 8;
-
 class Metrics {
 public:
     static Metrics& get();
 
-    prometheus::Registry& registry() { return *registry_; }
-    // Without compatible metrics the millisecond histogram is not exported (promtool objects to
-    // the unit in its name); stepflow_lb_request_duration_seconds carries the same data.
-    void set_compat_metrics(bool on);
-    bool compat_metrics() const { return compat_metrics_; }
+    prometheus::Registry& registry() { return MetricsRegistry::get().registry(); }
     // Refreshes the gauges that mirror fleet state, then renders the text exposition.
     std::string render(const Fleet& fleet, size_t backends_known);
 
     // Families (public so the few places that add series can reach them).
-    prometheus::Family<prometheus::Counter>& requests_total;
-    prometheus::Family<prometheus::Histogram>& request_duration_ms;
     prometheus::Family<prometheus::Histogram>& request_duration_seconds;
     prometheus::Family<prometheus::Gauge>& active_connections;
     prometheus::Family<prometheus::Gauge>& instance_in_flight;
     prometheus::Family<prometheus::Gauge>& backend_health;
     prometheus::Gauge& backend_pool_size;
     prometheus::Gauge& backends_known;
-    prometheus::Family<prometheus::Counter>& discovery_operations_total;
-    prometheus::Family<prometheus::Counter>& health_checks_total;
 
     std::array<prometheus::Counter*, 3> routing_decisions{};
     std::array<prometheus::Counter*, size_t(PinnedMiss::Count)> pinned_misses{};
@@ -88,18 +75,8 @@ public:
     prometheus::Counter& trace_spans_export_dropped;  // given up after the export's retries
     prometheus::Counter& trace_export_failures;
 
-    prometheus::Counter& discovery_op(const std::string& operation, const std::string& result);
-
-    // The request series of a backend address, shared by every instance at that address (control
-    // thread, when an instance is created). retire_backend() removes them from the registry when
-    // the address leaves discovery, so the number of series follows the fleet, not its history.
-    std::shared_ptr<BackendSeries> backend_series(const std::string& address);
-    void retire_backend(const std::string& address);
-
 private:
-    Metrics(std::shared_ptr<prometheus::Registry> registry);
-    std::shared_ptr<prometheus::Registry> registry_;
-    bool compat_metrics_ = true;
+    explicit Metrics(prometheus::Registry& registry);
     std::mutex fleet_series_mutex_;
     struct InstanceSeries {
         prometheus::Gauge* health;
@@ -108,30 +85,6 @@ private:
     };
     std::map<std::string, InstanceSeries> instance_series_;  // key id
     std::map<std::string, prometheus::Gauge*> backend_series_;
-    std::mutex request_series_mutex_;
-    std::map<std::string, std::weak_ptr<BackendSeries>> request_series_;  // by address
-};
-
-// requests_total and request_duration_ms of one backend address. Request threads reach it through
-// the Instance that served them and observe under its mutex; once retired its series are out of
-// the registry and observing does nothing, so no thread ever touches a removed series. A request
-// that ends after its backend left discovery is counted only in the unlabelled-by-backend metrics.
-class BackendSeries {
-public:
-    explicit BackendSeries(std::string address) : address_(std::move(address)) {}
-    ~BackendSeries() { retire(); }
-    BackendSeries(const BackendSeries&) = delete;
-    BackendSeries& operator=(const BackendSeries&) = delete;
-
-    void observe(int status, uint8_t method_index, double duration_ms);
-    void retire();
-
-private:
-    std::mutex mutex_;
-    bool retired_ = false;
-    const std::string address_;
-    std::unordered_map<uint32_t, prometheus::Counter*> requests_;  // key: status * 16 + method index
-    std::array<prometheus::Histogram*, kMethodLabels> durations_{};
 };
 
 // A request thread's cache of per-(backend, status, method) series, so finishing a request costs

@@ -21,7 +21,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 #include "proxy/metrics.h"
 #include "otlp.pb.h"
 #include <google/protobuf/arena.h>
@@ -564,55 +564,6 @@ private:
 Exporter* g_exporter = nullptr;
 
 }  // namespace
-
-bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, bool exact_path, OtlpTarget& out,
-                         std::string& error) {
-    std::string rest;
-    if (url.rfind("http://", 0) == 0) {
-        out.tls = false;
-        rest = url.substr(7);
-    } else if (url.rfind("https://", 0) == 0) {
-        out.tls = true;
-        rest = url.substr(8);
-    } else {
-        error = "'" + url + "' is not an http:// or https:// URL";
-        return false;
-    }
-    size_t slash = rest.find('/');
-    std::string authority = rest.substr(0, slash);
-    std::string path = slash == std::string::npos ? "" : rest.substr(slash);
-    if (authority.empty()) {
-        error = "'" + url + "' names no host";
-        return false;
-    }
-    int default_port = protocol == OtlpTarget::Protocol::Grpc ? 4317 : 4318;
-    size_t colon = authority.rfind(':');
-    bool bracketed = !authority.empty() && authority.front() == '[';
-    if (colon != std::string::npos && (!bracketed || authority[colon - 1] == ']')) {
-        std::string port = authority.substr(colon + 1);
-        if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
-            std::stoi(port) < 1 || std::stoi(port) > 65535) {
-            error = "'" + url + "' has no valid port";
-            return false;
-        }
-        out.port = std::stoi(port);
-        authority.resize(colon);
-    } else {
-        out.port = default_port;
-    }
-    if (bracketed) authority = authority.substr(1, authority.size() - 2);
-    if (authority.empty()) {
-        error = "'" + url + "' names no host";
-        return false;
-    }
-    out.host = authority;
-    out.protocol = protocol;
-    if (protocol == OtlpTarget::Protocol::HttpProtobuf) {
-        if (exact_path) out.path = path.empty() ? "/" : path;
-        else out.path = (path.empty() || path == "/" ? "" : (path.back() == '/' ? path.substr(0, path.size() - 1) : path)) + "/v1/traces";
-    }
-    return true;
-}
 
 namespace otlp_exporter {
 

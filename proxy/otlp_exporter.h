@@ -7,42 +7,13 @@
 #pragma once
 
 #include <chrono>
-#include <cstdint>
-#include <string>
-#include <utility>
-#include <vector>
+
+#include "core/trace_config.h"
 
 namespace stepflow {
-
-struct OtlpTarget {
-    enum class Protocol { Grpc, HttpProtobuf } protocol = Protocol::Grpc;
-    bool tls = false;
-    std::string host;
-    int port = 4317;
-    std::string path;  // HTTP: the request path (/v1/traces); gRPC: unused
-    std::vector<std::pair<std::string, std::string>> headers;  // OTEL_EXPORTER_OTLP_HEADERS
-    std::string ca_file;  // OTEL_EXPORTER_OTLP_CERTIFICATE; empty: the system CA bundle
-};
-
-struct ExporterSettings {
-    OtlpTarget target;
-    std::vector<std::pair<std::string, std::string>> resource;  // service.name first
-    size_t max_queue_size = 2048;
-    size_t max_export_batch_size = 512;
-    std::chrono::milliseconds schedule_delay{5000};
-    std::chrono::milliseconds export_timeout{10000};
-};
-
-// Parses an endpoint URL (http:// or https://, host, optional port and path). For gRPC the path
-// is ignored; for HTTP an endpoint without a path gets /v1/traces unless `exact_path` (the
-// traces-specific variable names the full URL).
-bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, bool exact_path, OtlpTarget& out,
-                         std::string& error);
-
 namespace otlp_exporter {
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);
 }  // namespace otlp_exporter
-
 }  // namespace stepflow

@@ -8,10 +8,10 @@
 #include <event2/event.h>
 #include <unistd.h>
 
+#include "core/log.h"
+#include "core/net.h"
 #include "discovery/k8s_source.h"
-#include "proxy/log.h"
 #include "proxy/metrics.h"
-#include "proxy/net.h"
 
 namespace stepflow {
 namespace {

@@ -13,8 +13,8 @@
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 
+#include "core/config.h"
 #include "discovery/endpoint.h"
-#include "proxy/config.h"
 
 struct event_base;
 

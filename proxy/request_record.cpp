@@ -1,7 +1,7 @@
 #include "proxy/request_record.h"
 
+#include "core/log.h"
 #include "proxy/exchange.h"
-#include "proxy/log.h"
 #include "proxy/worker.h"
 
 namespace stepflow {

@@ -10,11 +10,11 @@
 #include <utility>
 #include <vector>
 
+#include "core/http1.h"
+#include "core/log.h"
+#include "core/trace_context.h"
 #include "proxy/failure_policy.h"
-#include "proxy/http1.h"
-#include "proxy/log.h"
 #include "proxy/span.h"
-#include "proxy/trace_context.h"
 
 namespace stepflow {
 

@@ -9,10 +9,10 @@
 #include <event2/listener.h>
 #include <nghttp2/nghttp2.h>
 
+#include "core/config.h"
+#include "core/log.h"
 #include "discovery/fleet_manager.h"
-#include "proxy/config.h"
 #include "proxy/demand.h"
-#include "proxy/log.h"
 #include "proxy/peers.h"
 
 #pragma GCC diagnostic push

@@ -12,6 +12,8 @@
 #include <openssl/rand.h>
 #include <openssl/sha.h>
 
+#include "core/text.h"
+
 namespace stepflow {
 namespace {
 
@@ -70,17 +72,9 @@ uint8_t key_hint(const SessionKey& key) {
 
 int64_t unix_now() { return int64_t(std::time(nullptr)); }
 
-bool is_space(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t' || c == '\v' || c == '\f'; }
-
-std::string_view trim(std::string_view s) {
-    while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
-    while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
-    return s;
-}
-
 // Text: printable ASCII and whitespace only. 32 random bytes are all printable once in ~10^13.
 bool is_text(std::string_view s) {
-    return std::all_of(s.begin(), s.end(), [](char c) { return (c >= 0x20 && c < 0x7f) || is_space(c); });
+    return std::all_of(s.begin(), s.end(), [](char c) { return (c >= 0x20 && c < 0x7f) || is_ascii_space(c); });
 }
 
 bool read_small_file(const std::string& path, std::string& out, std::string& error) {
@@ -147,7 +141,7 @@ bool base64url_decode(std::string_view text, std::string& out) {
 }
 
 bool parse_session_key(std::string_view text, SessionKey& out, std::string& error) {
-    text = trim(text);
+    text = trim(text, is_ascii_space);
     if (text.empty()) {
         error = "empty";
         return false;
@@ -188,7 +182,7 @@ bool parse_session_keys(std::string_view content, std::vector<SessionKey>& out, 
     size_t found = 0, line_no = 0;
     while (!content.empty()) {
         size_t eol = content.find('\n');
-        std::string_view line = trim(content.substr(0, eol));
+        std::string_view line = trim(content.substr(0, eol), is_ascii_space);
         content.remove_prefix(eol == std::string_view::npos ? content.size() : eol + 1);
         ++line_no;
         if (line.empty() || line.front() == '#') continue;

@@ -8,8 +8,8 @@
 
 #include <prometheus/family.h>
 
-#include "proxy/http1.h"
-#include "proxy/log.h"
+#include "core/http1.h"
+#include "core/log.h"
 #include "proxy/metrics.h"
 
 namespace stepflow {

@@ -16,8 +16,8 @@
 struct event_base;
 struct event;
 
-#include "proxy/config.h"
-#include "proxy/http1.h"
+#include "core/config.h"
+#include "core/http1.h"
 #include "proxy/session_seal.h"
 #include "proxy/session_table.h"
 

@@ -14,9 +14,9 @@
 #include <event2/bufferevent_ssl.h>
 #include <openssl/ssl.h>
 
-#include "proxy/config.h"
+#include "core/config.h"
+#include "core/tls.h"
 #include "proxy/metrics.h"
-#include "proxy/tls.h"
 
 namespace stepflow {
 namespace {

@@ -7,8 +7,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/config.h"
 #include "discovery/instance.h"
-#include "proxy/config.h"
 
 struct event_base;
 struct event;

@@ -17,13 +17,13 @@
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
 
+#include "core/log.h"
+#include "core/net.h"
+#include "core/tls.h"
 #include "proxy/accept.h"
 #include "proxy/admission.h"
-#include "proxy/exchange.h"
 #include "proxy/conn.h"
-#include "proxy/tls.h"
-#include "proxy/log.h"
-#include "proxy/net.h"
+#include "proxy/exchange.h"
 #include "proxy/span.h"
 
 namespace stepflow {

@@ -11,14 +11,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/config.h"
+#include "core/http1.h"
+#include "core/timers.h"
 #include "discovery/fleet.h"
 #include "proxy/client.h"
-#include "proxy/config.h"
-#include "proxy/http1.h"
 #include "proxy/metrics.h"
-#include "proxy/router.h"
 #include "proxy/outbox.h"
-#include "proxy/timers.h"
+#include "proxy/router.h"
 #include "proxy/upstream.h"
 
 struct event_base;

@@ -4,8 +4,8 @@
 #include <memory>
 #include <string>
 
+#include "core/net.h"
 #include "discovery/instance.h"
-#include "proxy/net.h"
 
 namespace stepflow::testing {
 

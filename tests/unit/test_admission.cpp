@@ -1,10 +1,10 @@
 #include <catch2/catch.hpp>
 
+#include "core/net.h"
 #include "discovery/fleet.h"
 #include "proxy/admission.h"
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
-#include "proxy/net.h"
 #include "tests/unit/instances.h"
 #include "proxy/router.h"
 

@@ -1,7 +1,7 @@
 #include <catch2/catch.hpp>
 
-#include "proxy/config.h"
-#include "proxy/net.h"
+#include "core/config.h"
+#include "core/net.h"
 
 using namespace stepflow;
 

@@ -1,8 +1,8 @@
 #include <catch2/catch.hpp>
 
+#include "core/net.h"
 #include "discovery/fleet.h"
 #include "proxy/demand.h"
-#include "proxy/net.h"
 #include "tests/unit/instances.h"
 #include "proxy/peers.h"
 

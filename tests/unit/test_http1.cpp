@@ -4,7 +4,7 @@
 
 #include <event2/buffer.h>
 
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 using namespace stepflow::http1;
 

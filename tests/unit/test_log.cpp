@@ -6,7 +6,7 @@
 
 #include <event2/event.h>
 
-#include "proxy/log.h"
+#include "core/log.h"
 
 using namespace stepflow;
 

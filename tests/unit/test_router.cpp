@@ -2,8 +2,8 @@
 
 #include <map>
 
+#include "core/net.h"
 #include "discovery/fleet.h"
-#include "proxy/net.h"
 #include "proxy/router.h"
 #include "tests/unit/instances.h"
 

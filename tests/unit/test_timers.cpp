@@ -5,7 +5,7 @@
 
 #include <event2/event.h>
 
-#include "proxy/timers.h"
+#include "core/timers.h"
 
 using namespace stepflow;
 

@@ -3,8 +3,8 @@
 #include <cstring>
 #include <string>
 
+#include "core/trace_context.h"
 #include "proxy/otlp_exporter.h"
-#include "proxy/trace_context.h"
 
 using namespace stepflow;
 

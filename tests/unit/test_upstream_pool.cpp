@@ -11,11 +11,11 @@
 
 #include <event2/event.h>
 
+#include "core/config.h"
+#include "core/timers.h"
 #include "discovery/instance.h"
-#include "proxy/config.h"
 #include "proxy/conn.h"
 #include "proxy/outbox.h"
-#include "proxy/timers.h"
 #include "proxy/upstream.h"
 
 using namespace stepflow;

@@ -1,4 +1,4 @@
-#include "proxy/config.h"
+#include "core/config.h"
 
 #include <cmath>
 #include <cstdio>
@@ -8,7 +8,7 @@
 
 #include <CLI/CLI.hpp>
 
-#include "proxy/net.h"
+#include "core/net.h"
 
 namespace stepflow {
 namespace {

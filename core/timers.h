@@ -8,7 +8,7 @@
 #include <memory>
 #include <vector>
 
-#include "proxy/config.h"
+#include "core/config.h"
 
 struct event;
 struct event_base;

@@ -1,4 +1,4 @@
-#include "proxy/http1.h"
+#include "core/http1.h"
 
 #include <algorithm>
 #include <array>
@@ -6,6 +6,8 @@
 #include <cstring>
 
 #include <event2/buffer.h>
+
+#include "core/text.h"
 
 namespace stepflow::http1 {
 namespace {
@@ -36,12 +38,6 @@ bool valid_field_value(std::string_view v) {
     return true;
 }
 
-std::string_view trim_ows(std::string_view v) {
-    while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
-    while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.remove_suffix(1);
-    return v;
-}
-
 bool parse_decimal(std::string_view s, uint64_t& out) {
     if (s.empty() || s.size() > 18) return false;
     uint64_t v = 0;
@@ -58,7 +54,7 @@ template <class Fn>
 void for_each_element(std::string_view v, Fn fn) {
     while (!v.empty()) {
         size_t comma = v.find(',');
-        std::string_view item = trim_ows(v.substr(0, comma));
+        std::string_view item = trim(v.substr(0, comma));
         if (!item.empty()) fn(item);
         if (comma == std::string_view::npos) break;
         v.remove_prefix(comma + 1);
@@ -132,7 +128,7 @@ Error split_lines_checked(Head& head, std::string_view& start_line, const Limits
         if (colon == std::string_view::npos) return {400, "header line without colon"};
         std::string_view name = line.substr(0, colon);
         if (!is_token(name)) return {400, "bad header name"};
-        std::string_view value = trim_ows(line.substr(colon + 1));
+        std::string_view value = trim(line.substr(colon + 1));
         if (!valid_field_value(value)) return {400, "bad header value"};
         if (static_cast<int>(head.headers.size()) >= limits.max_headers) return {431, "too many header fields"};
         head.headers.push_back({name, value, classify(name)});
@@ -450,7 +446,7 @@ BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
             std::string_view sv(line, static_cast<size_t>(eol.pos));
             size_t semi = sv.find(';');
             std::string_view digits = sv.substr(0, semi);
-            if (semi != std::string_view::npos) digits = trim_ows(digits);
+            if (semi != std::string_view::npos) digits = trim(digits);
             if (digits.empty() || digits.size() > 15) return fail("bad chunk size");
             uint64_t size = 0;
             for (char c : digits) {

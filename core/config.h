@@ -9,8 +9,8 @@
 
 #include <sys/time.h>
 
-#include "proxy/log.h"
-#include "proxy/trace_config.h"
+#include "core/log.h"
+#include "core/trace_config.h"
 
 namespace stepflow {
 

@@ -1,4 +1,4 @@
-#include "proxy/trace_context.h"
+#include "core/trace_context.h"
 
 #include <algorithm>
 #include <cstring>

@@ -1,4 +1,4 @@
-#include "proxy/net.h"
+#include "core/net.h"
 
 #include <arpa/inet.h>
 #include <cerrno>

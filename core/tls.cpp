@@ -1,4 +1,4 @@
-#include "proxy/tls.h"
+#include "core/tls.h"
 
 #include <cstring>
 
@@ -7,7 +7,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "proxy/config.h"
+#include "core/config.h"
 
 namespace stepflow {
 namespace {

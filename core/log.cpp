@@ -1,4 +1,4 @@
-#include "proxy/log.h"
+#include "core/log.h"
 
 #include <algorithm>
 #include <atomic>

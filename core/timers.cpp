@@ -1,4 +1,4 @@
-#include "proxy/timers.h"
+#include "core/timers.h"
 
 #include <algorithm>
 

@@ -1,8 +1,10 @@
-#include "proxy/trace_config.h"
+#include "core/trace_config.h"
 
 #include <cstdlib>
 
 #include <CLI/CLI.hpp>
+
+#include "core/text.h"
 
 namespace stepflow {
 namespace {
@@ -30,12 +32,6 @@ int hex(char c) {
     return -1;
 }
 
-std::string trim(std::string s) {
-    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.erase(s.begin());
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.pop_back();
-    return s;
-}
-
 // `key=value,key=value` with percent-encoded values (W3C Baggage octets, as the specification
 // has OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES).
 bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::string>>& out) {
@@ -43,12 +39,13 @@ bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::s
     while (start < s.size()) {
         size_t comma = s.find(',', start);
         if (comma == std::string::npos) comma = s.size();
-        std::string item = trim(s.substr(start, comma - start));
+        std::string_view item = trim(std::string_view(s).substr(start, comma - start));
         start = comma + 1;
         if (item.empty()) continue;
         size_t eq = item.find('=');
         if (eq == std::string::npos || eq == 0) return false;
-        std::string key = trim(item.substr(0, eq)), raw = trim(item.substr(eq + 1)), value;
+        std::string key(trim(item.substr(0, eq))), value;
+        std::string_view raw = trim(item.substr(eq + 1));
         if (key.empty()) return false;
         for (size_t i = 0; i < raw.size(); ++i) {
             if (raw[i] == '%' && i + 2 < raw.size() && hex(raw[i + 1]) >= 0 && hex(raw[i + 2]) >= 0) {
@@ -64,6 +61,55 @@ bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::s
 }
 
 }  // namespace
+
+bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, bool exact_path, OtlpTarget& out,
+                         std::string& error) {
+    std::string rest;
+    if (url.rfind("http://", 0) == 0) {
+        out.tls = false;
+        rest = url.substr(7);
+    } else if (url.rfind("https://", 0) == 0) {
+        out.tls = true;
+        rest = url.substr(8);
+    } else {
+        error = "'" + url + "' is not an http:// or https:// URL";
+        return false;
+    }
+    size_t slash = rest.find('/');
+    std::string authority = rest.substr(0, slash);
+    std::string path = slash == std::string::npos ? "" : rest.substr(slash);
+    if (authority.empty()) {
+        error = "'" + url + "' names no host";
+        return false;
+    }
+    int default_port = protocol == OtlpTarget::Protocol::Grpc ? 4317 : 4318;
+    size_t colon = authority.rfind(':');
+    bool bracketed = !authority.empty() && authority.front() == '[';
+    if (colon != std::string::npos && (!bracketed || authority[colon - 1] == ']')) {
+        std::string port = authority.substr(colon + 1);
+        if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+            std::stoi(port) < 1 || std::stoi(port) > 65535) {
+            error = "'" + url + "' has no valid port";
+            return false;
+        }
+        out.port = std::stoi(port);
+        authority.resize(colon);
+    } else {
+        out.port = default_port;
+    }
+    if (bracketed) authority = authority.substr(1, authority.size() - 2);
+    if (authority.empty()) {
+        error = "'" + url + "' names no host";
+        return false;
+    }
+    out.host = authority;
+    out.protocol = protocol;
+    if (protocol == OtlpTarget::Protocol::HttpProtobuf) {
+        if (exact_path) out.path = path.empty() ? "/" : path;
+        else out.path = (path.empty() || path == "/" ? "" : (path.back() == '/' ? path.substr(0, path.size() - 1) : path)) + "/v1/traces";
+    }
+    return true;
+}
 
 void add_trace_flags(CLI::App& app, TraceFlags& f) {
     app.add_option("--trace-enabled", f.trace_enabled,

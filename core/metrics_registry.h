@@ -1,0 +1,83 @@
+// The process's one Prometheus registry, and the request series of each backend address: discovery
+// creates them with an instance (discovery/fleet_manager.cpp) and the data path observes them as
+// requests end. The data path's families (proxy/metrics.h) and discovery's
+// (discovery/discovery_metrics.h) register here too; the exposition lists families by type, then
+// in the order they were registered.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+namespace stepflow {
+
+class BackendSeries;
+
+// HTTP methods we label by; anything else is "OTHER" so clients cannot mint series.
+uint8_t method_index(std::string_view method);
+const char* method_label(uint8_t index);
+constexpr uint8_t kMethodLabels = 8;
+
+// Buckets of stepflow_lb_request_duration_ms.
+const prometheus::Histogram::BucketBoundaries& ms_buckets();
+
+class MetricsRegistry {
+public:
+    static MetricsRegistry& get();
+
+    prometheus::Registry& registry() { return *registry_; }
+    // Without compatible metrics the millisecond histogram is not exported (promtool objects to
+    // the unit in its name); stepflow_lb_request_duration_seconds carries the same data.
+    void set_compat_metrics(bool on);
+    bool compat_metrics() const { return compat_metrics_; }
+
+    prometheus::Family<prometheus::Counter>& requests_total;
+    prometheus::Family<prometheus::Histogram>& request_duration_ms;
+
+    // The request series of a backend address, shared by every instance at that address (control
+    // thread, when an instance is created). retire_backend() removes them from the registry when
+    // the address leaves discovery, so the number of series follows the fleet, not its history.
+    std::shared_ptr<BackendSeries> backend_series(const std::string& address);
+    void retire_backend(const std::string& address);
+
+private:
+    explicit MetricsRegistry(std::shared_ptr<prometheus::Registry> registry);
+    std::shared_ptr<prometheus::Registry> registry_;
+    bool compat_metrics_ = true;
+    std::mutex request_series_mutex_;
+    std::map<std::string, std::weak_ptr<BackendSeries>> request_series_;  // by address
+};
+
+// requests_total and request_duration_ms of one backend address. Request threads reach it through
+// the Instance that served them and observe under its mutex; once retired its series are out of
+// the registry and observing does nothing, so no thread ever touches a removed series. A request
+// that ends after its backend left discovery is counted only in the unlabelled-by-backend metrics.
+class BackendSeries {
+public:
+    explicit BackendSeries(std::string address) : address_(std::move(address)) {}
+    ~BackendSeries() { retire(); }
+    BackendSeries(const BackendSeries&) = delete;
+    BackendSeries& operator=(const BackendSeries&) = delete;
+
+    void observe(int status, uint8_t method_index, double duration_ms);
+    void retire();
+
+private:
+    std::mutex mutex_;
+    bool retired_ = false;
+    const std::string address_;
+    std::unordered_map<uint32_t, prometheus::Counter*> requests_;  // key: status * 16 + method index
+    std::array<prometheus::Histogram*, kMethodLabels> durations_{};
+};
+
+}  // namespace stepflow
