@@ -28,9 +28,11 @@ std::mutex g_family_mutex;  // Family::Add is internally locked; this guards our
 
 const char* to_string(Decision d) {
     switch (d) {
-    case Decision::Pinned: return "pinned";
+    case Decision::PinnedByHeader:
+    case Decision::PinnedBySession: return "pinned";
     case Decision::LeastLoad: return "least-load";
-    case Decision::None: return "none";
+    case Decision::None:
+    case Decision::Count: break;
     }
     return "none";
 }
@@ -138,7 +140,9 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
       registry_(std::move(r)) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
                           .Help("Requests routed, by decision").Register(*registry_);
-    routing_decisions[size_t(Decision::Pinned)] = &decisions.Add({{"decision", "pinned"}});
+    // One "pinned" series for both pins (the same series: Add returns it for equal labels).
+    routing_decisions[size_t(Decision::PinnedByHeader)] = &decisions.Add({{"decision", "pinned"}});
+    routing_decisions[size_t(Decision::PinnedBySession)] = &decisions.Add({{"decision", "pinned"}});
     routing_decisions[size_t(Decision::LeastLoad)] = &decisions.Add({{"decision", "least-load"}});
     routing_decisions[size_t(Decision::None)] = &decisions.Add({{"decision", "none"}});
     auto& misses = BuildCounter().Name("stepflow_lb_pinned_misses_total")
@@ -153,7 +157,7 @@ Metrics::Metrics(std::shared_ptr<prometheus::Registry> r)
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
                         .Help("New requests sent to another instance (or back to the queue), by reason").Register(*registry_);
     static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
-    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::ResetBeforeResponse,
+    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::PooledClosedUnread, Failure::ResetBeforeResponse,
                       Failure::MayHaveRun, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")

@@ -124,7 +124,7 @@ TEST_CASE("delivery: what was observed decides whether the worker may have read 
     CHECK(observe_delivery(true, true, false) == Delivery::NotRead);      // reset: it never read it all
     CHECK(observe_delivery(false, true, false) == Delivery::MayHaveRun);  // FIN after the whole request
     CHECK(observe_delivery(true, true, true) == Delivery::MayHaveRun);    // it answered something
-    CHECK(close_failure(Delivery::NotRead, true) == Failure::StaleConnection);
+    CHECK(close_failure(Delivery::NotRead, true) == Failure::PooledClosedUnread);
     CHECK(close_failure(Delivery::NotRead, false) == Failure::ResetBeforeResponse);
     CHECK(close_failure(Delivery::MayHaveRun, true) == Failure::MayHaveRun);
     for (const char* m : {"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"}) CHECK(idempotent_method(m));
@@ -137,21 +137,21 @@ TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK_FALSE(judge(Failure::WorkerAtCapacity, Decision::LeastLoad).charge_instance);
     CHECK_FALSE(judge(Failure::QueueTimeout, Decision::LeastLoad).charge_instance);
     CHECK(judge(Failure::ConnectFailed, Decision::LeastLoad).charge_instance);
-    CHECK(judge(Failure::StaleConnection, Decision::LeastLoad).retriable);
-    CHECK_FALSE(judge(Failure::StaleConnection, Decision::Pinned).retriable);
-    CHECK_FALSE(judge(Failure::StaleConnection, Decision::LeastLoad).charge_instance);  // benign race
+    CHECK(judge(Failure::PooledClosedUnread, Decision::LeastLoad).retriable);
+    CHECK_FALSE(judge(Failure::PooledClosedUnread, Decision::PinnedByHeader).retriable);
+    CHECK_FALSE(judge(Failure::PooledClosedUnread, Decision::LeastLoad).charge_instance);  // benign race
     CHECK(judge(Failure::ResetBeforeResponse, Decision::LeastLoad).retriable);  // reset unread: never ran
-    CHECK(judge(Failure::ResetBeforeResponse, Decision::Pinned).status == 503);
+    CHECK(judge(Failure::ResetBeforeResponse, Decision::PinnedByHeader).status == 503);
     // At most once: a call the worker may have read goes nowhere else unless it is repeatable.
     CHECK_FALSE(judge(Failure::MayHaveRun, Decision::LeastLoad).retriable);
     CHECK(judge(Failure::MayHaveRun, Decision::LeastLoad, true).retriable);
-    CHECK_FALSE(judge(Failure::MayHaveRun, Decision::Pinned, true).retriable);
+    CHECK_FALSE(judge(Failure::MayHaveRun, Decision::PinnedByHeader, true).retriable);
     CHECK(judge(Failure::MayHaveRun, Decision::LeastLoad).status == 502);
     LocalAnswer m = answer_failure(Failure::MayHaveRun, Decision::LeastLoad, "5", "", "");
     CHECK(m.status == 502);
     CHECK(m.body.find("\"code\":-32002") != std::string::npos);
     CHECK(m.body.find("may have run") != std::string::npos);
-    LocalAnswer own = answer_failure(Failure::SocketFailed, Decision::Pinned, "5", "inst-1", "");
+    LocalAnswer own = answer_failure(Failure::SocketFailed, Decision::PinnedByHeader, "5", "inst-1", "");
     CHECK(own.status == 503);
     CHECK(own.body.find("Instance not available") == std::string::npos);  // ours, not the instance's
     CHECK(own.body.find("\"code\":-32003") != std::string::npos);
@@ -160,12 +160,12 @@ TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK(a.status == 503);
     CHECK(a.retry_after);
     CHECK(a.body == R"({"jsonrpc":"2.0","id":7,"error":{"code":-32000,"message":"No capacity available","data":{"reason":"queue-full"}}})");
-    a = answer_failure(Failure::ConnectFailed, Decision::Pinned, "\"x\"", "inst-1", "connection refused");
+    a = answer_failure(Failure::ConnectFailed, Decision::PinnedByHeader, "\"x\"", "inst-1", "connection refused");
     CHECK(a.body == R"({"jsonrpc":"2.0","id":"x","error":{"code":-32000,"message":"Instance not available","data":{"instanceId":"inst-1","reason":"connect-failed","detail":"connection refused"}}})");
     // A malformed response head is the worker's fault: charged, never retried (issue 22).
     CHECK(judge(Failure::BadResponse, Decision::LeastLoad).charge_instance);
     CHECK_FALSE(judge(Failure::BadResponse, Decision::LeastLoad).retriable);
-    CHECK(judge(Failure::BadResponse, Decision::Pinned).status == 502);
+    CHECK(judge(Failure::BadResponse, Decision::PinnedByHeader).status == 502);
     // Two session headers: the client's fault, 400 Invalid Request with its id.
     a = answer_failure(Failure::SessionAmbiguous, Decision::None, "5", "", "");
     CHECK(a.status == 400);
