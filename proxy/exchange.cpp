@@ -19,18 +19,10 @@
 namespace stepflow {
 namespace {
 
-constexpr size_t kMaxResponseHead = 256 * 1024;
 constexpr size_t kSinkHighWater = 256 * 1024;
 // Interim (1xx) responses relayed for one request: a worker sends one or two (100 Continue, 103
 // Early Hints); an endless stream of them would hold the exchange open without a response.
 constexpr int kMaxInterimResponses = 16;
-
-void append_header(std::string& out, std::string_view name, std::string_view value) {
-    out.append(name);
-    out.append(": ");
-    out.append(value);
-    out.append("\r\n");
-}
 
 // The attempt span's stepflow.routing.decision (docs/tracing.md): says which pin.
 const char* span_decision(Decision d) {
@@ -219,18 +211,17 @@ void Exchange::count_mcp_method() {
 
 bool Exchange::connect_to(const InstancePtr& inst, bool fresh) {
     instance_ = inst;
-    attempt_.start(trace_, *inst, span_decision(decision_));
+    attempt_.start_span(trace_, *inst, span_decision(decision_));
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
     in_flight_counted_ = true;
-    conn_ = worker_.pool().acquire(inst, this, fresh);
-    if (!conn_ && is_pinned(decision_) && !pending_->pinned_retried) {
+    if (!attempt_.connect(worker_.pool(), inst, this, fresh) && is_pinned(decision_) && !pending_->pinned_retried) {
         // Our shortage must not end a pinned step: free an idle pooled connection (a descriptor)
         // and try once more.
         pending_->pinned_retried = true;
         worker_.pool().shed_one();
-        conn_ = worker_.pool().acquire(inst, this, true);
+        attempt_.connect(worker_.pool(), inst, this, true);
     }
-    if (!conn_) {
+    if (!attempt_.has_conn()) {
         // No socket or TLS object could be made: our shortage (descriptors, memory), not the
         // worker's, so it is never charged to the instance's health.
         Metrics::get().upstream_connect_errors.Increment();
@@ -244,8 +235,7 @@ bool Exchange::connect_to(const InstancePtr& inst, bool fresh) {
         failed_before_response(Failure::SocketFailed, "could not create a socket");
         return true;  // handled: retried elsewhere, queued, or answered
     }
-    conn_reused_ = conn_->connected();
-    if (conn_reused_) send_request_head();  // a pooled connection: go at once
+    if (attempt_.reused()) send_request_head();  // a pooled connection: go at once
     return true;
 }
 
@@ -276,7 +266,7 @@ void Exchange::charge(Failure f, const char* why) {
 }
 
 bool Exchange::can_replay() const {
-    if (response_started_ || interim_count_ > 0) return false;  // a relayed 1xx ends retries
+    if (response_started_ || attempt_.relayed_interim()) return false;  // a relayed 1xx ends retries
     const ReplayBuffer& replay = pending_->replay;
     if (!replay.consumed()) return true;  // nothing of the body left the client yet
     return replay.complete();
@@ -285,7 +275,7 @@ bool Exchange::can_replay() const {
 // A failure before the response head: reports what was observed to the failure policy and
 // carries out its verdict (a fresh connection, another instance, the queue again, or the answer).
 void Exchange::failed_before_response(Failure f, const char* why) {
-    attempt_.end(0, &f, why, 0);
+    attempt_.span().end(0, &f, why, 0);
     AttemptFailure what{f, decision_, pending_->repeatable, can_replay(), pending_->pinned_retried,
                         retries_ < worker_.config().retries};
     AttemptVerdict verdict = judge_attempt(what);
@@ -293,10 +283,9 @@ void Exchange::failed_before_response(Failure f, const char* why) {
     if (verdict.charge_instance) charge(f, why);
     if (instance_)
         log::debug("upstream attempt failed", {{"instance", instance_->id}, {"backend", instance_->address}, {"reason", why}});
-    drop_connection();
+    attempt_.let_go(nullptr);
+    attempt_.reset_progress();
     release_instance();
-    head_sent_ = false;
-    scan_from_ = 0;
     if (verdict.fresh_connection) {
         pending_->pinned_retried = true;
         count_retry(what, false);
@@ -333,56 +322,14 @@ void Exchange::give_up(Failure f, const char* why) {
 }
 
 void Exchange::send_request_head() {
-    head_sent_ = true;
-    std::string& head = worker_.head_text();
-    head.append(request_.method);
-    head += ' ';
-    head.append(request_.target);
-    head.append(" HTTP/1.1\r\n");
-    http1::HopByHop hop(request_);
-    std::string_view forwarded_for;
-    bool has_cl = false, has_host = false;
-    for (const auto& h : request_.headers) {
-        if (hop.contains(h)) continue;
-        if (h.field == http1::Field::Host) has_host = true;
-        if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
-        if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
-        if (h.field == http1::Field::XForwardedProto) continue;
-        if (attempt_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
-        if (const std::string* own = pending_->session.backend_value_for(h)) {
-            append_header(head, h.name, *own);  // the backend sees its own id
-            continue;
-        }
-        append_header(head, h.name, h.value);
-    }
-    // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
-    // :authority) may have none, and it goes out as HTTP/1.1: name the worker.
-    if (!has_host) append_header(head, "Host", instance_->address);
-    head.append("X-Forwarded-For: ");
-    if (!forwarded_for.empty()) {
-        head.append(forwarded_for);
-        head.append(", ");
-    }
-    head.append(client_ip_);
-    head.append(client_tls_ ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
-    if (attempt_.open()) attempt_.append_traceparent(head);
-    if (request_.framing == http1::Framing::Length) {
-        head.append("Content-Length: ");
-        head.append(std::to_string(request_.content_length));
-        head.append("\r\n");
-    } else if (request_chunked_) {
-        head.append("Transfer-Encoding: chunked\r\n");
-    } else if (has_cl) {
-        head.append("Content-Length: 0\r\n");
-    }
-    head.append("\r\n");
-    Conn* bev = conn_->bev();
-    evbuffer_add(bev->output(), head.data(), head.size());
+    attempt_.send_head(worker_.head_text(), request_,
+                       {pending_ ? &pending_->session : nullptr, client_ip_, client_tls_, request_chunked_});
+    Conn* bev = attempt_.wire();
     // A retry: what the client sent so far goes again (the rest follows as it arrives). New work
     // keeps its body for a retry; pinned work keeps it too, so a failure after the body left can
     // still echo the JSON-RPC id.
     pending_->replay.resend(bev->output(), request_chunked_, request_done_);
-    conn_->set_read_timeout(worker_.config().upstream_header_timeout);
+    attempt_.conn().set_read_timeout(worker_.config().upstream_header_timeout);
     // The client side refills the request body once the worker's side drains below a quarter
     // of the high-water mark (request_sink_full stops it above).
     if (!request_done_) {
@@ -394,8 +341,8 @@ void Exchange::send_request_head() {
 }
 
 evbuffer* Exchange::request_sink() const {
-    if (!conn_ || !head_sent_ || finished_) return nullptr;
-    return conn_->bev()->output();
+    if (!attempt_.has_conn() || !attempt_.head_sent() || finished_) return nullptr;
+    return attempt_.output();
 }
 
 bool Exchange::request_sink_full() const {
@@ -408,13 +355,13 @@ void Exchange::request_body_done() {
     // A chunked body's last chunk went out: the body left the client even without payload.
     if (request_chunked_ && pending_) pending_->replay.end_sent();
     // The write callback now comes only once the worker's socket took every byte.
-    if (conn_ && !finished_) conn_->bev()->set_watermark(EV_WRITE, 0, 0);
+    if (attempt_.has_conn() && !finished_) attempt_.wire()->set_watermark(EV_WRITE, 0, 0);
     request_sent_check();
 }
 
 void Exchange::request_sent_check() {
-    if (pending_ && request_done_ && pending_->request_deadline.armed() && conn_ &&
-        evbuffer_get_length(conn_->bev()->output()) == 0)
+    if (pending_ && request_done_ && pending_->request_deadline.armed() && attempt_.has_conn() &&
+        evbuffer_get_length(attempt_.output()) == 0)
         pending_->request_deadline.cancel();
 }
 
@@ -444,32 +391,24 @@ void Exchange::upstream_readable() {
 // The parsed head is the thread's scratch head: once passed on, only its framing is needed
 // (kept by the pump), and an SSE stream may stay open for minutes.
 bool Exchange::parse_response_head() {
-    evbuffer* in = conn_->bev()->input();
     http1::Head& response = worker_.response_head();
     while (true) {
-        size_t n = http1::find_head_end(in, kMaxResponseHead, scan_from_);
-        if (n == 0) return false;
-        if (n == SIZE_MAX) {
-            bad_response("upstream response head too large");
-            return false;
-        }
-        response.clear();
-        response.raw.resize(n);
-        evbuffer_remove(in, response.raw.data(), n);
-        scan_from_ = 0;
-        if (auto err = http1::parse_response(response, request_.is_head_method)) {
-            bad_response(err.reason);
+        const char* why = nullptr;
+        Attempt::HeadRead read = attempt_.read_head(response, request_.is_head_method, why);
+        if (read == Attempt::HeadRead::More) return false;
+        if (read == Attempt::HeadRead::Broken) {
+            bad_response(why);
             return false;
         }
         if (response.status >= 200) {
-            if (hold_for_capacity_check(response, in)) return false;
+            if (hold_for_capacity_check(response, attempt_.input())) return false;
             break;
         }
         if (response.status == 101) {
             bad_response("upstream switched protocols");
             return false;
         }
-        if (++interim_count_ > kMaxInterimResponses) {
+        if (attempt_.count_interim() > kMaxInterimResponses) {
             bad_response("too many interim responses from upstream");
             return false;
         }
@@ -481,7 +420,7 @@ bool Exchange::parse_response_head() {
     note_jsonrpc_body();  // the span's rpc.* attributes come from the replay copy, read before it goes
     status_ = response.status;
     response_keep_alive_ = response.keep_alive;
-    Instance& inst = conn_->instance();
+    Instance& inst = attempt_.conn().instance();
     inst.record_success();
     inst.worker_answered();
     auto& metrics = Metrics::get();
@@ -522,10 +461,10 @@ bool Exchange::parse_response_head() {
     }
 
     bool chunked_out = false;
-    sink_ = downstream_.start_response(status_, response.reason, headers, response.framing, response.content_length,
-                                       chunked_out);
-    response_pump_.start(response.framing, response.content_length, chunked_out);
-    conn_->set_read_timeout(worker_.config().stream_idle_timeout);
+    evbuffer* sink = downstream_.start_response(status_, response.reason, headers, response.framing,
+                                                response.content_length, chunked_out);
+    attempt_.start_relay(response.framing, response.content_length, chunked_out, sink);
+    attempt_.conn().set_read_timeout(worker_.config().stream_idle_timeout);
     release_pending();  // last: the header list passed on above viewed the sealed session id
     return true;
 }
@@ -563,28 +502,26 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     std::string_view body(reinterpret_cast<const char*>(evbuffer_pullup(in, static_cast<ssize_t>(need))), need);
     if (jsonrpc_error_code_of(body) != -32300) return false;
     evbuffer_drain(in, need);
-    Instance& inst = conn_->instance();
+    Instance& inst = attempt_.conn().instance();
     int64_t now = steady_ms();
     inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now,
                             worker_.config().capacity_recovery_interval.count());
     Metrics::get().worker_at_capacity.Increment();
     log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
-        evbuffer_get_length(conn_->bev()->output()) == 0) {
+        evbuffer_get_length(attempt_.output()) == 0) {
         // The connection is clean (no extra bytes either way): give it back rather than close it.
-        conn_->attach(nullptr);
-        worker_.pool().release(std::move(conn_));
+        attempt_.let_go(&worker_.pool());
     }
     failed_before_response(Failure::WorkerAtCapacity, "worker at capacity (-32300)");
     return true;
 }
 
 void Exchange::pump_response() {
-    evbuffer* in = conn_->bev()->input();
-    auto status = response_pump_.pump(in, sink_);
+    auto status = attempt_.relay();
     if (status == http1::BodyPump::Status::Error) {
         downstream_.response_data();
-        fail(Failure::CutShort, response_pump_.error());
+        fail(Failure::CutShort, attempt_.relay_error());
         return;
     }
     downstream_.response_data();
@@ -592,19 +529,19 @@ void Exchange::pump_response() {
         complete_response();
         return;
     }
-    if (downstream_.response_sink_full()) conn_->bev()->disable(EV_READ);
+    if (downstream_.response_sink_full()) attempt_.wire()->disable(EV_READ);
 }
 
 void Exchange::resume_response() {
-    if (finished_ || !conn_ || !response_started_) return;
-    conn_->bev()->enable(EV_READ);
+    if (finished_ || !attempt_.has_conn() || !response_started_) return;
+    attempt_.wire()->enable(EV_READ);
     pump_response();
 }
 
 void Exchange::complete_response() {
     response_done_ = true;
-    bool reuse = request_done_ && response_keep_alive_ && !response_pump_.until_close() &&
-                 evbuffer_get_length(conn_->bev()->input()) == 0;
+    bool reuse = request_done_ && response_keep_alive_ && !attempt_.relay_until_close() &&
+                 evbuffer_get_length(attempt_.input()) == 0;
     finish(reuse);
     downstream_.response_done();  // last: the downstream may let go of this exchange
 }
@@ -613,14 +550,14 @@ void Exchange::upstream_closed(UpstreamClose how) {
     if (finished_) return;
     log::Scope ids(correlation());
     const char* why = describe(how);
-    if (!head_sent_) {
+    if (!attempt_.head_sent()) {
         failed_before_response(Failure::ConnectFailed, why);
         return;
     }
-    if (response_started_ && how == UpstreamClose::Eof && response_pump_.until_close()) {
+    if (response_started_ && how == UpstreamClose::Eof && attempt_.relay_until_close()) {
         pump_response();
         if (finished_) return;
-        response_pump_.finish_on_close(sink_);
+        attempt_.finish_relay_on_close();
         downstream_.response_data();
         complete_response();
         return;
@@ -635,17 +572,13 @@ void Exchange::upstream_closed(UpstreamClose how) {
         return;
     }
     // Closed before the response head: what the socket showed decides whether the worker may
-    // have read the request (proxy/delivery.h), never whether the connection was pooled.
-    bool response_seen = interim_count_ > 0 || scan_from_ != 0 || evbuffer_get_length(conn_->bev()->input()) != 0;
-    bool all_sent = request_done_ && evbuffer_get_length(conn_->bev()->output()) == 0;
-    bool reset = how == UpstreamClose::Reset || (how == UpstreamClose::Eof && reset_followed_close(conn_->bev()->fd()));
-    Delivery d = observe_delivery(reset, all_sent, response_seen);
-    failed_before_response(close_failure(d, conn_reused_), why);
+    // have read the request (proxy/delivery.h).
+    failed_before_response(attempt_.closed_unanswered(how, request_done_), why);
 }
 
 void Exchange::fail(Failure f, const char* why) {
     if (finished_) return;
-    attempt_.end(response_started_ ? status_ : 0, &f, why, response_bytes());
+    attempt_.span().end(response_started_ ? status_ : 0, &f, why, response_bytes());
     int status = judge(f, decision_).status;
     if (!response_started_) status_ = status;
     bool started = response_started_;
@@ -658,7 +591,7 @@ void Exchange::fail(Failure f, const char* why) {
 void Exchange::finish(bool reuse_connection) {
     if (finished_) return;
     finished_ = true;
-    attempt_.end(status_, nullptr, {}, response_bytes());
+    attempt_.span().end(status_, nullptr, {}, response_bytes());
     note_jsonrpc_body();
     leave_queue();
     if (pending_) {
@@ -666,18 +599,8 @@ void Exchange::finish(bool reuse_connection) {
         pending_->request_deadline.cancel();
     }
     if (sse_) Metrics::get().sse_streams_open.Decrement();
-    if (conn_) {
-        conn_->attach(nullptr);
-        if (reuse_connection) worker_.pool().release(std::move(conn_));
-        else conn_.reset();
-    }
+    attempt_.let_go(reuse_connection ? &worker_.pool() : nullptr);
     release_instance();
-}
-
-void Exchange::drop_connection() {
-    if (!conn_) return;
-    conn_->attach(nullptr);
-    conn_.reset();
 }
 
 void Exchange::note_jsonrpc_body() {
@@ -689,7 +612,7 @@ void Exchange::note_jsonrpc_body() {
 
 void Exchange::abort() {
     if (finished_) return;
-    attempt_.cancel(status_, response_bytes());
+    attempt_.span().cancel(status_, response_bytes());
     finish(false);
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "discovery/instance.h"
+#include "proxy/attempt.h"
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/http1.h"
@@ -102,7 +103,7 @@ public:
     // The instance the request went to (or last tried); null before routing. Kept after the
     // exchange ends, for the access log and metrics.
     const InstancePtr& routed_instance() const { return instance_; }
-    uint64_t response_bytes() const { return response_pump_.payload_bytes(); }
+    uint64_t response_bytes() const { return attempt_.response_bytes(); }
 
     // UpstreamConn::Handler
     void upstream_connected() override;
@@ -121,7 +122,6 @@ private:
     void charge(Failure f, const char* why);
     bool can_replay() const;
     bool hold_for_capacity_check(http1::Head& response, evbuffer* in);
-    void drop_connection();
     void count_mcp_method();
     RouteOutcome pin_to(const Fleet& fleet, Decision how, std::string_view instance_id, std::string_view named);
     void send_request_head();
@@ -166,14 +166,10 @@ private:
     // Ordered largest first, so that the object a stream holds carries no padding.
     std::unique_ptr<Pending> pending_;  // null once the response head arrived
     InstancePtr instance_;
-    std::unique_ptr<UpstreamConn> conn_;
-    evbuffer* sink_ = nullptr;
-    size_t scan_from_ = 0;
+    Attempt attempt_;  // the current attempt towards a worker
     double queue_wait_ms_ = 0;
-    http1::BodyPump response_pump_;
     int retries_ = 0;
     int status_ = 0;
-    int interim_count_ = 0;  // 1xx responses seen (capped: kMaxInterimResponses)
     Decision decision_ = Decision::None;
     Failure refused_ = Failure::NoInstance;
     bool client_tls_;
@@ -183,17 +179,14 @@ private:
     bool refused_set_ = false;
     bool exhausted_ = false;  // dispatch found no untried instance taking new work
     bool body_consumed_ = false;  // pending_->replay's, kept when pending_ goes
-    bool conn_reused_ = false;
     bool request_chunked_ = false;
     bool request_done_ = false;
-    bool head_sent_ = false;
     bool response_started_ = false;
     bool response_done_ = false;
     bool finished_ = false;
     bool sse_ = false;
     bool response_keep_alive_ = false;
     RequestTrace* trace_ = nullptr;
-    AttemptSpan attempt_;  // the current attempt's CLIENT span
 };
 
 }  // namespace stepflow
