@@ -5,8 +5,11 @@
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/net.h"
+#include "proxy/replay_buffer.h"
 #include "tests/unit/instances.h"
 #include "proxy/router.h"
+
+#include <event2/buffer.h>
 
 using namespace stepflow;
 
@@ -171,4 +174,62 @@ TEST_CASE("failure policy: charge and retry per failure", "[admission]") {
     CHECK(a.status == 400);
     CHECK_FALSE(judge(Failure::SessionAmbiguous, Decision::None).charge_instance);
     CHECK(a.body == R"({"jsonrpc":"2.0","id":5,"error":{"code":-32600,"message":"More than one session header","data":{"reason":"ambiguous-session"}}})");
+}
+
+TEST_CASE("failure policy: the steps after a failed attempt", "[admission]") {
+    // {failure, decision, repeatable, replayable, fresh_retry_used, retries_left}
+    AttemptVerdict v = judge_attempt({Failure::PooledClosedUnread, Decision::PinnedBySession, false, true, false, true});
+    CHECK(v.fresh_connection);  // a pinned request gets one fresh connection after our own race
+    CHECK_FALSE(v.other_instance);
+    CHECK_FALSE(v.charge_instance);
+    CHECK_FALSE(judge_attempt({Failure::PooledClosedUnread, Decision::PinnedByHeader, false, true, true, true}).fresh_connection);
+    CHECK_FALSE(judge_attempt({Failure::PooledClosedUnread, Decision::PinnedByHeader, false, false, false, true}).fresh_connection);
+    v = judge_attempt({Failure::PooledClosedUnread, Decision::LeastLoad, false, true, false, true});
+    CHECK(v.other_instance);
+    CHECK_FALSE(v.fresh_connection);
+    CHECK_FALSE(v.requeue);
+    // -32300: another instance while retries are left, else the queue again.
+    v = judge_attempt({Failure::WorkerAtCapacity, Decision::LeastLoad, false, true, false, false});
+    CHECK_FALSE(v.other_instance);
+    CHECK(v.requeue);
+    CHECK(v.name_instance);
+    // A body that cannot be sent again (over --retry-buffer-size) is answered.
+    v = judge_attempt({Failure::WorkerAtCapacity, Decision::LeastLoad, false, false, false, true});
+    CHECK_FALSE(v.other_instance);
+    CHECK_FALSE(v.requeue);
+    // At most once: only a repeatable request that may have run goes elsewhere.
+    CHECK_FALSE(judge_attempt({Failure::MayHaveRun, Decision::LeastLoad, false, true, false, true}).other_instance);
+    CHECK(judge_attempt({Failure::MayHaveRun, Decision::LeastLoad, true, true, false, true}).other_instance);
+    // A connect failure is charged, and the access log names no instance.
+    v = judge_attempt({Failure::ConnectFailed, Decision::PinnedByHeader, false, true, false, true});
+    CHECK(v.charge_instance);
+    CHECK_FALSE(v.other_instance);
+    CHECK_FALSE(v.name_instance);
+}
+
+TEST_CASE("replay buffer: the payload, framed again for a retry", "[admission]") {
+    ReplayBuffer replay(16);
+    CHECK_FALSE(replay.consumed());
+    replay.keep("{\"id\":", 6);
+    evbuffer* in = evbuffer_new();
+    evbuffer_add(in, "7}rest", 6);
+    replay.payload(in, 2);  // the first two bytes of `in`
+    CHECK(evbuffer_get_length(in) == 6);  // copied, not taken
+    CHECK(replay.consumed());
+    CHECK(replay.complete());
+    CHECK(replay.view() == "{\"id\":7}");
+    CHECK(replay.id_json() == "7");
+    evbuffer* out = evbuffer_new();
+    replay.resend(out, true, true);
+    std::string wire(evbuffer_get_length(out), '\0');
+    evbuffer_remove(out, wire.data(), wire.size());
+    CHECK(wire == "8\r\n{\"id\":7}\r\n0\r\n\r\n");
+    replay.resend(out, false, true);
+    CHECK(evbuffer_get_length(out) == 8);
+    // Over the bound: dropped, and the request is no longer replayable.
+    replay.keep("0123456789", 10);
+    CHECK_FALSE(replay.complete());
+    CHECK(replay.id_json().empty());
+    evbuffer_free(in);
+    evbuffer_free(out);
 }
