@@ -395,7 +395,8 @@ BodyPump::Status BodyPump::fail(const char* why) {
     return Status::Error;
 }
 
-void BodyPump::emit_payload(evbuffer* in, evbuffer* out, size_t n) {
+void BodyPump::emit_payload(evbuffer* in, evbuffer* out, size_t n, BodyTap* tap) {
+    if (tap) tap->payload(in, n);
     if (chunked_out_) {
         char line[24];
         int len = std::snprintf(line, sizeof line, "%zx\r\n", n);
@@ -415,7 +416,7 @@ void BodyPump::finish_on_close(evbuffer* out) {
     if (framing_ == Framing::UntilClose && state_ == State::Data) emit_end(out);
 }
 
-BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
+BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out, BodyTap* tap) {
     while (true) {
         size_t avail = evbuffer_get_length(in);
         switch (state_) {
@@ -424,7 +425,7 @@ BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
         case State::Data: {
             size_t n = static_cast<size_t>(std::min<uint64_t>(avail, remaining_));
             if (n > 0) {
-                emit_payload(in, out, n);
+                emit_payload(in, out, n, tap);
                 if (framing_ == Framing::Length) remaining_ -= n;
             }
             if (framing_ == Framing::Length && remaining_ == 0) {
@@ -469,7 +470,7 @@ BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out) {
         case State::ChunkData: {
             size_t n = static_cast<size_t>(std::min<uint64_t>(avail, remaining_));
             if (n == 0) return Status::More;
-            emit_payload(in, out, n);
+            emit_payload(in, out, n, tap);
             remaining_ -= n;
             if (remaining_ == 0) state_ = State::ChunkDataEnd;
             break;

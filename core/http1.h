@@ -112,13 +112,23 @@ private:
 
 // Streams a body from `in` to `out`, checking the incoming framing and emitting the outgoing
 // one (chunked or raw). Payload bytes are moved, not copied.
+// Sees the payload a pump moves, before any chunk framing (a request's replay copy).
+class BodyTap {
+public:
+    virtual void payload(evbuffer* from, size_t n) = 0;  // the first `n` bytes of `from`
+
+protected:
+    ~BodyTap() = default;
+};
+
 class BodyPump {
 public:
     enum class Status { More, Done, Error };
 
     void start(Framing in_framing, uint64_t content_length, bool chunked_out);
     // Moves what is available; Done once the body's end was seen (the end framing is written).
-    Status pump(evbuffer* in, evbuffer* out);
+    // `tap`, when given, sees each piece of payload first.
+    Status pump(evbuffer* in, evbuffer* out, BodyTap* tap = nullptr);
     // For UntilClose bodies: the peer closed, which ends the body. Writes the end framing.
     void finish_on_close(evbuffer* out);
     bool done() const { return state_ == State::Done; }
@@ -129,7 +139,7 @@ public:
 private:
     enum class State { Data, ChunkSize, ChunkData, ChunkDataEnd, Trailers, Done, Failed };
     Status fail(const char* why);
-    void emit_payload(evbuffer* in, evbuffer* out, size_t n);
+    void emit_payload(evbuffer* in, evbuffer* out, size_t n, BodyTap* tap);
     void emit_end(evbuffer* out);
 
     Framing framing_ = Framing::None;

@@ -171,7 +171,7 @@ void ClientH1::parse_head() {
     exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
     exchange_->set_trace(&record_.trace);
     RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
-    if (outcome.kind == RouteOutcome::Routed) return;
+    if (outcome.kind != RouteOutcome::Refused) return;
 
     record_.decision = exchange_->decision();
     local_ = std::make_unique<RouteOutcome>(std::move(outcome));
@@ -224,7 +224,7 @@ void ClientH1::pump_request_body() {
     }
     evbuffer* in = bev_->input();
     uint64_t before = request_pump_.payload_bytes();
-    auto status = request_pump_.pump(in, sink);
+    auto status = request_pump_.pump(in, sink, exchange_->replay_copy());
     record_.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::More && (record_.bytes_in != before || !body_deadline_.armed()))
         body_deadline_.arm(worker_.timers(), worker_.config().request_body_timeout);
@@ -304,7 +304,7 @@ void ClientH1::on_body_timeout(void* arg) {
         self->close_after_flush();
         return;
     }
-    std::string pinned(decision == Decision::Pinned ? self->request_.get(self->worker_.config().instance_header) : "");
+    std::string pinned(is_pinned(decision) ? self->request_.get(self->worker_.config().instance_header) : "");
     self->send_answer(answer_failure(Failure::RequestBodyTimeout, decision, self->retired_->replay_id_json(), pinned,
                                      "request body not received in time"));
     self->finish_request();
@@ -489,7 +489,7 @@ void ClientH1::exchange_failed(Failure failure, const char* why, bool response_s
         close_after_flush();
         return;
     }
-    std::string pinned(record_.decision == Decision::Pinned ? request_.get(worker_.config().instance_header) : "");
+    std::string pinned(is_pinned(record_.decision) ? request_.get(worker_.config().instance_header) : "");
     if (!retired_->body_consumed() && !request_done_) {
         // The body never left the client: read it for its id, as for a routing miss.
         local_ = std::make_unique<RouteOutcome>(RouteOutcome{RouteOutcome::Refused, failure, pinned, why});

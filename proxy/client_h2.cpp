@@ -223,7 +223,7 @@ public:
         exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
         exchange_->set_trace(&record_.trace);
         local_ = exchange_->route();
-        if (local_.kind == RouteOutcome::Routed) return;
+        if (local_.kind != RouteOutcome::Refused) return;
         record_.decision = exchange_->decision();
         exchange_ = nullptr;
         exchange_storage_.reset();
@@ -247,7 +247,10 @@ public:
             evbuffer* sink = exchange_->request_sink();
             if (sink && !body_forwarded_ && !(req_buf_ && evbuffer_get_length(req_buf_) > 0) &&
                 !exchange_->request_sink_full()) {
-                forward(sink, len, [&] { evbuffer_add(sink, bytes, len); });
+                forward(sink, len, [&] {
+                    if (ReplayBuffer* replay = exchange_->replay_copy()) replay->keep(bytes, len);
+                    evbuffer_add(sink, bytes, len);
+                });
                 return;
             }
             evbuffer_add(req_buf(), bytes, len);
@@ -398,7 +401,7 @@ public:
             finish_log();
             return;
         }
-        std::string pinned(record_.decision == Decision::Pinned ? head_.get(conn_.worker_.config().instance_header) : "");
+        std::string pinned(is_pinned(record_.decision) ? head_.get(conn_.worker_.config().instance_header) : "");
         local_ = RouteOutcome{RouteOutcome::Refused, failure, pinned, why};
         if (!ended->body_consumed()) {
             // The body never left the stream: read it for its id, as for a routing miss.
@@ -427,7 +430,10 @@ private:
         if (!sink || exchange_->request_sink_full()) return;  // unconsumed bytes hold the client's window
         size_t n = req_buf_ ? evbuffer_get_length(req_buf_) : 0;
         if (n > 0) {
-            forward(sink, n, [&] { evbuffer_remove_buffer(req_buf_, sink, n); });
+            forward(sink, n, [&] {
+                if (ReplayBuffer* replay = exchange_->replay_copy()) replay->payload(req_buf_, n);
+                evbuffer_remove_buffer(req_buf_, sink, n);
+            });
             unconsumed_ -= n;
             watch_body();
         }
@@ -483,7 +489,7 @@ private:
             self->finish_log();
             return;
         }
-        std::string pinned(self->record_.decision == Decision::Pinned
+        std::string pinned(is_pinned(self->record_.decision)
                                ? self->head_.get(self->conn_.worker_.config().instance_header)
                                : "");
         self->answer(answer_failure(Failure::RequestBodyTimeout, self->record_.decision, id, pinned,

@@ -25,7 +25,7 @@ bool reset_followed_close(int fd) {
 Failure close_failure(Delivery d, bool reused_connection) {
     if (d == Delivery::MayHaveRun) return Failure::MayHaveRun;
     // Not read: on a pooled connection, the worker had closed it (the benign stale race).
-    return reused_connection ? Failure::StaleConnection : Failure::ResetBeforeResponse;
+    return reused_connection ? Failure::PooledClosedUnread : Failure::ResetBeforeResponse;
 }
 
 bool idempotent_method(std::string_view m) {

@@ -1,6 +1,9 @@
 // One request's trip to a worker and back: route it, connect (retrying new work elsewhere when
 // a connection cannot be opened), send the head and body, stream the response back. The client
 // side is behind the Downstream interface so HTTP/1.1 and HTTP/2 connections share this code.
+// The exchange coordinates; the jobs live beside it: session routing (session_route.h), the
+// place in the admission queue (queue_ticket.h), the body kept for a retry (replay_buffer.h),
+// and what a failure means (failure_policy.h).
 #pragma once
 
 #include <array>
@@ -12,15 +15,17 @@
 #include "core/http1.h"
 #include "core/timers.h"
 #include "discovery/instance.h"
+#include "proxy/attempt.h"
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/metrics.h"
+#include "proxy/queue_ticket.h"
+#include "proxy/replay_buffer.h"
 #include "proxy/request_trace.h"
+#include "proxy/session_route.h"
 #include "proxy/upstream.h"
 
 struct evbuffer;
-struct evbuffer_cb_info;
-struct evbuffer_cb_entry;
 
 namespace stepflow {
 
@@ -45,9 +50,10 @@ public:
     virtual void request_sink_ready() = 0;
 };
 
-// Routed: connecting, or waiting in the admission queue. Refused: answer `failure` locally.
+// Connecting: on its way to an instance (or sent already, on a pooled connection). Queued:
+// waiting in the admission queue for a free slot. Refused: answer `failure` locally.
 struct RouteOutcome {
-    enum Kind { Routed, Refused } kind = Routed;
+    enum Kind { Connecting, Queued, Refused } kind = Connecting;
     Failure failure = Failure::NoInstance;
     std::string pinned_id;
     std::string detail;  // for data.detail, when the failure came from an exchange
@@ -73,14 +79,17 @@ public:
     // Answers a request still waiting in the queue 503 now (draining: before the drain timeout).
     void queue_timed_out(const char* why);
     // True once request body bytes went to a worker (the client no longer holds them all).
-    bool body_consumed() const { return body_consumed_; }
+    bool body_consumed() const { return pending_ ? pending_->replay.consumed() : body_consumed_; }
     // The request's JSON-RPC id from the body kept for replay, "" when not known.
-    std::string replay_id_json() const;
+    std::string replay_id_json() const { return pending_ ? pending_->replay.id_json() : std::string(); }
     double queue_wait_ms() const { return queue_wait_ms_; }
     int retries() const { return retries_; }
 
     // Where request body bytes go (the upstream connection's output), nullptr until connected.
     evbuffer* request_sink() const;
+    // Where the client side copies the body payload it writes to request_sink (before its chunk
+    // framing), for a retry; null once the response started (no retry then).
+    ReplayBuffer* replay_copy() { return pending_ ? &pending_->replay : nullptr; }
     bool request_sink_full() const;
     // The client finished sending the request body.
     void request_body_done();
@@ -94,7 +103,7 @@ public:
     // The instance the request went to (or last tried); null before routing. Kept after the
     // exchange ends, for the access log and metrics.
     const InstancePtr& routed_instance() const { return instance_; }
-    uint64_t response_bytes() const { return response_pump_.payload_bytes(); }
+    uint64_t response_bytes() const { return attempt_.response_bytes(); }
 
     // UpstreamConn::Handler
     void upstream_connected() override;
@@ -113,13 +122,8 @@ private:
     void charge(Failure f, const char* why);
     bool can_replay() const;
     bool hold_for_capacity_check(http1::Head& response, evbuffer* in);
-    static void on_sink_changed(evbuffer* buf, const evbuffer_cb_info* info, void* arg);
-    void watch_sink(bool on);
-    void release_replay();
     void count_mcp_method();
-    bool route_session(const Fleet& fleet, RouteOutcome& outcome);
-    void take_response_session(const http1::Header& h, const Instance& inst, std::vector<http1::Header>& out);
-    void reseal_session(const Instance& inst);
+    RouteOutcome pin_to(const Fleet& fleet, Decision how, std::string_view instance_id, std::string_view named);
     void send_request_head();
     bool parse_response_head();
     void bad_response(const char* why);
@@ -144,68 +148,45 @@ private:
     // What only routing, queueing and retrying need: freed once the response head arrived (the
     // request is then dispatched for the last time), so an open stream does not hold it.
     struct Pending {
-        explicit Pending(Exchange* self)
-            : queue_deadline(on_queue_timeout, self), request_deadline(on_request_deadline, self) {}
-        // Sessions learned from a response header (docs/sessions.md)
-        const std::string* session_header = nullptr;  // the --session-header the request carries
-        std::string_view session_value;              // its value (a view of the request head)
-        bool session_unsealed = false;               // backend_session replaces it upstream
-        bool session_stale = false;                  // opened with an older key: re-sealed on the response
-        int64_t session_issued_at = 0;
+        Pending(Exchange* self, size_t replay_limit)
+            : queue(on_queue_timeout, self), request_deadline(on_request_deadline, self), replay(replay_limit) {}
+        SessionRoute session;
+        QueueTicket queue;
         uint8_t tried_count = 0;
         std::array<Instance*, kMaxAttempts> tried{};  // instances tried for new work
-        std::string backend_session;
-        std::string sealed_session;  // the sealed id sent to the client (the header list views it)
-        // Admission queue
-        uint64_t ticket = 0;  // nonzero while queued
         bool cold_start = false;  // arrived while no instance took new work: waits --cold-start-timeout
-        bool waiting = false;                 // in the queue now (or being offered a slot)
-        bool queue_deadline_started = false;  // armed once, at the first wait: a deadline, not a per-stay timeout
-        bool queue_expired = false;           // it passed while the request was at a worker
-        bool repeatable = false;              // may run twice without harm (proxy/delivery.h may_repeat)
-        bool pinned_retried = false;          // pinned work gets one fresh connection after our own failure
-        std::chrono::steady_clock::time_point queued_at{};
-        Deadline queue_deadline;
+        bool repeatable = false;      // may run twice without harm (proxy/delivery.h may_repeat)
+        bool pinned_retried = false;  // pinned work gets one fresh connection after our own failure
         // --upstream-request-timeout: from the head's send until the worker took the whole body.
         Deadline request_deadline;
+        ReplayBuffer replay;
     };
     void release_pending();
 
     // Ordered largest first, so that the object a stream holds carries no padding.
     std::unique_ptr<Pending> pending_;  // null once the response head arrived
     InstancePtr instance_;
-    // The request body as sent, for replay on another instance (null once over the bound).
-    evbuffer* replay_ = nullptr;
-    evbuffer_cb_entry* sink_cb_ = nullptr;
-    std::unique_ptr<UpstreamConn> conn_;
-    evbuffer* sink_ = nullptr;
-    size_t scan_from_ = 0;
+    Attempt attempt_;  // the current attempt towards a worker
     double queue_wait_ms_ = 0;
-    http1::BodyPump response_pump_;
     int retries_ = 0;
     int status_ = 0;
-    int interim_count_ = 0;  // 1xx responses seen (capped: kMaxInterimResponses)
     Decision decision_ = Decision::None;
     Failure refused_ = Failure::NoInstance;
     bool client_tls_;
     bool in_flight_counted_ = false;  // this request is counted in instance_->in_flight
-    bool admitted_ = false;           // ... and holds a slot of instance_->new_work
+    bool holds_new_work_slot_ = false;  // ... and holds a slot of instance_->new_work
     bool routing_ = false;  // inside route(): a refusal is returned, not sent
     bool refused_set_ = false;
     bool exhausted_ = false;  // dispatch found no untried instance taking new work
-    bool replay_overflow_ = false;
-    bool body_consumed_ = false;
-    bool conn_reused_ = false;
+    bool body_consumed_ = false;  // pending_->replay's, kept when pending_ goes
     bool request_chunked_ = false;
     bool request_done_ = false;
-    bool head_sent_ = false;
     bool response_started_ = false;
     bool response_done_ = false;
     bool finished_ = false;
     bool sse_ = false;
     bool response_keep_alive_ = false;
     RequestTrace* trace_ = nullptr;
-    AttemptSpan attempt_;  // the current attempt's CLIENT span
 };
 
 }  // namespace stepflow

@@ -1,7 +1,9 @@
 #include "proxy/failure_policy.h"
 
 #include "core/http1.h"
+#include "discovery/instance.h"
 #include "proxy/local_response.h"
+#include "core/log.h"
 
 namespace stepflow {
 
@@ -12,7 +14,7 @@ const char* to_string(Failure f) {
     case Failure::PinnedNotServing: return "not-serving";
     case Failure::ConnectFailed: return "connect-failed";
     case Failure::SocketFailed: return "socket-failed";
-    case Failure::StaleConnection: return "stale-connection";
+    case Failure::PooledClosedUnread: return "stale-connection";
     case Failure::ResetBeforeResponse: return "reset";
     case Failure::MayHaveRun: return "may-have-run";
     case Failure::HeadTimeout: return "timeout";
@@ -32,7 +34,7 @@ const char* to_string(Failure f) {
 
 FailureVerdict judge(Failure f, Decision decision, bool repeatable) {
     const bool unpinned = decision == Decision::LeastLoad;
-    const bool pinned = decision == Decision::Pinned;
+    const bool pinned = is_pinned(decision);
     switch (f) {
     case Failure::NoInstance:
     case Failure::PinnedUnknown:
@@ -42,7 +44,7 @@ FailureVerdict judge(Failure f, Decision decision, bool repeatable) {
     case Failure::SocketFailed: return {503, false, unpinned, true};
     // A pooled connection the worker had closed: it never read the request. The race is benign,
     // not the worker's fault.
-    case Failure::StaleConnection: return {pinned ? 503 : 502, false, unpinned, pinned};
+    case Failure::PooledClosedUnread: return {pinned ? 503 : 502, false, unpinned, pinned};
     // Reset without reading: provably not run, but a fresh connection should not be reset.
     case Failure::ResetBeforeResponse: return {pinned ? 503 : 502, true, unpinned, pinned};
     // The worker may have read it and started: sent again only when running twice is harmless.
@@ -67,6 +69,46 @@ FailureVerdict judge(Failure f, Decision decision, bool repeatable) {
     case Failure::Count: break;
     }
     return {502, false, false, false};
+}
+
+AttemptVerdict judge_attempt(const AttemptFailure& a) {
+    FailureVerdict v = judge(a.failure, a.decision, a.repeatable);
+    AttemptVerdict out{};
+    out.charge_instance = v.charge_instance;
+    // Pinned work cannot go elsewhere; a pooled connection the worker closed unread gets one
+    // fresh one (our race, not the worker's answer).
+    out.fresh_connection = is_pinned(a.decision) && a.failure == Failure::PooledClosedUnread && !a.fresh_retry_used &&
+                           a.replayable;
+    bool may_retry = v.retriable && a.replayable;
+    out.other_instance = may_retry && a.retries_left;
+    // Every instance is full (or its retries are spent): wait for a slot like new work, within
+    // what is left of the queue deadline. A refusing instance is probed about once per
+    // cool-down, so waiting costs it little.
+    out.requeue = may_retry && a.failure == Failure::WorkerAtCapacity;
+    // One never reached (connect failures) is not where the request went.
+    out.name_instance = a.failure != Failure::ConnectFailed && a.failure != Failure::SocketFailed;
+    return out;
+}
+
+void count_failed_attempt(const AttemptFailure& a) {
+    if (a.failure == Failure::ConnectFailed) Metrics::get().upstream_connect_errors.Increment();
+}
+
+void count_retry(const AttemptFailure& a, bool other_instance) {
+    auto& m = Metrics::get();
+    if (other_instance) m.upstream_retries.Increment();
+    m.retries_by_reason[size_t(a.failure)]->Increment();
+}
+
+void count_answered(const AttemptFailure& a, const Instance* inst, const char* why) {
+    auto& m = Metrics::get();
+    if (a.failure == Failure::MayHaveRun && !is_pinned(a.decision)) {
+        m.may_have_run.Increment();
+        log::warn("not retried: the call may have run", {{"instance", inst ? inst->id : std::string()},
+                                                         {"backend", inst ? inst->address : std::string()},
+                                                         {"reason", why}});
+    }
+    if (is_pinned(a.decision)) m.pinned_misses[size_t(PinnedMiss::ConnectFailed)]->Increment();
 }
 
 namespace {
@@ -96,10 +138,10 @@ LocalAnswer answer_failure(Failure f, Decision decision, std::string_view id_jso
         // Ours, not the instance's: a pinned step is not abandoned on a misleading answer.
         code = kCodeLocalShortage;
         message = "Balancer out of local resources (descriptors or ports)";
-    } else if (f == Failure::MayHaveRun && decision != Decision::Pinned) {
+    } else if (f == Failure::MayHaveRun && !is_pinned(decision)) {
         code = kCodeMayHaveRun;
         message = "Worker closed the connection after reading the request: the call may have run";
-    } else if (decision == Decision::Pinned && v.status == 503) {
+    } else if (is_pinned(decision) && v.status == 503) {
         message = "Instance not available";  // the orchestrator abandons the step on this
     } else if (f == Failure::NoInstance || f == Failure::ConnectFailed) {
         message = "No healthy instance available";

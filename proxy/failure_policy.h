@@ -17,7 +17,8 @@ enum class Failure : uint8_t {
     PinnedNotServing,    // ... is in it but takes no work
     ConnectFailed,       // refused, unreachable, connect timeout: nothing reached the worker
     SocketFailed,        // no socket on our side (descriptors exhausted): not the instance's fault
-    StaleConnection,     // a pooled keep-alive connection the worker provably never read (proxy/delivery.h)
+    PooledClosedUnread,  // a pooled keep-alive connection closed before the worker read the request
+                         // (proxy/delivery.h); labelled "stale-connection" as before
     ResetBeforeResponse, // a fresh connection the worker reset without reading the request
     MayHaveRun,          // closed after the whole request left, before a response: the call may have run
     HeadTimeout,         // no response head within --upstream-header-timeout
@@ -46,6 +47,33 @@ struct FailureVerdict {
 // another instance). `repeatable`: the request may run twice without harm (proxy/delivery.h
 // may_repeat); only then is a request that may have run sent again.
 FailureVerdict judge(Failure f, Decision decision, bool repeatable = false);
+
+// What the exchange observed when an attempt towards a worker failed before the response head.
+struct AttemptFailure {
+    Failure failure;
+    Decision decision;
+    bool repeatable;        // the request may run twice without harm (proxy/delivery.h may_repeat)
+    bool replayable;        // what the worker was sent can be sent again (nothing relayed yet)
+    bool fresh_retry_used;  // a pinned request already had its one fresh connection
+    bool retries_left;      // fewer than --retries other instances tried
+};
+
+// What to do next, in this order: each step is taken when set and it can be; the request is
+// answered (answer_failure) when none goes ahead.
+struct AttemptVerdict {
+    bool charge_instance;   // counts towards --max-failures
+    bool fresh_connection;  // pinned: once more to the same instance on a new connection
+    bool other_instance;    // new work: another instance, or back to the head of the queue
+    bool requeue;           // no other instance takes it now: wait in the queue for a slot
+    bool name_instance;     // the request reached the instance: the access log names it
+};
+AttemptVerdict judge_attempt(const AttemptFailure& a);
+
+// The metrics (and log lines) of the failure path, counted where the verdict is carried out.
+struct Instance;
+void count_failed_attempt(const AttemptFailure& a);            // as observed, before any step
+void count_retry(const AttemptFailure& a, bool other_instance);  // a fresh connection or another instance
+void count_answered(const AttemptFailure& a, const Instance* inst, const char* why);  // no step went ahead
 
 // JSON-RPC error codes of the balancer's own answers besides -32000 (docs/admission.md).
 constexpr int kCodeSessionNotFound = -32001;

@@ -29,9 +29,11 @@ std::mutex g_family_mutex;  // Family::Add is internally locked; this guards our
 
 const char* to_string(Decision d) {
     switch (d) {
-    case Decision::Pinned: return "pinned";
+    case Decision::PinnedByHeader:
+    case Decision::PinnedBySession: return "pinned";
     case Decision::LeastLoad: return "least-load";
-    case Decision::None: return "none";
+    case Decision::None:
+    case Decision::Count: break;
     }
     return "none";
 }
@@ -124,7 +126,9 @@ Metrics::Metrics(prometheus::Registry& r)
                                 .Help("OTLP export attempts that failed (each retry counts)").Register(r).Add({})) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")
                           .Help("Requests routed, by decision").Register(r);
-    routing_decisions[size_t(Decision::Pinned)] = &decisions.Add({{"decision", "pinned"}});
+    // One "pinned" series for both pins (the same series: Add returns it for equal labels).
+    routing_decisions[size_t(Decision::PinnedByHeader)] = &decisions.Add({{"decision", "pinned"}});
+    routing_decisions[size_t(Decision::PinnedBySession)] = &decisions.Add({{"decision", "pinned"}});
     routing_decisions[size_t(Decision::LeastLoad)] = &decisions.Add({{"decision", "least-load"}});
     routing_decisions[size_t(Decision::None)] = &decisions.Add({{"decision", "none"}});
     auto& misses = BuildCounter().Name("stepflow_lb_pinned_misses_total")
@@ -139,7 +143,7 @@ Metrics::Metrics(prometheus::Registry& r)
     auto& retries = BuildCounter().Name("stepflow_lb_retries_total")
                         .Help("New requests sent to another instance (or back to the queue), by reason").Register(r);
     static_assert(size_t(Failure::Count) <= std::tuple_size_v<decltype(retries_by_reason)>);
-    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::StaleConnection, Failure::ResetBeforeResponse,
+    for (Failure f : {Failure::ConnectFailed, Failure::SocketFailed, Failure::PooledClosedUnread, Failure::ResetBeforeResponse,
                       Failure::MayHaveRun, Failure::WorkerAtCapacity})
         retries_by_reason[size_t(f)] = &retries.Add({{"reason", to_string(f)}});
     auto& responses = BuildCounter().Name("stepflow_lb_upstream_responses_total")

@@ -22,7 +22,10 @@ namespace stepflow {
 
 struct Fleet;
 
-enum class Decision : uint8_t { Pinned, LeastLoad, None };
+// How a request was routed. The two pins are told apart in code and spans; users see both as
+// "pinned" (metric labels, access log).
+enum class Decision : uint8_t { PinnedByHeader, PinnedBySession, LeastLoad, None, Count };
+constexpr bool is_pinned(Decision d) { return d == Decision::PinnedByHeader || d == Decision::PinnedBySession; }
 const char* to_string(Decision d);
 
 // Reasons a pinned request could not reach its instance (label values of pinned_misses_total).
@@ -44,7 +47,7 @@ public:
     prometheus::Gauge& backend_pool_size;
     prometheus::Gauge& backends_known;
 
-    std::array<prometheus::Counter*, 3> routing_decisions{};
+    std::array<prometheus::Counter*, size_t(Decision::Count)> routing_decisions{};
     std::array<prometheus::Counter*, size_t(PinnedMiss::Count)> pinned_misses{};
     prometheus::Counter& no_healthy_instance;
     prometheus::Counter& rejected_requests;  // malformed requests answered without an upstream
@@ -100,7 +103,7 @@ private:
         std::array<prometheus::Histogram*, kMethodLabels> durations{};
     };
     PerBackend none_;
-    std::array<prometheus::Histogram*, 3> seconds_{};
+    std::array<prometheus::Histogram*, size_t(Decision::Count)> seconds_{};
 };
 
 }  // namespace stepflow

@@ -3,6 +3,7 @@ work, pinned work bypassing both, and the JSON-RPC id echoed on every 503 the ba
 Real binary, real example workers with a concurrency limit, loopback only."""
 
 import concurrent.futures
+import hashlib
 import json
 import socket
 import struct
@@ -11,6 +12,7 @@ import threading
 import time
 
 from harness import Balancer, Worker, check, client, run_tests, test, wait_for
+from raw_worker import read_request
 
 HOLD = {"jsonrpc": "2.0", "id": "hold", "method": "components/execute",
         "params": {"component": "/stream", "input": {"events": 1, "interval_ms": 0, "hold": True}}}
@@ -203,6 +205,59 @@ def a_stale_pooled_connection_is_retried_not_answered_502():
         statuses.append(r.status)
     check(statuses.count(200) == 12, f"every request answered 200: {statuses}")
     check(served["requests"] >= 1, "the flaky worker served some requests (its connections were pooled)")
+    check(lb.metric("stepflow_lb_retries_total", reason="stale-connection") >= 1, "stale connections retried")
+    srv.close()
+
+
+def chunk_aware_flaky_server(instance_id):
+    """Like flaky_keepalive_server, for chunked bodies too: the second request on a connection
+    meets a reset before any answer, so the balancer sends it again elsewhere."""
+    def handle(conn):
+        buf, answered = b"", 0
+        try:
+            while True:
+                got = read_request(conn, buf)
+                if got is None:
+                    return
+                lines, _, _, buf = got
+                if lines[0].startswith("GET /health"):
+                    body = json.dumps({"status": "healthy", "instanceId": instance_id}).encode()
+                else:
+                    if answered >= 1:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
+                    answered += 1
+                    body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"flaky": True}}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    return raw_server(handle)
+
+
+@test
+def a_retried_chunked_request_reaches_the_next_worker_whole():
+    # The replay copy keeps the payload, not the chunked bytes as sent: the retry frames it again.
+    srv = chunk_aware_flaky_server("flaky-c")
+    w = Worker("dg")
+    lb = Balancer([f"127.0.0.1:{srv.getsockname()[1]}", w.address], threads=1)
+    lb.wait_healthy(2)
+    digests = 0
+    for i in range(12):
+        msg = {"jsonrpc": "2.0", "id": i, "method": "components/execute",
+               "params": {"component": "/digest", "input": {"pad": "x" * (300 + i)}}}
+        raw = json.dumps(msg, separators=(",", ":")).encode()
+        r = lb.post(raw, chunked=True, chunk_size=100)
+        check(r.status == 200, f"request {i}: {r.status}")
+        result = r.json()["result"]
+        if "sha256" in result:
+            digests += 1
+            check(result["bytes"] == len(raw) and result["sha256"] == hashlib.sha256(raw).hexdigest(),
+                  f"request {i}: the worker got the body whole: {result}")
+    check(digests >= 1, "some requests reached the digest worker")
     check(lb.metric("stepflow_lb_retries_total", reason="stale-connection") >= 1, "stale connections retried")
     srv.close()
 

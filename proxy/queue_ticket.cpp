@@ -1,0 +1,51 @@
+#include "proxy/queue_ticket.h"
+
+#include "proxy/admission.h"
+#include "proxy/metrics.h"
+#include "proxy/router.h"
+#include "proxy/worker.h"
+
+namespace stepflow {
+
+QueueTicket::Join QueueTicket::join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start) {
+    // Its queue deadline passed while it was at a worker (or the balancer is draining): a
+    // re-queue gets no fresh wait.
+    if (expired_ || std::chrono::steady_clock::now() >= worker.queue_cutoff()) return Join::DeadlinePassed;
+    AdmissionQueue& queue = AdmissionQueue::get();
+    uint64_t ticket = AdmissionQueue::next_ticket();
+    if (at_front) {
+        queue.push_front(&worker, ticket);
+    } else if (!queue.push(&worker, ticket)) {
+        return Join::Full;
+    }
+    ticket_ = ticket;
+    worker.wait_for_slot(ticket, exchange);
+    waiting_ = true;
+    queued_at_ = std::chrono::steady_clock::now();
+    // Armed when the request first waits and never restarted: a re-queue after a -32300 waits
+    // only for what is left of it (one timer duration, so the thread's timer queues stay few).
+    if (!deadline_started_) {
+        deadline_started_ = true;
+        deadline_.arm(worker.timers(), cold_start ? worker.config().cold_start_timeout : worker.config().queue_timeout);
+    }
+    // A slot freed between dispatch's look and the push saw an empty queue and offered nothing:
+    // offer it now rather than at the next admission tick.
+    if (route_least_load(worker.fleet().get(), worker.rng(), {}, true)) AdmissionQueue::get().slot_freed();
+    return Join::Waiting;
+}
+
+double QueueTicket::leave(Worker& worker) {
+    if (ticket_) {
+        AdmissionQueue::get().remove(ticket_);  // false: already handed over; the thread passes it on
+        worker.stop_waiting(ticket_);
+        ticket_ = 0;
+    }
+    if (!waiting_) return -1;
+    waiting_ = false;
+    auto waited = std::chrono::steady_clock::now() - queued_at_;
+    double ms = std::chrono::duration<double, std::milli>(waited).count();
+    Metrics::get().queue_wait_seconds.Observe(ms / 1000.0);
+    return ms;
+}
+
+}  // namespace stepflow
