@@ -110,7 +110,7 @@ bool Exchange::dispatch(bool from_queue) {
     while (pending_->tried_count < kMaxAttempts) {
         Instance* inst = route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
         if (!inst) break;
-        if (!inst->try_admit()) continue;  // another thread took the last slot: look again
+        if (!inst->capacity.try_take()) continue;  // another thread took the last slot: look again
         admitted_ = true;
         pending_->tried[pending_->tried_count++] = inst;
         connect_to(inst->shared_from_this());
@@ -191,7 +191,7 @@ void Exchange::slot_offered() {
         leave_queue();
         // Room left where this one went (an unlimited instance, or a fleet just woken up): the
         // next in line goes too, without waiting for a request to end or the admission tick.
-        if (admitted_ && instance_ && instance_->has_room()) offer_queued_work();
+        if (admitted_ && instance_ && instance_->capacity.has_room()) offer_queued_work();
     }
 }
 
@@ -361,7 +361,7 @@ void Exchange::release_instance() {
     in_flight_counted_ = false;
     if (admitted_) {
         admitted_ = false;
-        instance_->new_work.fetch_sub(1, std::memory_order_relaxed);
+        instance_->capacity.release();
         AdmissionQueue::get().slot_freed();
     }
 }
@@ -607,7 +607,7 @@ bool Exchange::parse_response_head() {
     response_keep_alive_ = response.keep_alive;
     Instance& inst = conn_->instance();
     inst.record_success();
-    inst.worker_answered();
+    inst.capacity.answered();
     auto& metrics = Metrics::get();
     metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
 
@@ -624,7 +624,7 @@ bool Exchange::parse_response_head() {
         if (hop.contains(h)) continue;
         if (h.name.size() == 21 && http1::iequals(h.name, "endpoint-load-metrics")) {
             int capacity = load_report_capacity(h.value);
-            if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header, steady_ms());
+            if (capacity > 0) inst.capacity.report(capacity, LimitSource::Header, steady_ms());
             continue;
         }
         if (sessions && sessions->match(h.name) && !h.value.empty()) {
@@ -691,11 +691,9 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     if (jsonrpc_error_code_of(body) != -32300) return false;
     evbuffer_drain(in, need);
     Instance& inst = conn_->instance();
-    int64_t now = steady_ms();
-    inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now,
-                            worker_.config().capacity_recovery_interval.count());
+    inst.capacity.refused(steady_ms(), worker_.config().capacity_recovery_interval.count());
     Metrics::get().worker_at_capacity.Increment();
-    log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.limit()}});
+    log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.capacity.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
         evbuffer_get_length(conn_->bev()->output()) == 0) {
         // The connection is clean (no extra bytes either way): give it back rather than close it.
