@@ -110,6 +110,10 @@ bool Exchange::dispatch(bool from_queue) {
     while (pending_->tried_count < kMaxAttempts) {
         Instance* inst = route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
         if (!inst) break;
+        if (pending_->retries_spent && inst->capacity.refusals() > 0) {
+            pending_->tried[pending_->tried_count++] = inst;  // no more refusals for it: never a probe
+            continue;
+        }
         if (!inst->capacity.try_take()) continue;  // another thread took the last slot: look again
         admitted_ = true;
         pending_->tried[pending_->tried_count++] = inst;
@@ -117,7 +121,7 @@ bool Exchange::dispatch(bool from_queue) {
         return true;
     }
     if (finished_) return true;
-    if (pending_->tried_count > 0 &&
+    if (pending_->tried_count > 0 && !pending_->retries_spent &&
         !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
         exhausted_ = true;  // every instance taking new work was tried: waiting would not help
         return true;
@@ -136,7 +140,7 @@ bool Exchange::enqueue(bool at_front) {
     AdmissionQueue& queue = AdmissionQueue::get();
     uint64_t ticket = AdmissionQueue::next_ticket();
     if (at_front) {
-        queue.push_front(&worker_, ticket);
+        queue.push_front(&worker_, ticket, pending_->retries_spent);
     } else if (!queue.push(&worker_, ticket)) {
         return false;
     }
@@ -153,7 +157,8 @@ bool Exchange::enqueue(bool at_front) {
     }
     // A slot freed between dispatch's look and the push saw an empty queue and offered nothing:
     // offer it now rather than at the next admission tick.
-    if (route_least_load(worker_.fleet().get(), worker_.rng(), {}, true)) AdmissionQueue::get().slot_freed();
+    // A request with its retries spent passes such a slot on to one that may still be refused.
+    if (route_least_load(worker_.fleet().get(), worker_.rng(), {}, true)) pending_->retries_spent ? queue.pass_on() : queue.slot_freed();
     return true;
 }
 
@@ -412,7 +417,8 @@ void Exchange::failed_before_response(Failure f, const char* why) {
         why = "could not create a socket";
     }
     bool may_retry = verdict.retriable && can_replay();
-    if (may_retry && retries_ < worker_.config().retries) {
+    bool retries_left = retries_ < worker_.config().retries;
+    if (may_retry && retries_left) {
         ++retries_;
         Metrics::get().upstream_retries.Increment();
         Metrics::get().retries_by_reason[size_t(f)]->Increment();
@@ -424,9 +430,11 @@ void Exchange::failed_before_response(Failure f, const char* why) {
     if (may_retry && f == Failure::WorkerAtCapacity) {
         // Every instance is full (or its retries are spent): wait for a slot like new work,
         // within what is left of the queue deadline. A refusing instance is probed about once
-        // per cool-down, so waiting costs it little.
+        // per cool-down, by requests with retries left: one whose retries are spent waits for an
+        // instance that answers again, so a worker refusing forever costs it --retries + 1 tries.
         instance_.reset();
         pending_->tried_count = 0;
+        if (!retries_left) pending_->retries_spent = true;
         if (enqueue(true)) return;
     }
     if (f == Failure::MayHaveRun && decision_ != Decision::Pinned) {

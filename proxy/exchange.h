@@ -162,6 +162,7 @@ private:
         bool waiting = false;                 // in the queue now (or being offered a slot)
         bool queue_deadline_started = false;  // armed once, at the first wait: a deadline, not a per-stay timeout
         bool queue_expired = false;           // it passed while the request was at a worker
+        bool retries_spent = false;           // refused with no retry left: only instances answering again take it
         bool repeatable = false;              // may run twice without harm (proxy/delivery.h may_repeat)
         bool pinned_retried = false;          // pinned work gets one fresh connection after our own failure
         std::chrono::steady_clock::time_point queued_at{};
