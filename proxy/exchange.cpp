@@ -158,7 +158,10 @@ bool Exchange::enqueue(bool at_front) {
     // A slot freed between dispatch's look and the push saw an empty queue and offered nothing:
     // offer it now rather than at the next admission tick.
     // A request with its retries spent passes such a slot on to one that may still be refused.
-    if (route_least_load(worker_.fleet().get(), worker_.rng(), {}, true)) pending_->retries_spent ? queue.pass_on() : queue.slot_freed();
+    if (route_least_load(worker_.fleet().get(), worker_.rng(), {}, true)) {
+        if (pending_->retries_spent) queue.pass_on();
+        else queue.slot_freed();
+    }
     return true;
 }
 
