@@ -423,8 +423,21 @@ def otlp_collector_port():
 
 
 def start_proxy(kind, port, backends, h2=False, sse=False):
+    # STEPFLOW_LB_ARGS: extra flags for every stepflow-lb (e.g. "--max-in-flight-per-instance 1000").
+    lb_args = os.environ.get("STEPFLOW_LB_ARGS", "").split()
     if kind == "stepflow-lb":
-        return start_stepflow_lb(port, backends)
+        return start_stepflow_lb(port, backends, lb_args)
+    if kind == "stepflow-lb-base":
+        # Another build (STEPFLOW_LB_BASE), e.g. the one before a change, in the same rounds.
+        saved = os.environ.get("STEPFLOW_LB")
+        os.environ["STEPFLOW_LB"] = os.environ["STEPFLOW_LB_BASE"]
+        try:
+            return start_stepflow_lb(port, backends, lb_args, name="stepflow-lb-base")
+        finally:
+            if saved is None:
+                del os.environ["STEPFLOW_LB"]
+            else:
+                os.environ["STEPFLOW_LB"] = saved
     if kind == "stepflow-lb+log":
         return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info"], name="stepflow-lb-log")
     if kind == "stepflow-lb+trace":

@@ -11,7 +11,7 @@
 namespace stepflow {
 namespace {
 
-// The clock of Instance::reported_at_ms (steady, in ms), as the request threads read it.
+// The clock of capacity reports (steady, in ms), as the request threads read it.
 int64_t now_ms() {
     return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
         .count();
@@ -122,12 +122,8 @@ void FleetManager::adopt_instance(Backend& b, const std::string& id, int reporte
     auto inst = std::make_shared<Instance>(id, b.endpoint.address, b.addr, b.addr_len, b.endpoint.pod);
     inst->series = MetricsRegistry::get().backend_series(b.endpoint.address);
     inst->membership.store(membership_of(b.endpoint));
-    if (config_.max_in_flight_per_instance > 0) {
-        inst->base_limit.store(config_.max_in_flight_per_instance);
-        inst->base_source.store(LimitSource::Flag);
-        inst->flag_limit = config_.max_in_flight_per_instance;
-    }
-    inst->set_reported_limit(reported_limit, LimitSource::Health, now_ms());  // the worker's own word wins
+    inst->capacity.set_flag(config_.max_in_flight_per_instance);
+    inst->capacity.report(reported_limit, LimitSource::Health, now_ms());  // the worker's own word wins
     inst->failures_keep_routable = config_.health_check == HealthCheck::Off;
     b.instance = std::move(inst);
     publish();
@@ -182,7 +178,7 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
     b.last_error.clear();
     if (config_.health_check != HealthCheck::Stepflow) id = id_for(b, r);
     if (b.instance && b.instance->id == id) {
-        b.instance->set_reported_limit(r.max_concurrency, LimitSource::Health, now_ms());
+        b.instance->capacity.report(r.max_concurrency, LimitSource::Health, now_ms());
         if (b.instance->record_check_success(config_.health_rise)) {
             log::info("instance healthy again", {{"instance", id}, {"backend", b.endpoint.address}});
             notify_routable();

@@ -12,17 +12,6 @@ const char* to_string(Membership m) {
     return "unknown";
 }
 
-const char* to_string(LimitSource s) {
-    switch (s) {
-    case LimitSource::None: return "none";
-    case LimitSource::Flag: return "flag";
-    case LimitSource::Health: return "health";
-    case LimitSource::Header: return "header";
-    case LimitSource::Learned: return "learned";
-    }
-    return "unknown";
-}
-
 const char* Instance::state_name() const {
     auto m = membership.load(std::memory_order_relaxed);
     if (m != Membership::Active) return to_string(m);

@@ -168,17 +168,18 @@ std::string AdminServer::backends_body() {
         out += ",\"serving\":" + std::string(b.endpoint.serving ? "true" : "false");
         out += ",\"terminating\":" + std::string(b.endpoint.terminating ? "true" : "false");
         out += ",\"inFlight\":" + std::to_string(b.instance ? b.instance->in_flight.load() : 0);
-        out += ",\"newWorkInFlight\":" + std::to_string(b.instance ? b.instance->new_work.load() : 0);
-        out += ",\"limit\":" + std::to_string(b.instance ? b.instance->limit() : 0);
-        out += ",\"limitSource\":\"" + std::string(b.instance ? to_string(b.instance->limit_source()) : "none") + "\"";
+        // One view of the capacity, taken at once: its fields agree with each other.
+        InstanceCapacity::View cap{};
+        if (b.instance) cap = b.instance->capacity.view(steady_ms());
+        out += ",\"newWorkInFlight\":" + std::to_string(b.instance ? cap.in_use : 0);
+        out += ",\"limit\":" + std::to_string(b.instance ? cap.limit : 0);
+        out += ",\"limitSource\":\"" + std::string(b.instance ? to_string(cap.source) : "none") + "\"";
         if (b.instance) {
             // docs/admission.md: cooling (no new work), probing (one slot), recovering (doubling).
-            const Instance& inst = *b.instance;
-            int64_t cool = inst.cooling.load() ? std::max<int64_t>(0, inst.cooling_until_ms.load() - steady_ms()) : 0;
-            out += ",\"capacity\":{\"state\":\"" + std::string(inst.capacity_state()) + "\"";
-            out += ",\"coolingMs\":" + std::to_string(cool);
-            out += ",\"refusals\":" + std::to_string(inst.refusals.load());
-            out += ",\"flagLimit\":" + std::to_string(inst.flag_limit) + "}";
+            out += ",\"capacity\":{\"state\":\"" + std::string(cap.state) + "\"";
+            out += ",\"coolingMs\":" + std::to_string(cap.cooling_ms);
+            out += ",\"refusals\":" + std::to_string(cap.refusals);
+            out += ",\"flagLimit\":" + std::to_string(cap.flag_limit) + "}";
         }
         out += ",\"consecutiveFailures\":" + std::to_string(b.consecutive_failures);
         out += ",\"lastError\":" + (b.last_error.empty() ? std::string("null") : json_string(b.last_error));

@@ -2,17 +2,13 @@
 
 #include <algorithm>
 
+#include "core/text.h"
 #include "proxy/metrics.h"
 #include "proxy/worker.h"
 
 namespace stepflow {
 
 int load_report_capacity(std::string_view v) {
-    auto trim = [](std::string_view s) {
-        while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-        while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-        return s;
-    };
     v = trim(v);
     if (v.size() < 5 || !(v.substr(0, 4) == "TEXT" || v.substr(0, 4) == "text") || (v[4] != ' ' && v[4] != '\t')) return 0;
     v.remove_prefix(5);
@@ -51,15 +47,15 @@ uint64_t AdmissionQueue::next_ticket() {
 bool AdmissionQueue::push(Worker* thread, uint64_t ticket) {
     std::lock_guard lock(mutex_);
     if (entries_.size() >= capacity_) return false;
-    entries_.push_back({thread, ticket});
+    entries_.push_back({thread, ticket, false});
     depth_.store(entries_.size(), std::memory_order_relaxed);
     Metrics::get().queue_depth.Set(double(entries_.size()));
     return true;
 }
 
-void AdmissionQueue::push_front(Worker* thread, uint64_t ticket) {
+void AdmissionQueue::push_front(Worker* thread, uint64_t ticket, bool retries_spent) {
     std::lock_guard lock(mutex_);
-    entries_.push_front({thread, ticket});  // it held a place already: never refused
+    entries_.push_front({thread, ticket, retries_spent});  // it held a place already: never refused
     depth_.store(entries_.size(), std::memory_order_relaxed);
     Metrics::get().queue_depth.Set(double(entries_.size()));
 }
@@ -82,6 +78,21 @@ void AdmissionQueue::slot_freed() {
         if (entries_.empty()) return;
         e = entries_.front();
         entries_.pop_front();
+        depth_.store(entries_.size(), std::memory_order_relaxed);
+        Metrics::get().queue_depth.Set(double(entries_.size()));
+    }
+    e.thread->admit(e.ticket);
+}
+
+void AdmissionQueue::pass_on() {
+    if (depth() == 0) return;
+    Entry e;
+    {
+        std::lock_guard lock(mutex_);
+        auto it = std::find_if(entries_.begin(), entries_.end(), [](const Entry& x) { return !x.retries_spent; });
+        if (it == entries_.end()) return;
+        e = *it;
+        entries_.erase(it);
         depth_.store(entries_.size(), std::memory_order_relaxed);
         Metrics::get().queue_depth.Set(double(entries_.size()));
     }

@@ -37,17 +37,22 @@ public:
 
     // False when the queue is full (or has no room at all: --queue-size 0).
     bool push(Worker* thread, uint64_t ticket);
-    // Back at the head: woken, but the slot was taken before it got there.
-    void push_front(Worker* thread, uint64_t ticket);
+    // Back at the head: woken, but the slot was taken before it got there. `retries_spent`: it
+    // may be refused no more (docs/admission.md), so it declines a slot on a refusing instance.
+    void push_front(Worker* thread, uint64_t ticket, bool retries_spent = false);
     // False when the ticket is not queued (already handed to its thread).
     bool remove(uint64_t ticket);
     // A slot freed (or a limit grew): hands the oldest ticket to its thread. Any thread.
     void slot_freed();
+    // A slot declined by a request whose retries are spent: handed to the oldest ticket that may
+    // still take it, if any (never back to those that declined, which would spin).
+    void pass_on();
 
 private:
     struct Entry {
         Worker* thread;
         uint64_t ticket;
+        bool retries_spent;
     };
     std::mutex mutex_;  // taken only while requests wait (depth() > 0) or join the queue
     std::deque<Entry> entries_;

@@ -12,11 +12,11 @@ Demand measure_demand(const Fleet& fleet) {
     Demand d;
     d.queued = AdmissionQueue::get().depth();
     for (const auto& inst : fleet.instances) {
-        int running = std::max(0, inst->new_work.load(std::memory_order_relaxed));
+        int running = std::max(0, inst->capacity.in_use());
         d.in_flight += uint64_t(running);
         if (!inst->takes_new_work()) continue;
         ++d.routable;
-        int lim = inst->limit();
+        int lim = inst->capacity.limit();
         if (lim > 0) {
             d.slots += uint64_t(lim);
             d.slots_used += uint64_t(std::min(running, lim));

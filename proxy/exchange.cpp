@@ -125,14 +125,18 @@ bool Exchange::dispatch(bool from_queue) {
     while (pending_->tried_count < kMaxAttempts) {
         Instance* inst = route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
         if (!inst) break;
-        if (!inst->try_admit()) continue;  // another thread took the last slot: look again
+        if (pending_->retries_spent && inst->capacity.refusals() > 0) {
+            pending_->tried[pending_->tried_count++] = inst;  // no more refusals for it: never a probe
+            continue;
+        }
+        if (!inst->capacity.try_take()) continue;  // another thread took the last slot: look again
         holds_new_work_slot_ = true;
         pending_->tried[pending_->tried_count++] = inst;
         connect_to(inst->shared_from_this());
         return true;
     }
     if (finished_) return true;
-    if (pending_->tried_count > 0 &&
+    if (pending_->tried_count > 0 && !pending_->retries_spent &&
         !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
         exhausted_ = true;  // every instance taking new work was tried: waiting would not help
         return true;
@@ -141,7 +145,7 @@ bool Exchange::dispatch(bool from_queue) {
 }
 
 bool Exchange::enqueue(bool at_front) {
-    switch (pending_->queue.join(worker_, this, at_front, pending_->cold_start)) {
+    switch (pending_->queue.join(worker_, this, at_front, pending_->cold_start, pending_->retries_spent)) {
     case QueueTicket::Join::Waiting: return true;
     case QueueTicket::Join::Full: return false;
     case QueueTicket::Join::DeadlinePassed:
@@ -177,7 +181,7 @@ void Exchange::slot_offered() {
         leave_queue();
         // Room left where this one went (an unlimited instance, or a fleet just woken up): the
         // next in line goes too, without waiting for a request to end or the admission tick.
-        if (holds_new_work_slot_ && instance_ && instance_->has_room()) offer_queued_work();
+        if (holds_new_work_slot_ && instance_ && instance_->capacity.has_room()) offer_queued_work();
     }
 }
 
@@ -248,7 +252,7 @@ void Exchange::release_instance() {
     in_flight_counted_ = false;
     if (holds_new_work_slot_) {
         holds_new_work_slot_ = false;
-        instance_->new_work.fetch_sub(1, std::memory_order_relaxed);
+        instance_->capacity.release();
         AdmissionQueue::get().slot_freed();
     }
 }
@@ -305,6 +309,7 @@ void Exchange::failed_before_response(Failure f, const char* why) {
     if (verdict.requeue) {
         instance_.reset();
         pending_->tried_count = 0;
+        if (!what.retries_left) pending_->retries_spent = true;
         if (enqueue(true)) return;
     }
     count_answered(what, instance_.get(), why);
@@ -422,7 +427,7 @@ bool Exchange::parse_response_head() {
     response_keep_alive_ = response.keep_alive;
     Instance& inst = attempt_.conn().instance();
     inst.record_success();
-    inst.worker_answered();
+    inst.capacity.answered();
     auto& metrics = Metrics::get();
     metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
 
@@ -436,7 +441,7 @@ bool Exchange::parse_response_head() {
         if (hop.contains(h)) continue;
         if (h.name.size() == 21 && http1::iequals(h.name, "endpoint-load-metrics")) {
             int capacity = load_report_capacity(h.value);
-            if (capacity > 0) inst.set_reported_limit(capacity, LimitSource::Header, steady_ms());
+            if (capacity > 0) inst.capacity.report(capacity, LimitSource::Header, steady_ms());
             continue;
         }
         if (sessions && sessions->match(h.name) && !h.value.empty()) {
@@ -503,11 +508,9 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     if (jsonrpc_error_code_of(body) != -32300) return false;
     evbuffer_drain(in, need);
     Instance& inst = attempt_.conn().instance();
-    int64_t now = steady_ms();
-    inst.worker_at_capacity(inst.new_work.load(std::memory_order_relaxed), now,
-                            worker_.config().capacity_recovery_interval.count());
+    inst.capacity.refused(steady_ms(), worker_.config().capacity_recovery_interval.count());
     Metrics::get().worker_at_capacity.Increment();
-    log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.limit()}});
+    log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.capacity.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
         evbuffer_get_length(attempt_.output()) == 0) {
         // The connection is clean (no extra bytes either way): give it back rather than close it.

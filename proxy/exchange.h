@@ -155,6 +155,7 @@ private:
         uint8_t tried_count = 0;
         std::array<Instance*, kMaxAttempts> tried{};  // instances tried for new work
         bool cold_start = false;  // arrived while no instance took new work: waits --cold-start-timeout
+        bool retries_spent = false;   // refused with no retry left: only instances answering again take it
         bool repeatable = false;      // may run twice without harm (proxy/delivery.h may_repeat)
         bool pinned_retried = false;  // pinned work gets one fresh connection after our own failure
         // --upstream-request-timeout: from the head's send until the worker took the whole body.

@@ -83,7 +83,8 @@ AttemptVerdict judge_attempt(const AttemptFailure& a) {
     out.other_instance = may_retry && a.retries_left;
     // Every instance is full (or its retries are spent): wait for a slot like new work, within
     // what is left of the queue deadline. A refusing instance is probed about once per
-    // cool-down, so waiting costs it little.
+    // cool-down, by requests with retries left: one whose retries are spent waits for an
+    // instance that answers again, so a worker refusing forever costs it --retries + 1 tries.
     out.requeue = may_retry && a.failure == Failure::WorkerAtCapacity;
     // One never reached (connect failures) is not where the request went.
     out.name_instance = a.failure != Failure::ConnectFailed && a.failure != Failure::SocketFailed;

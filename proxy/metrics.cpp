@@ -174,7 +174,7 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
             double in_flight = inst->in_flight.load(std::memory_order_relaxed);
             it->second.health->Set(takes ? 1 : 0);
             it->second.in_flight->Set(in_flight);
-            it->second.limit->Set(inst->limit());
+            it->second.limit->Set(inst->capacity.limit());
             per_backend[inst->address] += in_flight;
         }
         for (auto it = instance_series_.begin(); it != instance_series_.end();) {

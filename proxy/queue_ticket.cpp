@@ -7,14 +7,15 @@
 
 namespace stepflow {
 
-QueueTicket::Join QueueTicket::join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start) {
+QueueTicket::Join QueueTicket::join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start,
+                                     bool retries_spent) {
     // Its queue deadline passed while it was at a worker (or the balancer is draining): a
     // re-queue gets no fresh wait.
     if (expired_ || std::chrono::steady_clock::now() >= worker.queue_cutoff()) return Join::DeadlinePassed;
     AdmissionQueue& queue = AdmissionQueue::get();
     uint64_t ticket = AdmissionQueue::next_ticket();
     if (at_front) {
-        queue.push_front(&worker, ticket);
+        queue.push_front(&worker, ticket, retries_spent);
     } else if (!queue.push(&worker, ticket)) {
         return Join::Full;
     }
@@ -29,8 +30,12 @@ QueueTicket::Join QueueTicket::join(Worker& worker, Exchange* exchange, bool at_
         deadline_.arm(worker.timers(), cold_start ? worker.config().cold_start_timeout : worker.config().queue_timeout);
     }
     // A slot freed between dispatch's look and the push saw an empty queue and offered nothing:
-    // offer it now rather than at the next admission tick.
-    if (route_least_load(worker.fleet().get(), worker.rng(), {}, true)) AdmissionQueue::get().slot_freed();
+    // offer it now rather than at the next admission tick. A request with its retries spent
+    // passes such a slot on to one that may still be refused.
+    if (route_least_load(worker.fleet().get(), worker.rng(), {}, true)) {
+        if (retries_spent) queue.pass_on();
+        else queue.slot_freed();
+    }
     return Join::Waiting;
 }
 

@@ -24,8 +24,9 @@ public:
         DeadlinePassed,  // passed while the request was at a worker, or the balancer drains
     };
     // `cold_start`: arrived while no instance took new work; the deadline is then
-    // --cold-start-timeout instead of --queue-timeout.
-    Join join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start);
+    // --cold-start-timeout instead of --queue-timeout. `retries_spent`: refused with no retry
+    // left, it waits for an instance that answers again and is never a refusing one's probe.
+    Join join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start, bool retries_spent);
     // The queue handed the ticket over (a slot is offered): no longer in the queue.
     void handed_over() { ticket_ = 0; }
     // Ends the place in the queue (dispatched, timed out, or cancelled). Returns the time waited

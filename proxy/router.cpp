@@ -11,7 +11,7 @@ bool was_tried(const Instance* inst, std::span<Instance* const> tried) {
 }
 
 bool eligible(const Instance* inst, std::span<Instance* const> tried, bool need_room) {
-    return inst->takes_new_work() && !was_tried(inst, tried) && (!need_room || inst->has_room());
+    return inst->takes_new_work() && !was_tried(inst, tried) && (!need_room || inst->capacity.has_room());
 }
 
 int load_of(const Instance* inst) { return inst->in_flight.load(std::memory_order_relaxed); }

@@ -37,7 +37,7 @@ Instance* route_pinned(const Fleet& fleet, std::string_view id, PinnedMiss& why)
 
 // Least-loaded instance taking new work, never one in `tried`; nullptr when none is left.
 // Calling again with the previous answers in `tried` yields the next fallback. With `need_room`
-// only instances below their limit on new work count (Instance::has_room).
+// only instances below their limit on new work count (InstanceCapacity::has_room).
 Instance* route_least_load(const Fleet& fleet, Rng& rng, std::span<Instance* const> tried = {},
                            bool need_room = false);
 

@@ -92,14 +92,14 @@ void Worker::on_admission_tick(int, short, void* arg) {
     const Config& cfg = self->config_;
     // A capacity report not renewed for this long is stale: the flag applies again.
     int64_t report_ttl = std::max(3 * cfg.health_interval.count(), 10 * cfg.capacity_recovery_interval.count());
-    for (const auto& inst : fleet.instances) inst->recover_limit(now, cfg.capacity_recovery_interval.count(), report_ttl);
+    for (const auto& inst : fleet.instances) inst->capacity.tick(now, cfg.capacity_recovery_interval.count(), report_ttl);
     AdmissionQueue& queue = AdmissionQueue::get();
     if (queue.depth() == 0) return;
     int room = 0;
     for (const auto& inst : fleet.instances) {
-        if (!inst->takes_new_work() || inst->cooling.load(std::memory_order_relaxed)) continue;
-        int lim = inst->limit();
-        room += lim == 0 ? 1 : std::max(0, lim - inst->new_work.load(std::memory_order_relaxed));
+        if (!inst->takes_new_work()) continue;
+        int free = inst->capacity.free_slots();
+        room += free == InstanceCapacity::kUnlimited ? 1 : free;
         if (room >= 4) break;
     }
     for (int i = 0; i < room && queue.depth() > 0; ++i) queue.slot_freed();

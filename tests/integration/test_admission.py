@@ -337,6 +337,27 @@ def capacity_from_the_load_report_header():
 
 
 @test
+def a_worker_that_stops_reporting_falls_back_to_the_flag():
+    w = Worker("stale", max_concurrency=3, extra=["--capacity-report", "header"])
+    # The report lives max(3 health intervals, 10 recovery intervals): 1.5 s here.
+    lb = Balancer([w.address], args=["--max-in-flight-per-instance", "1", "--health-interval", "500ms",
+                                      "--capacity-recovery-interval", "100ms"])
+    lb.wait_healthy(1)
+    check(lb.backends()[0]["limitSource"] == "flag", "the flag until the worker reports")
+    t0 = time.monotonic()
+    check(lb.execute("/echo", {}).status == 200, "a request")
+    b = lb.backends()[0]
+    check(b["limit"] == 3 and b["limitSource"] == "header", f"the report wins: {b}")
+    seen = []
+    wait_for(lambda: seen.append(lb.backends()[0]) or seen[-1]["limitSource"] == "flag", 10,
+             "the report goes stale")
+    check(time.monotonic() - t0 >= 1.5, "not before its TTL")
+    check(seen[-1]["limit"] == 1 and seen[-1]["capacity"]["flagLimit"] == 1, f"back to the flag: {seen[-1]}")
+    check(lb.execute("/echo", {}).status == 200, "another request")
+    check(lb.backends()[0]["limitSource"] == "header", "a new report wins again")
+
+
+@test
 def capacity_learned_from_worker_at_capacity_then_recovers():
     w = Worker("lrn", max_concurrency=2, extra=["--capacity-report", "none"])
     lb = Balancer([w.address], args=["--capacity-recovery-interval", "300ms"])

@@ -27,96 +27,15 @@ TEST_CASE("endpoint-load-metrics capacity, '=' or ':'", "[admission]") {
     CHECK(load_report_capacity("") == 0);
 }
 
-TEST_CASE("limits: the worker's report wins, -32300 cuts, quiet intervals grow it back", "[admission]") {
-    auto inst = instance("a", 10001);
-    CHECK(inst->limit() == 0);
-    CHECK(inst->limit_source() == LimitSource::None);
-    inst->base_limit = 8;
-    inst->base_source = LimitSource::Flag;
-    inst->set_reported_limit(4, LimitSource::Health);
-    CHECK(inst->limit() == 4);
-    CHECK(inst->limit_source() == LimitSource::Health);
-    inst->set_reported_limit(0, LimitSource::Header);  // not a report
-    CHECK(inst->limit_source() == LimitSource::Health);
-
-    inst->new_work = 3;
-    inst->worker_at_capacity(3, 1000, 1000);
-    CHECK(inst->limit() == 2);
-    CHECK(inst->limit_source() == LimitSource::Learned);
-    CHECK(std::string(inst->capacity_state()) == "recovering");
-    CHECK_FALSE(inst->has_room());
-    CHECK_FALSE(inst->recover_limit(1500, 1000));  // not quiet long enough
-    CHECK(inst->recover_limit(2000, 1000));
-    CHECK(inst->limit() == 4);  // doubled: back at the reported limit, the learned one is gone
-    CHECK(inst->limit_source() == LimitSource::Health);
-    CHECK_FALSE(inst->recover_limit(9000, 1000));
-}
-
-TEST_CASE("recovery is multiplicative: a cut from 100 is back in a few intervals", "[admission]") {
-    auto inst = instance("a", 10001);
-    inst->set_reported_limit(100, LimitSource::Health);
-    inst->worker_at_capacity(4, 0, 1000);  // 3 fit
-    CHECK(inst->limit() == 3);
-    int64_t now = 0;
-    int steps = 0;
-    while (inst->limit_source() == LimitSource::Learned && steps < 100) {
-        now += 1000;
-        inst->recover_limit(now, 1000);
-        ++steps;
-    }
-    CHECK(inst->limit() == 100);
-    CHECK(steps <= 6);  // 3, 6, 12, 24, 48, 96, then the base: not 97 seconds
-}
-
-TEST_CASE("a refusal with nothing else of ours on it cools the instance, then one probe slot", "[admission]") {
-    auto inst = instance("a", 10001);
-    inst->set_reported_limit(100, LimitSource::Health);
-    inst->new_work = 1;
-    inst->worker_at_capacity(1, 5000, 1000);
-    inst->new_work = 0;
-    CHECK(std::string(inst->capacity_state()) == "cooling");
-    CHECK_FALSE(inst->has_room());
-    CHECK_FALSE(inst->try_admit());
-    CHECK_FALSE(inst->recover_limit(5900, 1000));  // still cooling
-    CHECK(inst->recover_limit(6000, 1000));          // the probe slot opens
-    CHECK(std::string(inst->capacity_state()) == "probing");
-    CHECK(inst->try_admit());
-    CHECK_FALSE(inst->try_admit());  // one probe at a time
-    // The probe is refused too: cooling again, not tried by every request.
-    inst->worker_at_capacity(1, 6100, 1000);
-    CHECK(std::string(inst->capacity_state()) == "cooling");
-    CHECK(inst->refusals == 2);
-    inst->new_work = 0;
-    CHECK(inst->recover_limit(7100, 1000));
-    inst->worker_answered();  // the probe succeeded
-    CHECK(inst->refusals == 0);
-    CHECK(inst->recover_limit(8100, 1000));
-    CHECK(inst->limit() == 2);
-}
-
-TEST_CASE("a capacity report that stops falls back to the flag", "[admission]") {
-    auto inst = instance("a", 10001);
-    inst->flag_limit = 8;
-    inst->base_limit = 8;
-    inst->base_source = LimitSource::Flag;
-    inst->set_reported_limit(50, LimitSource::Header, 1000);
-    CHECK(inst->limit() == 50);
-    inst->recover_limit(5000, 1000, 10000);
-    CHECK(inst->limit() == 50);  // still fresh
-    inst->recover_limit(11000, 1000, 10000);
-    CHECK(inst->limit() == 8);
-    CHECK(inst->limit_source() == LimitSource::Flag);
-}
-
 TEST_CASE("least load with need_room skips full instances", "[admission]") {
     auto a = instance("a", 10001), b = instance("b", 10002);
-    a->base_limit = 1;
-    b->base_limit = 1;
+    a->capacity.set_flag(1);
+    b->capacity.set_flag(1);
     auto fleet = make_fleet(1, {a, b});
     Rng rng(7);
-    a->new_work = 1;
+    CHECK(a->capacity.try_take());
     CHECK(route_least_load(*fleet, rng, {}, true) == b.get());
-    b->new_work = 1;
+    CHECK(b->capacity.try_take());
     CHECK(route_least_load(*fleet, rng, {}, true) == nullptr);
     CHECK(route_least_load(*fleet, rng, {}, false) != nullptr);  // pinned-free routing ignores limits
 }

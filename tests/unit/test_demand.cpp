@@ -13,12 +13,15 @@ using stepflow::testing::instance;
 TEST_CASE("demand: new work on every instance; capacity only where a limit is known", "[demand]") {
     auto limited = instance("limited", 10101), unlimited = instance("unlimited", 10102),
          draining = instance("draining", 10103);
-    limited->base_limit = 4;
-    limited->new_work = 3;
+    auto take = [](const InstancePtr& inst, int n) {
+        for (int i = 0; i < n; ++i) REQUIRE(inst->capacity.try_take());
+    };
+    limited->capacity.set_flag(4);
+    take(limited, 3);
     limited->in_flight = 9;  // pinned work (callback answers) is not demand
-    unlimited->new_work = 2;
-    draining->base_limit = 2;
-    draining->new_work = 1;  // still running: demand, but not routable capacity
+    take(unlimited, 2);
+    draining->capacity.set_flag(2);
+    take(draining, 1);  // still running: demand, but not routable capacity
     draining->membership = Membership::Draining;
     FleetPtr fleet = make_fleet(1, {limited, unlimited, draining});
     Demand d = measure_demand(*fleet);
