@@ -102,7 +102,7 @@ class ClientH2::Stream final : public RequestFraming {
 public:
     Stream(ClientH2& conn, int32_t id)
         : conn_(conn), id_(id), resp_buf_(conn.take_buffer()), request_(*this, conn.worker_, conn.client_ip_, conn.tls_) {
-        request_.begin();
+        request_.record.begin();  // a new object: nothing else of Request::begin to reset
     }
     static void* operator new(size_t size) {
         if (void* p = block_alloc(size)) return p;
