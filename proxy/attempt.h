@@ -12,8 +12,8 @@
 #include <string>
 #include <string_view>
 
-#include "proxy/failure_policy.h"
 #include "core/http1.h"
+#include "proxy/failure_policy.h"
 #include "proxy/request_trace.h"
 #include "proxy/upstream.h"
 

@@ -19,9 +19,6 @@ namespace {
 
 constexpr size_t kOutputHighWater = 256 * 1024;  // stop reading the worker beyond this
 constexpr size_t kOutputLowWater = 64 * 1024;    // ... and resume below this
-// Body read to echo a JSON-RPC id in a local answer; a longer body is answered without the id
-// (a JSON-RPC message whose id is past 64 KiB is not worth holding more for).
-constexpr size_t kLocalBodyLimit = 64 * 1024;
 constexpr Millis kLingerTime{2000};
 
 }  // namespace
@@ -41,8 +38,7 @@ ClientH1::ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls)
 void ClientH1::start() { process_input(); }
 
 ClientH1::~ClientH1() {
-    exchange_.reset();
-    retired_.reset();
+    request_.drop_exchange();
     if (local_body_) evbuffer_free(local_body_);
     if (next_) event_free(next_);
     if (bev_) delete bev_;
@@ -69,10 +65,10 @@ void ClientH1::on_write(Conn*, void* arg) {
         if (evbuffer_get_length(out) == 0) self->linger();
         return;
     }
-    if (self->exchange_paused_ && self->exchange_) {
+    if (self->exchange_paused_ && self->request_.exchange()) {
         self->exchange_paused_ = false;
         self->bev_->set_watermark(EV_WRITE, 0, 0);
-        self->exchange_->resume_response();
+        self->request_.exchange()->resume_response();
     }
 }
 
@@ -84,11 +80,8 @@ void ClientH1::on_event(Conn*, short what, void* arg) {
 }
 
 void ClientH1::client_gone() {
-    if (state_ == State::Proxying && exchange_) {
-        // Closing the worker connection is how the worker learns the request was cancelled.
-        exchange_->abort();
-        record_.note_route(*exchange_);
-        if (record_.status == 0) record_.status = 499;
+    if (state_ == State::Proxying && request_.exchange()) {
+        request_.cancel(499);
         log_access();
     }
     destroy();
@@ -140,57 +133,48 @@ void ClientH1::parse_head() {
     const Config& cfg = worker_.config();
     size_t n = http1::find_head_end(in, cfg.max_header_size, scan_from_);
     if (n == 0) return;
-    retired_.reset();
-    record_.begin();
-    request_.clear();
+    request_.begin();
+    http1::Head& head = request_.head;
     scan_from_ = 0;
     if (n == SIZE_MAX) {
         send_error(431, "request head too large");
         return;
     }
-    request_.raw.resize(n);
-    evbuffer_remove(in, request_.raw.data(), n);
-    if (auto err = http1::parse_request(request_, {cfg.max_header_size, cfg.max_headers})) {
+    head.raw.resize(n);
+    evbuffer_remove(in, head.raw.data(), n);
+    if (auto err = http1::parse_request(head, {cfg.max_header_size, cfg.max_headers})) {
         send_error(err.status, err.reason);
         return;
     }
-    if (request_.framing == http1::Framing::Chunked) {
+    if (head.framing == http1::Framing::Chunked) {
         if (const char* why = precheck_chunked_body()) {
             send_error(400, why);
             return;
         }
     }
     bev_->set_send_timeout(cfg.client_send_timeout);  // in place of the head's deadline
-    keep_alive_ = request_.keep_alive && !draining_;
-    request_done_ = request_.framing == http1::Framing::None;
-    request_pump_.start(request_.framing, request_.content_length, request_.framing == http1::Framing::Chunked);
+    keep_alive_ = head.keep_alive && !draining_;
+    request_done_ = head.framing == http1::Framing::None;
+    request_pump_.start(head.framing, head.content_length, head.framing == http1::Framing::Chunked);
 
     state_ = State::Proxying;
-    record_.trace.begin(request_);
-    log::Scope ids(record_.trace.correlation());
-    exchange_ = std::make_unique<Exchange>(worker_, *this, request_, client_ip_, tls_);
-    exchange_->set_trace(&record_.trace);
-    RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
-    if (outcome.kind != RouteOutcome::Refused) return;
-
-    record_.decision = exchange_->decision();
-    local_ = std::make_unique<RouteOutcome>(std::move(outcome));
-    exchange_.reset();
+    log::Scope ids(request_.start_trace());
+    if (request_.route()) return;
     answer_after_body();
 }
 
 // Answers locally once the body is read (for its JSON-RPC id), or at once when there is none.
 void ClientH1::answer_after_body() {
     state_ = State::LocalBody;
-    if (request_done_ || request_.expect_continue) {
+    if (request_done_ || request_.head.expect_continue) {
         // No body to read, or the client waits for our go-ahead: answer now.
         if (!request_done_) keep_alive_ = false;
         answer_locally();
         return;
     }
     local_body_ = evbuffer_new();
-    request_pump_.start(request_.framing, request_.content_length, false);
-    body_deadline_.arm(worker_.timers(), worker_.config().local_body_timeout);  // in all, not between bytes
+    request_pump_.start(request_.head.framing, request_.head.content_length, false);
+    request_.await_body_for_id();  // in all, not between bytes
     collect_local_body();
 }
 
@@ -213,28 +197,28 @@ const char* ClientH1::precheck_chunked_body() {
 }
 
 void ClientH1::pump_request_body() {
-    if (state_ != State::Proxying || request_done_ || !exchange_) return;
-    evbuffer* sink = exchange_->request_sink();
+    Exchange* exchange = request_.exchange();
+    if (state_ != State::Proxying || request_done_ || !exchange) return;
+    evbuffer* sink = exchange->request_sink();
     // Not connected yet, or the worker has not taken what it was given: the bytes wait in our
     // input buffer, whose read watermark then stops reading the client (back-pressure, as on
     // HTTP/2). The exchange calls request_sink_ready once the worker's side drains.
-    if (!sink || exchange_->request_sink_full()) {
-        body_deadline_.cancel();  // waiting for the worker is not the client's delay
+    if (!sink || exchange->request_sink_full()) {
+        request_.stop_awaiting_body();  // waiting for the worker is not the client's delay
         return;
     }
     evbuffer* in = bev_->input();
     uint64_t before = request_pump_.payload_bytes();
-    auto status = request_pump_.pump(in, sink, exchange_->replay_copy());
-    record_.bytes_in = request_pump_.payload_bytes();
-    if (status == http1::BodyPump::Status::More && (record_.bytes_in != before || !body_deadline_.armed()))
-        body_deadline_.arm(worker_.timers(), worker_.config().request_body_timeout);
+    auto status = request_pump_.pump(in, sink, exchange->replay_copy());
+    RequestRecord& record = request_.record;
+    record.bytes_in = request_pump_.payload_bytes();
+    if (status == http1::BodyPump::Status::More && (record.bytes_in != before || !request_.awaiting_body()))
+        request_.await_body();
     if (status == http1::BodyPump::Status::Error) {
         const char* why = request_pump_.error();
-        exchange_->abort();
-        record_.note_route(*exchange_);
-        retired_ = std::move(exchange_);
+        request_.abandon();
         keep_alive_ = false;
-        if (record_.status == 0) {
+        if (record.status == 0) {
             send_error(400, why);
         } else {
             log_access();
@@ -244,9 +228,9 @@ void ClientH1::pump_request_body() {
     }
     if (status == http1::BodyPump::Status::Done) {
         request_done_ = true;
-        body_deadline_.cancel();
-        Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
-        exchange_->request_body_done();
+        request_.stop_awaiting_body();
+        Metrics::get().client_received_bytes.Increment(double(record.bytes_in));
+        exchange->request_body_done();
     }
 }
 
@@ -255,7 +239,7 @@ void ClientH1::request_sink_ready() { pump_request_body(); }
 void ClientH1::collect_local_body() {
     evbuffer* in = bev_->input();
     auto status = request_pump_.pump(in, local_body_);
-    record_.bytes_in = request_pump_.payload_bytes();
+    request_.record.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
         send_error(400, request_pump_.error());
         return;
@@ -276,49 +260,51 @@ void ClientH1::answer_locally() {
         evbuffer_free(local_body_);
         local_body_ = nullptr;
     }
-    send_answer(answer_failure(local_->failure, record_.decision, id, local_->pinned_id, local_->detail));
-    local_.reset();
-    finish_request();
+    request_.answer_locally(id);
+}
+
+// A failed exchange whose body never left the client: read it for its id, as for a routing miss.
+bool ClientH1::read_body_for_id() {
+    if (request_done_) return false;
+    answer_after_body();
+    return true;
 }
 
 // The client stopped sending its request body (or, for a local answer, took too long to send
 // the body we read for its id).
-void ClientH1::on_body_timeout(void* arg) {
-    auto* self = static_cast<ClientH1*>(arg);
-    if (self->destroying_ || self->request_done_) return;
-    self->keep_alive_ = false;
-    if (self->state_ == State::LocalBody) {
-        evbuffer_drain(self->local_body_, evbuffer_get_length(self->local_body_));
-        self->answer_locally();  // without the id
+void ClientH1::body_timed_out() {
+    if (destroying_ || request_done_) return;
+    keep_alive_ = false;
+    if (state_ == State::LocalBody) {
+        evbuffer_drain(local_body_, evbuffer_get_length(local_body_));
+        answer_locally();  // without the id
         return;
     }
-    if (self->state_ != State::Proxying || !self->exchange_) return;
-    log::Scope ids(self->record_.trace.correlation());
-    log::debug("request body timeout", {{"client", self->client_ip_}});
-    self->exchange_->abort();  // the worker learns of it from the closed connection
-    self->record_.note_route(*self->exchange_);
-    Decision decision = self->exchange_->decision();
-    self->retired_ = std::move(self->exchange_);
-    if (self->record_.status != 0) {  // the response has started: it cannot be completed
-        self->log_access();
-        self->close_after_flush();
-        return;
-    }
-    std::string pinned(is_pinned(decision) ? self->request_.get(self->worker_.config().instance_header) : "");
-    self->send_answer(answer_failure(Failure::RequestBodyTimeout, decision, self->retired_->replay_id_json(), pinned,
-                                     "request body not received in time"));
-    self->finish_request();
+    if (state_ != State::Proxying || !request_.exchange()) return;
+    log::Scope ids(request_.record.trace.correlation());
+    log::debug("request body timeout", {{"client", client_ip_}});
+    request_.give_up_on_body();
 }
 
 void ClientH1::send_answer(const LocalAnswer& answer) {
+    if (!request_done_) keep_alive_ = false;  // the rest of the body is not read
     std::string extra;
     if (answer.retry_after) extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
     send_local(answer.status, "application/json", answer.body, extra);
+    finish_request();
+}
+
+// The response had started: end the connection without the closing framing.
+void ClientH1::break_response(bool) {
+    keep_alive_ = false;
+    log_access();
+    close_after_flush();
 }
 
 void ClientH1::send_local(int status, std::string_view content_type, const std::string& body,
                           std::string_view extra_headers) {
-    record_.status = status;
+    RequestRecord& record = request_.record;
+    record.status = status;
     std::string out = "HTTP/1.1 " + std::to_string(status) + " " + http1::status_reason(status) + "\r\n";
     out.append("Content-Type: ");
     out.append(content_type);
@@ -330,21 +316,17 @@ void ClientH1::send_local(int status, std::string_view content_type, const std::
     out.append("\r\n");
     out.append(body);
     evbuffer_add(bev_->output(), out.data(), out.size());
-    record_.bytes_out = body.size();
+    record.bytes_out = body.size();
 }
 
 void ClientH1::send_error(int status, const char* why) {
-    Metrics::get().rejected_requests.Increment();
     keep_alive_ = false;
-    log::debug("request rejected", {{"client", client_ip_}, {"status", status}, {"reason", why}});
-    std::string body = "{\"error\":" + json_string(http1::status_reason(status)) + ",\"reason\":" + json_string(why) + "}";
-    send_local(status, "application/json", body, "");
-    finish_request();
+    request_.reject(status, why);
 }
 
 void ClientH1::finish_request() {
     served_ = true;
-    body_deadline_.cancel();
+    request_.stop_awaiting_body();
     log_access();
     if (!keep_alive_ || !request_done_ || draining_) {
         close_after_flush();
@@ -359,7 +341,7 @@ void ClientH1::enter_idle() {
     if (evbuffer_get_length(bev_->input()) > 0) defer();  // a pipelined request is buffered
 }
 
-void ClientH1::log_access() { record_.finish(worker_, request_.method, request_.target, client_ip_); }
+void ClientH1::log_access() { request_.log_access(); }
 
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
@@ -398,15 +380,14 @@ void ClientH1::drain() {
 }
 
 void ClientH1::close_now() {
-    if (exchange_) exchange_->abort();
+    if (Exchange* exchange = request_.exchange()) exchange->abort();
     worker_.connection_closed(this);
     delete this;
 }
 
 evbuffer* ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
                                    http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
-    record_.status = status;
-    if (exchange_) record_.note_route(*exchange_);
+    request_.response_started(status);
     std::string& out = worker_.head_text();
     http1::write_response_head(out, status, reason, headers);
     chunked_out = false;
@@ -418,7 +399,7 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
         break;
     case http1::Framing::Chunked:
     case http1::Framing::UntilClose:
-        if (request_.version_minor == 1) {
+        if (request_.head.version_minor == 1) {
             out.append("Transfer-Encoding: chunked\r\n");
             chunked_out = true;
         } else {
@@ -431,29 +412,13 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     out.append("\r\n");
     evbuffer* output = bev_->output();
     evbuffer_add(output, out.data(), out.size());
-    if (upstream_framing != http1::Framing::Length) release_request_head();
+    // A response of known length leaves the head to be reused by the next request.
+    if (upstream_framing != http1::Framing::Length) request_.release_head();
     return output;
 }
 
-// Once a streamed response is under way only the request line is still needed (for the access
-// log). An SSE stream may stay open for minutes, so the rest of the head should not; a response of
-// known length leaves it to be reused by the next request.
-void ClientH1::release_request_head() {
-    size_t method_len = request_.method.size();
-    std::string line;
-    line.reserve(method_len + 1 + request_.target.size());
-    line.append(request_.method);
-    line += ' ';
-    line.append(request_.target);
-    request_.raw.swap(line);  // (assigning a short string would keep the old buffer)
-    request_.method = std::string_view(request_.raw).substr(0, method_len);
-    request_.target = std::string_view(request_.raw).substr(method_len + 1);
-    request_.host = {};
-    std::vector<http1::Header>().swap(request_.headers);
-}
-
 void ClientH1::interim_response(int status, std::string_view reason) {
-    if (request_.version_minor < 1) return;
+    if (request_.head.version_minor < 1) return;
     std::string out;
     http1::write_response_head(out, status, reason, {});
     out.append("\r\n");
@@ -470,36 +435,12 @@ bool ClientH1::response_sink_full() {
 }
 
 void ClientH1::response_done() {
-    record_.note_route(*exchange_);
-    Metrics::get().client_sent_bytes.Increment(double(record_.bytes_out));
-    retired_ = std::move(exchange_);
+    request_.response_done();
     finish_request();
 }
 
 void ClientH1::exchange_failed(Failure failure, const char* why, bool response_started) {
-    record_.note_route(*exchange_);
-    retired_ = std::move(exchange_);
-    if (response_started) {
-        // The response is already on its way: end the connection without the closing framing,
-        // so the client sees the stream break instead of a silent truncation.
-        log::Scope ids(record_.trace.correlation());
-        log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", client_ip_}});
-        keep_alive_ = false;
-        log_access();
-        close_after_flush();
-        return;
-    }
-    std::string pinned(is_pinned(record_.decision) ? request_.get(worker_.config().instance_header) : "");
-    if (!retired_->body_consumed() && !request_done_) {
-        // The body never left the client: read it for its id, as for a routing miss.
-        local_ = std::make_unique<RouteOutcome>(RouteOutcome{RouteOutcome::Refused, failure, pinned, why});
-        answer_after_body();
-        return;
-    }
-    std::string id = retired_->replay_id_json();
-    if (!request_done_) keep_alive_ = false;
-    send_answer(answer_failure(failure, record_.decision, id, pinned, why));
-    finish_request();
+    request_.exchange_failed(failure, why, response_started);
 }
 
 }  // namespace stepflow

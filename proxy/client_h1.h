@@ -1,6 +1,7 @@
-// A client connection speaking HTTP/1.1: reads request heads, hands each request to an Exchange,
-// streams the request body up and the response back, keeps the connection alive between
-// requests, and answers malformed input itself without contacting a worker.
+// A client connection speaking HTTP/1.1: reads request heads, hands each to the connection's
+// Request (proxy/request.h: routing, local and failure answers, the record), frames the request
+// body up and the response back, pipelining and keeping the connection alive between requests,
+// and answers malformed input itself without contacting a worker.
 #pragma once
 
 #include <chrono>
@@ -12,7 +13,7 @@
 #include "proxy/client.h"
 #include "proxy/exchange.h"
 #include "proxy/local_response.h"
-#include "proxy/request_record.h"
+#include "proxy/request.h"
 
 struct event;
 struct evbuffer;
@@ -23,7 +24,7 @@ class Conn;
 
 class Worker;
 
-class ClientH1 final : public ClientConnection, public Downstream {
+class ClientH1 final : public ClientConnection, public RequestFraming {
 public:
     // Takes over `bev` (plain or TLS), which may already hold the first bytes of a request.
     ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls);
@@ -43,6 +44,12 @@ public:
     void response_done() override;
     void exchange_failed(Failure failure, const char* why, bool response_started) override;
     void request_sink_ready() override;
+
+    // RequestFraming
+    void send_answer(const LocalAnswer& answer) override;
+    void break_response(bool cancelled) override;
+    bool read_body_for_id() override;
+    void body_timed_out() override;
 
 private:
     enum class State {
@@ -69,7 +76,6 @@ private:
     void enter_idle();
     void send_error(int status, const char* why);
     void send_local(int status, std::string_view content_type, const std::string& body, std::string_view extra_headers);
-    void send_answer(const LocalAnswer& answer);
     void close_after_flush();
     void linger();
     void destroy();
@@ -78,8 +84,6 @@ private:
     void client_gone();
     void defer();
     void log_access();
-    void release_request_head();
-    static void on_body_timeout(void* arg);
 
     Worker& worker_;
     Conn* bev_ = nullptr;
@@ -95,18 +99,9 @@ private:
     bool exchange_paused_ = false;  // the worker is not being read until the client catches up
     size_t scan_from_ = 0;
 
-    http1::Head request_;
     http1::BodyPump request_pump_;
-    std::unique_ptr<Exchange> exchange_;
-    std::unique_ptr<Exchange> retired_;  // kept alive until no callback of it is on the stack
-
-    // Local answers (routing misses) and the request's outcome for the access log.
-    std::unique_ptr<RouteOutcome> local_;  // only while answering a refusal or failure locally
-    evbuffer* local_body_ = nullptr;
-    RequestRecord record_;
-    // While a request body is read: --request-body-timeout between client bytes when proxying,
-    // --local-body-timeout in all when reading one for a local answer.
-    Deadline body_deadline_{on_body_timeout, this};
+    evbuffer* local_body_ = nullptr;  // a body read only for a local answer's JSON-RPC id
+    Request request_{*this, worker_, client_ip_, tls_};  // the current one (reused for the next)
 };
 
 }  // namespace stepflow

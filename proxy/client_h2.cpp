@@ -15,6 +15,7 @@
 #include "core/log.h"
 #include "proxy/block_cache.h"
 #include "proxy/conn.h"
+#include "proxy/request.h"
 #include "proxy/worker.h"
 
 namespace stepflow {
@@ -23,7 +24,6 @@ namespace {
 constexpr size_t kStreamBufferHigh = 64 * 1024;   // response bytes waiting per stream
 constexpr size_t kStreamBufferLow = 16 * 1024;
 constexpr size_t kConnectionOutputHigh = 128 * 1024;
-constexpr size_t kLocalBodyLimit = 64 * 1024;      // body read for a local answer's id (then none)
 constexpr int32_t kConnectionWindow = 4 * 1024 * 1024;
 constexpr size_t kCopyPayloadUpTo = 2 * 1024;      // DATA payloads copied; larger ones move chains
 constexpr size_t kSpareBuffers = 16;               // empty stream buffers kept per connection
@@ -96,10 +96,13 @@ nghttp2_mem block_cache_mem = {
 
 }  // namespace
 
-class ClientH2::Stream final : public Downstream {
+// One stream: HTTP/2 framing and flow control around the stream's Request (proxy/request.h),
+// which routes, answers locally and keeps the record.
+class ClientH2::Stream final : public RequestFraming {
 public:
-    Stream(ClientH2& conn, int32_t id) : conn_(conn), id_(id), resp_buf_(conn.take_buffer()) {
-        record_.begin();
+    Stream(ClientH2& conn, int32_t id)
+        : conn_(conn), id_(id), resp_buf_(conn.take_buffer()), request_(*this, conn.worker_, conn.client_ip_, conn.tls_) {
+        request_.record.begin();  // a new object: nothing else of Request::begin to reset
     }
     static void* operator new(size_t size) {
         if (void* p = block_alloc(size)) return p;
@@ -108,14 +111,13 @@ public:
     static void operator delete(void* p) { block_free(p); }
 
     ~Stream() override {
-        exchange_ = nullptr;
-        exchange_storage_.reset();
+        request_.drop_exchange();
         if (req_buf_) conn_.give_buffer(req_buf_);
         conn_.give_buffer(resp_buf_);
     }
 
     // --- request side (called from nghttp2 callbacks) ---
-    // Each field is kept in head_.raw as [name length][value length][name][value] (lengths as
+    // Each field is kept in the head's raw as [name length][value length][name][value] (lengths as
     // uint32_t): one growing buffer instead of a string per name and value. begin() points the
     // head's views into it once the block is complete, so no view is moved by a reallocation.
     void header(std::string_view name, std::string_view value) {
@@ -125,7 +127,7 @@ public:
             header_overflow_ = true;
             return;
         }
-        std::string& raw = head_.raw;
+        std::string& raw = request_.head.raw;
         if (raw.capacity() < 256) raw.reserve(256);
         uint32_t lengths[2] = {uint32_t(name.size()), uint32_t(value.size())};
         size_t at = raw.size();
@@ -153,32 +155,33 @@ public:
     }
 
     void begin(bool end_stream) {
+        http1::Head& head = request_.head;
         began_ = true;
         request_ended_ = end_stream;
         // HTTP/2 gives what an HTTP/1.1 head would hold as separate fields: build the head from
         // them and apply the HTTP/1.1 checks (http1::check_request). nghttp2 has already
         // enforced HTTP/2's own rules (lower-case names, pseudo-header order, no
         // connection-specific fields), so what is left is what both versions share.
-        head_.headers.reserve(field_count_ + 1);
-        if (cookie_fields_ > 1) head_.raw.reserve(head_.raw.size() + cookie_bytes_ + 2 * cookie_fields_);
+        head.headers.reserve(field_count_ + 1);
+        if (cookie_fields_ > 1) head.raw.reserve(head.raw.size() + cookie_bytes_ + 2 * cookie_fields_);
         size_t cookie_at = SIZE_MAX;  // where the joined cookie field goes
         std::string_view authority, host;
-        std::string_view raw = head_.raw;
+        std::string_view raw = head.raw;
         std::string_view name, value;
         for (size_t at = 0; next_field(raw, at, name, value);) {
             if (!name.empty() && name[0] == ':') {  // pseudo-header fields come first (nghttp2 checks)
-                if (name == ":method") head_.method = value;
-                else if (name == ":path") head_.target = value;
+                if (name == ":method") head.method = value;
+                else if (name == ":path") head.target = value;
                 else if (name == ":authority" && !value.empty()) {
                     authority = value;
-                    head_.headers.push_back({"host", value, http1::Field::Host});
+                    head.headers.push_back({"host", value, http1::Field::Host});
                 }
                 continue;
             }
             if (cookie_fields_ > 1 && name == "cookie") {
                 if (cookie_at == SIZE_MAX) {
-                    cookie_at = head_.headers.size();
-                    head_.headers.push_back({"cookie", {}, http1::Field::Other});
+                    cookie_at = head.headers.size();
+                    head.headers.push_back({"cookie", {}, http1::Field::Other});
                 }
                 continue;
             }
@@ -187,68 +190,62 @@ public:
                 host = value;
                 continue;  // :authority wins (RFC 9113 §8.3.1)
             }
-            head_.headers.push_back({name, value, field});
+            head.headers.push_back({name, value, field});
         }
         if (cookie_at != SIZE_MAX) {
             // RFC 9113 §8.2.3: crumbs sent as separate fields are one Cookie field to HTTP/1.1,
             // joined with "; ". Appended to raw within the capacity reserved above, so no view moves.
-            std::string& joined = head_.raw;
+            std::string& joined = head.raw;
             size_t start = joined.size(), cookies = 0;
             for (size_t at = 0; next_field(raw, at, name, value);) {
                 if (name != "cookie" || value.empty()) continue;
                 if (cookies++ > 0) joined.append("; ");
                 joined.append(value);
             }
-            head_.headers[cookie_at].value = std::string_view(joined).substr(start);
+            head.headers[cookie_at].value = std::string_view(joined).substr(start);
         }
-        if (head_.target.empty()) head_.target = "*";
+        if (head.target.empty()) head.target = "*";
         if (header_overflow_) return reject(431, "request header list too large");
         // RFC 9113 §8.3.1: a Host naming another authority than :authority makes the request
         // malformed; the worker would otherwise see one and the routing the other.
         if (!host.empty() && !http1::iequals(host, authority)) return reject(400, "host differs from :authority");
         const Config& cfg = conn_.worker_.config();
-        if (auto err = http1::check_request(head_, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
+        if (auto err = http1::check_request(head, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
             return reject(err.status, err.reason);
-        bool has_length = std::any_of(head_.headers.begin(), head_.headers.end(), [](const http1::Header& h) {
+        bool has_length = std::any_of(head.headers.begin(), head.headers.end(), [](const http1::Header& h) {
             return h.field == http1::Field::ContentLength;
         });
-        if (!request_ended_ && head_.framing == http1::Framing::None && !has_length) {
-            head_.framing = http1::Framing::Chunked;  // length unknown: chunked to the worker
+        if (!request_ended_ && head.framing == http1::Framing::None && !has_length) {
+            head.framing = http1::Framing::Chunked;  // length unknown: chunked to the worker
             chunked_up_ = true;
         }
-        if (request_ended_) head_.framing = http1::Framing::None;
+        if (request_ended_) head.framing = http1::Framing::None;
         watch_body();
-        record_.trace.begin(head_);
-        log::Scope ids(record_.trace.correlation());
-        exchange_ = &exchange_storage_.emplace(conn_.worker_, *this, head_, conn_.client_ip_, conn_.tls_);
-        exchange_->set_trace(&record_.trace);
-        local_ = exchange_->route();
-        if (local_.kind != RouteOutcome::Refused) return;
-        record_.decision = exchange_->decision();
-        exchange_ = nullptr;
-        exchange_storage_.reset();
+        log::Scope ids(request_.start_trace());
+        if (request_.route()) return;
         local_mode_ = true;
         if (request_ended_) return answer_locally();
         // Reading the body only for its id: --local-body-timeout in all, not between bytes.
-        body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().local_body_timeout);
+        request_.await_body_for_id();
     }
 
     void data(const uint8_t* bytes, size_t len) {
-        record_.bytes_in += len;
+        request_.record.bytes_in += len;
         // The connection window reopens at once: what a stream holds is bounded by its own
         // window (--h2-initial-window-size, times --h2-max-concurrent-streams per connection), so
         // uploads queued or back-pressured never close the window a pinned callback answer on
         // the same connection needs.
         nghttp2_session_consume_connection(conn_.session_, len);
         if (!local_mode_) watch_body();
-        if (exchange_ && !answered_) {
+        Exchange* exchange = request_.exchange();
+        if (exchange && !answered_) {
             // Nothing queued ahead and the worker's connection takes it: straight there rather
             // than through req_buf_ (one copy instead of two).
-            evbuffer* sink = exchange_->request_sink();
+            evbuffer* sink = exchange->request_sink();
             if (sink && !body_forwarded_ && !(req_buf_ && evbuffer_get_length(req_buf_) > 0) &&
-                !exchange_->request_sink_full()) {
+                !exchange->request_sink_full()) {
                 forward(sink, len, [&] {
-                    if (ReplayBuffer* replay = exchange_->replay_copy()) replay->keep(bytes, len);
+                    if (ReplayBuffer* replay = exchange->replay_copy()) replay->keep(bytes, len);
                     evbuffer_add(sink, bytes, len);
                 });
                 return;
@@ -272,7 +269,7 @@ public:
 
     void end_of_request() {
         request_ended_ = true;
-        body_deadline_.cancel();
+        request_.stop_awaiting_body();
         if (local_mode_ && !answered_) answer_locally();
         else pump_request_body();
     }
@@ -280,23 +277,16 @@ public:
     // The client closed or reset the stream, or it ended normally; `error_code` is that of the
     // RST_STREAM either side sent (PROTOCOL_ERROR: nghttp2 found the request malformed).
     void closed(uint32_t error_code) {
-        body_deadline_.cancel();
+        request_.stop_awaiting_body();
         bool malformed = error_code == NGHTTP2_PROTOCOL_ERROR;
-        if (exchange_) {
-            exchange_->abort();  // a reset stream cancels the worker's request
-            record_.note_route(*exchange_);
-        }
-        if (record_.status == 0) record_.status = malformed ? 400 : 499;  // ended before any answer
+        // A reset stream cancels the worker's request.
+        request_.cancel(malformed ? 400 : 499);  // the status when it ended before any answer
         unconsumed_ = 0;  // its bytes left the connection window on arrival
         if (!began_) {
             // The head never completed (an invalid field, or a reset during it): not a request,
             // so no access-log line or request metric; a malformed one counts as rejected.
-            logged_ = true;
-            if (malformed) {
-                Metrics::get().rejected_requests.Increment();
-                log::debug("request rejected", {{"client", conn_.client_ip_}, {"status", 400},
-                                                {"reason", "malformed HTTP/2 request (stream error)"}});
-            }
+            request_.skip_log();
+            if (malformed) request_.note_rejected(400, "malformed HTTP/2 request (stream error)");
             return;
         }
         finish_log();
@@ -328,15 +318,14 @@ public:
     void run_pending_resume() {
         if (!resume_pending_) return;
         resume_pending_ = false;
-        if (exchange_) exchange_->resume_response();
+        if (Exchange* exchange = request_.exchange()) exchange->resume_response();
     }
 
     // --- Downstream ---
     evbuffer* start_response(int status, std::string_view, const std::vector<http1::Header>& headers,
                              http1::Framing framing, uint64_t content_length, bool& chunked_out) override {
         chunked_out = false;
-        record_.status = status;
-        if (exchange_) record_.note_route(*exchange_);
+        request_.response_started(status);
         // nghttp2 copies names and values when the response is submitted, so the connection's
         // scratch vectors serve every response: no allocation once they have grown.
         std::vector<nghttp2_nv>& nva = conn_.nva_;
@@ -362,7 +351,8 @@ public:
             nva.push_back(make_nv("content-length", {length_text, size_t(end - length_text)}, NGHTTP2_NV_FLAG_NO_COPY_NAME));
         }
         submit(nva.data(), nva.size(), framing != http1::Framing::None);
-        if (framing != http1::Framing::Length) release_request_head();
+        // As on HTTP/1.1, a streamed response keeps only the method and target of the request.
+        if (framing != http1::Framing::Length) request_.release_head();
         return resp_buf_;
     }
 
@@ -381,57 +371,68 @@ public:
 
     void response_done() override {
         response_done_ = true;
-        record_.note_route(*exchange_);
-        Metrics::get().client_sent_bytes.Increment(double(record_.bytes_out));
-        exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
+        request_.response_done();
         nghttp2_session_resume_data(conn_.session_, id_);
         conn_.schedule_send();
         finish_log();
     }
 
     void exchange_failed(Failure failure, const char* why, bool response_started) override {
-        record_.note_route(*exchange_);
-        Exchange* ended = exchange_;
-        exchange_ = nullptr;  // ended, but it may be on the stack: kept until the stream goes
-        if (response_started) {
-            log::Scope ids(record_.trace.correlation());
-            log::warn("response cut short", {{"instance", record_.instance_id()}, {"reason", why}, {"client", conn_.client_ip_}});
-            nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, NGHTTP2_INTERNAL_ERROR);
+        request_.exchange_failed(failure, why, response_started);
+    }
+
+    // --- RequestFraming ---
+    void send_answer(const LocalAnswer& a) override { answer(a); }
+
+    void break_response(bool cancelled) override {
+        nghttp2_submit_rst_stream(conn_.session_, NGHTTP2_FLAG_NONE, id_, cancelled ? NGHTTP2_CANCEL : NGHTTP2_INTERNAL_ERROR);
+        conn_.schedule_send();
+        finish_log();
+    }
+
+    // The body never left the stream: read it for its id, as for a routing miss.
+    bool read_body_for_id() override {
+        local_mode_ = true;
+        if (unconsumed_ > 0) {
+            nghttp2_session_consume_stream(conn_.session_, id_, unconsumed_);
             conn_.schedule_send();
-            finish_log();
+            unconsumed_ = 0;
+        }
+        if (request_ended_) {
+            answer_locally();
+            return true;
+        }
+        // As for a routing miss: --local-body-timeout in all, so a client that stops sending
+        // cannot hold the stream.
+        request_.await_body_for_id();
+        return true;
+    }
+
+    void body_timed_out() override {
+        if (request_ended_ || answered_ || !open_) return;
+        if (local_mode_) {
+            evbuffer_drain(req_buf(), evbuffer_get_length(req_buf_));
+            answer_locally();  // without the id
             return;
         }
-        std::string pinned(is_pinned(record_.decision) ? head_.get(conn_.worker_.config().instance_header) : "");
-        local_ = RouteOutcome{RouteOutcome::Refused, failure, pinned, why};
-        if (!ended->body_consumed()) {
-            // The body never left the stream: read it for its id, as for a routing miss.
-            local_mode_ = true;
-            if (unconsumed_ > 0) {
-                nghttp2_session_consume_stream(conn_.session_, id_, unconsumed_);
-                conn_.schedule_send();
-                unconsumed_ = 0;
-            }
-            if (request_ended_) return answer_locally();
-            // As for a routing miss: --local-body-timeout in all, so a client that stops sending
-            // cannot hold the stream.
-            body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().local_body_timeout);
-            return;
-        }
-        std::string id = ended->replay_id_json();
-        answer(answer_failure(failure, record_.decision, id, local_.pinned_id, why));
+        log::Scope ids(request_.record.trace.correlation());
+        log::debug("request body timeout", {{"client", conn_.client_ip_}, {"stream", int64_t(id_)}});
+        if (!request_.exchange()) return;
+        request_.give_up_on_body();
     }
 
     void request_sink_ready() override { pump_request_body(); }
 
 private:
     void pump_request_body() {
-        if (!exchange_ || body_forwarded_) return;
-        evbuffer* sink = exchange_->request_sink();
-        if (!sink || exchange_->request_sink_full()) return;  // unconsumed bytes hold the client's window
+        Exchange* exchange = request_.exchange();
+        if (!exchange || body_forwarded_) return;
+        evbuffer* sink = exchange->request_sink();
+        if (!sink || exchange->request_sink_full()) return;  // unconsumed bytes hold the client's window
         size_t n = req_buf_ ? evbuffer_get_length(req_buf_) : 0;
         if (n > 0) {
             forward(sink, n, [&] {
-                if (ReplayBuffer* replay = exchange_->replay_copy()) replay->payload(req_buf_, n);
+                if (ReplayBuffer* replay = exchange->replay_copy()) replay->payload(req_buf_, n);
                 evbuffer_remove_buffer(req_buf_, sink, n);
             });
             unconsumed_ -= n;
@@ -440,8 +441,8 @@ private:
         if (request_ended_) {
             if (chunked_up_) evbuffer_add(sink, "0\r\n\r\n", 5);
             body_forwarded_ = true;
-            Metrics::get().client_received_bytes.Increment(double(record_.bytes_in));
-            exchange_->request_body_done();
+            Metrics::get().client_received_bytes.Increment(double(request_.record.bytes_in));
+            exchange->request_body_done();
         }
     }
 
@@ -464,36 +465,8 @@ private:
     // the worker: with bytes held (unconsumed_), its window is closing because of the worker,
     // and --upstream-request-timeout is the bound that applies.
     void watch_body() {
-        if (request_ended_ || answered_ || unconsumed_ > 0) body_deadline_.cancel();
-        else body_deadline_.arm(conn_.worker_.timers(), conn_.worker_.config().request_body_timeout);
-    }
-
-    static void on_body_timeout(void* arg) {
-        auto* self = static_cast<Stream*>(arg);
-        if (self->request_ended_ || self->answered_ || !self->open_) return;
-        if (self->local_mode_) {
-            evbuffer_drain(self->req_buf(), evbuffer_get_length(self->req_buf_));
-            self->answer_locally();  // without the id
-            return;
-        }
-        log::Scope ids(self->record_.trace.correlation());
-        log::debug("request body timeout", {{"client", self->conn_.client_ip_}, {"stream", int64_t(self->id_)}});
-        if (!self->exchange_) return;
-        self->exchange_->abort();  // the worker learns of it from the closed connection
-        self->record_.note_route(*self->exchange_);
-        std::string id = self->exchange_->replay_id_json();
-        self->exchange_ = nullptr;
-        if (self->record_.status != 0) {  // the response has started: it cannot be completed
-            nghttp2_submit_rst_stream(self->conn_.session_, NGHTTP2_FLAG_NONE, self->id_, NGHTTP2_CANCEL);
-            self->conn_.schedule_send();
-            self->finish_log();
-            return;
-        }
-        std::string pinned(is_pinned(self->record_.decision)
-                               ? self->head_.get(self->conn_.worker_.config().instance_header)
-                               : "");
-        self->answer(answer_failure(Failure::RequestBodyTimeout, self->record_.decision, id, pinned,
-                                    "request body not received in time"));
+        if (request_ended_ || answered_ || unconsumed_ > 0) request_.stop_awaiting_body();
+        else request_.await_body();
     }
 
     evbuffer* req_buf() {
@@ -501,23 +474,18 @@ private:
         return req_buf_;
     }
 
-    void reject(int status, const char* why) {
-        Metrics::get().rejected_requests.Increment();
-        log::debug("request rejected", {{"client", conn_.client_ip_}, {"status", status}, {"reason", why}});
-        std::string body = "{\"error\":" + json_string(http1::status_reason(status)) + ",\"reason\":" + json_string(why) + "}";
-        answer({status, body, false});
-    }
+    void reject(int status, const char* why) { request_.reject(status, why); }
 
     void answer_locally() {
         std::string id = jsonrpc_id_of(req_buf());
         evbuffer_drain(req_buf_, evbuffer_get_length(req_buf_));
-        answer(answer_failure(local_.failure, record_.decision, id, local_.pinned_id, local_.detail));
+        request_.answer_locally(id);
     }
 
     void answer(const LocalAnswer& a) {
         answered_ = true;
-        record_.status = a.status;
-        record_.bytes_out = a.body.size();
+        request_.record.status = a.status;
+        request_.record.bytes_out = a.body.size();
         evbuffer_add(resp_buf_, a.body.data(), a.body.size());
         response_done_ = true;
         std::string status_text = std::to_string(a.status), length_text = std::to_string(a.body.size());
@@ -540,27 +508,7 @@ private:
         conn_.schedule_send();
     }
 
-    // As ClientH1::release_request_head: a streamed response (an SSE stream may stay open for
-    // minutes) keeps only the method and target for the access log, not the fields.
-    void release_request_head() {
-        size_t method_len = head_.method.size();
-        std::string line;
-        line.reserve(method_len + 1 + head_.target.size());
-        line.append(head_.method);
-        line += ' ';
-        line.append(head_.target);
-        head_.raw.swap(line);  // (assigning a short string would keep the old buffer)
-        head_.method = std::string_view(head_.raw).substr(0, method_len);
-        head_.target = std::string_view(head_.raw).substr(method_len + 1);
-        head_.host = {};
-        std::vector<http1::Header>().swap(head_.headers);
-    }
-
-    void finish_log() {
-        if (logged_) return;
-        logged_ = true;
-        record_.finish(conn_.worker_, head_.method, head_.target, conn_.client_ip_);
-    }
+    void finish_log() { request_.log_access_once(); }
 
     ClientH2& conn_;
     int32_t id_;
@@ -569,20 +517,13 @@ private:
     size_t field_count_ = 0;  // regular (not pseudo-header) fields kept
     size_t cookie_fields_ = 0, cookie_bytes_ = 0;  // joined into one field when several (RFC 9113 §8.2.3)
     bool header_overflow_ = false;
-    http1::Head head_;
     evbuffer* req_buf_ = nullptr;  // request body waiting for the worker (made when first needed)
     evbuffer* resp_buf_;
     size_t unconsumed_ = 0;
     bool request_ended_ = false, body_forwarded_ = false, chunked_up_ = false;
     bool began_ = false, local_mode_ = false, answered_ = false;
-    bool response_done_ = false, paused_ = false, resume_pending_ = false, logged_ = false;
-    // The exchange lives in the stream (no allocation of its own) until the stream is freed;
-    // exchange_ points to it while it runs.
-    std::optional<Exchange> exchange_storage_;
-    Exchange* exchange_ = nullptr;
-    RouteOutcome local_;
-    RequestRecord record_;
-    Deadline body_deadline_{on_body_timeout, this};  // see watch_body()
+    bool response_done_ = false, paused_ = false, resume_pending_ = false;
+    Request request_;  // the exchange lives in it (no allocation of its own) until the stream is freed
     Stream* prev_ = nullptr;  // ClientH2's list of open streams, then of closed ones (next_ only)
     Stream* next_ = nullptr;
     bool open_ = true;

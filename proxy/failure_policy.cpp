@@ -1,9 +1,9 @@
 #include "proxy/failure_policy.h"
 
 #include "core/http1.h"
+#include "core/log.h"
 #include "discovery/instance.h"
 #include "proxy/local_response.h"
-#include "core/log.h"
 
 namespace stepflow {
 

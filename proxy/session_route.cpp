@@ -1,7 +1,7 @@
 #include "proxy/session_route.h"
 
-#include "discovery/instance.h"
 #include "core/log.h"
+#include "discovery/instance.h"
 #include "proxy/metrics.h"
 #include "proxy/sessions.h"
 

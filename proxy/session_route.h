@@ -8,8 +8,8 @@
 #include <string_view>
 #include <vector>
 
-#include "proxy/failure_policy.h"
 #include "core/http1.h"
+#include "proxy/failure_policy.h"
 
 namespace stepflow {
 

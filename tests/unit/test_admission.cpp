@@ -6,8 +6,8 @@
 #include "proxy/delivery.h"
 #include "proxy/failure_policy.h"
 #include "proxy/replay_buffer.h"
-#include "tests/unit/instances.h"
 #include "proxy/router.h"
+#include "tests/unit/instances.h"
 
 #include <event2/buffer.h>
 
