@@ -19,7 +19,7 @@
 #include "discovery/fleet.h"
 #include "proxy/client_h2.h"
 #include "proxy/conn.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 using namespace stepflow;
 
@@ -28,17 +28,17 @@ namespace {
 struct Harness {
     Config config;
     FleetPublisher publisher;
-    std::unique_ptr<Worker> worker;
+    std::unique_ptr<LoopThread> thread;
     Harness() {
         config.access_log = false;
         log::configure(log::Level::Error, log::Format::Json);
-        worker = std::make_unique<Worker>(0, config, publisher, std::vector<Listener>{}, nullptr, nullptr);
+        thread = std::make_unique<LoopThread>(0, config, publisher, std::vector<Listener>{}, nullptr, nullptr);
     }
 };
 
 // Runs the loop's ready callbacks once and throws away what the server wrote.
 void turn(Harness& h, int peer) {
-    event_base_loop(h.worker->base(), EVLOOP_NONBLOCK);
+    event_base_loop(h.thread->base(), EVLOOP_NONBLOCK);
     char sink[16384];
     while (::read(peer, sink, sizeof sink) > 0) {
     }
@@ -47,20 +47,20 @@ void turn(Harness& h, int peer) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-    static Harness* harness = new Harness;  // lives for the process, like a worker thread
+    static Harness* harness = new Harness;  // lives for the process, like a loop thread
     if (size == 0) return 0;
     size_t step = (size_t(data[0]) + 1) * 8;
     ++data;
     --size;
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) return 0;
-    Worker& worker = *harness->worker;
-    auto* client = new ClientH2(worker, Conn::plain(worker.loop(), sv[0]), "127.0.0.1", false);
-    worker.connection_opened(client);
+    LoopThread& thread = *harness->thread;
+    auto* client = new ClientH2(thread, Conn::plain(thread.loop(), sv[0]), "127.0.0.1", false);
+    thread.connection_opened(client);
 
     static const char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     [[maybe_unused]] ssize_t w = ::write(sv[1], kPreface, sizeof kPreface - 1);
-    for (size_t at = 0; at < size && worker.open_connections() > 0;) {
+    for (size_t at = 0; at < size && thread.open_connections() > 0;) {
         size_t n = size - at < step ? size - at : step;
         ssize_t put = ::write(sv[1], data + at, n);
         if (put < 0 && errno != EAGAIN) break;
@@ -69,8 +69,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     // The client says no more; give the session a few turns to answer and close by itself.
     ::shutdown(sv[1], SHUT_WR);
-    for (int i = 0; i < 16 && worker.open_connections() > 0; ++i) turn(*harness, sv[1]);
-    if (worker.open_connections() > 0) client->close_now();
+    for (int i = 0; i < 16 && thread.open_connections() > 0; ++i) turn(*harness, sv[1]);
+    if (thread.open_connections() > 0) client->close_now();
     ::close(sv[1]);
     return 0;
 }

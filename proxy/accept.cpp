@@ -13,7 +13,7 @@
 #include "proxy/client_h1.h"
 #include "proxy/client_h2.h"
 #include "proxy/conn.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 namespace {
@@ -23,20 +23,20 @@ constexpr size_t kPrefaceLen = sizeof kPreface - 1;
 
 }  // namespace
 
-ProtocolSniffer::ProtocolSniffer(Worker& worker, Conn* bev, std::string client_ip, bool tls)
-    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
-    bev_->set_callbacks(on_read, nullptr, on_event, this);
+ProtocolSniffer::ProtocolSniffer(LoopThread& thread, Conn* transport, std::string client_ip, bool tls)
+    : thread_(thread), transport_(transport), client_ip_(std::move(client_ip)), tls_(tls) {
+    transport_->set_callbacks(on_read, nullptr, on_event, this);
     // The first bytes (or the TLS handshake) must come within the request-head time.
-    bev_->set_deadline(worker.config().request_header_timeout);
-    bev_->enable(EV_READ | EV_WRITE);
+    transport_->set_deadline(thread.config().request_header_timeout);
+    transport_->enable(EV_READ | EV_WRITE);
 }
 
 ProtocolSniffer::~ProtocolSniffer() {
-    if (bev_) delete bev_;
+    if (transport_) delete transport_;
 }
 
 void ProtocolSniffer::close_now() {
-    worker_.connection_closed(this);
+    thread_.connection_closed(this);
     delete this;
 }
 
@@ -46,7 +46,7 @@ void ProtocolSniffer::on_read(Conn*, void* arg) {
 }
 
 void ProtocolSniffer::decide() {
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     size_t len = evbuffer_get_length(in);
     size_t n = len < kPrefaceLen ? len : kPrefaceLen;
     if (n == 0) return;
@@ -56,10 +56,10 @@ void ProtocolSniffer::decide() {
     // A prefix of the preface so far: wait for more.
 }
 
-void ProtocolSniffer::on_event(Conn* bev, short what, void* arg) {
+void ProtocolSniffer::on_event(Conn* transport, short what, void* arg) {
     auto* self = static_cast<ProtocolSniffer*>(arg);
     if ((what & BEV_EVENT_CONNECTED) && self->tls_) {
-        SSL* ssl = bev->ssl();
+        SSL* ssl = transport->ssl();
         self->hand_over(negotiated_protocol(ssl) == "h2");
         return;
     }
@@ -74,16 +74,16 @@ void ProtocolSniffer::on_event(Conn* bev, short what, void* arg) {
 void ProtocolSniffer::drain() { draining_ = true; }
 
 void ProtocolSniffer::hand_over(bool http2) {
-    Conn* bev = bev_;
-    bev_ = nullptr;
-    bev->set_deadline(Millis(0));
+    Conn* transport = transport_;
+    transport_ = nullptr;
+    transport->set_deadline(Millis(0));
     if (http2) {
-        auto* conn = new ClientH2(worker_, bev, client_ip_, tls_);
-        worker_.connection_replaced(this, conn);
+        auto* conn = new ClientH2(thread_, transport, client_ip_, tls_);
+        thread_.connection_replaced(this, conn);
         if (draining_) conn->drain();  // GOAWAY: the client knows what to retry elsewhere
     } else {
-        auto* conn = new ClientH1(worker_, bev, client_ip_, tls_);
-        worker_.connection_replaced(this, conn);
+        auto* conn = new ClientH1(thread_, transport, client_ip_, tls_);
+        thread_.connection_replaced(this, conn);
         if (draining_) conn->drain();  // its first request is served, then it closes
         conn->start();  // can only defer its own deletion, so `this` is still ours to delete
     }

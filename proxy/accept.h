@@ -12,11 +12,11 @@ namespace stepflow {
 
 class Conn;
 
-class Worker;
+class LoopThread;
 
 class ProtocolSniffer final : public ClientConnection {
 public:
-    ProtocolSniffer(Worker& worker, Conn* bev, std::string client_ip, bool tls);
+    ProtocolSniffer(LoopThread& thread, Conn* transport, std::string client_ip, bool tls);
     ~ProtocolSniffer() override;
     void drain() override;
     void close_now() override;
@@ -27,8 +27,8 @@ private:
     void decide();
     void hand_over(bool http2);
 
-    Worker& worker_;
-    Conn* bev_;
+    LoopThread& thread_;
+    Conn* transport_;
     std::string client_ip_;
     bool tls_;
     bool draining_ = false;  // hand over for one request (HTTP/1.1) or a GOAWAY (HTTP/2)

@@ -4,7 +4,7 @@
 
 #include "core/text.h"
 #include "proxy/metrics.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 
@@ -44,7 +44,7 @@ uint64_t AdmissionQueue::next_ticket() {
     return next.fetch_add(1, std::memory_order_relaxed);
 }
 
-bool AdmissionQueue::push(Worker* thread, uint64_t ticket) {
+bool AdmissionQueue::push(LoopThread* thread, uint64_t ticket) {
     std::lock_guard lock(mutex_);
     if (entries_.size() >= capacity_) return false;
     entries_.push_back({thread, ticket, false});
@@ -53,7 +53,7 @@ bool AdmissionQueue::push(Worker* thread, uint64_t ticket) {
     return true;
 }
 
-void AdmissionQueue::push_front(Worker* thread, uint64_t ticket, bool retries_spent) {
+void AdmissionQueue::push_front(LoopThread* thread, uint64_t ticket, bool retries_spent) {
     std::lock_guard lock(mutex_);
     entries_.push_front({thread, ticket, retries_spent});  // it held a place already: never refused
     depth_.store(entries_.size(), std::memory_order_relaxed);

@@ -15,7 +15,7 @@
 
 namespace stepflow {
 
-class Worker;
+class LoopThread;
 
 inline int64_t steady_ms() {
     return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -36,10 +36,10 @@ public:
     static uint64_t next_ticket();
 
     // False when the queue is full (or has no room at all: --queue-size 0).
-    bool push(Worker* thread, uint64_t ticket);
+    bool push(LoopThread* thread, uint64_t ticket);
     // Back at the head: woken, but the slot was taken before it got there. `retries_spent`: it
     // may be refused no more (docs/admission.md), so it declines a slot on a refusing instance.
-    void push_front(Worker* thread, uint64_t ticket, bool retries_spent = false);
+    void push_front(LoopThread* thread, uint64_t ticket, bool retries_spent = false);
     // False when the ticket is not queued (already handed to its thread).
     bool remove(uint64_t ticket);
     // A slot freed (or a limit grew): hands the oldest ticket to its thread. Any thread.
@@ -50,7 +50,7 @@ public:
 
 private:
     struct Entry {
-        Worker* thread;
+        LoopThread* thread;
         uint64_t ticket;
         bool retries_spent;
     };

@@ -27,8 +27,8 @@ bool Attempt::connect(UpstreamPool& pool, const InstancePtr& inst, UpstreamConn:
     return true;
 }
 
-evbuffer* Attempt::output() const { return conn_->bev()->output(); }
-evbuffer* Attempt::input() const { return conn_->bev()->input(); }
+evbuffer* Attempt::output() const { return conn_->transport()->output(); }
+evbuffer* Attempt::input() const { return conn_->transport()->input(); }
 
 void Attempt::let_go(UpstreamPool* pool) {
     if (!conn_) return;
@@ -103,10 +103,10 @@ Attempt::HeadRead Attempt::read_head(http1::Head& response, bool head_method, co
 }
 
 Failure Attempt::closed_unanswered(UpstreamClose how, bool request_done) const {
-    Conn* wire = conn_->bev();
-    bool response_seen = interim_count_ > 0 || scan_from_ != 0 || evbuffer_get_length(wire->input()) != 0;
-    bool all_sent = request_done && evbuffer_get_length(wire->output()) == 0;
-    bool reset = how == UpstreamClose::Reset || (how == UpstreamClose::Eof && reset_followed_close(wire->fd()));
+    Conn* transport = conn_->transport();
+    bool response_seen = interim_count_ > 0 || scan_from_ != 0 || evbuffer_get_length(transport->input()) != 0;
+    bool all_sent = request_done && evbuffer_get_length(transport->output()) == 0;
+    bool reset = how == UpstreamClose::Reset || (how == UpstreamClose::Eof && reset_followed_close(transport->fd()));
     return close_failure(observe_delivery(reset, all_sent, response_seen), reused_);
 }
 

@@ -36,7 +36,7 @@ public:
     bool has_conn() const { return conn_ != nullptr; }
     bool reused() const { return reused_; }  // a pooled connection: connected already
     UpstreamConn& conn() const { return *conn_; }
-    Conn* wire() const { return conn_->bev(); }
+    Conn* transport() const { return conn_->transport(); }
     evbuffer* output() const;
     evbuffer* input() const;
     // Ends the attempt's hold on the connection: back to `pool` for reuse, or closed (null).

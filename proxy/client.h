@@ -1,4 +1,4 @@
-// What a worker thread needs of any client connection, whatever protocol it speaks.
+// What a loop thread needs of any client connection, whatever protocol it speaks.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +20,7 @@ private:
     ClientConnection* next_ = nullptr;
 };
 
-// A worker thread's open connections. Intrusive, so tracking one costs no allocation (a set
+// A loop thread's open connections. Intrusive, so tracking one costs no allocation (a set
 // node per connection shows in the memory each open stream holds).
 class ConnectionList {
 public:

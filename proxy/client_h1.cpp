@@ -12,7 +12,7 @@
 #include "core/log.h"
 #include "proxy/conn.h"
 #include "proxy/local_response.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 namespace {
@@ -23,16 +23,16 @@ constexpr Millis kLingerTime{2000};
 
 }  // namespace
 
-ClientH1::ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls)
-    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
-    bev_->set_callbacks(on_read, on_write, on_event, this);
+ClientH1::ClientH1(LoopThread& thread, Conn* transport, std::string client_ip, bool tls)
+    : thread_(thread), transport_(transport), client_ip_(std::move(client_ip)), tls_(tls) {
+    transport_->set_callbacks(on_read, on_write, on_event, this);
     // Reading pauses by itself once this much waits unforwarded: the client's bytes stay in the
     // kernel until the worker takes what we already have.
-    size_t high = std::max<size_t>(worker.config().max_header_size + 1, kOutputHighWater);
-    bev_->set_watermark(EV_READ, 0, high);
-    bev_->enable(EV_READ | EV_WRITE);
+    size_t high = std::max<size_t>(thread.config().max_header_size + 1, kOutputHighWater);
+    transport_->set_watermark(EV_READ, 0, high);
+    transport_->enable(EV_READ | EV_WRITE);
     Metrics::get().client_connections.Increment();
-    arm_timer(worker.config().request_header_timeout);
+    arm_timer(thread.config().request_header_timeout);
 }
 
 void ClientH1::start() { process_input(); }
@@ -41,18 +41,18 @@ ClientH1::~ClientH1() {
     request_.drop_exchange();
     if (local_body_) evbuffer_free(local_body_);
     if (next_) event_free(next_);
-    if (bev_) delete bev_;
+    if (transport_) delete transport_;
     Metrics::get().client_connections.Decrement();
 }
 
 // The connection's own deadline serves as this connection's single timer: the client side
 // needs one only between requests, while a head arrives, and while lingering.
-void ClientH1::arm_timer(Millis ms) { bev_->set_deadline(ms); }
+void ClientH1::arm_timer(Millis ms) { transport_->set_deadline(ms); }
 
 // Runs process_input (or the deferred delete) once the current callback chain has unwound. The
 // event is made on first use: most connections never need it before they close.
 void ClientH1::defer() {
-    if (!next_) next_ = event_new(worker_.base(), -1, 0, on_next, this);
+    if (!next_) next_ = event_new(thread_.base(), -1, 0, on_next, this);
     event_active(next_, 0, 0);
 }
 
@@ -60,14 +60,14 @@ void ClientH1::on_read(Conn*, void* arg) { static_cast<ClientH1*>(arg)->process_
 
 void ClientH1::on_write(Conn*, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
-    evbuffer* out = self->bev_->output();
+    evbuffer* out = self->transport_->output();
     if (self->state_ == State::Closing) {
         if (evbuffer_get_length(out) == 0) self->linger();
         return;
     }
     if (self->exchange_paused_ && self->request_.exchange()) {
         self->exchange_paused_ = false;
-        self->bev_->set_watermark(EV_WRITE, 0, 0);
+        self->transport_->set_watermark(EV_WRITE, 0, 0);
         self->request_.exchange()->resume_response();
     }
 }
@@ -104,7 +104,7 @@ void ClientH1::timed_out() {
 void ClientH1::on_next(int, short, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
     if (self->destroying_) {
-        self->worker_.connection_closed(self);
+        self->thread_.connection_closed(self);
         delete self;
         return;
     }
@@ -113,7 +113,7 @@ void ClientH1::on_next(int, short, void* arg) {
 
 void ClientH1::process_input() {
     if (destroying_) return;
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     switch (state_) {
     case State::Idle:
     case State::ReadingHead: parse_head(); break;
@@ -124,13 +124,13 @@ void ClientH1::process_input() {
 }
 
 void ClientH1::parse_head() {
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     if (evbuffer_get_length(in) == 0) return;
     if (state_ == State::Idle) {
         state_ = State::ReadingHead;
-        arm_timer(worker_.config().request_header_timeout);
+        arm_timer(thread_.config().request_header_timeout);
     }
-    const Config& cfg = worker_.config();
+    const Config& cfg = thread_.config();
     size_t n = http1::find_head_end(in, cfg.max_header_size, scan_from_);
     if (n == 0) return;
     request_.begin();
@@ -152,7 +152,7 @@ void ClientH1::parse_head() {
             return;
         }
     }
-    bev_->set_send_timeout(cfg.client_send_timeout);  // in place of the head's deadline
+    transport_->set_send_timeout(cfg.client_send_timeout);  // in place of the head's deadline
     keep_alive_ = head.keep_alive && !draining_;
     request_done_ = head.framing == http1::Framing::None;
     request_pump_.start(head.framing, head.content_length, head.framing == http1::Framing::Chunked);
@@ -182,7 +182,7 @@ void ClientH1::answer_after_body() {
 // common malformed case (a bad first chunk size) never reaches one. Later chunks are checked as
 // they stream; a bad one then cuts the exchange.
 const char* ClientH1::precheck_chunked_body() {
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     size_t n = std::min<size_t>(evbuffer_get_length(in), 4096);
     if (n == 0) return nullptr;
     evbuffer* copy = evbuffer_new();
@@ -207,7 +207,7 @@ void ClientH1::pump_request_body() {
         request_.stop_awaiting_body();  // waiting for the worker is not the client's delay
         return;
     }
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     uint64_t before = request_pump_.payload_bytes();
     auto status = request_pump_.pump(in, sink, exchange->replay_copy());
     RequestRecord& record = request_.record;
@@ -237,7 +237,7 @@ void ClientH1::pump_request_body() {
 void ClientH1::request_sink_ready() { pump_request_body(); }
 
 void ClientH1::collect_local_body() {
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     auto status = request_pump_.pump(in, local_body_);
     request_.record.bytes_in = request_pump_.payload_bytes();
     if (status == http1::BodyPump::Status::Error) {
@@ -289,7 +289,7 @@ void ClientH1::body_timed_out() {
 void ClientH1::send_answer(const LocalAnswer& answer) {
     if (!request_done_) keep_alive_ = false;  // the rest of the body is not read
     std::string extra;
-    if (answer.retry_after) extra = "Retry-After: " + std::to_string(worker_.config().retry_after_seconds) + "\r\n";
+    if (answer.retry_after) extra = "Retry-After: " + std::to_string(thread_.config().retry_after_seconds) + "\r\n";
     send_local(answer.status, "application/json", answer.body, extra);
     finish_request();
 }
@@ -315,7 +315,7 @@ void ClientH1::send_local(int status, std::string_view content_type, const std::
     if (!keep_alive_) out.append("Connection: close\r\n");
     out.append("\r\n");
     out.append(body);
-    evbuffer_add(bev_->output(), out.data(), out.size());
+    evbuffer_add(transport_->output(), out.data(), out.size());
     record.bytes_out = body.size();
 }
 
@@ -337,17 +337,17 @@ void ClientH1::finish_request() {
 
 void ClientH1::enter_idle() {
     state_ = State::Idle;
-    arm_timer(worker_.config().keepalive_idle_timeout);
-    if (evbuffer_get_length(bev_->input()) > 0) defer();  // a pipelined request is buffered
+    arm_timer(thread_.config().keepalive_idle_timeout);
+    if (evbuffer_get_length(transport_->input()) > 0) defer();  // a pipelined request is buffered
 }
 
 void ClientH1::log_access() { request_.log_access(); }
 
 void ClientH1::close_after_flush() {
     state_ = State::Closing;
-    bev_->set_send_timeout(worker_.config().client_send_timeout);  // the last bytes must be taken too
-    bev_->set_watermark(EV_WRITE, 0, 0);
-    evbuffer* out = bev_->output();
+    transport_->set_send_timeout(thread_.config().client_send_timeout);  // the last bytes must be taken too
+    transport_->set_watermark(EV_WRITE, 0, 0);
+    evbuffer* out = transport_->output();
     if (evbuffer_get_length(out) == 0) linger();
     // else on_write lingers once the output has drained
 }
@@ -359,14 +359,14 @@ void ClientH1::linger() {
         destroy();
         return;
     }
-    shutdown(bev_->fd(), SHUT_WR);
+    shutdown(transport_->fd(), SHUT_WR);
     arm_timer(kLingerTime);
 }
 
 void ClientH1::destroy() {
     if (destroying_) return;
     destroying_ = true;
-    bev_->disable(EV_READ | EV_WRITE);
+    transport_->disable(EV_READ | EV_WRITE);
     arm_timer(Millis(0));
     defer();  // delete once the current callback chain has unwound
 }
@@ -381,14 +381,14 @@ void ClientH1::drain() {
 
 void ClientH1::close_now() {
     if (Exchange* exchange = request_.exchange()) exchange->abort();
-    worker_.connection_closed(this);
+    thread_.connection_closed(this);
     delete this;
 }
 
 evbuffer* ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
                                    http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
     request_.response_started(status);
-    std::string& out = worker_.head_text();
+    std::string& out = thread_.head_text();
     http1::write_response_head(out, status, reason, headers);
     chunked_out = false;
     switch (upstream_framing) {
@@ -410,7 +410,7 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     }
     if (!keep_alive_) out.append("Connection: close\r\n");
     out.append("\r\n");
-    evbuffer* output = bev_->output();
+    evbuffer* output = transport_->output();
     evbuffer_add(output, out.data(), out.size());
     // A response of known length leaves the head to be reused by the next request.
     if (upstream_framing != http1::Framing::Length) request_.release_head();
@@ -422,15 +422,15 @@ void ClientH1::interim_response(int status, std::string_view reason) {
     std::string out;
     http1::write_response_head(out, status, reason, {});
     out.append("\r\n");
-    evbuffer_add(bev_->output(), out.data(), out.size());
+    evbuffer_add(transport_->output(), out.data(), out.size());
 }
 
 void ClientH1::response_data() {}
 
 bool ClientH1::response_sink_full() {
-    if (evbuffer_get_length(bev_->output()) <= kOutputHighWater) return false;
+    if (evbuffer_get_length(transport_->output()) <= kOutputHighWater) return false;
     exchange_paused_ = true;
-    bev_->set_watermark(EV_WRITE, kOutputLowWater, 0);
+    transport_->set_watermark(EV_WRITE, kOutputLowWater, 0);
     return true;
 }
 

@@ -22,12 +22,12 @@ namespace stepflow {
 
 class Conn;
 
-class Worker;
+class LoopThread;
 
 class ClientH1 final : public ClientConnection, public RequestFraming {
 public:
-    // Takes over `bev` (plain or TLS), which may already hold the first bytes of a request.
-    ClientH1(Worker& worker, Conn* bev, std::string client_ip, bool tls);
+    // Takes over `transport` (plain or TLS), which may already hold the first bytes of a request.
+    ClientH1(LoopThread& thread, Conn* transport, std::string client_ip, bool tls);
     ~ClientH1() override;
     // Serves what arrived with the connection (the protocol sniffer's bytes).
     void start();
@@ -85,8 +85,8 @@ private:
     void defer();
     void log_access();
 
-    Worker& worker_;
-    Conn* bev_ = nullptr;
+    LoopThread& thread_;
+    Conn* transport_ = nullptr;
     event* next_ = nullptr;  // see defer()
     std::string client_ip_;
     bool tls_;
@@ -101,7 +101,7 @@ private:
 
     http1::BodyPump request_pump_;
     evbuffer* local_body_ = nullptr;  // a body read only for a local answer's JSON-RPC id
-    Request request_{*this, worker_, client_ip_, tls_};  // the current one (reused for the next)
+    Request request_{*this, thread_, client_ip_, tls_};  // the current one (reused for the next)
 };
 
 }  // namespace stepflow

@@ -16,7 +16,7 @@
 #include "proxy/block_cache.h"
 #include "proxy/conn.h"
 #include "proxy/request.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 namespace {
@@ -101,7 +101,7 @@ nghttp2_mem block_cache_mem = {
 class ClientH2::Stream final : public RequestFraming {
 public:
     Stream(ClientH2& conn, int32_t id)
-        : conn_(conn), id_(id), resp_buf_(conn.take_buffer()), request_(*this, conn.worker_, conn.client_ip_, conn.tls_) {
+        : conn_(conn), id_(id), resp_buf_(conn.take_buffer()), request_(*this, conn.thread_, conn.client_ip_, conn.tls_) {
         request_.record.begin();  // a new object: nothing else of Request::begin to reset
     }
     static void* operator new(size_t size) {
@@ -122,8 +122,8 @@ public:
     // head's views into it once the block is complete, so no view is moved by a reallocation.
     void header(std::string_view name, std::string_view value) {
         header_bytes_ += name.size() + value.size() + 32;
-        if (header_bytes_ > conn_.worker_.config().h2_max_header_list_size ||
-            ++header_count_ > conn_.worker_.config().max_headers) {
+        if (header_bytes_ > conn_.thread_.config().h2_max_header_list_size ||
+            ++header_count_ > conn_.thread_.config().max_headers) {
             header_overflow_ = true;
             return;
         }
@@ -209,7 +209,7 @@ public:
         // RFC 9113 §8.3.1: a Host naming another authority than :authority makes the request
         // malformed; the worker would otherwise see one and the routing the other.
         if (!host.empty() && !http1::iequals(host, authority)) return reject(400, "host differs from :authority");
-        const Config& cfg = conn_.worker_.config();
+        const Config& cfg = conn_.thread_.config();
         if (auto err = http1::check_request(head, {cfg.h2_max_header_list_size * 2, cfg.max_headers + 1}))
             return reject(err.status, err.reason);
         bool has_length = std::any_of(head.headers.begin(), head.headers.end(), [](const http1::Header& h) {
@@ -489,7 +489,7 @@ private:
         evbuffer_add(resp_buf_, a.body.data(), a.body.size());
         response_done_ = true;
         std::string status_text = std::to_string(a.status), length_text = std::to_string(a.body.size());
-        std::string retry = std::to_string(conn_.worker_.config().retry_after_seconds);
+        std::string retry = std::to_string(conn_.thread_.config().retry_after_seconds);
         std::vector<nghttp2_nv> nva = {make_nv(":status", status_text), make_nv("content-type", "application/json"),
                                        make_nv("content-length", length_text)};
         if (a.retry_after) nva.push_back(make_nv("retry-after", retry));
@@ -531,9 +531,9 @@ private:
     friend class ClientH2;
 };
 
-ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
-    : worker_(worker), bev_(bev), client_ip_(std::move(client_ip)), tls_(tls) {
-    const Config& cfg = worker.config();
+ClientH2::ClientH2(LoopThread& thread, Conn* transport, std::string client_ip, bool tls)
+    : thread_(thread), transport_(transport), client_ip_(std::move(client_ip)), tls_(tls) {
+    const Config& cfg = thread.config();
     nghttp2_session_callbacks* callbacks;
     nghttp2_session_callbacks_new(&callbacks);
     nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers);
@@ -570,12 +570,12 @@ ClientH2::ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls)
     nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, sizeof settings / sizeof settings[0]);
     nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
 
-    deferred_ = event_new(worker.base(), -1, 0, on_deferred, this);
-    bev_->set_callbacks(on_read, on_write, on_event, this);
-    bev_->set_watermark(EV_WRITE, kConnectionOutputHigh / 4, 0);
-    bev_->enable(EV_READ | EV_WRITE);
+    deferred_ = event_new(thread.base(), -1, 0, on_deferred, this);
+    transport_->set_callbacks(on_read, on_write, on_event, this);
+    transport_->set_watermark(EV_WRITE, kConnectionOutputHigh / 4, 0);
+    transport_->enable(EV_READ | EV_WRITE);
     // A client that takes none of what waits for it is dropped (on_event: BEV_EVENT_TIMEOUT).
-    bev_->set_send_timeout(cfg.client_send_timeout);
+    transport_->set_send_timeout(cfg.client_send_timeout);
     Metrics::get().client_connections.Increment();
     arm_idle();
     receive();  // the preface (and maybe more) is already buffered
@@ -591,11 +591,11 @@ ClientH2::~ClientH2() {
     for (evbuffer* b : spare_buffers_) evbuffer_free(b);
     nghttp2_session_del(session_);
     event_free(deferred_);
-    delete bev_;
+    delete transport_;
     Metrics::get().client_connections.Decrement();
 }
 
-void ClientH2::arm_idle() { idle_.arm(worker_.timers(), worker_.config().keepalive_idle_timeout); }
+void ClientH2::arm_idle() { idle_.arm(thread_.timers(), thread_.config().keepalive_idle_timeout); }
 
 evbuffer* ClientH2::take_buffer() {
     if (spare_buffers_.empty()) return evbuffer_new();
@@ -623,8 +623,8 @@ void ClientH2::on_header_block_timeout(void* arg) {
     log::debug("HTTP/2 header block not completed in time", {{"client", self->client_ip_}});
     // Nothing else can arrive on this connection before the block ends: it is over.
     nghttp2_session_terminate_session(self->session_, NGHTTP2_PROTOCOL_ERROR);
-    evbuffer_drain(self->bev_->input(), evbuffer_get_length(self->bev_->input()));
-    self->bev_->disable(EV_READ);
+    evbuffer_drain(self->transport_->input(), evbuffer_get_length(self->transport_->input()));
+    self->transport_->disable(EV_READ);
     self->send();
     self->maybe_close();
 }
@@ -652,7 +652,7 @@ void ClientH2::on_event(Conn*, short what, void* arg) {
 
 void ClientH2::receive() {
     if (destroying_) return;
-    evbuffer* in = bev_->input();
+    evbuffer* in = transport_->input();
     while (size_t len = evbuffer_get_contiguous_space(in)) {
         const uint8_t* data = evbuffer_pullup(in, static_cast<ssize_t>(len));
         ssize_t rv = nghttp2_session_mem_recv(session_, data, len);
@@ -668,7 +668,7 @@ void ClientH2::receive() {
             bool abuse = rv == NGHTTP2_ERR_FLOODED || rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS;
             nghttp2_session_terminate_session(session_, abuse ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR);
             evbuffer_drain(in, evbuffer_get_length(in));
-            bev_->disable(EV_READ);
+            transport_->disable(EV_READ);
             send();
             maybe_close();
             return;
@@ -687,7 +687,7 @@ void ClientH2::schedule_send() {
 void ClientH2::on_deferred(int, short, void* arg) {
     auto* self = static_cast<ClientH2*>(arg);
     if (self->destroying_) {
-        self->worker_.connection_closed(self);
+        self->thread_.connection_closed(self);
         delete self;
         return;
     }
@@ -702,7 +702,7 @@ void ClientH2::on_deferred(int, short, void* arg) {
 
 void ClientH2::send() {
     if (destroying_) return;
-    evbuffer* out = bev_->output();
+    evbuffer* out = transport_->output();
     while (evbuffer_get_length(out) < kConnectionOutputHigh) {
         const uint8_t* data = nullptr;
         ssize_t n = nghttp2_session_mem_send(session_, &data);
@@ -714,7 +714,7 @@ void ClientH2::send() {
         if (!settings_sent_) {
             settings_sent_ = true;  // a server's first frame is its SETTINGS (see the constructor)
             std::string frame(reinterpret_cast<const char*>(data), size_t(n));
-            advertise_stream_limit(frame, worker_.config().h2_max_concurrent_streams);
+            advertise_stream_limit(frame, thread_.config().h2_max_concurrent_streams);
             evbuffer_add(out, frame.data(), frame.size());
             continue;
         }
@@ -726,13 +726,13 @@ void ClientH2::maybe_close() {
     if (destroying_) return;
     bool done = !nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_);
     if (draining_ && !streams_) done = true;
-    if (done && evbuffer_get_length(bev_->output()) == 0) destroy();
+    if (done && evbuffer_get_length(transport_->output()) == 0) destroy();
 }
 
 void ClientH2::destroy() {
     if (destroying_) return;
     destroying_ = true;
-    bev_->disable(EV_READ | EV_WRITE);
+    transport_->disable(EV_READ | EV_WRITE);
     idle_.cancel();
     header_block_.cancel();
     event_active(deferred_, 0, 0);
@@ -747,7 +747,7 @@ void ClientH2::drain() {
 }
 
 void ClientH2::close_now() {
-    worker_.connection_closed(this);
+    thread_.connection_closed(this);
     delete this;
 }
 
@@ -770,9 +770,9 @@ int ClientH2::on_begin_headers(nghttp2_session* session, const nghttp2_frame* fr
     // other frame of the connection: it must end within --request-header-timeout (on_frame_recv
     // stops the clock once the block is complete).
     if (!(frame->hd.flags & NGHTTP2_FLAG_END_HEADERS))
-        self->header_block_.arm(self->worker_.timers(), self->worker_.config().request_header_timeout);
+        self->header_block_.arm(self->thread_.timers(), self->thread_.config().request_header_timeout);
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-    if (self->stream_count_ >= self->worker_.config().h2_max_concurrent_streams) {
+    if (self->stream_count_ >= self->thread_.config().h2_max_concurrent_streams) {
         // No Stream object: the refused stream's fields and DATA are ignored.
         log::debug("HTTP/2 stream refused: too many concurrent streams",
                    {{"client", self->client_ip_}, {"stream", int64_t(frame->hd.stream_id)}});
@@ -854,7 +854,7 @@ int ClientH2::on_data_chunk(nghttp2_session* session, uint8_t, int32_t stream_id
 // A DATA frame whose payload read_response left in the stream's buffer (NGHTTP2_DATA_FLAG_NO_COPY).
 int ClientH2::on_send_data(nghttp2_session*, nghttp2_frame* frame, const uint8_t* framehd, size_t length,
                            nghttp2_data_source* source, void* user) {
-    evbuffer* out = static_cast<ClientH2*>(user)->bev_->output();
+    evbuffer* out = static_cast<ClientH2*>(user)->transport_->output();
     evbuffer_add(out, framehd, 9);
     // Padding is never chosen (no select_padding callback), but its layout is cheap to honour.
     size_t pad = frame->data.padlen;

@@ -25,11 +25,11 @@ namespace stepflow {
 
 class Conn;
 
-class Worker;
+class LoopThread;
 
 class ClientH2 final : public ClientConnection {
 public:
-    ClientH2(Worker& worker, Conn* bev, std::string client_ip, bool tls);
+    ClientH2(LoopThread& thread, Conn* transport, std::string client_ip, bool tls);
     ~ClientH2() override;
 
     void drain() override;
@@ -69,8 +69,8 @@ private:
     evbuffer* take_buffer();
     void give_buffer(evbuffer* b);
 
-    Worker& worker_;
-    Conn* bev_;
+    LoopThread& thread_;
+    Conn* transport_;
     std::string client_ip_;
     bool tls_;
     nghttp2_session* session_ = nullptr;

@@ -14,7 +14,7 @@
 #include "proxy/local_response.h"
 #include "proxy/router.h"
 #include "proxy/sessions.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 namespace {
@@ -35,13 +35,13 @@ const char* span_decision(Decision d) {
 
 }  // namespace
 
-Exchange::Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
+Exchange::Exchange(LoopThread& thread, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
                    bool client_tls)
-    : worker_(worker), downstream_(downstream), request_(request), client_ip_(client_ip),
-      pending_(std::make_unique<Pending>(this, worker.config().retry_buffer_size)), client_tls_(client_tls) {
+    : thread_(thread), downstream_(downstream), request_(request), client_ip_(client_ip),
+      pending_(std::make_unique<Pending>(this, thread.config().retry_buffer_size)), client_tls_(client_tls) {
     request_chunked_ = request_.framing == http1::Framing::Chunked;
     request_done_ = request_.framing == http1::Framing::None;
-    pending_->repeatable = may_repeat(request_, worker_.config().trust_idempotency_key);
+    pending_->repeatable = may_repeat(request_, thread_.config().trust_idempotency_key);
 }
 
 Exchange::~Exchange() {
@@ -49,10 +49,10 @@ Exchange::~Exchange() {
 }
 
 RouteOutcome Exchange::route() {
-    const Fleet& fleet = worker_.fleet().get();
+    const Fleet& fleet = thread_.fleet().get();
     auto& metrics = Metrics::get();
     count_mcp_method();
-    if (const Sessions* sessions = worker_.sessions()) {
+    if (const Sessions* sessions = thread_.sessions()) {
         // A request naming a session goes to the instance holding it.
         thread_local std::string instance_id;  // scratch: no allocation per request once warm
         Failure refused = Failure::NoInstance;
@@ -67,13 +67,13 @@ RouteOutcome Exchange::route() {
         case SessionRoute::Lookup::None: break;
         }
     }
-    std::string_view pin = request_.get(worker_.config().instance_header);
+    std::string_view pin = request_.get(thread_.config().instance_header);
     if (!pin.empty()) return pin_to(fleet, Decision::PinnedByHeader, pin, pin);
     decision_ = Decision::LeastLoad;
-    if (!route_least_load(fleet, worker_.rng())) {
+    if (!route_least_load(fleet, thread_.rng())) {
         // No instance takes new work: a fleet at zero waking up, or a bad rollout. The request
         // waits in the queue for the first instance to become routable (docs/autoscaling.md).
-        if (worker_.config().cold_start_timeout.count() == 0) {
+        if (thread_.config().cold_start_timeout.count() == 0) {
             decision_ = Decision::None;
             metrics.no_healthy_instance.Increment();
             return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
@@ -120,10 +120,10 @@ RouteOutcome Exchange::pin_to(const Fleet& fleet, Decision how, std::string_view
 // queues it. False only when the queue is full. Work arriving while others wait joins the queue
 // behind them (first come, first served), unless the queue itself offers the slot.
 bool Exchange::dispatch(bool from_queue) {
-    const Fleet& fleet = worker_.fleet().get();
+    const Fleet& fleet = thread_.fleet().get();
     if (!from_queue && AdmissionQueue::get().depth() > 0) return enqueue(false);
     while (pending_->tried_count < kMaxAttempts) {
-        Instance* inst = route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
+        Instance* inst = route_least_load(fleet, thread_.rng(), {pending_->tried.data(), pending_->tried_count}, true);
         if (!inst) break;
         if (pending_->retries_spent && inst->capacity.refusals() > 0) {
             pending_->tried[pending_->tried_count++] = inst;  // no more refusals for it: never a probe
@@ -137,7 +137,7 @@ bool Exchange::dispatch(bool from_queue) {
     }
     if (finished_) return true;
     if (pending_->tried_count > 0 && !pending_->retries_spent &&
-        !route_least_load(fleet, worker_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
+        !route_least_load(fleet, thread_.rng(), {pending_->tried.data(), pending_->tried_count}, false)) {
         exhausted_ = true;  // every instance taking new work was tried: waiting would not help
         return true;
     }
@@ -145,7 +145,7 @@ bool Exchange::dispatch(bool from_queue) {
 }
 
 bool Exchange::enqueue(bool at_front) {
-    switch (pending_->queue.join(worker_, this, at_front, pending_->cold_start, pending_->retries_spent)) {
+    switch (pending_->queue.join(thread_, this, at_front, pending_->cold_start, pending_->retries_spent)) {
     case QueueTicket::Join::Waiting: return true;
     case QueueTicket::Join::Full: return false;
     case QueueTicket::Join::DeadlinePassed:
@@ -159,7 +159,7 @@ bool Exchange::enqueue(bool at_front) {
 // Ends this request's place in the queue (dispatched, timed out, or cancelled).
 void Exchange::leave_queue() {
     if (!pending_) return;
-    double ms = pending_->queue.leave(worker_);
+    double ms = pending_->queue.leave(thread_);
     if (ms < 0) return;
     queue_wait_ms_ += ms;
     note_queue_wait(ms);
@@ -192,7 +192,7 @@ void Exchange::on_queue_timeout(void* arg) {
         self->pending_->queue.expire();  // at a worker now: only a later re-queue is refused
         return;
     }
-    if (self->pending_->cold_start && !route_least_load(self->worker_.fleet().get(), self->worker_.rng())) {
+    if (self->pending_->cold_start && !route_least_load(self->thread_.fleet().get(), self->thread_.rng())) {
         self->leave_queue();
         DemandSignal::get().cold_start_timeouts.Increment();
         Metrics::get().no_healthy_instance.Increment();
@@ -218,12 +218,12 @@ bool Exchange::connect_to(const InstancePtr& inst, bool fresh) {
     attempt_.start_span(trace_, *inst, span_decision(decision_));
     inst->in_flight.fetch_add(1, std::memory_order_relaxed);
     in_flight_counted_ = true;
-    if (!attempt_.connect(worker_.pool(), inst, this, fresh) && is_pinned(decision_) && !pending_->pinned_retried) {
+    if (!attempt_.connect(thread_.pool(), inst, this, fresh) && is_pinned(decision_) && !pending_->pinned_retried) {
         // Our shortage must not end a pinned step: free an idle pooled connection (a descriptor)
         // and try once more.
         pending_->pinned_retried = true;
-        worker_.pool().shed_one();
-        attempt_.connect(worker_.pool(), inst, this, true);
+        thread_.pool().shed_one();
+        attempt_.connect(thread_.pool(), inst, this, true);
     }
     if (!attempt_.has_conn()) {
         // No socket or TLS object could be made: our shortage (descriptors, memory), not the
@@ -265,7 +265,7 @@ void Exchange::upstream_connected() {
 void Exchange::charge(Failure f, const char* why) {
     if (!instance_ || !judge(f, decision_).charge_instance) return;
     Instance& inst = *instance_;
-    if (inst.record_failure(worker_.config().max_failures, why))
+    if (inst.record_failure(thread_.config().max_failures, why))
         log::warn("instance marked unhealthy", {{"instance", inst.id}, {"backend", inst.address}, {"reason", why}});
 }
 
@@ -281,7 +281,7 @@ bool Exchange::can_replay() const {
 void Exchange::failed_before_response(Failure f, const char* why) {
     attempt_.span().end(0, &f, why, 0);
     AttemptFailure what{f, decision_, pending_->repeatable, can_replay(), pending_->pinned_retried,
-                        retries_ < worker_.config().retries};
+                        retries_ < thread_.config().retries};
     AttemptVerdict verdict = judge_attempt(what);
     count_failed_attempt(what);
     if (verdict.charge_instance) charge(f, why);
@@ -327,21 +327,21 @@ void Exchange::give_up(Failure f, const char* why) {
 }
 
 void Exchange::send_request_head() {
-    attempt_.send_head(worker_.head_text(), request_,
+    attempt_.send_head(thread_.head_text(), request_,
                        {pending_ ? &pending_->session : nullptr, client_ip_, client_tls_, request_chunked_});
-    Conn* bev = attempt_.wire();
+    Conn* transport = attempt_.transport();
     // A retry: what the client sent so far goes again (the rest follows as it arrives). New work
     // keeps its body for a retry; pinned work keeps it too, so a failure after the body left can
     // still echo the JSON-RPC id.
-    pending_->replay.resend(bev->output(), request_chunked_, request_done_);
-    attempt_.conn().set_read_timeout(worker_.config().upstream_header_timeout);
+    pending_->replay.resend(transport->output(), request_chunked_, request_done_);
+    attempt_.conn().set_read_timeout(thread_.config().upstream_header_timeout);
     // The client side refills the request body once the worker's side drains below a quarter
     // of the high-water mark (request_sink_full stops it above).
     if (!request_done_) {
-        bev->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
-        pending_->request_deadline.arm(worker_.timers(), worker_.config().upstream_request_timeout);
+        transport->set_watermark(EV_WRITE, kSinkHighWater / 4, 0);
+        pending_->request_deadline.arm(thread_.timers(), thread_.config().upstream_request_timeout);
     }
-    bev->enable(EV_READ | EV_WRITE);
+    transport->enable(EV_READ | EV_WRITE);
     downstream_.request_sink_ready();
 }
 
@@ -360,7 +360,7 @@ void Exchange::request_body_done() {
     // A chunked body's last chunk went out: the body left the client even without payload.
     if (request_chunked_ && pending_) pending_->replay.end_sent();
     // The write callback now comes only once the worker's socket took every byte.
-    if (attempt_.has_conn() && !finished_) attempt_.wire()->set_watermark(EV_WRITE, 0, 0);
+    if (attempt_.has_conn() && !finished_) attempt_.transport()->set_watermark(EV_WRITE, 0, 0);
     request_sent_check();
 }
 
@@ -396,7 +396,7 @@ void Exchange::upstream_readable() {
 // The parsed head is the thread's scratch head: once passed on, only its framing is needed
 // (kept by the pump), and an SSE stream may stay open for minutes.
 bool Exchange::parse_response_head() {
-    http1::Head& response = worker_.response_head();
+    http1::Head& response = thread_.response_head();
     while (true) {
         const char* why = nullptr;
         Attempt::HeadRead read = attempt_.read_head(response, request_.is_head_method, why);
@@ -431,11 +431,11 @@ bool Exchange::parse_response_head() {
     auto& metrics = Metrics::get();
     metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
 
-    const std::string& header_name = worker_.config().instance_header;
-    std::vector<http1::Header>& headers = worker_.header_list();
+    const std::string& header_name = thread_.config().instance_header;
+    std::vector<http1::Header>& headers = thread_.header_list();
     http1::HopByHop hop(response);
     bool has_instance_header = false;
-    const Sessions* sessions = worker_.sessions();
+    const Sessions* sessions = thread_.sessions();
     if (sessions) pending_->session.response_status(*sessions, status_, request_.method);
     for (const auto& h : response.headers) {
         if (hop.contains(h)) continue;
@@ -469,7 +469,7 @@ bool Exchange::parse_response_head() {
     evbuffer* sink = downstream_.start_response(status_, response.reason, headers, response.framing,
                                                 response.content_length, chunked_out);
     attempt_.start_relay(response.framing, response.content_length, chunked_out, sink);
-    attempt_.conn().set_read_timeout(worker_.config().stream_idle_timeout);
+    attempt_.conn().set_read_timeout(thread_.config().stream_idle_timeout);
     release_pending();  // last: the header list passed on above viewed the sealed session id
     return true;
 }
@@ -508,13 +508,13 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     if (jsonrpc_error_code_of(body) != -32300) return false;
     evbuffer_drain(in, need);
     Instance& inst = attempt_.conn().instance();
-    inst.capacity.refused(steady_ms(), worker_.config().capacity_recovery_interval.count());
+    inst.capacity.refused(steady_ms(), thread_.config().capacity_recovery_interval.count());
     Metrics::get().worker_at_capacity.Increment();
     log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.capacity.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
         evbuffer_get_length(attempt_.output()) == 0) {
         // The connection is clean (no extra bytes either way): give it back rather than close it.
-        attempt_.let_go(&worker_.pool());
+        attempt_.let_go(&thread_.pool());
     }
     failed_before_response(Failure::WorkerAtCapacity, "worker at capacity (-32300)");
     return true;
@@ -532,12 +532,12 @@ void Exchange::pump_response() {
         complete_response();
         return;
     }
-    if (downstream_.response_sink_full()) attempt_.wire()->disable(EV_READ);
+    if (downstream_.response_sink_full()) attempt_.transport()->disable(EV_READ);
 }
 
 void Exchange::resume_response() {
     if (finished_ || !attempt_.has_conn() || !response_started_) return;
-    attempt_.wire()->enable(EV_READ);
+    attempt_.transport()->enable(EV_READ);
     pump_response();
 }
 
@@ -602,7 +602,7 @@ void Exchange::finish(bool reuse_connection) {
         pending_->request_deadline.cancel();
     }
     if (sse_) Metrics::get().sse_streams_open.Decrement();
-    attempt_.let_go(reuse_connection ? &worker_.pool() : nullptr);
+    attempt_.let_go(reuse_connection ? &thread_.pool() : nullptr);
     release_instance();
 }
 

@@ -29,7 +29,7 @@ struct evbuffer;
 
 namespace stepflow {
 
-class Worker;
+class LoopThread;
 
 // Everything the exchange needs to tell the client side. Calls come from the event loop.
 class Downstream {
@@ -64,7 +64,7 @@ public:
     // `request` and `client_ip` belong to the client connection and outlive the exchange. The
     // request's fields are read only until the response starts: the client may then cut the
     // head down to its request line (ClientH1::release_request_head).
-    Exchange(Worker& worker, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
+    Exchange(LoopThread& thread, Downstream& downstream, const http1::Head& request, const std::string& client_ip,
              bool client_tls);
     ~Exchange() override;
 
@@ -74,7 +74,7 @@ public:
     // Chooses an instance and starts connecting, or queues new work while no instance has a
     // free slot. When refused nothing is started.
     RouteOutcome route();
-    // The admission queue offers a free slot (Worker::run_admitted).
+    // The admission queue offers a free slot (LoopThread::run_admitted).
     void slot_offered();
     // Answers a request still waiting in the queue 503 now (draining: before the drain timeout).
     void queue_timed_out(const char* why);
@@ -140,7 +140,7 @@ private:
 
     static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
 
-    Worker& worker_;
+    LoopThread& thread_;
     Downstream& downstream_;
     const http1::Head& request_;
     const std::string& client_ip_;

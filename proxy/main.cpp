@@ -1,5 +1,5 @@
 // stepflow-lb: wiring. The control thread runs discovery, health checks and the admin listener;
-// N worker threads run the data path. See docs/architecture.md.
+// N loop threads run the data path. See docs/architecture.md.
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -24,7 +24,7 @@
 #include "proxy/peers.h"
 #include "proxy/scaler_service.h"
 #include "proxy/sessions.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 using namespace stepflow;
 
@@ -65,7 +65,7 @@ std::vector<int> open_listeners(const std::string& spec, int count, std::string&
 struct Shutdown {
     event_base* base;
     AdminServer* admin;
-    std::vector<std::unique_ptr<Worker>>* workers;
+    std::vector<std::unique_ptr<LoopThread>>* workers;
     const Config* config;
     event* poll = nullptr;
     std::chrono::steady_clock::time_point deadline;
@@ -183,12 +183,12 @@ int main(int argc, char** argv) {
         scaler = std::make_unique<ScalerService>(control, scaler_fds[0], fleet, *peers, config);
     }
 
-    std::vector<std::unique_ptr<Worker>> workers;
+    std::vector<std::unique_ptr<LoopThread>> workers;
     for (int i = 0; i < config.threads; ++i) {
         std::vector<Listener> listeners{{proxy_fds[size_t(i)], false}};
         if (tls_server) listeners.push_back({tls_fds[size_t(i)], true});
         workers.push_back(
-            std::make_unique<Worker>(i, config, publisher, std::move(listeners), tls_server.get(), tls_client.get()));
+            std::make_unique<LoopThread>(i, config, publisher, std::move(listeners), tls_server.get(), tls_client.get()));
         workers.back()->set_sessions(sessions.get());
     }
 

@@ -11,7 +11,7 @@
 namespace stepflow {
 
 class Exchange;
-class Worker;
+class LoopThread;
 
 class QueueTicket {
 public:
@@ -26,12 +26,12 @@ public:
     // `cold_start`: arrived while no instance took new work; the deadline is then
     // --cold-start-timeout instead of --queue-timeout. `retries_spent`: refused with no retry
     // left, it waits for an instance that answers again and is never a refusing one's probe.
-    Join join(Worker& worker, Exchange* exchange, bool at_front, bool cold_start, bool retries_spent);
+    Join join(LoopThread& thread, Exchange* exchange, bool at_front, bool cold_start, bool retries_spent);
     // The queue handed the ticket over (a slot is offered): no longer in the queue.
     void handed_over() { ticket_ = 0; }
     // Ends the place in the queue (dispatched, timed out, or cancelled). Returns the time waited
     // in milliseconds since it joined, or a negative value when it was not waiting.
-    double leave(Worker& worker);
+    double leave(LoopThread& thread);
     // The deadline passed while the request was not waiting: only a later re-queue is refused.
     void expire() { expired_ = true; }
     void cancel_deadline() { deadline_.cancel(); }

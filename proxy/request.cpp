@@ -4,7 +4,7 @@
 #include "core/log.h"
 #include "proxy/local_response.h"
 #include "proxy/metrics.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 
@@ -22,7 +22,7 @@ const log::Correlation* Request::start_trace() {
 }
 
 bool Request::route() {
-    exchange_ = &exchange_storage_.emplace(worker_, framing_, head, client_ip_, client_tls_);
+    exchange_ = &exchange_storage_.emplace(thread_, framing_, head, client_ip_, client_tls_);
     exchange_->set_trace(&record.trace);
     RouteOutcome outcome = exchange_->route();  // may start sending at once on a pooled connection
     if (outcome.kind != RouteOutcome::Refused) return true;
@@ -47,7 +47,7 @@ Exchange* Request::retire() {
 
 std::string Request::pinned_id() const {
     if (!is_pinned(record.decision)) return {};
-    return std::string(head.get(worker_.config().instance_header));
+    return std::string(head.get(thread_.config().instance_header));
 }
 
 void Request::answer_locally(const std::string& id_json) {
@@ -127,9 +127,9 @@ void Request::abandon() {
     retire();
 }
 
-void Request::await_body() { body_deadline_.arm(worker_.timers(), worker_.config().request_body_timeout); }
+void Request::await_body() { body_deadline_.arm(thread_.timers(), thread_.config().request_body_timeout); }
 
-void Request::await_body_for_id() { body_deadline_.arm(worker_.timers(), worker_.config().local_body_timeout); }
+void Request::await_body_for_id() { body_deadline_.arm(thread_.timers(), thread_.config().local_body_timeout); }
 
 void Request::on_body_timeout(void* arg) { static_cast<Request*>(arg)->framing_.body_timed_out(); }
 
@@ -147,7 +147,7 @@ void Request::release_head() {
     std::vector<http1::Header>().swap(head.headers);
 }
 
-void Request::log_access() { record.finish(worker_, head.method, head.target, client_ip_); }
+void Request::log_access() { record.finish(thread_, head.method, head.target, client_ip_); }
 
 void Request::log_access_once() {
     if (logged_) return;

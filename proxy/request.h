@@ -19,7 +19,7 @@
 
 namespace stepflow {
 
-class Worker;
+class LoopThread;
 
 // Body read to echo a JSON-RPC id in a local answer; a longer body is answered without the id
 // (a JSON-RPC message whose id is past 64 KiB is not worth holding more for).
@@ -44,8 +44,8 @@ public:
 class Request {
 public:
     // `framing` and `client_ip` belong to the client connection and outlive the request.
-    Request(RequestFraming& framing, Worker& worker, const std::string& client_ip, bool client_tls)
-        : framing_(framing), worker_(worker), client_ip_(client_ip), client_tls_(client_tls) {}
+    Request(RequestFraming& framing, LoopThread& thread, const std::string& client_ip, bool client_tls)
+        : framing_(framing), thread_(thread), client_ip_(client_ip), client_tls_(client_tls) {}
     ~Request() { drop_exchange(); }
     Request(const Request&) = delete;
     Request& operator=(const Request&) = delete;
@@ -112,7 +112,7 @@ private:
     std::string pinned_id() const;
 
     RequestFraming& framing_;
-    Worker& worker_;
+    LoopThread& thread_;
     const std::string& client_ip_;
     // The exchange lives in the request (no allocation of its own) until the next request on
     // the connection or the request's end; exchange_ points to it while it runs.

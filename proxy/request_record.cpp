@@ -2,7 +2,7 @@
 
 #include "core/log.h"
 #include "proxy/exchange.h"
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 namespace stepflow {
 
@@ -25,13 +25,13 @@ void RequestRecord::note_route(const Exchange& exchange) {
     retries = exchange.retries();
 }
 
-void RequestRecord::finish(Worker& worker, std::string_view method, std::string_view target,
+void RequestRecord::finish(LoopThread& thread, std::string_view method, std::string_view target,
                            const std::string& client) {
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
-    worker.series().observe(instance ? instance->series.get() : nullptr, status, method, ms, decision);
+    thread.series().observe(instance ? instance->series.get() : nullptr, status, method, ms, decision);
     if (trace.recording)
         trace.end({status, to_string(decision), instance_id(), client, bytes_in, bytes_out, queue_wait_ms, retries});
-    if (!worker.config().access_log) return;
+    if (!thread.config().access_log) return;
     log::Scope ids(trace.correlation());
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},

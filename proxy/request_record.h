@@ -14,7 +14,7 @@
 namespace stepflow {
 
 class Exchange;
-class Worker;
+class LoopThread;
 
 struct RequestRecord {
     std::chrono::steady_clock::time_point started;
@@ -33,7 +33,7 @@ struct RequestRecord {
     void note_route(const Exchange& exchange);
     // Observes the request metrics, writes the access-log line (with the trace ids) and ends
     // the server span.
-    void finish(Worker& worker, std::string_view method, std::string_view target, const std::string& client);
+    void finish(LoopThread& thread, std::string_view method, std::string_view target, const std::string& client);
 };
 
 }  // namespace stepflow

@@ -24,9 +24,9 @@ namespace {
 // An idle connection is reused only while the worker has neither closed it nor sent anything
 // on it: the close may be waiting in the socket, not yet seen by the loop. One recv(MSG_PEEK)
 // per reuse, far cheaper than a call the worker never read, or may have.
-bool still_open(Conn* bev) {
-    if (evbuffer_get_length(bev->input()) != 0) return false;
-    int fd = bev->fd();
+bool still_open(Conn* transport) {
+    if (evbuffer_get_length(transport->input()) != 0) return false;
+    int fd = transport->fd();
     if (fd < 0) return true;  // TLS: its reads are the library's; the loop sees a close
     char c;
     ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
@@ -49,7 +49,7 @@ const char* describe(UpstreamClose how) {
 UpstreamConn::UpstreamConn(UpstreamPool& pool, InstancePtr instance) : pool_(pool), instance_(std::move(instance)) {}
 
 UpstreamConn::~UpstreamConn() {
-    if (bev_) delete bev_;
+    if (transport_) delete transport_;
 }
 
 bool UpstreamConn::connect(Millis timeout) {
@@ -58,20 +58,20 @@ bool UpstreamConn::connect(Millis timeout) {
         if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
         SSL* ssl = pool_.tls_->new_connection(host);
         if (!ssl) return false;
-        bev_ = Conn::connect_tls(pool_.loop_, ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        transport_ = Conn::connect_tls(pool_.loop_, ssl, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                                  instance_->sockaddr_len);
     } else {
-        bev_ = Conn::connect(pool_.loop_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
+        transport_ = Conn::connect(pool_.loop_, reinterpret_cast<const sockaddr*>(&instance_->sockaddr),
                              instance_->sockaddr_len);
     }
-    if (!bev_) return false;
-    bev_->set_callbacks(on_read, on_write, on_event, this);
+    if (!transport_) return false;
+    transport_->set_callbacks(on_read, on_write, on_event, this);
     // A connect that outlasts its deadline is reported as a timeout event.
-    bev_->set_deadline(timeout);
+    transport_->set_deadline(timeout);
     return true;
 }
 
-void UpstreamConn::set_read_timeout(Millis timeout) { bev_->set_idle_timeout(timeout); }
+void UpstreamConn::set_read_timeout(Millis timeout) { transport_->set_idle_timeout(timeout); }
 
 void UpstreamConn::on_read(Conn*, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
@@ -88,13 +88,13 @@ void UpstreamConn::on_write(Conn*, void* arg) {
     if (self->handler_) self->handler_->upstream_writable();
 }
 
-void UpstreamConn::on_event(Conn* bev, short what, void* arg) {
+void UpstreamConn::on_event(Conn* transport, short what, void* arg) {
     auto* self = static_cast<UpstreamConn*>(arg);
     if (what & BEV_EVENT_CONNECTED) {
         self->connected_ = true;
         int one = 1;
-        setsockopt(bev->fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        bev->set_deadline(Millis(0));
+        setsockopt(transport->fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        transport->set_deadline(Millis(0));
         if (self->handler_) self->handler_->upstream_connected();
         return;
     }
@@ -119,14 +119,14 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
         it->second.pop_back();
         bool empty = it->second.empty();
         if (empty) idle_.erase(it);
-        if (!still_open(conn->bev_)) {
+        if (!still_open(conn->transport_)) {
             Metrics::get().upstream_idle_closed.Increment();
             if (empty) break;
             continue;  // closed here; try the next
         }
-        conn->bev_->set_deadline(Millis(0));
+        conn->transport_->set_deadline(Millis(0));
         conn->attach(handler);
-        conn->bev_->enable(EV_READ | EV_WRITE);
+        conn->transport_->enable(EV_READ | EV_WRITE);
         return conn;
     }
     auto conn = std::make_unique<UpstreamConn>(*this, instance);
@@ -151,10 +151,10 @@ void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
     conn->attach(nullptr);
     conn->set_read_timeout(Millis(0));
     // Keep reading while idle so a close by the worker is noticed and the socket dropped.
-    conn->bev_->set_watermark(EV_WRITE, 0, 0);
-    conn->bev_->enable(EV_READ);
+    conn->transport_->set_watermark(EV_WRITE, 0, 0);
+    conn->transport_->enable(EV_READ);
     // Its deadline ends in on_event with no handler, which drops it.
-    conn->bev_->set_deadline(config_.upstream_idle_timeout);
+    conn->transport_->set_deadline(config_.upstream_idle_timeout);
     list.push_back(std::move(conn));
 }
 

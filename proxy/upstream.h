@@ -49,7 +49,7 @@ public:
 
     bool connect(Millis timeout);
     void attach(Handler* handler) { handler_ = handler; }
-    Conn* bev() const { return bev_; }
+    Conn* transport() const { return transport_; }
     Instance& instance() const { return *instance_; }
     const InstancePtr& instance_ptr() const { return instance_; }
     bool connected() const { return connected_; }
@@ -63,7 +63,7 @@ private:
 
     UpstreamPool& pool_;
     InstancePtr instance_;
-    Conn* bev_ = nullptr;
+    Conn* transport_ = nullptr;
     Handler* handler_ = nullptr;
     bool connected_ = false;
 };

@@ -78,7 +78,7 @@ TEST_CASE("a pooled connection the worker closed is not reused, even before the 
         REQUIRE(handler.connected);
         int worker_side = ::accept(listener, nullptr, nullptr);
         REQUIRE(worker_side >= 0);
-        int fd = conn->bev()->fd();
+        int fd = conn->transport()->fd();
         pool.release(std::move(conn));
         CHECK(pool.instances_held() == 1);
 

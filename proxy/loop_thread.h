@@ -37,11 +37,11 @@ struct Listener {
     bool tls = false;
 };
 
-class Worker {
+class LoopThread {
 public:
-    Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
+    LoopThread(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
            TlsServer* tls_server, TlsClient* tls_client);
-    ~Worker();
+    ~LoopThread();
 
     void start();  // runs the loop on a new thread
     void join();
@@ -136,8 +136,8 @@ private:
     static void on_drain_cutoff(int, short, void* arg);
     bool queued_waiting(const Exchange* exchange) const;
     std::unordered_map<uint64_t, Exchange*> queued_;
-    std::mutex admitted_mutex_;
-    std::vector<uint64_t> admitted_;  // tickets handed over by other threads, under the mutex
+    std::mutex handed_over_mutex_;
+    std::vector<uint64_t> handed_over_;  // tickets handed over by other threads, under the mutex
     event* admission_tick_ = nullptr;
     std::thread thread_;
     std::string head_text_;

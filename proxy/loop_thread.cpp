@@ -1,4 +1,4 @@
-#include "proxy/worker.h"
+#include "proxy/loop_thread.h"
 
 #include <cerrno>
 #include <random>
@@ -28,7 +28,7 @@
 
 namespace stepflow {
 
-Worker::Worker(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
+LoopThread::LoopThread(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
                TlsServer* tls_server, TlsClient* tls_client)
     : config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
       listener_specs_(std::move(listeners)) {
@@ -55,19 +55,19 @@ Worker::Worker(int index, const Config& config, const FleetPublisher& publisher,
     event_add(admission_tick_, &tick);
 }
 
-void Worker::admit(uint64_t ticket) {
+void LoopThread::admit(uint64_t ticket) {
     {
-        std::lock_guard lock(admitted_mutex_);
-        admitted_.push_back(ticket);
+        std::lock_guard lock(handed_over_mutex_);
+        handed_over_.push_back(ticket);
     }
     post(kAdmit);
 }
 
-void Worker::run_admitted() {
+void LoopThread::run_admitted() {
     std::vector<uint64_t> tickets;
     {
-        std::lock_guard lock(admitted_mutex_);
-        tickets.swap(admitted_);
+        std::lock_guard lock(handed_over_mutex_);
+        tickets.swap(handed_over_);
     }
     for (uint64_t ticket : tickets) {
         auto it = queued_.find(ticket);
@@ -85,8 +85,8 @@ void Worker::run_admitted() {
 
 // Learned limits grow back with time, and instances join or recover without a request ending,
 // so the queue is also offered what room there is a few times a second.
-void Worker::on_admission_tick(int, short, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_admission_tick(int, short, void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     int64_t now = steady_ms();
     const Fleet& fleet = self->fleet_.get();  // also lets an idle thread drop instances that left
     const Config& cfg = self->config_;
@@ -105,7 +105,7 @@ void Worker::on_admission_tick(int, short, void* arg) {
     for (int i = 0; i < room && queue.depth() > 0; ++i) queue.slot_freed();
 }
 
-Worker::~Worker() {
+LoopThread::~LoopThread() {
     for (auto* conn : connections_.snapshot()) conn->close_now();
     for (auto* l : listeners_)
         if (l) evconnlistener_free(l);
@@ -121,7 +121,7 @@ Worker::~Worker() {
     event_base_free(base_);
 }
 
-void Worker::start() {
+void LoopThread::start() {
     thread_ = std::thread([this] {
         // The wake event keeps the loop alive while idle; it ends through maybe_exit() or force_stop().
         log::attach_loop(base_);
@@ -132,21 +132,21 @@ void Worker::start() {
     });
 }
 
-void Worker::join() {
+void LoopThread::join() {
     if (thread_.joinable()) thread_.join();
 }
 
-void Worker::post(unsigned command) {
+void LoopThread::post(unsigned command) {
     commands_.fetch_or(command);
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
 }
 
-void Worker::begin_drain() { post(kDrain); }
-void Worker::force_stop() { post(kStop); }
+void LoopThread::begin_drain() { post(kDrain); }
+void LoopThread::force_stop() { post(kStop); }
 
-void Worker::on_wake(int fd, short, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_wake(int fd, short, void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     uint64_t count;
     [[maybe_unused]] ssize_t n = ::read(fd, &count, sizeof count);
     unsigned commands = self->commands_.exchange(0);
@@ -163,8 +163,8 @@ constexpr Millis kAcceptPause{100};
 
 }  // namespace
 
-void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     if (g_client_connections.fetch_add(1, std::memory_order_relaxed) >= self->config_.max_connections) {
         // Over --max-connections: closed at once, so the client learns it now instead of
         // waiting in the backlog, and what we hold stays bounded.
@@ -187,7 +187,7 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
         if (self->listeners_[i] == listener) tls = self->listener_specs_[i].tls;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    Conn* bev = nullptr;
+    Conn* transport = nullptr;
     if (tls) {
         SSL* ssl = self->tls_server_ ? self->tls_server_->new_connection() : nullptr;
         bufferevent* tls_bev = ssl ? bufferevent_openssl_socket_new(self->base_, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
@@ -199,14 +199,14 @@ void Worker::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int, vo
             g_client_connections.fetch_sub(1, std::memory_order_relaxed);
             return;
         }
-        bev = Conn::tls(*self->loop_, tls_bev);
+        transport = Conn::tls(*self->loop_, tls_bev);
     } else {
-        bev = Conn::plain(*self->loop_, fd);
+        transport = Conn::plain(*self->loop_, fd);
     }
-    self->connection_opened(new ProtocolSniffer(*self, bev, std::move(ip), tls));
+    self->connection_opened(new ProtocolSniffer(*self, transport, std::move(ip), tls));
 }
 
-void Worker::connection_opened(ClientConnection* conn) {
+void LoopThread::connection_opened(ClientConnection* conn) {
     connections_.add(conn);
     open_connections_.store(connections_.size());
 }
@@ -215,8 +215,8 @@ void Worker::connection_opened(ClientConnection* conn) {
 // the backlog and the listener stays readable: retrying at once would spin the loop at full
 // CPU. So accepting pauses for a moment, long enough for connections to close; others wait in
 // the backlog meanwhile.
-void Worker::on_accept_error(evconnlistener*, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_accept_error(evconnlistener*, void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     int err = EVUTIL_SOCKET_ERROR();
     if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
         log::debug("accept failed", {{"reason", evutil_socket_error_to_string(err)}});
@@ -233,12 +233,12 @@ void Worker::on_accept_error(evconnlistener*, void* arg) {
     self->accept_resume_.arm(*self->timers_, kAcceptPause);
 }
 
-void Worker::on_accept_resume(void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_accept_resume(void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     if (!self->draining_) self->set_accepting(true);
 }
 
-void Worker::set_accepting(bool on) {
+void LoopThread::set_accepting(bool on) {
     for (auto* l : listeners_) {
         if (!l) continue;
         if (on) evconnlistener_enable(l);
@@ -246,12 +246,12 @@ void Worker::set_accepting(bool on) {
     }
 }
 
-void Worker::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {
+void LoopThread::connection_replaced(ClientConnection* old_conn, ClientConnection* new_conn) {
     connections_.remove(old_conn);
     connections_.add(new_conn);
 }
 
-void Worker::connection_closed(ClientConnection* conn) {
+void LoopThread::connection_closed(ClientConnection* conn) {
     size_t before = connections_.size();
     connections_.remove(conn);
     if (connections_.size() < before) g_client_connections.fetch_sub(1, std::memory_order_relaxed);
@@ -259,7 +259,7 @@ void Worker::connection_closed(ClientConnection* conn) {
     if (draining_) maybe_exit();
 }
 
-void Worker::drain_now() {
+void LoopThread::drain_now() {
     draining_ = true;
     for (auto*& l : listeners_) {
         if (!l) continue;
@@ -288,25 +288,25 @@ void Worker::drain_now() {
     maybe_exit();
 }
 
-void Worker::on_drain_cutoff(int, short, void* arg) {
-    auto* self = static_cast<Worker*>(arg);
+void LoopThread::on_drain_cutoff(int, short, void* arg) {
+    auto* self = static_cast<LoopThread*>(arg);
     std::vector<Exchange*> waiting;
     for (auto& [ticket, exchange] : self->queued_) waiting.push_back(exchange);
     for (Exchange* exchange : waiting)
         if (self->queued_waiting(exchange)) exchange->queue_timed_out("draining: no slot freed before --drain-timeout");
 }
 
-bool Worker::queued_waiting(const Exchange* exchange) const {
+bool LoopThread::queued_waiting(const Exchange* exchange) const {
     for (const auto& [ticket, e] : queued_)
         if (e == exchange) return true;
     return false;
 }
 
-void Worker::maybe_exit() {
+void LoopThread::maybe_exit() {
     if (connections_.empty()) event_base_loopexit(base_, nullptr);
 }
 
-void Worker::stop_now() {
+void LoopThread::stop_now() {
     for (auto* conn : connections_.snapshot()) conn->close_now();
     event_base_loopexit(base_, nullptr);
 }
