@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -23,8 +24,6 @@
 
 #include "proxy/log.h"
 #include "proxy/metrics.h"
-#include "otlp.pb.h"
-#include <google/protobuf/arena.h>
 #include "proxy/span.h"
 
 namespace stepflow {
@@ -415,60 +414,168 @@ private:
     Connection conn_;
 };
 
-void set_value(otlp::AnyValue* out, const trace::Value& v) {
-    if (auto s = std::get_if<std::string>(&v)) out->set_string_value(*s);
-    else if (auto i = std::get_if<int64_t>(&v)) out->set_int_value(*i);
-    else if (auto d = std::get_if<double>(&v)) out->set_double_value(*d);
-    else if (auto b = std::get_if<bool>(&v)) out->set_bool_value(*b);
+// OTLP's ExportTraceServiceRequest written straight from the spans, in protobuf's wire format
+// (the field numbers of proxy/otlp.proto, in field order, proto3 defaults left out: the bytes
+// protobuf's own serializer writes, which tests/unit/test_trace.cpp checks). Building the
+// generated messages first cost more than everything else tracing does per request
+// (docs/architecture.md, "Tracing").
+namespace wire {
+
+constexpr uint8_t kLen = 2, kFixed64 = 1, kFixed32 = 5;  // wire types (0: varint)
+
+size_t varint_size(uint64_t v) {
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        ++n;
+    }
+    return n;
 }
 
-void encode(const ExporterSettings& settings, std::vector<trace::SpanData>& spans, std::string& out) {
-    // One arena per batch: the thousands of small messages of a batch cost one free, not one each.
-    google::protobuf::Arena arena;
-    auto& request = *google::protobuf::Arena::CreateMessage<otlp::ExportTraceServiceRequest>(&arena);
-    auto* rs = request.add_resource_spans();
-    for (auto& [k, v] : settings.resource) {
-        auto* kv = rs->mutable_resource()->add_attributes();
-        kv->set_key(k);
-        kv->mutable_value()->set_string_value(v);
+// Writers advance a cursor into a buffer sized beforehand from the *_size functions (one
+// allocation per batch, no capacity check per byte).
+void put_varint(char*& out, uint64_t v) {
+    while (v >= 0x80) {
+        *out++ = char(uint8_t(v) | 0x80);
+        v >>= 7;
     }
-    auto* ss = rs->add_scope_spans();
-    ss->mutable_scope()->set_name("stepflow-lb");
-    ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
-    for (auto& s : spans) {
-        auto* span = ss->add_spans();
-        span->set_trace_id(reinterpret_cast<const char*>(s.trace_id), 16);
-        span->set_span_id(reinterpret_cast<const char*>(s.span_id), 8);
-        if (s.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(s.parent_span_id), 8);
-        span->set_name(std::move(s.name));
-        span->set_kind(static_cast<otlp::Span_SpanKind>(s.kind));
-        span->set_start_time_unix_nano(s.start_ns);
-        span->set_end_time_unix_nano(s.end_ns);
-        span->set_flags(s.flags | 0x100);  // bit 8: the has-is-remote flag is known ...
-        if (s.has_parent && s.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);  // ... and the parent is remote
-        for (auto& a : s.attributes) {
-            auto* kv = span->add_attributes();
-            kv->set_key(std::string(a.key));
-            set_value(kv->mutable_value(), a.value);
-        }
-        for (auto& e : s.events) {
-            auto* ev = span->add_events();
-            ev->set_name(std::string(e.name));
-            ev->set_time_unix_nano(e.time_ns);
-            for (auto& a : e.attributes) {
-                auto* kv = ev->add_attributes();
-                kv->set_key(std::string(a.key));
-                set_value(kv->mutable_value(), a.value);
-            }
-        }
-        if (s.error) {
-            span->mutable_status()->set_code(otlp::Status_StatusCode_STATUS_CODE_ERROR);
-            span->mutable_status()->set_message(s.status_message);
-        }
-    }
-    out.clear();
-    request.SerializeToString(&out);
+    *out++ = char(v);
 }
+
+void put_tag(char*& out, uint32_t field, uint8_t type) { put_varint(out, (uint64_t(field) << 3) | type); }
+
+void put_fixed(char*& out, uint64_t v, size_t bytes) {
+    for (size_t i = 0; i < bytes; ++i) *out++ = char(uint8_t(v >> (8 * i)));  // little-endian
+}
+
+void put_bytes(char*& out, uint32_t field, std::string_view b) {
+    put_tag(out, field, kLen);
+    put_varint(out, b.size());
+    if (!b.empty()) std::memcpy(out, b.data(), b.size());
+    out += b.size();
+}
+
+size_t tag_size(uint32_t field) { return varint_size(uint64_t(field) << 3); }
+size_t bytes_field_size(uint32_t field, size_t len) { return tag_size(field) + varint_size(len) + len; }
+
+// AnyValue: a oneof, so even a default value (0, false, "") is written.
+size_t any_value_size(const trace::Value& v) {
+    if (auto s = std::get_if<std::string>(&v)) return bytes_field_size(1, s->size());
+    if (std::holds_alternative<bool>(v)) return 2;
+    if (auto i = std::get_if<int64_t>(&v)) return 1 + varint_size(uint64_t(*i));
+    return 1 + 8;  // double
+}
+
+void put_any_value(char*& out, const trace::Value& v) {
+    if (auto s = std::get_if<std::string>(&v)) {
+        put_bytes(out, 1, *s);
+    } else if (auto b = std::get_if<bool>(&v)) {
+        put_tag(out, 2, 0);
+        *out++ = char(*b ? 1 : 0);
+    } else if (auto i = std::get_if<int64_t>(&v)) {
+        put_tag(out, 3, 0);
+        put_varint(out, uint64_t(*i));
+    } else if (auto d = std::get_if<double>(&v)) {
+        put_tag(out, 4, kFixed64);
+        uint64_t bits;
+        std::memcpy(&bits, d, 8);
+        put_fixed(out, bits, 8);
+    }
+}
+
+// A KeyValue as field `field` of its parent.
+size_t key_value_size(std::string_view key, const trace::Value& v) {
+    size_t any = any_value_size(v);
+    return (key.empty() ? 0 : bytes_field_size(1, key.size())) + bytes_field_size(2, any);
+}
+
+void put_key_value(char*& out, uint32_t field, std::string_view key, const trace::Value& v) {
+    size_t any = any_value_size(v);
+    put_tag(out, field, kLen);
+    put_varint(out, (key.empty() ? 0 : bytes_field_size(1, key.size())) + bytes_field_size(2, any));
+    if (!key.empty()) put_bytes(out, 1, key);
+    put_tag(out, 2, kLen);
+    put_varint(out, any);
+    put_any_value(out, v);
+}
+
+size_t attributes_size(uint32_t field, const std::vector<trace::Attribute>& attributes) {
+    size_t n = 0;
+    for (auto& a : attributes) n += bytes_field_size(field, key_value_size(a.key, a.value));
+    return n;
+}
+
+size_t event_size(const trace::Event& e) {
+    return (e.time_ns ? 1 + 8 : 0) + (e.name.empty() ? 0 : bytes_field_size(2, e.name.size())) +
+           attributes_size(3, e.attributes);
+}
+
+size_t status_size(const trace::SpanData& s) {
+    return (s.status_message.empty() ? 0 : bytes_field_size(2, s.status_message.size())) + 2;  // code ERROR
+}
+
+uint32_t span_flags(const trace::SpanData& s) {
+    uint32_t flags = s.flags | 0x100u;  // bit 8: whether the parent is remote is known ...
+    if (s.has_parent && s.kind == trace::Kind::Server) flags |= 0x200u;  // ... and it is
+    return flags;
+}
+
+size_t span_size(const trace::SpanData& s) {
+    size_t n = bytes_field_size(1, 16) + bytes_field_size(2, 8);
+    if (s.has_parent) n += bytes_field_size(4, 8);
+    if (!s.name.empty()) n += bytes_field_size(5, s.name.size());
+    if (s.kind != trace::Kind(0)) n += 1 + varint_size(uint64_t(s.kind));
+    if (s.start_ns) n += 1 + 8;
+    if (s.end_ns) n += 1 + 8;
+    n += attributes_size(9, s.attributes);
+    for (auto& e : s.events) n += bytes_field_size(11, event_size(e));
+    if (s.error) n += bytes_field_size(15, status_size(s));
+    n += 2 + 4;  // flags: field 16 takes a two-byte tag
+    return n;
+}
+
+void put_span(char*& out, const trace::SpanData& s, size_t size) {
+    put_tag(out, 2, kLen);  // ScopeSpans.spans
+    put_varint(out, size);
+    put_bytes(out, 1, {reinterpret_cast<const char*>(s.trace_id), 16});
+    put_bytes(out, 2, {reinterpret_cast<const char*>(s.span_id), 8});
+    if (s.has_parent) put_bytes(out, 4, {reinterpret_cast<const char*>(s.parent_span_id), 8});
+    if (!s.name.empty()) put_bytes(out, 5, s.name);
+    if (s.kind != trace::Kind(0)) {
+        put_tag(out, 6, 0);
+        put_varint(out, uint64_t(s.kind));
+    }
+    if (s.start_ns) {
+        put_tag(out, 7, kFixed64);
+        put_fixed(out, s.start_ns, 8);
+    }
+    if (s.end_ns) {
+        put_tag(out, 8, kFixed64);
+        put_fixed(out, s.end_ns, 8);
+    }
+    for (auto& a : s.attributes) put_key_value(out, 9, a.key, a.value);
+    for (auto& e : s.events) {
+        put_tag(out, 11, kLen);
+        put_varint(out, event_size(e));
+        if (e.time_ns) {
+            put_tag(out, 1, kFixed64);
+            put_fixed(out, e.time_ns, 8);
+        }
+        if (!e.name.empty()) put_bytes(out, 2, e.name);
+        for (auto& a : e.attributes) put_key_value(out, 3, a.key, a.value);
+    }
+    if (s.error) {
+        put_tag(out, 15, kLen);
+        put_varint(out, status_size(s));
+        if (!s.status_message.empty()) put_bytes(out, 2, s.status_message);
+        put_tag(out, 3, 0);
+        put_varint(out, 2);  // STATUS_CODE_ERROR
+    }
+    put_tag(out, 16, kFixed32);
+    put_fixed(out, span_flags(s), 4);
+}
+
+}  // namespace wire
 
 class Exporter {
 public:
@@ -501,7 +608,7 @@ private:
                 if (stopping) return;
                 continue;
             }
-            encode(settings_, batch, message);
+            otlp_exporter::encode(settings_.resource, batch, message);
             send(message, batch.size());
         }
     }
@@ -615,6 +722,45 @@ bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, 
 }
 
 namespace otlp_exporter {
+
+void encode(const std::vector<std::pair<std::string, std::string>>& resource,
+            const std::vector<trace::SpanData>& spans, std::string& out) {
+    using namespace wire;
+    // ScopeSpans: the scope, then the spans, written after the headers that need their size.
+    static const std::string_view scope_name = "stepflow-lb", scope_version = STEPFLOW_LB_VERSION;
+    size_t scope_size = bytes_field_size(1, scope_name.size()) + bytes_field_size(2, scope_version.size());
+    thread_local std::vector<size_t> sizes;
+    sizes.clear();
+    size_t spans_size = 0;
+    for (auto& s : spans) {
+        sizes.push_back(span_size(s));
+        spans_size += bytes_field_size(2, sizes.back());
+    }
+    size_t scope_spans_size = bytes_field_size(1, scope_size) + spans_size;
+    size_t resource_size = 0;
+    for (auto& [k, v] : resource) resource_size += bytes_field_size(1, key_value_size(k, trace::Value(v)));
+    // The resource is written when it has attributes (as protobuf did: mutable_resource() per attribute).
+    size_t resource_spans_size =
+        (resource.empty() ? 0 : bytes_field_size(1, resource_size)) + bytes_field_size(2, scope_spans_size);
+    size_t total = bytes_field_size(1, resource_spans_size);
+    out.resize(total);  // written in place below: every byte is accounted for in the sizes above
+    char* p = out.data();
+    put_tag(p, 1, kLen);  // ExportTraceServiceRequest.resource_spans
+    put_varint(p, resource_spans_size);
+    if (!resource.empty()) {
+        put_tag(p, 1, kLen);  // ResourceSpans.resource
+        put_varint(p, resource_size);
+        for (auto& [k, v] : resource) put_key_value(p, 1, k, trace::Value(v));
+    }
+    put_tag(p, 2, kLen);  // ResourceSpans.scope_spans
+    put_varint(p, scope_spans_size);
+    put_tag(p, 1, kLen);  // ScopeSpans.scope
+    put_varint(p, scope_size);
+    put_bytes(p, 1, scope_name);
+    put_bytes(p, 2, scope_version);
+    for (size_t i = 0; i < spans.size(); ++i) put_span(p, spans[i], sizes[i]);
+    if (size_t(p - out.data()) != total) std::abort();  // a size function and its writer disagree
+}
 
 void start(const ExporterSettings& settings) {
     if (!g_exporter) g_exporter = new Exporter(settings);

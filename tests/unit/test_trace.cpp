@@ -3,7 +3,9 @@
 #include <cstring>
 #include <string>
 
+#include "otlp.pb.h"
 #include "proxy/otlp_exporter.h"
+#include "proxy/span.h"
 #include "proxy/trace_context.h"
 
 using namespace stepflow;
@@ -98,4 +100,111 @@ TEST_CASE("OTLP endpoints are parsed per protocol", "[trace]") {
     CHECK_FALSE(parse_otlp_endpoint("otel-collector:4317", OtlpTarget::Protocol::Grpc, false, t, error));
     CHECK_FALSE(parse_otlp_endpoint("http://c:99999", OtlpTarget::Protocol::Grpc, false, t, error));
     CHECK_FALSE(parse_otlp_endpoint("http://:4317", OtlpTarget::Protocol::Grpc, false, t, error));
+}
+
+namespace {
+// The request as protobuf's generated classes build and serialize it (the exporter's encoder
+// before it wrote the wire format by hand): the reference the hand encoder must match byte for byte.
+void set_value(otlp::AnyValue* out, const trace::Value& v) {
+    if (auto s = std::get_if<std::string>(&v)) out->set_string_value(*s);
+    else if (auto i = std::get_if<int64_t>(&v)) out->set_int_value(*i);
+    else if (auto d = std::get_if<double>(&v)) out->set_double_value(*d);
+    else if (auto b = std::get_if<bool>(&v)) out->set_bool_value(*b);
+}
+
+std::string protobuf_encode(const std::vector<std::pair<std::string, std::string>>& resource,
+                            const std::vector<trace::SpanData>& spans) {
+    otlp::ExportTraceServiceRequest request;
+    auto* rs = request.add_resource_spans();
+    for (auto& [k, v] : resource) {
+        auto* kv = rs->mutable_resource()->add_attributes();
+        kv->set_key(k);
+        kv->mutable_value()->set_string_value(v);
+    }
+    auto* ss = rs->add_scope_spans();
+    ss->mutable_scope()->set_name("stepflow-lb");
+    ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
+    for (auto& s : spans) {
+        auto* span = ss->add_spans();
+        span->set_trace_id(reinterpret_cast<const char*>(s.trace_id), 16);
+        span->set_span_id(reinterpret_cast<const char*>(s.span_id), 8);
+        if (s.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(s.parent_span_id), 8);
+        span->set_name(s.name);
+        span->set_kind(static_cast<otlp::Span_SpanKind>(s.kind));
+        span->set_start_time_unix_nano(s.start_ns);
+        span->set_end_time_unix_nano(s.end_ns);
+        span->set_flags(s.flags | 0x100);
+        if (s.has_parent && s.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);
+        for (auto& a : s.attributes) {
+            auto* kv = span->add_attributes();
+            kv->set_key(std::string(a.key));
+            set_value(kv->mutable_value(), a.value);
+        }
+        for (auto& e : s.events) {
+            auto* ev = span->add_events();
+            ev->set_name(std::string(e.name));
+            ev->set_time_unix_nano(e.time_ns);
+            for (auto& a : e.attributes) {
+                auto* kv = ev->add_attributes();
+                kv->set_key(std::string(a.key));
+                set_value(kv->mutable_value(), a.value);
+            }
+        }
+        if (s.error) {
+            span->mutable_status()->set_code(otlp::Status_StatusCode_STATUS_CODE_ERROR);
+            span->mutable_status()->set_message(s.status_message);
+        }
+    }
+    return request.SerializeAsString();
+}
+}  // namespace
+
+TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") {
+    std::vector<trace::SpanData> spans(3);
+    trace::SpanData& server = spans[0];
+    for (int i = 0; i < 16; ++i) server.trace_id[i] = uint8_t(0xf0 + i);
+    for (int i = 0; i < 8; ++i) server.span_id[i] = uint8_t(i + 1), server.parent_span_id[i] = uint8_t(0x80 | i);
+    server.has_parent = true;
+    server.kind = trace::Kind::Server;
+    server.name = "POST";
+    server.start_ns = 1765000000123456789u;
+    server.end_ns = server.start_ns + 250000;
+    server.error = true;
+    server.status_message = "HTTP 502";
+    server.attributes = {{"http.request.method", std::string("POST")},
+                         {"url.path", std::string("/mcp/\xc3\xa9t\xc3\xa9")},
+                         {"http.response.status_code", int64_t(502)},
+                         {"stepflow.retries", int64_t(0)},
+                         {"stepflow.instance.id", std::string()},
+                         {"stepflow.queue_wait_ms", 0.0},
+                         {"stepflow.queue_wait_ms", 12.625},
+                         {"http.request.body.size", int64_t(-1)},
+                         {"stepflow.flag", true},
+                         {"stepflow.other", false},
+                         {"long", std::string(300, 'x')}};
+    server.events.push_back({"retry", server.start_ns + 5, {{"stepflow.attempt", int64_t(2)}}});
+    server.events.push_back({"", 0, {}});
+    trace::SpanData& client = spans[1];  // no parent, no error, kind CLIENT
+    client.kind = trace::Kind::Client;
+    client.flags = 0;
+    client.name = std::string(200, 'n');
+    client.start_ns = 1;
+    trace::SpanData& bare = spans[2];  // every optional field at its default
+    bare.name.clear();
+    std::vector<std::pair<std::string, std::string>> resource = {{"service.name", "stepflow-lb"},
+                                                                 {"k8s.namespace.name", ""}, {"", "v"}};
+    std::string ours;
+    otlp_exporter::encode(resource, spans, ours);
+    CHECK(ours == protobuf_encode(resource, spans));
+    otlp_exporter::encode({}, spans, ours);
+    CHECK(ours == protobuf_encode({}, spans));
+    otlp_exporter::encode(resource, {}, ours);
+    CHECK(ours == protobuf_encode(resource, {}));
+    // Decoded by protobuf, the request says what the spans said.
+    otlp::ExportTraceServiceRequest decoded;
+    otlp_exporter::encode(resource, spans, ours);
+    REQUIRE(decoded.ParseFromString(ours));
+    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 3);
+    CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).attributes(6).value().double_value() == 12.625);
+    CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).status().message() == "HTTP 502");
 }
