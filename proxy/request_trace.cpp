@@ -71,7 +71,11 @@ void RequestTrace::begin(const http1::Head& request) {
 
 void RequestTrace::note_jsonrpc(std::string_view body) {
     if (!recording || body.empty() || !rec->rpc_method.empty()) return;
-    simdjson::dom::parser parser;
+    // One parser per thread for the usual small bodies (a new parser allocates its buffers for
+    // every request); a large body gets its own, so no thread keeps a large parser's memory.
+    thread_local simdjson::dom::parser shared;
+    simdjson::dom::parser own;
+    simdjson::dom::parser& parser = body.size() <= 16 * 1024 ? shared : own;
     simdjson::dom::object obj;
     if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) return;
     std::string_view m;
