@@ -132,7 +132,9 @@ def perf(args, backends, stamp):
 def syscalls(args, backends, stamp):
     events = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS)
     rows, per = [], {}
-    for kind in B.PROXIES:
+    kinds = [{"off": "stepflow-lb", "log": "stepflow-lb+log", "trace": "stepflow-lb+trace"}[CONFIG]
+             if k == "stepflow-lb" else k for k in B.PROXIES]
+    for kind in kinds:
         port = B.free_port()
         proc = B.start_proxy(kind, port, backends, h2=args.load == "h2")
         if args.load == "h2":
@@ -157,10 +159,10 @@ def syscalls(args, backends, stamp):
         B.log(f"{kind}: {res['requests']} requests, {counts}")
     names = sorted({n for c in per.values() for n in c}, key=lambda n: -max(c.get(n, 0) for c in per.values()))
     for n in names:
-        rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in B.PROXIES])
-    rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in B.PROXIES])
+        rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in kinds])
+    rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in kinds])
     return f"### System calls per request ({load_name(args)})\n\n" + \
-        B.table(["syscall"] + list(B.PROXIES), rows), None
+        B.table(["syscall"] + kinds, rows), None
 
 
 def massif(args, backends, stamp):
@@ -225,7 +227,7 @@ def main():
     ap.add_argument("--load", choices=("http1", "h2"), default="http1",
                     help="callgrind, perf, syscalls: wrk HTTP/1.1 (rps.py) or h2load h2c (h2.py)")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="off",
-                    help="callgrind, perf: access log off (default), on, or on with 100%% sampled tracing "
+                    help="callgrind, perf, syscalls: access log off (default), on, or on with 100%% sampled tracing "
                          "to tests/otlp/receiver.mjs (npm ci there first)")
     ap.add_argument("--streams", type=int, default=2000, help="open SSE streams for --tool massif")
     ap.add_argument("--duration", type=int, default=10)
