@@ -459,112 +459,137 @@ size_t tag_size(uint32_t field) { return varint_size(uint64_t(field) << 3); }
 size_t bytes_field_size(uint32_t field, size_t len) { return tag_size(field) + varint_size(len) + len; }
 
 // AnyValue: a oneof, so even a default value (0, false, "") is written.
-size_t any_value_size(const trace::Value& v) {
-    if (auto s = std::get_if<std::string>(&v)) return bytes_field_size(1, s->size());
-    if (std::holds_alternative<bool>(v)) return 2;
-    if (auto i = std::get_if<int64_t>(&v)) return 1 + varint_size(uint64_t(*i));
-    return 1 + 8;  // double
+size_t any_value_size(const trace::EntryView& v) {
+    switch (v.type) {
+    case trace::Entry::Bool: return 2;
+    case trace::Entry::Int: return 1 + varint_size(uint64_t(v.i));
+    case trace::Entry::Double: return 1 + 8;
+    default: return bytes_field_size(1, v.text.size());
+    }
 }
 
-void put_any_value(char*& out, const trace::Value& v) {
-    if (auto s = std::get_if<std::string>(&v)) {
-        put_bytes(out, 1, *s);
-    } else if (auto b = std::get_if<bool>(&v)) {
+void put_any_value(char*& out, const trace::EntryView& v) {
+    switch (v.type) {
+    case trace::Entry::Bool:
         put_tag(out, 2, 0);
-        *out++ = char(*b ? 1 : 0);
-    } else if (auto i = std::get_if<int64_t>(&v)) {
+        *out++ = char(v.b ? 1 : 0);
+        break;
+    case trace::Entry::Int:
         put_tag(out, 3, 0);
-        put_varint(out, uint64_t(*i));
-    } else if (auto d = std::get_if<double>(&v)) {
+        put_varint(out, uint64_t(v.i));
+        break;
+    case trace::Entry::Double: {
         put_tag(out, 4, kFixed64);
         uint64_t bits;
-        std::memcpy(&bits, d, 8);
+        std::memcpy(&bits, &v.d, 8);
         put_fixed(out, bits, 8);
+        break;
+    }
+    default: put_bytes(out, 1, v.text);
     }
 }
 
 // A KeyValue as field `field` of its parent.
-size_t key_value_size(std::string_view key, const trace::Value& v) {
+size_t key_value_size(const trace::EntryView& v) {
     size_t any = any_value_size(v);
-    return (key.empty() ? 0 : bytes_field_size(1, key.size())) + bytes_field_size(2, any);
+    return (v.key.empty() ? 0 : bytes_field_size(1, v.key.size())) + bytes_field_size(2, any);
 }
 
-void put_key_value(char*& out, uint32_t field, std::string_view key, const trace::Value& v) {
+void put_key_value(char*& out, uint32_t field, const trace::EntryView& v) {
     size_t any = any_value_size(v);
     put_tag(out, field, kLen);
-    put_varint(out, (key.empty() ? 0 : bytes_field_size(1, key.size())) + bytes_field_size(2, any));
-    if (!key.empty()) put_bytes(out, 1, key);
+    put_varint(out, (v.key.empty() ? 0 : bytes_field_size(1, v.key.size())) + bytes_field_size(2, any));
+    if (!v.key.empty()) put_bytes(out, 1, v.key);
     put_tag(out, 2, kLen);
     put_varint(out, any);
     put_any_value(out, v);
 }
 
-size_t attributes_size(uint32_t field, const std::vector<trace::Attribute>& attributes) {
-    size_t n = 0;
-    for (auto& a : attributes) n += bytes_field_size(field, key_value_size(a.key, a.value));
-    return n;
+trace::EntryView resource_value(const std::string& key, const std::string& value) {
+    trace::EntryView v;
+    v.type = trace::Entry::String;
+    v.key = key;
+    v.text = value;
+    return v;
 }
 
-size_t event_size(const trace::Event& e) {
-    return (e.time_ns ? 1 + 8 : 0) + (e.name.empty() ? 0 : bytes_field_size(2, e.name.size())) +
-           attributes_size(3, e.attributes);
+bool is_attribute(trace::Entry t) { return t != trace::Entry::Name && t != trace::Entry::StatusMessage; }
+
+// One record read for encoding: the head, the name, the status message; attributes are read
+// again from `entries` when written.
+struct SpanView {
+    trace::RecordHead head;
+    std::string_view name, status_message;
+    const char* entries = nullptr;
+    const char* end = nullptr;
+    size_t attributes_size = 0;  // field 9, all of them
+};
+
+SpanView read_span(const char* record) {
+    SpanView s;
+    s.head = trace::read_head(record);
+    s.entries = record + sizeof(trace::RecordHead);
+    s.end = record + s.head.size;
+    trace::EntryView e;
+    for (const char* p = s.entries; p < s.end;) {
+        trace::read_entry(p, e);
+        if (e.type == trace::Entry::Name) s.name = e.text;
+        else if (e.type == trace::Entry::StatusMessage) s.status_message = e.text;
+        else s.attributes_size += bytes_field_size(9, key_value_size(e));
+    }
+    return s;
 }
 
-size_t status_size(const trace::SpanData& s) {
+size_t status_size(const SpanView& s) {
     return (s.status_message.empty() ? 0 : bytes_field_size(2, s.status_message.size())) + 2;  // code ERROR
 }
 
-uint32_t span_flags(const trace::SpanData& s) {
-    uint32_t flags = s.flags | 0x100u;  // bit 8: whether the parent is remote is known ...
-    if (s.has_parent && s.kind == trace::Kind::Server) flags |= 0x200u;  // ... and it is
+uint32_t span_flags(const trace::RecordHead& h) {
+    uint32_t flags = h.flags | 0x100u;  // bit 8: whether the parent is remote is known ...
+    if (h.has_parent && h.kind == trace::Kind::Server) flags |= 0x200u;  // ... and it is
     return flags;
 }
 
-size_t span_size(const trace::SpanData& s) {
+size_t span_size(const SpanView& s) {
+    const trace::RecordHead& h = s.head;
     size_t n = bytes_field_size(1, 16) + bytes_field_size(2, 8);
-    if (s.has_parent) n += bytes_field_size(4, 8);
+    if (h.has_parent) n += bytes_field_size(4, 8);
     if (!s.name.empty()) n += bytes_field_size(5, s.name.size());
-    if (s.kind != trace::Kind(0)) n += 1 + varint_size(uint64_t(s.kind));
-    if (s.start_ns) n += 1 + 8;
-    if (s.end_ns) n += 1 + 8;
-    n += attributes_size(9, s.attributes);
-    for (auto& e : s.events) n += bytes_field_size(11, event_size(e));
-    if (s.error) n += bytes_field_size(15, status_size(s));
+    if (h.kind != trace::Kind(0)) n += 1 + varint_size(uint64_t(h.kind));
+    if (h.start_ns) n += 1 + 8;
+    if (h.end_ns) n += 1 + 8;
+    n += s.attributes_size;
+    if (h.error) n += bytes_field_size(15, status_size(s));
     n += 2 + 4;  // flags: field 16 takes a two-byte tag
     return n;
 }
 
-void put_span(char*& out, const trace::SpanData& s, size_t size) {
+void put_span(char*& out, const SpanView& s, size_t size) {
+    const trace::RecordHead& h = s.head;
     put_tag(out, 2, kLen);  // ScopeSpans.spans
     put_varint(out, size);
-    put_bytes(out, 1, {reinterpret_cast<const char*>(s.trace_id), 16});
-    put_bytes(out, 2, {reinterpret_cast<const char*>(s.span_id), 8});
-    if (s.has_parent) put_bytes(out, 4, {reinterpret_cast<const char*>(s.parent_span_id), 8});
+    put_bytes(out, 1, {reinterpret_cast<const char*>(h.trace_id), 16});
+    put_bytes(out, 2, {reinterpret_cast<const char*>(h.span_id), 8});
+    if (h.has_parent) put_bytes(out, 4, {reinterpret_cast<const char*>(h.parent_span_id), 8});
     if (!s.name.empty()) put_bytes(out, 5, s.name);
-    if (s.kind != trace::Kind(0)) {
+    if (h.kind != trace::Kind(0)) {
         put_tag(out, 6, 0);
-        put_varint(out, uint64_t(s.kind));
+        put_varint(out, uint64_t(h.kind));
     }
-    if (s.start_ns) {
+    if (h.start_ns) {
         put_tag(out, 7, kFixed64);
-        put_fixed(out, s.start_ns, 8);
+        put_fixed(out, h.start_ns, 8);
     }
-    if (s.end_ns) {
+    if (h.end_ns) {
         put_tag(out, 8, kFixed64);
-        put_fixed(out, s.end_ns, 8);
+        put_fixed(out, h.end_ns, 8);
     }
-    for (auto& a : s.attributes) put_key_value(out, 9, a.key, a.value);
-    for (auto& e : s.events) {
-        put_tag(out, 11, kLen);
-        put_varint(out, event_size(e));
-        if (e.time_ns) {
-            put_tag(out, 1, kFixed64);
-            put_fixed(out, e.time_ns, 8);
-        }
-        if (!e.name.empty()) put_bytes(out, 2, e.name);
-        for (auto& a : e.attributes) put_key_value(out, 3, a.key, a.value);
+    trace::EntryView e;
+    for (const char* p = s.entries; p < s.end;) {
+        trace::read_entry(p, e);
+        if (is_attribute(e.type)) put_key_value(out, 9, e);
     }
-    if (s.error) {
+    if (h.error) {
         put_tag(out, 15, kLen);
         put_varint(out, status_size(s));
         if (!s.status_message.empty()) put_bytes(out, 2, s.status_message);
@@ -572,7 +597,7 @@ void put_span(char*& out, const trace::SpanData& s, size_t size) {
         put_varint(out, 2);  // STATUS_CODE_ERROR
     }
     put_tag(out, 16, kFixed32);
-    put_fixed(out, span_flags(s), 4);
+    put_fixed(out, span_flags(h), 4);
 }
 
 }  // namespace wire
@@ -597,19 +622,19 @@ public:
 
 private:
     void run() {
-        std::vector<trace::SpanData> batch;
+        std::string batch;  // span records (proxy/span.h)
         std::string message;
         for (;;) {
             bool stopping = is_stopping();
             batch.clear();
-            trace::Queue::take(batch, settings_.max_export_batch_size,
-                               stopping ? 0 : uint64_t(settings_.schedule_delay.count()));
-            if (batch.empty()) {
+            size_t spans = trace::Queue::take(batch, settings_.max_export_batch_size,
+                                              stopping ? 0 : uint64_t(settings_.schedule_delay.count()));
+            if (!spans) {
                 if (stopping) return;
                 continue;
             }
             otlp_exporter::encode(settings_.resource, batch, message);
-            send(message, batch.size());
+            send(message, spans);
         }
     }
 
@@ -723,22 +748,24 @@ bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, 
 
 namespace otlp_exporter {
 
-void encode(const std::vector<std::pair<std::string, std::string>>& resource,
-            const std::vector<trace::SpanData>& spans, std::string& out) {
+void encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
+            std::string& out) {
     using namespace wire;
     // ScopeSpans: the scope, then the spans, written after the headers that need their size.
     static const std::string_view scope_name = "stepflow-lb", scope_version = STEPFLOW_LB_VERSION;
     size_t scope_size = bytes_field_size(1, scope_name.size()) + bytes_field_size(2, scope_version.size());
-    thread_local std::vector<size_t> sizes;
-    sizes.clear();
+    thread_local std::vector<std::pair<SpanView, size_t>> spans;
+    spans.clear();
     size_t spans_size = 0;
-    for (auto& s : spans) {
-        sizes.push_back(span_size(s));
-        spans_size += bytes_field_size(2, sizes.back());
+    for (const char* p = records.data(); p < records.data() + records.size();) {
+        SpanView s = read_span(p);
+        p += s.head.size;
+        spans.emplace_back(s, span_size(s));
+        spans_size += bytes_field_size(2, spans.back().second);
     }
     size_t scope_spans_size = bytes_field_size(1, scope_size) + spans_size;
     size_t resource_size = 0;
-    for (auto& [k, v] : resource) resource_size += bytes_field_size(1, key_value_size(k, trace::Value(v)));
+    for (auto& [k, v] : resource) resource_size += bytes_field_size(1, key_value_size(resource_value(k, v)));
     // The resource is written when it has attributes (as protobuf did: mutable_resource() per attribute).
     size_t resource_spans_size =
         (resource.empty() ? 0 : bytes_field_size(1, resource_size)) + bytes_field_size(2, scope_spans_size);
@@ -750,7 +777,7 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource,
     if (!resource.empty()) {
         put_tag(p, 1, kLen);  // ResourceSpans.resource
         put_varint(p, resource_size);
-        for (auto& [k, v] : resource) put_key_value(p, 1, k, trace::Value(v));
+        for (auto& [k, v] : resource) put_key_value(p, 1, resource_value(k, v));
     }
     put_tag(p, 2, kLen);  // ResourceSpans.scope_spans
     put_varint(p, scope_spans_size);
@@ -758,7 +785,7 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource,
     put_varint(p, scope_size);
     put_bytes(p, 1, scope_name);
     put_bytes(p, 2, scope_version);
-    for (size_t i = 0; i < spans.size(); ++i) put_span(p, spans[i], sizes[i]);
+    for (auto& [s, size] : spans) put_span(p, s, size);
     if (size_t(p - out.data()) != total) std::abort();  // a size function and its writer disagree
 }
 

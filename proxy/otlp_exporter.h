@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -39,13 +40,11 @@ struct ExporterSettings {
 bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, bool exact_path, OtlpTarget& out,
                          std::string& error);
 
-namespace trace { struct SpanData; }
-
 namespace otlp_exporter {
-// An ExportTraceServiceRequest (protobuf wire format) of `spans` under one resource and our
-// instrumentation scope, into `out`.
-void encode(const std::vector<std::pair<std::string, std::string>>& resource,
-            const std::vector<trace::SpanData>& spans, std::string& out);
+// An ExportTraceServiceRequest (protobuf wire format) of the span `records` (proxy/span.h) under
+// one resource and our instrumentation scope, into `out`.
+void encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
+            std::string& out);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);

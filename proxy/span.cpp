@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <ctime>
 #include <mutex>
 
@@ -12,25 +13,55 @@
 namespace stepflow::trace {
 namespace {
 
+void put(std::string& buf, const void* p, size_t n) { buf.append(static_cast<const char*>(p), n); }
+
+void put_key(std::string& buf, Entry type, std::string_view key) {
+    const char* k = key.data();
+    uint8_t header[1 + sizeof k + 1];
+    header[0] = uint8_t(type);
+    std::memcpy(header + 1, &k, sizeof k);
+    header[1 + sizeof k] = uint8_t(std::min<size_t>(key.size(), 255));
+    put(buf, header, sizeof header);
+}
+
+void put_text(std::string& buf, std::string_view text) {
+    uint32_t n = uint32_t(text.size());
+    put(buf, &n, 4);
+    put(buf, text.data(), text.size());
+}
+
+// Bytes of the first `n` records of `records`.
+size_t records_bytes(const std::string& records, size_t n) {
+    size_t at = 0;
+    for (size_t i = 0; i < n && at < records.size(); ++i) {
+        uint32_t size;
+        std::memcpy(&size, records.data() + at, 4);
+        at += size;
+    }
+    return at;
+}
+
 struct SharedQueue {
     std::mutex mutex;
     std::condition_variable ready;
-    std::vector<SpanData> spans;
+    std::string records;
+    size_t count = 0;
     size_t capacity = 2048;
     size_t batch_size = 512;
     bool woken = false;
     std::atomic<uint64_t> dropped{0};
 
-    void push(std::vector<SpanData>& batch) {
+    void push(std::string& batch, size_t n) {
         bool wake;
         {
             std::lock_guard lock(mutex);
-            size_t room = capacity > spans.size() ? capacity - spans.size() : 0;
-            size_t take = std::min(room, batch.size());
-            if (take < batch.size()) dropped.fetch_add(batch.size() - take, std::memory_order_relaxed);
-            size_t before = spans.size();
-            for (size_t i = 0; i < take; ++i) spans.push_back(std::move(batch[i]));
-            wake = before < batch_size && spans.size() >= batch_size;  // the exporter waits for a full batch
+            size_t room = capacity > count ? capacity - count : 0;
+            size_t take = std::min(room, n);
+            if (take < n) dropped.fetch_add(n - take, std::memory_order_relaxed);
+            size_t before = count;
+            records.append(batch.data(), take == n ? batch.size() : records_bytes(batch, take));
+            count += take;
+            wake = before < batch_size && count >= batch_size;  // the exporter waits for a full batch
         }
         batch.clear();
         if (wake) ready.notify_one();
@@ -43,12 +74,15 @@ SharedQueue& shared() {
 }
 
 struct ThreadSpans {
-    std::vector<SpanData> spans;
+    std::string records;
+    size_t count = 0;
     event* hand_off = nullptr;
     bool scheduled = false;
     void flush() {
         scheduled = false;
-        if (!spans.empty()) shared().push(spans);
+        if (count) shared().push(records, count);
+        records.clear();
+        count = 0;
     }
 };
 constexpr size_t kHandOffSpans = 256;
@@ -58,21 +92,129 @@ void on_hand_off(int, short, void*) { t_spans.flush(); }
 
 }  // namespace
 
+namespace record {
+
+size_t begin(std::string& buf, const RecordHead& head) {
+    size_t at = buf.size();
+    put(buf, &head, sizeof head);
+    return at;
+}
+
+void name(std::string& buf, std::string_view name) {
+    buf.push_back(char(Entry::Name));
+    put_text(buf, name);
+}
+
+void string(std::string& buf, std::string_view key, std::string_view value) {
+    put_key(buf, Entry::String, key);
+    put_text(buf, value);
+}
+
+void int64(std::string& buf, std::string_view key, int64_t value) {
+    put_key(buf, Entry::Int, key);
+    put(buf, &value, 8);
+}
+
+void real(std::string& buf, std::string_view key, double value) {
+    put_key(buf, Entry::Double, key);
+    put(buf, &value, 8);
+}
+
+void boolean(std::string& buf, std::string_view key, bool value) {
+    put_key(buf, Entry::Bool, key);
+    buf.push_back(char(value ? 1 : 0));
+}
+
+void status_message(std::string& buf, std::string_view message) {
+    buf.push_back(char(Entry::StatusMessage));
+    put_text(buf, message);
+}
+
+void finish(std::string& buf, size_t at, uint64_t end_ns, bool error) {
+    RecordHead head;
+    std::memcpy(&head, buf.data() + at, sizeof head);
+    head.size = uint32_t(buf.size() - at);
+    head.end_ns = end_ns;
+    head.error = error;
+    std::memcpy(buf.data() + at, &head, sizeof head);
+}
+
+}  // namespace record
+
+RecordHead read_head(const char* record) {
+    RecordHead head;
+    std::memcpy(&head, record, sizeof head);
+    return head;
+}
+
+void read_entry(const char*& p, EntryView& e) {
+    e.type = Entry(uint8_t(*p++));
+    e.key = {};
+    if (e.type != Entry::Name && e.type != Entry::StatusMessage) {
+        const char* k;
+        std::memcpy(&k, p, sizeof k);
+        e.key = {k, uint8_t(p[sizeof k])};
+        p += sizeof k + 1;
+    }
+    switch (e.type) {
+    case Entry::Name:
+    case Entry::String:
+    case Entry::StatusMessage: {
+        uint32_t n;
+        std::memcpy(&n, p, 4);
+        e.text = {p + 4, n};
+        p += 4 + n;
+        break;
+    }
+    case Entry::Int:
+        std::memcpy(&e.i, p, 8);
+        p += 8;
+        break;
+    case Entry::Double:
+        std::memcpy(&e.d, p, 8);
+        p += 8;
+        break;
+    case Entry::Bool:
+        e.b = *p++ != 0;
+        break;
+    }
+}
+
+void write(std::string& buf, const SpanData& s) {
+    size_t at = record::begin(buf, s.head);
+    record::name(buf, s.name);
+    for (auto& a : s.attributes) {
+        if (auto v = std::get_if<std::string>(&a.value)) record::string(buf, a.key, *v);
+        else if (auto i = std::get_if<int64_t>(&a.value)) record::int64(buf, a.key, *i);
+        else if (auto d = std::get_if<double>(&a.value)) record::real(buf, a.key, *d);
+        else if (auto b = std::get_if<bool>(&a.value)) record::boolean(buf, a.key, *b);
+    }
+    if (!s.status_message.empty()) record::status_message(buf, s.status_message);
+    record::finish(buf, at, s.head.end_ns, s.head.error);
+}
+
 uint64_t now_ns() {
     timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return uint64_t(ts.tv_sec) * 1000000000u + uint64_t(ts.tv_nsec);
 }
 
-void emit(SpanData&& span) {
+std::string& thread_records() { return t_spans.records; }
+
+void emitted() {
     ThreadSpans& ts = t_spans;
-    ts.spans.push_back(std::move(span));
-    if (!ts.hand_off || ts.spans.size() >= kHandOffSpans) {
+    ++ts.count;
+    if (!ts.hand_off || ts.count >= kHandOffSpans) {
         ts.flush();
     } else if (!ts.scheduled) {
         ts.scheduled = true;
         event_active(ts.hand_off, 0, 0);
     }
+}
+
+void emit(std::string_view record) {
+    t_spans.records.append(record);
+    emitted();
 }
 
 void attach_loop(event_base* base) {
@@ -92,14 +234,16 @@ void Queue::configure(size_t capacity, size_t batch_size) {
     q.batch_size = batch_size;
 }
 
-size_t Queue::take(std::vector<SpanData>& out, size_t max, uint64_t wait_ms) {
+size_t Queue::take(std::string& out, size_t max, uint64_t wait_ms) {
     auto& q = shared();
     std::unique_lock lock(q.mutex);
-    q.ready.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] { return q.woken || q.spans.size() >= q.batch_size; });
+    q.ready.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] { return q.woken || q.count >= q.batch_size; });
     q.woken = false;
-    size_t n = std::min(max, q.spans.size());
-    for (size_t i = 0; i < n; ++i) out.push_back(std::move(q.spans[i]));
-    q.spans.erase(q.spans.begin(), q.spans.begin() + static_cast<ptrdiff_t>(n));
+    size_t n = std::min(max, q.count);
+    size_t bytes = n == q.count ? q.records.size() : records_bytes(q.records, n);
+    out.append(q.records.data(), bytes);
+    q.records.erase(0, bytes);
+    q.count -= n;
     return n;
 }
 
@@ -115,7 +259,7 @@ void Queue::wake() {
 size_t Queue::size() {
     auto& q = shared();
     std::lock_guard lock(q.mutex);
-    return q.spans.size();
+    return q.count;
 }
 
 uint64_t Queue::dropped() { return shared().dropped.load(std::memory_order_relaxed); }

@@ -126,50 +126,48 @@ std::string protobuf_encode(const std::vector<std::pair<std::string, std::string
     ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
     for (auto& s : spans) {
         auto* span = ss->add_spans();
-        span->set_trace_id(reinterpret_cast<const char*>(s.trace_id), 16);
-        span->set_span_id(reinterpret_cast<const char*>(s.span_id), 8);
-        if (s.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(s.parent_span_id), 8);
+        const trace::RecordHead& h = s.head;
+        span->set_trace_id(reinterpret_cast<const char*>(h.trace_id), 16);
+        span->set_span_id(reinterpret_cast<const char*>(h.span_id), 8);
+        if (h.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(h.parent_span_id), 8);
         span->set_name(s.name);
-        span->set_kind(static_cast<otlp::Span_SpanKind>(s.kind));
-        span->set_start_time_unix_nano(s.start_ns);
-        span->set_end_time_unix_nano(s.end_ns);
-        span->set_flags(s.flags | 0x100);
-        if (s.has_parent && s.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);
+        span->set_kind(static_cast<otlp::Span_SpanKind>(h.kind));
+        span->set_start_time_unix_nano(h.start_ns);
+        span->set_end_time_unix_nano(h.end_ns);
+        span->set_flags(h.flags | 0x100);
+        if (h.has_parent && h.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);
         for (auto& a : s.attributes) {
             auto* kv = span->add_attributes();
             kv->set_key(std::string(a.key));
             set_value(kv->mutable_value(), a.value);
         }
-        for (auto& e : s.events) {
-            auto* ev = span->add_events();
-            ev->set_name(std::string(e.name));
-            ev->set_time_unix_nano(e.time_ns);
-            for (auto& a : e.attributes) {
-                auto* kv = ev->add_attributes();
-                kv->set_key(std::string(a.key));
-                set_value(kv->mutable_value(), a.value);
-            }
-        }
-        if (s.error) {
+        if (h.error) {
             span->mutable_status()->set_code(otlp::Status_StatusCode_STATUS_CODE_ERROR);
             span->mutable_status()->set_message(s.status_message);
         }
     }
     return request.SerializeAsString();
 }
+
+std::string records_of(const std::vector<trace::SpanData>& spans) {
+    std::string records;
+    for (auto& s : spans) trace::write(records, s);
+    return records;
+}
 }  // namespace
 
 TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") {
-    std::vector<trace::SpanData> spans(3);
+    std::vector<trace::SpanData> spans(4);
     trace::SpanData& server = spans[0];
-    for (int i = 0; i < 16; ++i) server.trace_id[i] = uint8_t(0xf0 + i);
-    for (int i = 0; i < 8; ++i) server.span_id[i] = uint8_t(i + 1), server.parent_span_id[i] = uint8_t(0x80 | i);
-    server.has_parent = true;
-    server.kind = trace::Kind::Server;
+    trace::RecordHead& h = server.head;
+    for (int i = 0; i < 16; ++i) h.trace_id[i] = uint8_t(0xf0 + i);
+    for (int i = 0; i < 8; ++i) h.span_id[i] = uint8_t(i + 1), h.parent_span_id[i] = uint8_t(0x80 | i);
+    h.has_parent = true;
+    h.kind = trace::Kind::Server;
     server.name = "POST";
-    server.start_ns = 1765000000123456789u;
-    server.end_ns = server.start_ns + 250000;
-    server.error = true;
+    h.start_ns = 1765000000123456789u;
+    h.end_ns = h.start_ns + 250000;
+    h.error = true;
     server.status_message = "HTTP 502";
     server.attributes = {{"http.request.method", std::string("POST")},
                          {"url.path", std::string("/mcp/\xc3\xa9t\xc3\xa9")},
@@ -181,30 +179,58 @@ TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") 
                          {"http.request.body.size", int64_t(-1)},
                          {"stepflow.flag", true},
                          {"stepflow.other", false},
-                         {"long", std::string(300, 'x')}};
-    server.events.push_back({"retry", server.start_ns + 5, {{"stepflow.attempt", int64_t(2)}}});
-    server.events.push_back({"", 0, {}});
+                         {"long", std::string(300, 'x')},
+                         {"", std::string(70000, 'y')}};
     trace::SpanData& client = spans[1];  // no parent, no error, kind CLIENT
-    client.kind = trace::Kind::Client;
-    client.flags = 0;
+    client.head.kind = trace::Kind::Client;
+    client.head.flags = 0;
     client.name = std::string(200, 'n');
-    client.start_ns = 1;
+    client.head.start_ns = 1;
     trace::SpanData& bare = spans[2];  // every optional field at its default
     bare.name.clear();
+    trace::SpanData& failed = spans[3];  // an error without a message
+    failed.head.error = true;
+    failed.head.kind = trace::Kind::Internal;
+    failed.name = "admission queue";
     std::vector<std::pair<std::string, std::string>> resource = {{"service.name", "stepflow-lb"},
                                                                  {"k8s.namespace.name", ""}, {"", "v"}};
+    std::string records = records_of(spans);
     std::string ours;
-    otlp_exporter::encode(resource, spans, ours);
+    otlp_exporter::encode(resource, records, ours);
     CHECK(ours == protobuf_encode(resource, spans));
-    otlp_exporter::encode({}, spans, ours);
+    otlp_exporter::encode({}, records, ours);
     CHECK(ours == protobuf_encode({}, spans));
     otlp_exporter::encode(resource, {}, ours);
     CHECK(ours == protobuf_encode(resource, {}));
     // Decoded by protobuf, the request says what the spans said.
     otlp::ExportTraceServiceRequest decoded;
-    otlp_exporter::encode(resource, spans, ours);
+    otlp_exporter::encode(resource, records, ours);
     REQUIRE(decoded.ParseFromString(ours));
-    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 3);
+    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 4);
     CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).attributes(6).value().double_value() == 12.625);
     CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).status().message() == "HTTP 502");
+}
+
+TEST_CASE("the span queue takes whole records, at most its capacity", "[trace]") {
+    trace::Queue::configure(3, 2);
+    std::string spare;
+    while (trace::Queue::take(spare, 100, 0)) spare.clear();  // what earlier tests left
+    uint64_t dropped = trace::Queue::dropped();
+    for (int i = 0; i < 5; ++i) {
+        trace::SpanData s;
+        s.head.start_ns = uint64_t(i + 1);
+        s.name = std::string(size_t(i) * 7, 'a');
+        trace::write(trace::thread_records(), s);
+        trace::emitted();  // no loop attached: handed on at once
+    }
+    CHECK(trace::Queue::size() == 3);
+    CHECK(trace::Queue::dropped() == dropped + 2);
+    std::string taken;
+    REQUIRE(trace::Queue::take(taken, 2, 0) == 2);
+    REQUIRE(trace::Queue::take(taken, 2, 0) == 1);
+    std::vector<uint64_t> starts;
+    for (const char* p = taken.data(); p < taken.data() + taken.size(); p += trace::read_head(p).size)
+        starts.push_back(trace::read_head(p).start_ns);
+    CHECK(starts == std::vector<uint64_t>{1, 2, 3});
+    trace::Queue::configure(2048, 512);
 }
