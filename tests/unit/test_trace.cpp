@@ -1,10 +1,14 @@
 #include <catch2/catch.hpp>
 
 #include <cstring>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "otlp.pb.h"
+#include "tests/unit/instances.h"
 #include "proxy/otlp_exporter.h"
+#include "proxy/request_trace.h"
 #include "proxy/span.h"
 #include "proxy/trace_context.h"
 
@@ -233,4 +237,103 @@ TEST_CASE("the span queue takes whole records, at most its capacity", "[trace]")
         starts.push_back(trace::read_head(p).start_ns);
     CHECK(starts == std::vector<uint64_t>{1, 2, 3});
     trace::Queue::configure(2048, 512);
+}
+
+namespace {
+// What the exporter would send of the spans queued so far, decoded by protobuf.
+std::vector<otlp::Span> exported() {
+    std::string records;
+    while (trace::Queue::take(records, 1000, 0)) {}
+    std::string message;
+    otlp_exporter::encode({}, records, message);
+    otlp::ExportTraceServiceRequest decoded;
+    REQUIRE(decoded.ParseFromString(message));
+    std::vector<otlp::Span> spans;
+    if (decoded.resource_spans_size())
+        for (auto& s : decoded.resource_spans(0).scope_spans(0).spans()) spans.push_back(s);
+    return spans;
+}
+
+std::map<std::string, std::string> attributes(const otlp::Span& s) {
+    std::map<std::string, std::string> out;
+    for (auto& kv : s.attributes()) {
+        auto& v = kv.value();
+        out[kv.key()] = v.has_string_value() ? v.string_value()
+                        : v.has_int_value()  ? std::to_string(v.int_value())
+                                             : std::to_string(v.double_value());
+    }
+    return out;
+}
+}  // namespace
+
+TEST_CASE("a request's spans say what the request did", "[trace]") {
+    exported();  // what earlier tests left
+    RequestTrace t;
+    t.active = t.ours = t.recording = true;
+    trace::new_trace_id(t.ids.trace_id);
+    trace::new_span_id(t.ids.span_id);
+    t.rec = std::make_unique<RequestTrace::Recording>();
+    t.rec->method = "POST";
+    t.rec->path = "/mcp";
+    t.rec->user_agent = "test-agent/1";
+    t.note_jsonrpc(R"({"jsonrpc":"2.0","id":7,"method":"tools/call"})");
+    t.note_queue_wait(100, 200);
+    auto w1 = testing::instance("worker-a", 18081), w2 = testing::instance("worker-b", 18082);
+    Failure capacity = Failure::WorkerAtCapacity;
+    AttemptSpan first, second, third;
+    first.start(&t, *w1, "least-load");
+    first.end(503, &capacity, "the worker is at capacity", 10);
+    second.start(&t, *w2, "pinned-session");
+    second.cancel(0, 0);
+    third.start(&t, *w2, "least-load");
+    third.end(502, nullptr, {}, 0);
+    RequestTrace::Outcome o;
+    o.status = 502;
+    o.decision = "least-load";
+    o.instance_id = "worker-b";
+    o.client_ip = "127.0.0.1";
+    o.bytes_in = 45;
+    o.bytes_out = 3;
+    o.retries = 2;
+    o.queue_wait_ms = 1.5;
+    t.end(o);
+    auto spans = exported();
+    REQUIRE(spans.size() == 5);
+    auto a1 = attributes(spans[0]);
+    CHECK(spans[0].kind() == otlp::Span_SpanKind_SPAN_KIND_CLIENT);
+    CHECK(a1["server.address"] == "127.0.0.1");
+    CHECK(a1["server.port"] == "18081");
+    CHECK(a1["stepflow.instance.id"] == "worker-a");
+    CHECK(a1["stepflow.attempt"] == "1");
+    CHECK(a1["stepflow.failure"] == "worker-at-capacity");
+    CHECK(a1["error.type"] == "worker-at-capacity");
+    CHECK(a1["http.response.status_code"] == "503");
+    CHECK(a1.count("http.request.resend_count") == 0);
+    CHECK(spans[0].status().code() == otlp::Status_StatusCode_STATUS_CODE_ERROR);
+    CHECK(spans[0].status().message() == "the worker is at capacity");
+    auto a2 = attributes(spans[1]);
+    CHECK(a2["error.type"] == "cancelled");
+    CHECK(a2["stepflow.routing.decision"] == "pinned-session");
+    CHECK(a2["http.request.resend_count"] == "1");
+    CHECK(spans[1].status().message() == "the client went away");
+    CHECK(spans[2].status().message() == "HTTP 502");
+    CHECK(spans[2].status().code() == otlp::Status_StatusCode_STATUS_CODE_ERROR);
+    CHECK(spans[3].name() == "admission queue");
+    CHECK(spans[3].start_time_unix_nano() == 100);
+    CHECK(spans[3].end_time_unix_nano() == 200);
+    CHECK(spans[3].parent_span_id() == std::string(reinterpret_cast<const char*>(t.ids.span_id), 8));
+    auto s = attributes(spans[4]);
+    CHECK(spans[4].kind() == otlp::Span_SpanKind_SPAN_KIND_SERVER);
+    CHECK(spans[4].name() == "POST");
+    CHECK(spans[4].status().message() == "HTTP 502");
+    CHECK(s["url.path"] == "/mcp");
+    CHECK(s["user_agent.original"] == "test-agent/1");
+    CHECK(s["stepflow.attempts"] == "3");
+    CHECK(s["stepflow.retries"] == "2");
+    CHECK(s["http.request.body.size"] == "45");
+    CHECK(s["rpc.system"] == "jsonrpc");
+    CHECK(s["rpc.method"] == "tools/call");
+    CHECK(s["rpc.jsonrpc.request_id"] == "7");
+    CHECK(s["network.peer.address"] == "127.0.0.1");
+    for (auto& span : spans) CHECK(span.trace_id() == std::string(reinterpret_cast<const char*>(t.ids.trace_id), 16));
 }
