@@ -513,30 +513,33 @@ trace::EntryView resource_value(const std::string& key, const std::string& value
     return v;
 }
 
-bool is_attribute(trace::Entry t) { return t != trace::Entry::Name && t != trace::Entry::StatusMessage; }
-
-// One record read for encoding: the head, the name, the status message; attributes are read
-// again from `entries` when written.
+// One record read for encoding: the head, the name, the status message and where its
+// attributes are in `attributes` (read once, written after the sizes are known).
 struct SpanView {
     trace::RecordHead head;
     std::string_view name, status_message;
-    const char* entries = nullptr;
-    const char* end = nullptr;
+    size_t first = 0, last = 0;  // its attributes: attributes[first, last)
     size_t attributes_size = 0;  // field 9, all of them
 };
 
-SpanView read_span(const char* record) {
+SpanView read_span(const char* record, std::vector<trace::EntryView>& attributes) {
     SpanView s;
     s.head = trace::read_head(record);
-    s.entries = record + sizeof(trace::RecordHead);
-    s.end = record + s.head.size;
+    s.first = attributes.size();
+    const char* end = record + s.head.size;
     trace::EntryView e;
-    for (const char* p = s.entries; p < s.end;) {
+    for (const char* p = record + sizeof(trace::RecordHead); p < end;) {
         trace::read_entry(p, e);
-        if (e.type == trace::Entry::Name) s.name = e.text;
-        else if (e.type == trace::Entry::StatusMessage) s.status_message = e.text;
-        else s.attributes_size += bytes_field_size(9, key_value_size(e));
+        if (e.type == trace::Entry::Name) {
+            s.name = e.text;
+        } else if (e.type == trace::Entry::StatusMessage) {
+            s.status_message = e.text;
+        } else {
+            s.attributes_size += bytes_field_size(9, key_value_size(e));
+            attributes.push_back(e);
+        }
     }
+    s.last = attributes.size();
     return s;
 }
 
@@ -564,7 +567,7 @@ size_t span_size(const SpanView& s) {
     return n;
 }
 
-void put_span(char*& out, const SpanView& s, size_t size) {
+void put_span(char*& out, const SpanView& s, size_t size, const std::vector<trace::EntryView>& attributes) {
     const trace::RecordHead& h = s.head;
     put_tag(out, 2, kLen);  // ScopeSpans.spans
     put_varint(out, size);
@@ -584,11 +587,7 @@ void put_span(char*& out, const SpanView& s, size_t size) {
         put_tag(out, 8, kFixed64);
         put_fixed(out, h.end_ns, 8);
     }
-    trace::EntryView e;
-    for (const char* p = s.entries; p < s.end;) {
-        trace::read_entry(p, e);
-        if (is_attribute(e.type)) put_key_value(out, 9, e);
-    }
+    for (size_t i = s.first; i < s.last; ++i) put_key_value(out, 9, attributes[i]);
     if (h.error) {
         put_tag(out, 15, kLen);
         put_varint(out, status_size(s));
@@ -755,10 +754,12 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource, st
     static const std::string_view scope_name = "stepflow-lb", scope_version = STEPFLOW_LB_VERSION;
     size_t scope_size = bytes_field_size(1, scope_name.size()) + bytes_field_size(2, scope_version.size());
     thread_local std::vector<std::pair<SpanView, size_t>> spans;
+    thread_local std::vector<trace::EntryView> attributes;
     spans.clear();
+    attributes.clear();
     size_t spans_size = 0;
     for (const char* p = records.data(); p < records.data() + records.size();) {
-        SpanView s = read_span(p);
+        SpanView s = read_span(p, attributes);
         p += s.head.size;
         spans.emplace_back(s, span_size(s));
         spans_size += bytes_field_size(2, spans.back().second);
@@ -785,7 +786,7 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource, st
     put_varint(p, scope_size);
     put_bytes(p, 1, scope_name);
     put_bytes(p, 2, scope_version);
-    for (auto& [s, size] : spans) put_span(p, s, size);
+    for (auto& [s, size] : spans) put_span(p, s, size, attributes);
     if (size_t(p - out.data()) != total) std::abort();  // a size function and its writer disagree
 }
 

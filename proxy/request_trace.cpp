@@ -36,6 +36,29 @@ void write_http_status(std::string& buf, int status) {
     trace::record::status_message(buf, {text, size_t(end - text)});
 }
 
+// An attempt's record is built in a buffer of its own; buffers are kept per thread for the
+// next attempts, so a request allocates none.
+constexpr size_t kRecordCapacity = 512;
+constexpr size_t kSpareBuffers = 64;
+thread_local std::vector<std::string> t_spare;
+
+void take_spare(std::string& buf) {
+    if (t_spare.empty()) {
+        buf.reserve(kRecordCapacity);
+    } else {
+        buf.swap(t_spare.back());
+        t_spare.pop_back();
+    }
+}
+
+void give_spare(std::string& buf) {
+    buf.clear();
+    if (t_spare.size() < kSpareBuffers && buf.capacity() <= 4 * kRecordCapacity) {
+        t_spare.emplace_back();
+        t_spare.back().swap(buf);
+    }
+}
+
 }  // namespace
 
 void RequestTrace::begin(const http1::Head& request) {
@@ -175,6 +198,7 @@ void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_v
     head.start_ns = trace::now_ns();
     namespace rw = trace::record;
     std::string& buf = record_;
+    if (buf.capacity() < kRecordCapacity) take_spare(buf);
     buf.clear();
     rw::begin(buf, head);
     rw::name(buf, trace->rec->method);
@@ -230,7 +254,7 @@ void AttemptSpan::end(int status, const Failure* failure, std::string_view why, 
     }
     rw::finish(buf, 0, end_ns, error);
     trace::emit(buf);
-    buf.clear();
+    give_spare(buf);
 }
 
 }  // namespace stepflow

@@ -59,7 +59,8 @@ struct SharedQueue {
             size_t take = std::min(room, n);
             if (take < n) dropped.fetch_add(n - take, std::memory_order_relaxed);
             size_t before = count;
-            records.append(batch.data(), take == n ? batch.size() : records_bytes(batch, take));
+            if (records.empty() && take == n) records.swap(batch);  // the usual case: no copy
+            else records.append(batch.data(), take == n ? batch.size() : records_bytes(batch, take));
             count += take;
             wake = before < batch_size && count >= batch_size;  // the exporter waits for a full batch
         }
@@ -141,45 +142,6 @@ void finish(std::string& buf, size_t at, uint64_t end_ns, bool error) {
 
 }  // namespace record
 
-RecordHead read_head(const char* record) {
-    RecordHead head;
-    std::memcpy(&head, record, sizeof head);
-    return head;
-}
-
-void read_entry(const char*& p, EntryView& e) {
-    e.type = Entry(uint8_t(*p++));
-    e.key = {};
-    if (e.type != Entry::Name && e.type != Entry::StatusMessage) {
-        const char* k;
-        std::memcpy(&k, p, sizeof k);
-        e.key = {k, uint8_t(p[sizeof k])};
-        p += sizeof k + 1;
-    }
-    switch (e.type) {
-    case Entry::Name:
-    case Entry::String:
-    case Entry::StatusMessage: {
-        uint32_t n;
-        std::memcpy(&n, p, 4);
-        e.text = {p + 4, n};
-        p += 4 + n;
-        break;
-    }
-    case Entry::Int:
-        std::memcpy(&e.i, p, 8);
-        p += 8;
-        break;
-    case Entry::Double:
-        std::memcpy(&e.d, p, 8);
-        p += 8;
-        break;
-    case Entry::Bool:
-        e.b = *p++ != 0;
-        break;
-    }
-}
-
 void write(std::string& buf, const SpanData& s) {
     size_t at = record::begin(buf, s.head);
     record::name(buf, s.name);
@@ -240,9 +202,14 @@ size_t Queue::take(std::string& out, size_t max, uint64_t wait_ms) {
     q.ready.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] { return q.woken || q.count >= q.batch_size; });
     q.woken = false;
     size_t n = std::min(max, q.count);
-    size_t bytes = n == q.count ? q.records.size() : records_bytes(q.records, n);
-    out.append(q.records.data(), bytes);
-    q.records.erase(0, bytes);
+    if (n == q.count && out.empty()) {
+        out.swap(q.records);  // all of it: the buffers change hands, nothing is copied
+        q.records.clear();
+    } else {
+        size_t bytes = n == q.count ? q.records.size() : records_bytes(q.records, n);
+        out.append(q.records.data(), bytes);
+        q.records.erase(0, bytes);
+    }
     q.count -= n;
     return n;
 }

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -58,8 +59,44 @@ struct EntryView {
     bool b = false;
 };
 // Reads the entry at `p` (after the head) and moves `p` past it.
-void read_entry(const char*& p, EntryView& out);
-RecordHead read_head(const char* record);
+inline void read_entry(const char*& p, EntryView& e) {
+    e.type = Entry(uint8_t(*p++));
+    e.key = {};
+    if (e.type != Entry::Name && e.type != Entry::StatusMessage) {
+        const char* k;
+        std::memcpy(&k, p, sizeof k);
+        e.key = {k, uint8_t(p[sizeof k])};
+        p += sizeof k + 1;
+    }
+    switch (e.type) {
+    case Entry::Name:
+    case Entry::String:
+    case Entry::StatusMessage: {
+        uint32_t n;
+        std::memcpy(&n, p, 4);
+        e.text = {p + 4, n};
+        p += 4 + n;
+        break;
+    }
+    case Entry::Int:
+        std::memcpy(&e.i, p, 8);
+        p += 8;
+        break;
+    case Entry::Double:
+        std::memcpy(&e.d, p, 8);
+        p += 8;
+        break;
+    case Entry::Bool:
+        e.b = *p++ != 0;
+        break;
+    }
+}
+
+inline RecordHead read_head(const char* record) {
+    RecordHead head;
+    std::memcpy(&head, record, sizeof head);
+    return head;
+}
 
 // A span spelled out, written as a record in one go (tests, and any span built in one place).
 using Value = std::variant<std::string, int64_t, double, bool>;
