@@ -15,19 +15,29 @@ namespace {
 
 void put(std::string& buf, const void* p, size_t n) { buf.append(static_cast<const char*>(p), n); }
 
-void put_key(std::string& buf, Entry type, std::string_view key) {
-    const char* k = key.data();
-    uint8_t header[1 + sizeof k + 1];
-    header[0] = uint8_t(type);
-    std::memcpy(header + 1, &k, sizeof k);
-    header[1 + sizeof k] = uint8_t(std::min<size_t>(key.size(), 255));
-    put(buf, header, sizeof header);
+// Grows `buf` by `n` bytes once per entry and returns where they start: one call into
+// std::string per entry rather than one per field.
+char* grow(std::string& buf, size_t n) {
+    size_t at = buf.size();
+    buf.resize(at + n);
+    return buf.data() + at;
 }
 
-void put_text(std::string& buf, std::string_view text) {
+char* put_key(char* p, Entry type, std::string_view key) {
+    const char* k = key.data();
+    *p++ = char(type);
+    std::memcpy(p, &k, sizeof k);
+    p += sizeof k;
+    *p++ = char(uint8_t(std::min<size_t>(key.size(), 255)));
+    return p;
+}
+constexpr size_t kKeyBytes = 1 + sizeof(const char*) + 1;
+
+char* put_text(char* p, std::string_view text) {
     uint32_t n = uint32_t(text.size());
-    put(buf, &n, 4);
-    put(buf, text.data(), text.size());
+    std::memcpy(p, &n, 4);
+    if (n) std::memcpy(p + 4, text.data(), n);
+    return p + 4 + n;
 }
 
 // Bytes of the first `n` records of `records`.
@@ -102,33 +112,31 @@ size_t begin(std::string& buf, const RecordHead& head) {
 }
 
 void name(std::string& buf, std::string_view name) {
-    buf.push_back(char(Entry::Name));
-    put_text(buf, name);
+    char* p = grow(buf, 1 + 4 + name.size());
+    *p++ = char(Entry::Name);
+    put_text(p, name);
 }
 
 void string(std::string& buf, std::string_view key, std::string_view value) {
-    put_key(buf, Entry::String, key);
-    put_text(buf, value);
+    put_text(put_key(grow(buf, kKeyBytes + 4 + value.size()), Entry::String, key), value);
 }
 
 void int64(std::string& buf, std::string_view key, int64_t value) {
-    put_key(buf, Entry::Int, key);
-    put(buf, &value, 8);
+    std::memcpy(put_key(grow(buf, kKeyBytes + 8), Entry::Int, key), &value, 8);
 }
 
 void real(std::string& buf, std::string_view key, double value) {
-    put_key(buf, Entry::Double, key);
-    put(buf, &value, 8);
+    std::memcpy(put_key(grow(buf, kKeyBytes + 8), Entry::Double, key), &value, 8);
 }
 
 void boolean(std::string& buf, std::string_view key, bool value) {
-    put_key(buf, Entry::Bool, key);
-    buf.push_back(char(value ? 1 : 0));
+    *put_key(grow(buf, kKeyBytes + 1), Entry::Bool, key) = char(value ? 1 : 0);
 }
 
 void status_message(std::string& buf, std::string_view message) {
-    buf.push_back(char(Entry::StatusMessage));
-    put_text(buf, message);
+    char* p = grow(buf, 1 + 4 + message.size());
+    *p++ = char(Entry::StatusMessage);
+    put_text(p, message);
 }
 
 void finish(std::string& buf, size_t at, uint64_t end_ns, bool error) {
