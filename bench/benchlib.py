@@ -280,6 +280,7 @@ def versions():
     rev = os.environ.get("STEPFLOW_LB_REV") or first_line(["git", "-C", REPO, "log", "-1", "--format=%h"])
     return {
         "stepflow-lb": f"{lb} (commit {rev})",
+        "stepflow-lb@base": os.environ.get("STEPFLOW_LB_BASE", "-"),
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
@@ -390,9 +391,9 @@ backend workers
     return p
 
 
-def start_stepflow_lb(port, backends, extra=(), name="stepflow-lb"):
+def start_stepflow_lb(port, backends, extra=(), name="stepflow-lb", binary=None):
     admin = free_port()
-    argv = [find_lb(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+    argv = [binary or find_lb(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--backends", ",".join(f"127.0.0.1:{b}" for b in backends), "--threads", "1",
             "--access-log", "off", "--log-level", "warn", *extra]
     p = start(argv, cpu=PROXY_CPU, name=name)
@@ -404,6 +405,9 @@ def start_stepflow_lb(port, backends, extra=(), name="stepflow-lb"):
 PROXIES = ("stepflow-lb", "haproxy", "nginx")
 # More stepflow-lb configurations for --proxies: the default access log on (to a file, as stderr
 # redirected), and that plus tracing every request to an OTLP receiver on the load core.
+# Any stepflow-lb kind with the suffix "@base" (e.g. stepflow-lb+log@base) runs the binary named
+# by STEPFLOW_LB_BASE instead, so a change and its baseline are measured in the same run
+# ("stepflow-lb-base" is stepflow-lb@base).
 LB_VARIANTS = ("stepflow-lb+log", "stepflow-lb+trace")
 
 _collector = None
@@ -422,28 +426,31 @@ def otlp_collector_port():
     return _collector
 
 
+def base_lb():
+    path = os.environ.get("STEPFLOW_LB_BASE")
+    if not path or not os.path.exists(path):
+        raise SystemExit("a proxy kind ending in @base needs STEPFLOW_LB_BASE=<a stepflow-lb binary>")
+    return path
+
+
 def start_proxy(kind, port, backends, h2=False, sse=False):
     # STEPFLOW_LB_ARGS: extra flags for every stepflow-lb (e.g. "--max-in-flight-per-instance 1000").
     lb_args = os.environ.get("STEPFLOW_LB_ARGS", "").split()
-    if kind == "stepflow-lb":
-        return start_stepflow_lb(port, backends, lb_args)
+    binary, suffix = None, ""
     if kind == "stepflow-lb-base":
-        # Another build (STEPFLOW_LB_BASE), e.g. the one before a change, in the same rounds.
-        saved = os.environ.get("STEPFLOW_LB")
-        os.environ["STEPFLOW_LB"] = os.environ["STEPFLOW_LB_BASE"]
-        try:
-            return start_stepflow_lb(port, backends, lb_args, name="stepflow-lb-base")
-        finally:
-            if saved is None:
-                del os.environ["STEPFLOW_LB"]
-            else:
-                os.environ["STEPFLOW_LB"] = saved
+        kind = "stepflow-lb@base"
+    if kind.startswith("stepflow-lb") and kind.endswith("@base"):
+        kind, binary, suffix = kind[:-len("@base")], base_lb(), "-base"
+    if kind == "stepflow-lb":
+        return start_stepflow_lb(port, backends, lb_args, name="stepflow-lb" + suffix, binary=binary)
     if kind == "stepflow-lb+log":
-        return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info"], name="stepflow-lb-log")
+        return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info", *lb_args],
+                                 name="stepflow-lb-log" + suffix, binary=binary)
     if kind == "stepflow-lb+trace":
         return start_stepflow_lb(port, backends, ["--access-log", "on", "--log-level", "info", "--trace-enabled", "true",
-                                                  "--otlp-endpoint", f"http://127.0.0.1:{otlp_collector_port()}"],
-                                 name="stepflow-lb-trace")
+                                                  "--otlp-endpoint", f"http://127.0.0.1:{otlp_collector_port()}",
+                                                  *lb_args],
+                                 name="stepflow-lb-trace" + suffix, binary=binary)
     if kind == "haproxy":
         return start_haproxy(port, backends, h2=h2, sse=sse)
     return start_nginx_proxy(port, backends, h2=h2, sse=sse)

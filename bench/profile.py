@@ -2,7 +2,8 @@
 """Profile stepflow-lb under the rps load (HTTP/1.1 keep-alive POST, 64 connections) or, with
 --load h2, the h2.py load (h2c prior knowledge, h2load 16 connections x 10 streams, same POST).
 
-    python3 bench/profile.py [--tool callgrind|perf|syscalls] [--load http1|h2] [--duration 10] [--top 40]
+    python3 bench/profile.py [--tool callgrind|perf|syscalls] [--load http1|h2] [--config off|log|trace]
+                             [--duration 10] [--top 40]
 
   callgrind  valgrind --tool=callgrind on a release build with -g (build-prof/): user-space
              instructions, inclusive and exclusive, per function (the load is much slower
@@ -59,11 +60,21 @@ def load_name(args):
             else "HTTP/1.1 keep-alive POST, 64 connections")
 
 
+# --config: the balancer's configurations of rps.py's stepflow-lb, stepflow-lb+log, stepflow-lb+trace.
+CONFIGS = {
+    "off": lambda: ["--access-log", "off", "--log-level", "warn"],
+    "log": lambda: ["--access-log", "on", "--log-level", "info"],
+    "trace": lambda: ["--access-log", "on", "--log-level", "info", "--trace-enabled", "true",
+                      "--otlp-endpoint", f"http://127.0.0.1:{B.otlp_collector_port()}"],
+}
+CONFIG = "off"
+
+
 def start_lb(prefix, backends):
     port, admin = B.free_port(), B.free_port()
     argv = prefix + [build_prof(), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                      "--backends", ",".join(f"127.0.0.1:{b}" for b in backends), "--threads", "1",
-                     "--access-log", "off", "--log-level", "warn", "--drain-timeout", "1s"]
+                     *CONFIGS[CONFIG](), "--drain-timeout", "1s"]
     proc = B.start(argv, cpu=B.PROXY_CPU, name="profiled")
     B.wait_port(admin, timeout=60, proc=proc)
     B.wait_http_ok(admin, "/ready", timeout=60)
@@ -121,7 +132,9 @@ def perf(args, backends, stamp):
 def syscalls(args, backends, stamp):
     events = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS)
     rows, per = [], {}
-    for kind in B.PROXIES:
+    kinds = [{"off": "stepflow-lb", "log": "stepflow-lb+log", "trace": "stepflow-lb+trace"}[CONFIG]
+             if k == "stepflow-lb" else k for k in B.PROXIES]
+    for kind in kinds:
         port = B.free_port()
         proc = B.start_proxy(kind, port, backends, h2=args.load == "h2")
         if args.load == "h2":
@@ -146,10 +159,10 @@ def syscalls(args, backends, stamp):
         B.log(f"{kind}: {res['requests']} requests, {counts}")
     names = sorted({n for c in per.values() for n in c}, key=lambda n: -max(c.get(n, 0) for c in per.values()))
     for n in names:
-        rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in B.PROXIES])
-    rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in B.PROXIES])
+        rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in kinds])
+    rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in kinds])
     return f"### System calls per request ({load_name(args)})\n\n" + \
-        B.table(["syscall"] + list(B.PROXIES), rows), None
+        B.table(["syscall"] + kinds, rows), None
 
 
 def massif(args, backends, stamp):
@@ -213,10 +226,15 @@ def main():
     ap.add_argument("--tool", choices=("callgrind", "perf", "syscalls", "massif"), default="callgrind")
     ap.add_argument("--load", choices=("http1", "h2"), default="http1",
                     help="callgrind, perf, syscalls: wrk HTTP/1.1 (rps.py) or h2load h2c (h2.py)")
+    ap.add_argument("--config", choices=tuple(CONFIGS), default="off",
+                    help="callgrind, perf, syscalls: access log off (default), on, or on with 100%% sampled tracing "
+                         "to tests/otlp/receiver.mjs (npm ci there first)")
     ap.add_argument("--streams", type=int, default=2000, help="open SSE streams for --tool massif")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = args.config
     os.makedirs(B.OUT, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     backends = [B.free_port(), B.free_port()]

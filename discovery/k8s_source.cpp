@@ -247,6 +247,7 @@ void K8sSource::publish() {
             // Start-up: which port to use is a configuration question only the operator can
             // answer. Exit like every other start-up error; nothing has been served yet.
             log::error("cannot start", {{"reason", error}});
+            log::flush(std::chrono::seconds(2));  // _Exit skips the log writer: hand it what is queued first
             std::fprintf(stderr, "stepflow-lb: %s\n", error.c_str());
             std::fflush(stderr);
             std::_Exit(2);

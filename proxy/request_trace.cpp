@@ -1,5 +1,6 @@
 #include "proxy/request_trace.h"
 
+#include <charconv>
 #include <cstring>
 
 #include <simdjson.h>
@@ -11,20 +12,50 @@ namespace stepflow {
 namespace {
 
 // Splits "host:port" (or "[v6]:port") for server.address / server.port.
-void split_address(std::string_view address, std::string& host, int64_t& port) {
+void split_address(std::string_view address, std::string_view& host, int64_t& port) {
     size_t colon = address.rfind(':');
     if (colon == std::string_view::npos) {
-        host.assign(address);
+        host = address;
         port = 0;
         return;
     }
     std::string_view h = address.substr(0, colon);
     if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
-    host.assign(h);
+    host = h;
     port = 0;
     for (char c : address.substr(colon + 1)) {
         if (c < '0' || c > '9') break;
         port = port * 10 + (c - '0');
+    }
+}
+
+// The status message of a 5xx without a failure kind: "HTTP <status>".
+void write_http_status(std::string& buf, int status) {
+    char text[16] = "HTTP ";
+    auto [end, ec] = std::to_chars(text + 5, text + sizeof text, status);
+    trace::record::status_message(buf, {text, size_t(end - text)});
+}
+
+// An attempt's record is built in a buffer of its own; buffers are kept per thread for the
+// next attempts, so a request allocates none.
+constexpr size_t kRecordCapacity = 512;
+constexpr size_t kSpareBuffers = 64;
+thread_local std::vector<std::string> t_spare;
+
+void take_spare(std::string& buf) {
+    if (t_spare.empty()) {
+        buf.reserve(kRecordCapacity);
+    } else {
+        buf.swap(t_spare.back());
+        t_spare.pop_back();
+    }
+}
+
+void give_spare(std::string& buf) {
+    buf.clear();
+    if (t_spare.size() < kSpareBuffers && buf.capacity() <= 4 * kRecordCapacity) {
+        t_spare.emplace_back();
+        t_spare.back().swap(buf);
     }
 }
 
@@ -71,7 +102,11 @@ void RequestTrace::begin(const http1::Head& request) {
 
 void RequestTrace::note_jsonrpc(std::string_view body) {
     if (!recording || body.empty() || !rec->rpc_method.empty()) return;
-    simdjson::dom::parser parser;
+    // One parser per thread for the usual small bodies (a new parser allocates its buffers for
+    // every request); a large body gets its own, so no thread keeps a large parser's memory.
+    thread_local simdjson::dom::parser shared;
+    simdjson::dom::parser own;
+    simdjson::dom::parser& parser = body.size() <= 16 * 1024 ? shared : own;
     simdjson::dom::object obj;
     if (parser.parse(body.data(), body.size()).get(obj) != simdjson::SUCCESS) return;
     std::string_view m;
@@ -89,57 +124,60 @@ void RequestTrace::end(const Outcome& o) {
     if (!recording || ended) return;
     ended = true;
     Recording& r = *rec;
-    trace::SpanData span;
-    std::memcpy(span.trace_id, ids.trace_id, 16);
-    std::memcpy(span.span_id, ids.span_id, 8);
-    span.has_parent = has_parent;
-    if (has_parent) std::memcpy(span.parent_span_id, parent_span_id, 8);
-    span.flags = ids.flags;
-    span.kind = trace::Kind::Server;
-    span.name = r.method;
-    span.start_ns = start_ns;
-    span.end_ns = trace::now_ns();
-    span.error = o.status >= 500;
-    auto& a = span.attributes;
-    a.reserve(20);
-    a.push_back({"http.request.method", r.method});
-    a.push_back({"url.path", r.path});
-    if (o.status) a.push_back({"http.response.status_code", int64_t(o.status)});
-    a.push_back({"network.peer.address", std::string(o.client_ip)});
-    if (!r.user_agent.empty()) a.push_back({"user_agent.original", r.user_agent});
-    a.push_back({"stepflow.routing.decision", std::string(o.decision)});
-    if (!o.instance_id.empty()) a.push_back({"stepflow.instance.id", std::string(o.instance_id)});
-    a.push_back({"stepflow.attempts", int64_t(attempts)});
-    a.push_back({"stepflow.retries", int64_t(o.retries)});
-    a.push_back({"stepflow.queue_wait_ms", o.queue_wait_ms});
-    a.push_back({"http.request.body.size", int64_t(o.bytes_in)});
-    a.push_back({"http.response.body.size", int64_t(o.bytes_out)});
-    if (!r.mcp_method.empty()) a.push_back({"mcp.method.name", r.mcp_method});
-    if (!r.rpc_method.empty()) {
-        a.push_back({"rpc.system", std::string("jsonrpc")});
-        a.push_back({"rpc.method", r.rpc_method});
-        if (!r.rpc_id.empty()) a.push_back({"rpc.jsonrpc.request_id", r.rpc_id});
-    }
-    if (span.error) span.status_message = "HTTP " + std::to_string(o.status);
+    std::string& buf = trace::thread_records();
+    uint64_t end_ns = trace::now_ns();
     // Each wait in the admission queue is a child span, so the wait shows as a bar in the trace.
     for (auto& [from, to] : r.queue_waits) {
-        trace::SpanData wait;
+        trace::RecordHead wait;
         std::memcpy(wait.trace_id, ids.trace_id, 16);
         trace::new_span_id(wait.span_id);
         std::memcpy(wait.parent_span_id, ids.span_id, 8);
         wait.has_parent = true;
         wait.flags = ids.flags;
         wait.kind = trace::Kind::Internal;
-        wait.name = "admission queue";
         wait.start_ns = from;
-        wait.end_ns = to;
-        trace::emit(std::move(wait));
+        size_t at = trace::record::begin(buf, wait);
+        trace::record::name(buf, "admission queue");
+        trace::record::finish(buf, at, to, false);
+        trace::emitted();
     }
-    trace::emit(std::move(span));
+    trace::RecordHead head;
+    std::memcpy(head.trace_id, ids.trace_id, 16);
+    std::memcpy(head.span_id, ids.span_id, 8);
+    head.has_parent = has_parent;
+    if (has_parent) std::memcpy(head.parent_span_id, parent_span_id, 8);
+    head.flags = ids.flags;
+    head.kind = trace::Kind::Server;
+    head.start_ns = start_ns;
+    bool error = o.status >= 500;
+    namespace rw = trace::record;
+    size_t at = rw::begin(buf, head);
+    rw::name(buf, r.method);
+    rw::string(buf, "http.request.method", r.method);
+    rw::string(buf, "url.path", r.path);
+    if (o.status) rw::int64(buf, "http.response.status_code", o.status);
+    rw::string(buf, "network.peer.address", o.client_ip);
+    if (!r.user_agent.empty()) rw::string(buf, "user_agent.original", r.user_agent);
+    rw::string(buf, "stepflow.routing.decision", o.decision);
+    if (!o.instance_id.empty()) rw::string(buf, "stepflow.instance.id", o.instance_id);
+    rw::int64(buf, "stepflow.attempts", attempts);
+    rw::int64(buf, "stepflow.retries", o.retries);
+    rw::real(buf, "stepflow.queue_wait_ms", o.queue_wait_ms);
+    rw::int64(buf, "http.request.body.size", int64_t(o.bytes_in));
+    rw::int64(buf, "http.response.body.size", int64_t(o.bytes_out));
+    if (!r.mcp_method.empty()) rw::string(buf, "mcp.method.name", r.mcp_method);
+    if (!r.rpc_method.empty()) {
+        rw::string(buf, "rpc.system", "jsonrpc");
+        rw::string(buf, "rpc.method", r.rpc_method);
+        if (!r.rpc_id.empty()) rw::string(buf, "rpc.jsonrpc.request_id", r.rpc_id);
+    }
+    if (error) write_http_status(buf, o.status);
+    rw::finish(buf, at, end_ns, error);
+    trace::emitted();
 }
 
 void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_view decision) {
-    open_ = recording_ = false;
+    open_ = recording_ = cancelled_ = false;
     if (!trace || !trace->ours) return;
     open_ = true;
     int number = ++trace->attempts;
@@ -148,29 +186,33 @@ void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_v
     flags_ = trace->ids.flags;
     recording_ = trace->recording;
     if (!recording_) return;
-    data_ = std::make_unique<trace::SpanData>();
-    trace::SpanData& d = *data_;
-    std::memcpy(d.trace_id, trace->ids.trace_id, 16);
-    std::memcpy(d.span_id, span_id_, 8);
-    std::memcpy(d.parent_span_id, trace->ids.span_id, 8);
-    d.has_parent = true;
-    d.flags = trace->ids.flags;
-    d.kind = trace::Kind::Client;
-    d.name = trace->rec->method;
-    d.start_ns = trace::now_ns();
-    std::string host;
+    // The record is written as the attempt runs (it may end after the request's record is gone)
+    // and handed to the exporter's buffer when it ends.
+    trace::RecordHead head;
+    std::memcpy(head.trace_id, trace->ids.trace_id, 16);
+    std::memcpy(head.span_id, span_id_, 8);
+    std::memcpy(head.parent_span_id, trace->ids.span_id, 8);
+    head.has_parent = true;
+    head.flags = trace->ids.flags;
+    head.kind = trace::Kind::Client;
+    head.start_ns = trace::now_ns();
+    namespace rw = trace::record;
+    std::string& buf = record_;
+    if (buf.capacity() < kRecordCapacity) take_spare(buf);
+    buf.clear();
+    rw::begin(buf, head);
+    rw::name(buf, trace->rec->method);
+    std::string_view host;
     int64_t port = 0;
     split_address(inst.address, host, port);
-    auto& a = d.attributes;
-    a.reserve(12);
-    a.push_back({"http.request.method", trace->rec->method});
-    a.push_back({"url.path", trace->rec->path});
-    a.push_back({"server.address", std::move(host)});
-    if (port) a.push_back({"server.port", port});
-    a.push_back({"stepflow.instance.id", inst.id});
-    a.push_back({"stepflow.routing.decision", std::string(decision)});
-    a.push_back({"stepflow.attempt", int64_t(number)});
-    if (number > 1) a.push_back({"http.request.resend_count", int64_t(number - 1)});
+    rw::string(buf, "http.request.method", trace->rec->method);
+    rw::string(buf, "url.path", trace->rec->path);
+    rw::string(buf, "server.address", host);
+    if (port) rw::int64(buf, "server.port", port);
+    rw::string(buf, "stepflow.instance.id", inst.id);
+    rw::string(buf, "stepflow.routing.decision", decision);
+    rw::int64(buf, "stepflow.attempt", number);
+    if (number > 1) rw::int64(buf, "http.request.resend_count", number - 1);
 }
 
 void AttemptSpan::append_traceparent(std::string& head) const {
@@ -183,9 +225,8 @@ void AttemptSpan::append_traceparent(std::string& head) const {
 
 void AttemptSpan::cancel(int status, uint64_t bytes_out) {
     if (open_ && recording_) {
-        data_->attributes.push_back({"error.type", std::string("cancelled")});
-        data_->error = true;
-        data_->status_message = "the client went away";
+        trace::record::string(record_, "error.type", "cancelled");
+        cancelled_ = true;
     }
     end(status, nullptr, {}, bytes_out);
 }
@@ -194,22 +235,26 @@ void AttemptSpan::end(int status, const Failure* failure, std::string_view why, 
     if (!open_) return;
     open_ = false;
     if (!recording_) return;
-    trace::SpanData& d = *data_;
-    d.end_ns = trace::now_ns();
-    auto& a = d.attributes;
-    if (status) a.push_back({"http.response.status_code", int64_t(status)});
-    if (bytes_out) a.push_back({"http.response.body.size", int64_t(bytes_out)});
+    namespace rw = trace::record;
+    std::string& buf = record_;
+    uint64_t end_ns = trace::now_ns();
+    if (status) rw::int64(buf, "http.response.status_code", status);
+    if (bytes_out) rw::int64(buf, "http.response.body.size", int64_t(bytes_out));
+    bool error = cancelled_;
     if (failure) {
-        a.push_back({"stepflow.failure", std::string(to_string(*failure))});
-        a.push_back({"error.type", std::string(to_string(*failure))});
-        d.error = true;
-        d.status_message.assign(why);
+        rw::string(buf, "stepflow.failure", to_string(*failure));
+        rw::string(buf, "error.type", to_string(*failure));
+        error = true;
+        if (!why.empty()) rw::status_message(buf, why);
     } else if (status >= 500) {
-        d.error = true;
-        d.status_message = "HTTP " + std::to_string(status);
+        error = true;
+        write_http_status(buf, status);
+    } else if (cancelled_) {
+        rw::status_message(buf, "the client went away");
     }
-    trace::emit(std::move(d));
-    data_.reset();
+    rw::finish(buf, 0, end_ns, error);
+    trace::emit(buf);
+    give_spare(buf);
 }
 
 }  // namespace stepflow

@@ -84,7 +84,8 @@ private:
     uint8_t trace_id_[16] = {};
     uint8_t span_id_[8] = {};
     uint8_t flags_ = 0;
-    std::unique_ptr<trace::SpanData> data_;  // while recording
+    bool cancelled_ = false;
+    std::string record_;  // the span's record while recording (trace::record)
 };
 
 }  // namespace stepflow

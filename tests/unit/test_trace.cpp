@@ -1,10 +1,16 @@
 #include <catch2/catch.hpp>
 
 #include <cstring>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "core/trace_context.h"
+#include "otlp.pb.h"
 #include "proxy/otlp_exporter.h"
+#include "proxy/request_trace.h"
+#include "proxy/span.h"
+#include "tests/unit/instances.h"
 
 using namespace stepflow;
 
@@ -98,4 +104,236 @@ TEST_CASE("OTLP endpoints are parsed per protocol", "[trace]") {
     CHECK_FALSE(parse_otlp_endpoint("otel-collector:4317", OtlpTarget::Protocol::Grpc, false, t, error));
     CHECK_FALSE(parse_otlp_endpoint("http://c:99999", OtlpTarget::Protocol::Grpc, false, t, error));
     CHECK_FALSE(parse_otlp_endpoint("http://:4317", OtlpTarget::Protocol::Grpc, false, t, error));
+}
+
+namespace {
+// The request as protobuf's generated classes build and serialize it (the exporter's encoder
+// before it wrote the wire format by hand): the reference the hand encoder must match byte for byte.
+void set_value(otlp::AnyValue* out, const trace::Value& v) {
+    if (auto s = std::get_if<std::string>(&v)) out->set_string_value(*s);
+    else if (auto i = std::get_if<int64_t>(&v)) out->set_int_value(*i);
+    else if (auto d = std::get_if<double>(&v)) out->set_double_value(*d);
+    else if (auto b = std::get_if<bool>(&v)) out->set_bool_value(*b);
+}
+
+std::string protobuf_encode(const std::vector<std::pair<std::string, std::string>>& resource,
+                            const std::vector<trace::SpanData>& spans) {
+    otlp::ExportTraceServiceRequest request;
+    auto* rs = request.add_resource_spans();
+    for (auto& [k, v] : resource) {
+        auto* kv = rs->mutable_resource()->add_attributes();
+        kv->set_key(k);
+        kv->mutable_value()->set_string_value(v);
+    }
+    auto* ss = rs->add_scope_spans();
+    ss->mutable_scope()->set_name("stepflow-lb");
+    ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
+    for (auto& s : spans) {
+        auto* span = ss->add_spans();
+        const trace::RecordHead& h = s.head;
+        span->set_trace_id(reinterpret_cast<const char*>(h.trace_id), 16);
+        span->set_span_id(reinterpret_cast<const char*>(h.span_id), 8);
+        if (h.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(h.parent_span_id), 8);
+        span->set_name(s.name);
+        span->set_kind(static_cast<otlp::Span_SpanKind>(h.kind));
+        span->set_start_time_unix_nano(h.start_ns);
+        span->set_end_time_unix_nano(h.end_ns);
+        span->set_flags(h.flags | 0x100);
+        if (h.has_parent && h.kind == trace::Kind::Server) span->set_flags(span->flags() | 0x200);
+        for (auto& a : s.attributes) {
+            auto* kv = span->add_attributes();
+            kv->set_key(std::string(a.key));
+            set_value(kv->mutable_value(), a.value);
+        }
+        if (h.error) {
+            span->mutable_status()->set_code(otlp::Status_StatusCode_STATUS_CODE_ERROR);
+            span->mutable_status()->set_message(s.status_message);
+        }
+    }
+    return request.SerializeAsString();
+}
+
+std::string records_of(const std::vector<trace::SpanData>& spans) {
+    std::string records;
+    for (auto& s : spans) trace::write(records, s);
+    return records;
+}
+}  // namespace
+
+TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") {
+    std::vector<trace::SpanData> spans(4);
+    trace::SpanData& server = spans[0];
+    trace::RecordHead& h = server.head;
+    for (int i = 0; i < 16; ++i) h.trace_id[i] = uint8_t(0xf0 + i);
+    for (int i = 0; i < 8; ++i) h.span_id[i] = uint8_t(i + 1), h.parent_span_id[i] = uint8_t(0x80 | i);
+    h.has_parent = true;
+    h.kind = trace::Kind::Server;
+    server.name = "POST";
+    h.start_ns = 1765000000123456789u;
+    h.end_ns = h.start_ns + 250000;
+    h.error = true;
+    server.status_message = "HTTP 502";
+    server.attributes = {{"http.request.method", std::string("POST")},
+                         {"url.path", std::string("/mcp/\xc3\xa9t\xc3\xa9")},
+                         {"http.response.status_code", int64_t(502)},
+                         {"stepflow.retries", int64_t(0)},
+                         {"stepflow.instance.id", std::string()},
+                         {"stepflow.queue_wait_ms", 0.0},
+                         {"stepflow.queue_wait_ms", 12.625},
+                         {"http.request.body.size", int64_t(-1)},
+                         {"stepflow.flag", true},
+                         {"stepflow.other", false},
+                         {"long", std::string(300, 'x')},
+                         {"", std::string(70000, 'y')}};
+    trace::SpanData& client = spans[1];  // no parent, no error, kind CLIENT
+    client.head.kind = trace::Kind::Client;
+    client.head.flags = 0;
+    client.name = std::string(200, 'n');
+    client.head.start_ns = 1;
+    trace::SpanData& bare = spans[2];  // every optional field at its default
+    bare.name.clear();
+    trace::SpanData& failed = spans[3];  // an error without a message
+    failed.head.error = true;
+    failed.head.kind = trace::Kind::Internal;
+    failed.name = "admission queue";
+    std::vector<std::pair<std::string, std::string>> resource = {{"service.name", "stepflow-lb"},
+                                                                 {"k8s.namespace.name", ""}, {"", "v"}};
+    std::string records = records_of(spans);
+    std::string ours;
+    otlp_exporter::encode(resource, records, ours);
+    CHECK(ours == protobuf_encode(resource, spans));
+    otlp_exporter::encode({}, records, ours);
+    CHECK(ours == protobuf_encode({}, spans));
+    otlp_exporter::encode(resource, {}, ours);
+    CHECK(ours == protobuf_encode(resource, {}));
+    // Decoded by protobuf, the request says what the spans said.
+    otlp::ExportTraceServiceRequest decoded;
+    otlp_exporter::encode(resource, records, ours);
+    REQUIRE(decoded.ParseFromString(ours));
+    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 4);
+    CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).attributes(6).value().double_value() == 12.625);
+    CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).status().message() == "HTTP 502");
+}
+
+TEST_CASE("the span queue takes whole records, at most its capacity", "[trace]") {
+    trace::Queue::configure(3, 2);
+    std::string spare;
+    while (trace::Queue::take(spare, 100, 0)) spare.clear();  // what earlier tests left
+    uint64_t dropped = trace::Queue::dropped();
+    for (int i = 0; i < 5; ++i) {
+        trace::SpanData s;
+        s.head.start_ns = uint64_t(i + 1);
+        s.name = std::string(size_t(i) * 7, 'a');
+        trace::write(trace::thread_records(), s);
+        trace::emitted();  // no loop attached: handed on at once
+    }
+    CHECK(trace::Queue::size() == 3);
+    CHECK(trace::Queue::dropped() == dropped + 2);
+    std::string taken;
+    REQUIRE(trace::Queue::take(taken, 2, 0) == 2);
+    REQUIRE(trace::Queue::take(taken, 2, 0) == 1);
+    std::vector<uint64_t> starts;
+    for (const char* p = taken.data(); p < taken.data() + taken.size(); p += trace::read_head(p).size)
+        starts.push_back(trace::read_head(p).start_ns);
+    CHECK(starts == std::vector<uint64_t>{1, 2, 3});
+    trace::Queue::configure(2048, 512);
+}
+
+namespace {
+// What the exporter would send of the spans queued so far, decoded by protobuf.
+std::vector<otlp::Span> exported() {
+    std::string records;
+    while (trace::Queue::take(records, 1000, 0)) {}
+    std::string message;
+    otlp_exporter::encode({}, records, message);
+    otlp::ExportTraceServiceRequest decoded;
+    REQUIRE(decoded.ParseFromString(message));
+    std::vector<otlp::Span> spans;
+    if (decoded.resource_spans_size())
+        for (auto& s : decoded.resource_spans(0).scope_spans(0).spans()) spans.push_back(s);
+    return spans;
+}
+
+std::map<std::string, std::string> attributes(const otlp::Span& s) {
+    std::map<std::string, std::string> out;
+    for (auto& kv : s.attributes()) {
+        auto& v = kv.value();
+        out[kv.key()] = v.has_string_value() ? v.string_value()
+                        : v.has_int_value()  ? std::to_string(v.int_value())
+                                             : std::to_string(v.double_value());
+    }
+    return out;
+}
+}  // namespace
+
+TEST_CASE("a request's spans say what the request did", "[trace]") {
+    exported();  // what earlier tests left
+    RequestTrace t;
+    t.active = t.ours = t.recording = true;
+    trace::new_trace_id(t.ids.trace_id);
+    trace::new_span_id(t.ids.span_id);
+    t.rec = std::make_unique<RequestTrace::Recording>();
+    t.rec->method = "POST";
+    t.rec->path = "/mcp";
+    t.rec->user_agent = "test-agent/1";
+    t.note_jsonrpc(R"({"jsonrpc":"2.0","id":7,"method":"tools/call"})");
+    t.note_queue_wait(100, 200);
+    auto w1 = testing::instance("worker-a", 18081), w2 = testing::instance("worker-b", 18082);
+    Failure capacity = Failure::WorkerAtCapacity;
+    AttemptSpan first, second, third;
+    first.start(&t, *w1, "least-load");
+    first.end(503, &capacity, "the worker is at capacity", 10);
+    second.start(&t, *w2, "pinned-session");
+    second.cancel(0, 0);
+    third.start(&t, *w2, "least-load");
+    third.end(502, nullptr, {}, 0);
+    RequestTrace::Outcome o;
+    o.status = 502;
+    o.decision = "least-load";
+    o.instance_id = "worker-b";
+    o.client_ip = "127.0.0.1";
+    o.bytes_in = 45;
+    o.bytes_out = 3;
+    o.retries = 2;
+    o.queue_wait_ms = 1.5;
+    t.end(o);
+    auto spans = exported();
+    REQUIRE(spans.size() == 5);
+    auto a1 = attributes(spans[0]);
+    CHECK(spans[0].kind() == otlp::Span_SpanKind_SPAN_KIND_CLIENT);
+    CHECK(a1["server.address"] == "127.0.0.1");
+    CHECK(a1["server.port"] == "18081");
+    CHECK(a1["stepflow.instance.id"] == "worker-a");
+    CHECK(a1["stepflow.attempt"] == "1");
+    CHECK(a1["stepflow.failure"] == "worker-at-capacity");
+    CHECK(a1["error.type"] == "worker-at-capacity");
+    CHECK(a1["http.response.status_code"] == "503");
+    CHECK(a1.count("http.request.resend_count") == 0);
+    CHECK(spans[0].status().code() == otlp::Status_StatusCode_STATUS_CODE_ERROR);
+    CHECK(spans[0].status().message() == "the worker is at capacity");
+    auto a2 = attributes(spans[1]);
+    CHECK(a2["error.type"] == "cancelled");
+    CHECK(a2["stepflow.routing.decision"] == "pinned-session");
+    CHECK(a2["http.request.resend_count"] == "1");
+    CHECK(spans[1].status().message() == "the client went away");
+    CHECK(spans[2].status().message() == "HTTP 502");
+    CHECK(spans[2].status().code() == otlp::Status_StatusCode_STATUS_CODE_ERROR);
+    CHECK(spans[3].name() == "admission queue");
+    CHECK(spans[3].start_time_unix_nano() == 100);
+    CHECK(spans[3].end_time_unix_nano() == 200);
+    CHECK(spans[3].parent_span_id() == std::string(reinterpret_cast<const char*>(t.ids.span_id), 8));
+    auto s = attributes(spans[4]);
+    CHECK(spans[4].kind() == otlp::Span_SpanKind_SPAN_KIND_SERVER);
+    CHECK(spans[4].name() == "POST");
+    CHECK(spans[4].status().message() == "HTTP 502");
+    CHECK(s["url.path"] == "/mcp");
+    CHECK(s["user_agent.original"] == "test-agent/1");
+    CHECK(s["stepflow.attempts"] == "3");
+    CHECK(s["stepflow.retries"] == "2");
+    CHECK(s["http.request.body.size"] == "45");
+    CHECK(s["rpc.system"] == "jsonrpc");
+    CHECK(s["rpc.method"] == "tools/call");
+    CHECK(s["rpc.jsonrpc.request_id"] == "7");
+    CHECK(s["network.peer.address"] == "127.0.0.1");
+    for (auto& span : spans) CHECK(span.trace_id() == std::string(reinterpret_cast<const char*>(t.ids.trace_id), 16));
 }
