@@ -75,7 +75,7 @@ RouteOutcome Exchange::route() {
         // waits in the queue for the first instance to become routable (docs/autoscaling.md).
         if (thread_.config().cold_start_timeout.count() == 0) {
             decision_ = Decision::None;
-            metrics.no_healthy_instance.Increment();
+            count_refused(Failure::NoInstance, decision_);
             return {RouteOutcome::Refused, Failure::NoInstance, {}, {}};
         }
         pending_->cold_start = true;
@@ -89,7 +89,7 @@ RouteOutcome Exchange::route() {
     if (!going && !refused_set_) {
         refused_ = Failure::QueueFull;
         refused_set_ = true;
-        metrics.queue_rejections[0]->Increment();
+        count_refused(Failure::QueueFull, decision_);
     }
     if (refused_set_) return {RouteOutcome::Refused, refused_, {}, {}};
     return {queued ? RouteOutcome::Queued : RouteOutcome::Connecting, {}, {}, {}};
@@ -104,13 +104,13 @@ RouteOutcome Exchange::pin_to(const Fleet& fleet, Decision how, std::string_view
     PinnedMiss why{};
     Instance* inst = route_pinned(fleet, instance_id, why);
     if (!inst) {
-        metrics.pinned_misses[size_t(why)]->Increment();
-        return {RouteOutcome::Refused, why == PinnedMiss::UnknownInstance ? Failure::PinnedUnknown : Failure::PinnedNotServing,
-                std::string(named), {}};
+        Failure f = why == PinnedMiss::UnknownInstance ? Failure::PinnedUnknown : Failure::PinnedNotServing;
+        count_refused(f, how);
+        return {RouteOutcome::Refused, f, std::string(named), {}};
     }
     metrics.routing_decisions[size_t(how)]->Increment();
     if (!connect_to(inst->shared_from_this())) {
-        metrics.pinned_misses[size_t(PinnedMiss::ConnectFailed)]->Increment();
+        count_refused(Failure::SocketFailed, how);
         return {RouteOutcome::Refused, Failure::SocketFailed, std::string(named), {}};
     }
     return {RouteOutcome::Connecting, {}, {}, {}};
@@ -149,7 +149,7 @@ bool Exchange::enqueue(bool at_front) {
     case QueueTicket::Join::Waiting: return true;
     case QueueTicket::Join::Full: return false;
     case QueueTicket::Join::DeadlinePassed:
-        Metrics::get().queue_rejections[1]->Increment();
+        count_refused(Failure::QueueTimeout, decision_);
         give_up(Failure::QueueTimeout, "queue deadline passed");
         return true;
     }
@@ -195,7 +195,7 @@ void Exchange::on_queue_timeout(void* arg) {
     if (self->pending_->cold_start && !route_least_load(self->thread_.fleet().get(), self->thread_.rng())) {
         self->leave_queue();
         DemandSignal::get().cold_start_timeouts.Increment();
-        Metrics::get().no_healthy_instance.Increment();
+        count_refused(Failure::NoInstance, self->decision_);
         self->fail(Failure::NoInstance, "no instance became routable within --cold-start-timeout");
         return;
     }
@@ -204,7 +204,7 @@ void Exchange::on_queue_timeout(void* arg) {
 
 void Exchange::queue_timed_out(const char* why) {
     leave_queue();
-    Metrics::get().queue_rejections[1]->Increment();
+    count_refused(Failure::QueueTimeout, decision_);
     fail(Failure::QueueTimeout, why);
 }
 
@@ -486,7 +486,7 @@ void Exchange::release_pending() {
 // A response head that breaks HTTP/1.1 is never relayed, even in part: 502, counted, and charged
 // to the instance as a protocol failure.
 void Exchange::bad_response(const char* why) {
-    Metrics::get().upstream_bad_responses.Increment();
+    count_worker_failure(Failure::BadResponse);
     charge(Failure::BadResponse, why);
     fail(Failure::BadResponse, why);
 }
@@ -509,7 +509,7 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     evbuffer_drain(in, need);
     Instance& inst = attempt_.conn().instance();
     inst.capacity.refused(steady_ms(), thread_.config().capacity_recovery_interval.count());
-    Metrics::get().worker_at_capacity.Increment();
+    count_worker_failure(Failure::WorkerAtCapacity);
     log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.capacity.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
         evbuffer_get_length(attempt_.output()) == 0) {

@@ -101,6 +101,27 @@ void count_retry(const AttemptFailure& a, bool other_instance) {
     m.retries_by_reason[size_t(a.failure)]->Increment();
 }
 
+void count_refused(Failure f, Decision decision) {
+    auto& m = Metrics::get();
+    switch (f) {
+    case Failure::NoInstance: m.no_healthy_instance.Increment(); break;
+    case Failure::QueueFull: m.queue_rejections[0]->Increment(); break;
+    case Failure::QueueTimeout: m.queue_rejections[1]->Increment(); break;
+    case Failure::PinnedUnknown: m.pinned_misses[size_t(PinnedMiss::UnknownInstance)]->Increment(); break;
+    case Failure::PinnedNotServing: m.pinned_misses[size_t(PinnedMiss::NotServing)]->Increment(); break;
+    case Failure::SocketFailed:
+        if (is_pinned(decision)) m.pinned_misses[size_t(PinnedMiss::ConnectFailed)]->Increment();
+        break;
+    default: break;
+    }
+}
+
+void count_worker_failure(Failure f) {
+    auto& m = Metrics::get();
+    if (f == Failure::BadResponse) m.upstream_bad_responses.Increment();
+    else if (f == Failure::WorkerAtCapacity) m.worker_at_capacity.Increment();
+}
+
 void count_answered(const AttemptFailure& a, const Instance* inst, const char* why) {
     auto& m = Metrics::get();
     if (a.failure == Failure::MayHaveRun && !is_pinned(a.decision)) {

@@ -74,6 +74,10 @@ struct Instance;
 void count_failed_attempt(const AttemptFailure& a);            // as observed, before any step
 void count_retry(const AttemptFailure& a, bool other_instance);  // a fresh connection or another instance
 void count_answered(const AttemptFailure& a, const Instance* inst, const char* why);  // no step went ahead
+// A request refused before or instead of an attempt (routing, the queue): its metric.
+void count_refused(Failure f, Decision decision);
+// A worker's answer that is a failure (a malformed head, a -32300 refusal): its metric.
+void count_worker_failure(Failure f);
 
 // JSON-RPC error codes of the balancer's own answers besides -32000 (docs/admission.md).
 constexpr int kCodeSessionNotFound = -32001;

@@ -126,6 +126,28 @@ TEST_CASE("failure policy: the steps after a failed attempt", "[admission]") {
     CHECK_FALSE(v.name_instance);
 }
 
+TEST_CASE("failure policy: the metric of a refusal or a worker's failed answer", "[admission]") {
+    auto& m = Metrics::get();
+    auto counted = [](prometheus::Counter* c, auto&& step) {
+        double before = c->Value();
+        step();
+        return c->Value() - before;
+    };
+    CHECK(counted(&m.no_healthy_instance, [] { count_refused(Failure::NoInstance, Decision::None); }) == 1);
+    CHECK(counted(m.queue_rejections[0], [] { count_refused(Failure::QueueFull, Decision::LeastLoad); }) == 1);
+    CHECK(counted(m.queue_rejections[1], [] { count_refused(Failure::QueueTimeout, Decision::LeastLoad); }) == 1);
+    auto* unknown = m.pinned_misses[size_t(PinnedMiss::UnknownInstance)];
+    CHECK(counted(unknown, [] { count_refused(Failure::PinnedUnknown, Decision::PinnedByHeader); }) == 1);
+    auto* not_serving = m.pinned_misses[size_t(PinnedMiss::NotServing)];
+    CHECK(counted(not_serving, [] { count_refused(Failure::PinnedNotServing, Decision::PinnedBySession); }) == 1);
+    // Our own socket shortage is a pinned miss only for pinned work.
+    auto* connect = m.pinned_misses[size_t(PinnedMiss::ConnectFailed)];
+    CHECK(counted(connect, [] { count_refused(Failure::SocketFailed, Decision::PinnedByHeader); }) == 1);
+    CHECK(counted(connect, [] { count_refused(Failure::SocketFailed, Decision::LeastLoad); }) == 0);
+    CHECK(counted(&m.upstream_bad_responses, [] { count_worker_failure(Failure::BadResponse); }) == 1);
+    CHECK(counted(&m.worker_at_capacity, [] { count_worker_failure(Failure::WorkerAtCapacity); }) == 1);
+}
+
 TEST_CASE("replay buffer: the payload, framed again for a retry", "[admission]") {
     ReplayBuffer replay(16);
     CHECK_FALSE(replay.consumed());
