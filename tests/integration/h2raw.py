@@ -55,6 +55,9 @@ _DIGIT_CODES = {(0b00000, 5): "0", (0b00001, 5): "1", (0b00010, 5): "2", (0b0110
                 (0b011110, 6): "8", (0b011111, 6): "9"}
 
 
+
+SEND_TIMEOUT = 10.0  # seconds a frame may take to leave (the balancer's window open)
+
 class H2Error(Exception):
     pass
 
@@ -225,6 +228,9 @@ class H2Client:
         return struct.pack(">I", len(payload))[1:] + bytes([type, flags]) + struct.pack(">I", stream_id & 0x7FFFFFFF) + payload
 
     def send_frame(self, type, flags, stream_id, payload=b""):
+        # A read leaves the socket's timeout at what remained of its wait (as little as a few ms):
+        # a send must not inherit it, or a balancer descheduled for a moment fails the test.
+        self.sock.settimeout(SEND_TIMEOUT)
         self.sock.sendall(self._frame(type, flags, stream_id, payload))
 
     def _reply(self, type, flags, stream_id, payload=b""):
