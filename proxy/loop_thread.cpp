@@ -284,6 +284,7 @@ void LoopThread::drain_now() {
     timeval tv{static_cast<time_t>((config_.drain_timeout - margin).count() / 1000),
                static_cast<suseconds_t>((config_.drain_timeout - margin).count() % 1000 * 1000)};
     evtimer_add(drain_cutoff_, &tv);
+    drain_begun_.store(true);
     for (auto* conn : connections_.snapshot()) conn->drain();
     maybe_exit();
 }

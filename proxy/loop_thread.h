@@ -50,6 +50,9 @@ public:
     // From any thread, after the drain timeout: close everything and end the loop.
     void force_stop();
     size_t open_connections() const { return open_connections_.load(); }
+    // True once the drain began on this thread: the connections waiting in its accept queue are
+    // accepted by then, so open_connections() counts them.
+    bool drain_begun() const { return drain_begun_.load(); }
 
     event_base* base() const { return base_; }
     Timers& timers() { return *timers_; }
@@ -125,6 +128,7 @@ private:
     std::vector<evconnlistener*> listeners_;
     ConnectionList connections_;
     std::atomic<size_t> open_connections_{0};
+    std::atomic<bool> drain_begun_{false};
     Deadline accept_resume_{on_accept_resume, this};  // accepting paused after EMFILE and alike
     std::chrono::steady_clock::time_point accept_warned_{};
     int wake_fd_ = -1;  // eventfd: how other threads wake this loop

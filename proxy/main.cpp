@@ -75,8 +75,14 @@ struct Shutdown {
 void on_shutdown_poll(int, short, void* arg) {
     auto* s = static_cast<Shutdown*>(arg);
     size_t open = 0;
-    for (auto& w : *s->workers) open += w->open_connections();
-    if (open == 0) {
+    bool begun = true;
+    for (auto& w : *s->workers) {
+        open += w->open_connections();
+        begun = begun && w->drain_begun();
+    }
+    // Not drained before every thread has taken the connections waiting in its accept queue:
+    // until then a count of 0 misses them, and exiting would leave their requests unanswered.
+    if (open == 0 && begun) {
         log::info("drained: exiting");
         event_base_loopexit(s->base, nullptr);
         return;

@@ -633,6 +633,36 @@ def sigterm_lets_an_open_stream_finish_and_exits_0():
 
 
 @test
+def sigterm_with_connections_only_in_the_accept_queue_serves_them():
+    # SIGTERM while every connection still waits in the kernel's accept queue: the balancer is not
+    # drained until each thread has accepted them (it used to see 0 open connections, stop its
+    # admin loop and leave these requests unanswered until the drain timeout).
+    w = Worker("queued-only")
+    lb = Balancer([w.address], args=["--drain-timeout", "20s"])
+    lb.signal(signal.SIGSTOP)
+    socks = [socket.create_connection(("127.0.0.1", lb.port), timeout=10) for _ in range(2)]
+    lb.signal(signal.SIGTERM)
+    lb.signal(signal.SIGCONT)
+    wait_for(lambda: lb.admin_get("/ready")[0] == 503, 5, "/ready 503 after SIGTERM")
+    for i, sock in enumerate(socks):
+        body = compact(execute_body("/echo", {"conn": i}))
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        raw = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+        sock.close()
+        r = client.parse_response(raw) if raw else None
+        check(r is not None and r.status == 200, f"connection {i}: its first request served: {raw[:200]!r}")
+
+
+@test
 def sigterm_serves_the_first_request_of_a_connection_opened_before_it():
     # A front (a Service, HAProxy) may open a connection just before SIGTERM and send the request
     # on it just after: that request must be served, since nothing tells the client it may retry.
