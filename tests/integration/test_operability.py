@@ -632,6 +632,24 @@ def sigterm_lets_an_open_stream_finish_and_exits_0():
           and stream_lines[0]["duration_ms"] >= 1000 * (t0 - t_stream), f"the stream's access line: {stream_lines}")
 
 
+def first_request(sock, name):
+    """Sends one request on `sock` and reads until the balancer closes it: (response or None, raw)."""
+    body = compact(execute_body("/echo", {"conn": name}))
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % len(body) + body)
+    raw = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    sock.close()
+    return (client.parse_response(raw) if raw else None), raw
+
+
 @test
 def sigterm_with_connections_only_in_the_accept_queue_serves_them():
     # SIGTERM while every connection still waits in the kernel's accept queue: the balancer is not
@@ -645,21 +663,11 @@ def sigterm_with_connections_only_in_the_accept_queue_serves_them():
     lb.signal(signal.SIGCONT)
     wait_for(lambda: lb.admin_get("/ready")[0] == 503, 5, "/ready 503 after SIGTERM")
     for i, sock in enumerate(socks):
-        body = compact(execute_body("/echo", {"conn": i}))
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % len(body) + body)
-        raw = b""
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-        except (ConnectionResetError, socket.timeout):
-            pass
-        sock.close()
-        r = client.parse_response(raw) if raw else None
-        check(r is not None and r.status == 200, f"connection {i}: its first request served: {raw[:200]!r}")
+        r, raw = first_request(sock, f"conn-{i}")
+        check(r is not None and r.status == 200 and r.headers.get("connection") == "close",
+              f"connection {i}: its first request served, then closed: {raw[:200]!r}")
+    check(lb.wait_exit(10) == 0, "drained and exited 0")
+    check(not lb.logs("drain timeout: closing remaining connections"), "without the drain timeout")
 
 
 @test
@@ -678,20 +686,7 @@ def sigterm_serves_the_first_request_of_a_connection_opened_before_it():
     wait_for(lambda: lb.admin_get("/ready")[0] == 503, 2, "/ready 503 after SIGTERM")
     wait_for(lambda: connection_refused(lb.port), 2, "listener closed")
     for name, sock in (("fresh", fresh), ("queued", queued)):
-        body = compact(execute_body("/echo", {"conn": name}))
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % len(body) + body)
-        raw = b""
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-        except ConnectionResetError:
-            pass
-        sock.close()
-        r = client.parse_response(raw) if raw else None
+        r, raw = first_request(sock, name)
         check(r is not None and r.status == 200 and r.headers.get("connection") == "close",
               f"{name} connection's first request served, then closed: {raw[:200]!r}")
     check(lb.wait_exit(10) == 0, "drained and exited 0")
