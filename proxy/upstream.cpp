@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <cerrno>
+#include <chrono>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -21,13 +22,20 @@
 namespace stepflow {
 namespace {
 
+int64_t steady_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
 // An idle connection is reused only while the worker has neither closed it nor sent anything
 // on it: the close may be waiting in the socket, not yet seen by the loop. One recv(MSG_PEEK)
-// per reuse, far cheaper than a call the worker never read, or may have.
-bool still_open(Conn* transport) {
+// per reuse after a pause, far cheaper than a call the worker never read, or may have.
+bool still_open(Conn* transport, int64_t idle_since_us) {
     if (evbuffer_get_length(transport->input()) != 0) return false;
     int fd = transport->fd();
     if (fd < 0) return true;  // TLS: its reads are the library's; the loop sees a close
+    constexpr int64_t check_after_us = std::chrono::microseconds(UpstreamPool::kCheckAfterIdle).count();
+    if (steady_us() - idle_since_us < check_after_us) return true;
     char c;
     ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
@@ -119,7 +127,7 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const InstancePtr& instance,
         it->second.pop_back();
         bool empty = it->second.empty();
         if (empty) idle_.erase(it);
-        if (!still_open(conn->transport_)) {
+        if (!still_open(conn->transport_, conn->idle_since_us_)) {
             Metrics::get().upstream_idle_closed.Increment();
             if (empty) break;
             continue;  // closed here; try the next
@@ -155,6 +163,7 @@ void UpstreamPool::release(std::unique_ptr<UpstreamConn> conn) {
     conn->transport_->enable(EV_READ);
     // Its deadline ends in on_event with no handler, which drops it.
     conn->transport_->set_deadline(config_.upstream_idle_timeout);
+    conn->idle_since_us_ = steady_us();
     list.push_back(std::move(conn));
 }
 

@@ -2,6 +2,7 @@
 // reuses them. Each thread has its own pool, so nothing here is shared between threads.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <unordered_map>
@@ -66,6 +67,7 @@ private:
     Conn* transport_ = nullptr;
     Handler* handler_ = nullptr;
     bool connected_ = false;
+    int64_t idle_since_us_ = 0;  // when it last went back to the pool
 };
 
 class UpstreamPool {
@@ -73,8 +75,14 @@ public:
     UpstreamPool(Loop& loop, const Config& config, TlsClient* tls) : loop_(loop), config_(config), tls_(tls) {}
     ~UpstreamPool();
 
+    // A close that arrived during this loop turn is not seen by the loop yet; the kernel is asked
+    // (one recv(MSG_PEEK)) before reusing a connection idle this long. Workers close idle
+    // keep-alive connections after seconds (uvicorn and Node: 5 s), and under load reuse gaps
+    // are far shorter: asking every time would be one system call per request.
+    static constexpr std::chrono::milliseconds kCheckAfterIdle{50};
+
     // An idle connection to `instance` (the most recently used one that shows no pending close or
-    // data), or with `fresh` or none left a new one still connecting (handler gets
+    // data; see kCheckAfterIdle), or with `fresh` or none left a new one still connecting (handler gets
     // upstream_connected). nullptr when the socket could not even be created.
     std::unique_ptr<UpstreamConn> acquire(const InstancePtr& instance, UpstreamConn::Handler* handler,
                                           bool fresh = false);

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 
@@ -92,6 +93,9 @@ TEST_CASE("a pooled connection the worker closed is not reused, even before the 
             worker_side = -1;
             pollfd p{fd, POLLIN, 0};
             REQUIRE(::poll(&p, 1, 5000) == 1);  // the FIN reached our socket; the loop has not run
+            // The kernel is asked only about a connection idle kCheckAfterIdle or more: let it be.
+            auto idle_enough = std::chrono::steady_clock::now() + UpstreamPool::kCheckAfterIdle;
+            while (std::chrono::steady_clock::now() < idle_enough) ::poll(nullptr, 0, 5);
             auto again = pool.acquire(inst, &handler);
             REQUIRE(again);
             CHECK_FALSE(again->connected());
