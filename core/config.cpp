@@ -99,10 +99,10 @@ Config parse_config(int argc, char** argv) {
 
     std::string discovery, backends, k8s_api, log_level = "info", log_format = "json", access_log = "on";
     std::string upstream_tls = "off", upstream_insecure = "off", compat_metrics = "on", expose_instance = "off";
-    std::string health_interval, health_interval_down, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
+    std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
         dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout, health_check = "stepflow",
-        session_idle_timeout, session_max_age;
+        session_idle_timeout, session_max_age, health_interval_down;
     std::vector<std::string> session_headers;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
