@@ -102,7 +102,7 @@ Config parse_config(int argc, char** argv) {
     std::string health_interval, health_timeout, connect_timeout, upstream_header_timeout, request_header_timeout,
         keepalive_idle_timeout, stream_idle_timeout, upstream_idle_timeout, client_send_timeout, drain_timeout,
         dns_interval, request_body_timeout, local_body_timeout, upstream_request_timeout, health_check = "stepflow",
-        session_idle_timeout, session_max_age;
+        session_idle_timeout, session_max_age, health_interval_down;
     std::vector<std::string> session_headers;
 
     app.add_option("--listen", cfg.listen, "Proxy listener host:port (port 0 picks a free port)")
@@ -157,6 +157,10 @@ Config parse_config(int argc, char** argv) {
         ->envname("STEPFLOW_LB_K8S_CA_FILE")->capture_default_str();
 
     app.add_option("--health-interval", health_interval, "Active /health check interval [5s]")->envname("HEALTH_CHECK_INTERVAL");
+    app.add_option("--health-interval-down", health_interval_down,
+                   "/health check interval while an instance is out of routing for its health (0: as "
+                   "--health-interval) [1s]")
+        ->envname("STEPFLOW_LB_HEALTH_INTERVAL_DOWN");
     app.add_option("--health-timeout", health_timeout,
                    "Active /health check timeout; a check that outlasts the interval delays the next one [2s]")
         ->envname("HEALTH_CHECK_TIMEOUT");
@@ -330,6 +334,11 @@ Config parse_config(int argc, char** argv) {
 
     duration_flag("--health-interval", health_interval, cfg.health_interval, false);
     duration_flag("--health-timeout", health_timeout, cfg.health_timeout, false);
+    duration_flag("--health-interval-down", health_interval_down, cfg.health_interval_down, true);
+    if (cfg.health_interval_down.count() > 0 && cfg.health_interval_down.count() < 100)
+        fail("--health-interval-down: must be 0 (as --health-interval) or at least 100ms");
+    if (cfg.health_interval_down.count() == 0 || cfg.health_interval_down > cfg.health_interval)
+        cfg.health_interval_down = cfg.health_interval;
     if (cfg.health_rise < 1 || cfg.health_rise > 1000) fail("--health-rise: must be between 1 and 1000");
     duration_flag("--connect-timeout", connect_timeout, cfg.connect_timeout, false);
     duration_flag("--upstream-header-timeout", upstream_header_timeout, cfg.upstream_header_timeout, false);

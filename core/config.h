@@ -66,6 +66,10 @@ struct Config {
 
     // Health
     Millis health_interval{5000};
+    // Checks of a backend that health keeps out of routing (down, rising, not yet answering):
+    // a restarted worker returns in about this times --health-rise. Equal to health_interval
+    // when --health-interval-down is 0 or not shorter.
+    Millis health_interval_down{1000};
     Millis health_timeout{2000};
     int max_failures = 3;
     int health_rise = 2;  // passed checks in a row before an unhealthy instance takes work again

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <set>
 
+#include <event2/event.h>
+
 #include "core/log.h"
 #include "core/metrics_registry.h"
 #include "core/net.h"
@@ -20,9 +22,33 @@ int64_t now_ms() {
 }  // namespace
 
 FleetManager::FleetManager(event_base* base, const Config& config, FleetPublisher& publisher, TlsClient* tls)
-    : base_(base), config_(config), publisher_(publisher), tls_(tls) {}
+    : base_(base), config_(config), publisher_(publisher), tls_(tls) {
+    if (config_.health_check == HealthCheck::Off || config_.health_interval_down >= config_.health_interval) return;
+    takeout_watch_ = event_new(base_, -1, EV_PERSIST, on_takeout_watch, this);
+    timeval every = to_timeval(config_.health_interval_down);
+    event_add(takeout_watch_, &every);
+}
 
-FleetManager::~FleetManager() = default;
+FleetManager::~FleetManager() {
+    if (takeout_watch_) event_free(takeout_watch_);
+}
+
+void FleetManager::pace_checks(Backend& b) {
+    if (!b.probe) return;
+    bool out_for_health = !b.instance || !b.instance->healthy.load(std::memory_order_relaxed);
+    b.probe->set_interval(out_for_health ? config_.health_interval_down : config_.health_interval);
+}
+
+void FleetManager::on_takeout_watch(int, short, void* arg) {
+    auto* self = static_cast<FleetManager*>(arg);
+    for (auto& [_, b] : self->backends_) {
+        if (!b->probe || !b->instance || b->instance->healthy.load(std::memory_order_relaxed) ||
+            b->probe->interval() == self->config_.health_interval_down)
+            continue;
+        self->pace_checks(*b);
+        b->probe->check_now();  // within one down interval of the take-out, not the rest of a long tick
+    }
+}
 
 Membership FleetManager::membership_of(const Endpoint& e) {
     if (e.ready && !e.terminating) return Membership::Active;
@@ -98,7 +124,10 @@ void FleetManager::start_checking(Backend& b) {
     Backend* raw = &b;
     b.probe = std::make_unique<HealthProbe>(base_, b.addr, b.addr_len, b.endpoint.address, config_.health_interval,
                                             config_.health_timeout, tls_,
-                                            [this, raw](const HealthResult& r) { on_health(*raw, r); });
+                                            [this, raw](const HealthResult& r) {
+                                                on_health(*raw, r);
+                                                pace_checks(*raw);
+                                            });
     b.probe->set_check(config_.health_check, config_.health_path);
     b.probe->start();
 }
@@ -222,6 +251,7 @@ std::vector<FleetManager::BackendView> FleetManager::backends() const {
             else
                 v.reason = "unhealthy: " + (v.last_error.empty() ? std::string("failed checks") : v.last_error);
         }
+        if (b->probe) v.check_interval = b->probe->interval();
         out.push_back(std::move(v));
     }
     return out;

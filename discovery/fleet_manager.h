@@ -3,6 +3,7 @@
 // whenever an instance appears, restarts or leaves. Lives on the control thread.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -16,6 +17,7 @@
 #include "discovery/publish_pacer.h"
 
 struct event_base;
+struct event;
 
 namespace stepflow {
 
@@ -37,6 +39,7 @@ public:
         std::string last_error;
         bool routable = false;  // takes new work now
         std::string reason;     // why not, when not
+        std::chrono::milliseconds check_interval{0};  // of its /health checks now; 0 without checks
     };
     std::vector<BackendView> backends() const;
     size_t backend_count() const { return backends_.size(); }
@@ -62,6 +65,11 @@ private:
     };
 
     void on_health(Backend& backend, const HealthResult& result);
+    // Checks run every --health-interval-down while health keeps the backend out of routing.
+    void pace_checks(Backend& backend);
+    // Live failures take an instance out on a request thread; this control-thread tick (every
+    // --health-interval-down) finds such instances and checks them at once, then at that pace.
+    static void on_takeout_watch(int, short, void* arg);
     void start_checking(Backend& backend);
     std::string id_for(const Backend& backend, const HealthResult& result) const;
     void adopt_instance(Backend& backend, const std::string& id, int reported_limit = 0);
@@ -82,6 +90,7 @@ private:
     uint64_t version_ = 0;
     bool synced_ = false;
     std::function<void()> on_routable_;
+    event* takeout_watch_ = nullptr;  // null when both intervals are the same
     // 5,000 workers passing their first health check publish once per burst, not 5,000 times.
     PublishPacer pacer_{base_, [this] { publish_now(); }};
 };

@@ -137,11 +137,28 @@ void HealthProbe::start() {
     evtimer_add(tick_, &now);
 }
 
+void HealthProbe::set_interval(std::chrono::milliseconds interval) {
+    if (interval == interval_) return;
+    bool sooner = interval < interval_;
+    interval_ = interval;
+    if (!sooner || !evtimer_pending(tick_, nullptr)) return;
+    auto due = ticked_at_ + interval - std::chrono::steady_clock::now();
+    timeval next = to_timeval(std::max(std::chrono::duration_cast<std::chrono::milliseconds>(due),
+                                       std::chrono::milliseconds(0)));
+    evtimer_add(tick_, &next);  // re-arms the pending tick; ticked_at_ stays: the cadence is kept
+}
+
+void HealthProbe::check_now() {
+    timeval now{0, 0};
+    evtimer_add(tick_, &now);
+}
+
 void HealthProbe::on_tick(int, short, void* arg) { static_cast<HealthProbe*>(arg)->begin_check(); }
 
 void HealthProbe::begin_check() {
     timeval next = to_timeval(interval_);
     evtimer_add(tick_, &next);
+    ticked_at_ = std::chrono::steady_clock::now();
     // A check still waiting for its answer is left to finish or time out: dropping it here would
     // re-arm its deadline every tick, and a worker that never answers would never fail.
     if (in_flight()) return;

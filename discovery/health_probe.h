@@ -59,6 +59,12 @@ public:
 
     void start();  // first check at once, then every interval
     bool in_flight() const { return bev_ != nullptr; }
+    // The interval from the next tick on. A shorter one also brings the pending tick forward, to
+    // `interval` after the last tick (at once if that has passed); a check in flight is kept.
+    void set_interval(std::chrono::milliseconds interval);
+    std::chrono::milliseconds interval() const { return interval_; }
+    // A check now, unless one is in flight; the ticks go on from here.
+    void check_now();
     // What to check (default: stepflow on /health). tcp ends a check once connected.
     void set_check(HealthCheck mode, std::string path) {
         mode_ = mode;
@@ -85,6 +91,7 @@ private:
     HealthCheck mode_ = HealthCheck::Stepflow;
     std::string path_ = "/health";
     event* tick_ = nullptr;
+    std::chrono::steady_clock::time_point ticked_at_{};  // when the pending tick was armed
     event* deadline_ = nullptr;
     bufferevent* bev_ = nullptr;
     size_t scan_from_ = 0;

@@ -183,6 +183,9 @@ std::string AdminServer::backends_body() {
         }
         out += ",\"consecutiveFailures\":" + std::to_string(b.consecutive_failures);
         out += ",\"lastError\":" + (b.last_error.empty() ? std::string("null") : json_string(b.last_error));
+        // The pace of its /health checks now: --health-interval-down while health keeps it out.
+        out += ",\"checkIntervalMs\":" + (b.check_interval.count() > 0 ? std::to_string(b.check_interval.count())
+                                                                        : std::string("null"));
         out += '}';
     }
     out += "]}";

@@ -1,8 +1,15 @@
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <cstring>
+#include <memory>
+
 #include <event2/buffer.h>
+#include <event2/event.h>
 
 #include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "discovery/health_probe.h"
 #include "discovery/instance.h"
@@ -84,4 +91,44 @@ TEST_CASE("judge_health: stepflow mode needs an instanceId, http mode any 2xx") 
     CHECK(judge_health(HealthCheck::Http, 200, "not json").healthy);
     CHECK_FALSE(judge_health(HealthCheck::Http, 503, "").healthy);
     CHECK_FALSE(judge_health(HealthCheck::Http, 302, "").healthy);
+}
+
+// A probe of a loopback port nobody listens on: every check fails at once (connection refused).
+TEST_CASE("a shorter check interval brings the pending check forward; a longer one waits a tick", "[health]") {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&sin), sizeof sin) == 0);
+    socklen_t sin_len = sizeof sin;
+    REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &sin_len) == 0);
+    ::close(fd);  // bound, never listened: the port refuses connections
+    sockaddr_storage addr{};
+    std::memcpy(&addr, &sin, sizeof sin);
+
+    using std::chrono::milliseconds;
+    event_base* base = event_base_new();
+    int checks = 0;
+    std::unique_ptr<HealthProbe> probe;
+    probe = std::make_unique<HealthProbe>(base, addr, socklen_t(sizeof sin), "127.0.0.1", milliseconds(60000),
+                                          milliseconds(1000), nullptr, [&](const HealthResult& r) {
+                                              CHECK_FALSE(r.healthy);
+                                              ++checks;
+                                              // 1: the next tick is 60 s away; shortening brings it to 20 ms.
+                                              if (checks == 1) probe->set_interval(milliseconds(20));
+                                              // 2: lengthening keeps the tick already armed (20 ms away).
+                                              if (checks == 2) probe->set_interval(milliseconds(60000));
+                                              // 3: now 60 s away; a check on demand comes at once.
+                                              if (checks == 3) probe->check_now();
+                                              if (checks == 4) event_base_loopbreak(base);
+                                          });
+    probe->start();
+    timeval guard{10, 0};  // without the rescheduling the second check would come after 60 s
+    event_base_loopexit(base, &guard);
+    event_base_dispatch(base);
+    CHECK(checks == 4);
+    CHECK(probe->interval() == milliseconds(60000));
+    probe.reset();
+    event_base_free(base);
 }
