@@ -1,5 +1,6 @@
 #include "discovery/fleet_manager.h"
 
+#include <algorithm>
 #include <chrono>
 #include <set>
 
@@ -12,6 +13,11 @@
 
 namespace stepflow {
 namespace {
+
+// How often a backend that refuses connections within kRestartWindow of its last passed check
+// is checked (see pace_checks).
+constexpr std::chrono::milliseconds kRestartRecheck{100};
+constexpr std::chrono::seconds kRestartWindow{30};
 
 // The clock of capacity reports (steady, in ms), as the request threads read it.
 int64_t now_ms() {
@@ -36,7 +42,15 @@ FleetManager::~FleetManager() {
 void FleetManager::pace_checks(Backend& b) {
     if (!b.probe) return;
     bool out_for_health = !b.instance || !b.instance->healthy.load(std::memory_order_relaxed);
-    b.probe->set_interval(out_for_health ? config_.health_interval_down : config_.health_interval);
+    auto pace = out_for_health ? config_.health_interval_down : config_.health_interval;
+    // A refused connect soon after the backend last passed: its host is up and its process is
+    // not listening, as while a container restarts. Such a check is one round trip, so it runs
+    // often and the worker takes work again about as soon as it listens; the window keeps
+    // backends that never come back (or never passed) at the down interval.
+    if (out_for_health && b.refusing && pace < config_.health_interval &&
+        std::chrono::steady_clock::now() - b.last_passed < kRestartWindow)
+        pace = std::min(pace, kRestartRecheck);
+    b.probe->set_interval(pace);
 }
 
 void FleetManager::on_takeout_watch(int, short, void* arg) {
@@ -186,6 +200,8 @@ void FleetManager::on_health(Backend& b, const HealthResult& r) {
         return;
     }
     metrics.health_check(r.healthy ? "success" : "failure").Increment();
+    b.refusing = r.refused;
+    if (r.healthy) b.last_passed = std::chrono::steady_clock::now();
     if (!r.healthy) {
         b.last_error = r.error;
         if (r.config_error && !b.config_error_logged) {

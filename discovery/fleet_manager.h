@@ -60,6 +60,8 @@ private:
         int failures_before_instance = 0;
         bool refused_id = false;  // /health answered, but its instanceId is unusable
         bool config_error_logged = false;
+        bool refusing = false;  // its last check's connect was refused
+        std::chrono::steady_clock::time_point last_passed{};  // its last passed check
         std::string last_error;
         std::unique_ptr<HealthProbe> probe;
     };

@@ -216,9 +216,12 @@ void HealthProbe::on_event(bufferevent*, short what, void* arg) {
         self->try_parse(true);
         return;
     }
+    int error = EVUTIL_SOCKET_ERROR();
     const char* why = self->head_parsed_ ? "connection reset" : "connect failed";
     if (self->tls_ && !self->head_parsed_) why = "connect or TLS handshake failed";
-    self->complete({false, "", why});
+    HealthResult result{false, "", why};
+    result.refused = !self->head_parsed_ && error == ECONNREFUSED;
+    self->complete(result);
 }
 
 void HealthProbe::try_parse(bool eof) {

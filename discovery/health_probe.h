@@ -29,6 +29,7 @@ struct HealthResult {
     bool has_instance_id = false;
     int max_concurrency = 0;  // the worker's own limit on executions ("maxConcurrency"), 0 = not given
     bool config_error = false;  // the backend answers, but not as --health-check expects
+    bool refused = false;  // the connect was refused: the host is up, its process not listening
 };
 
 // An instanceId is routed on and echoed in response headers: 1 to 253 bytes of visible ASCII

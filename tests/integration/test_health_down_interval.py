@@ -46,11 +46,12 @@ def a_restarted_worker_with_its_old_id_returns_after_rise_checks_at_the_down_int
     check(lb.backend(w.address)["checkIntervalMs"] == 60000, lb.backend(w.address))
     w.stop()
     take_out_with_live_traffic(lb, w)
-    # Live failures took it out on a request thread: its checks now run at the down pace.
-    wait_for(lambda: lb.backend(w.address)["checkIntervalMs"] == 200, 5, "checks at the down interval")
+    # Live failures took it out on a request thread: its checks now run at the down pace, and
+    # faster still (100ms) once a check finds the connect refused so soon after a pass.
+    wait_for(lambda: lb.backend(w.address)["checkIntervalMs"] in (200, 100), 5, "checks at the down interval")
     failed = lb.metric("stepflow_lb_health_checks_total", result="failure") or 0
     wait_for(lambda: (lb.metric("stepflow_lb_health_checks_total", result="failure") or 0) >= failed + 3, 10,
-             "failed checks every 200ms while the worker is down")
+             "failed checks every 100-200ms while the worker is down")
     w2 = Worker("same", extra=["--instance-id", "same-1"], port=w.port)
     restarted = time.monotonic()
     passed = lb.metric("stepflow_lb_health_checks_total", result="success") or 0
@@ -81,6 +82,26 @@ def a_restarted_worker_with_a_new_id_returns_after_one_check_at_the_down_interva
 
 
 @test
+def a_worker_refusing_connections_soon_after_passing_is_checked_every_100ms_until_it_listens():
+    """A container restart: the pod's host answers, its process does not listen for a moment.
+    A refused check is one round trip, so such a backend is checked every 100ms (for 30 s after
+    its last pass) and the restarted worker takes work about as soon as it listens, even with a
+    long down interval. Without this, the checks keep the 5 s down pace."""
+    w = Worker("restarting")
+    lb = Balancer([w.address], args=["--health-interval", "60s", "--health-interval-down", "5s",
+                                     "--cold-start-timeout", "0"])
+    lb.wait_healthy(1)
+    w.stop()
+    take_out_with_live_traffic(lb, w)
+    wait_for(lambda: lb.backend(w.address)["checkIntervalMs"] == 100, 10, "refused checks every 100ms")
+    w2 = Worker("restarting", port=w.port)
+    restarted = time.monotonic()
+    wait_for(lambda: routable_and_serving(lb, w2.address, w2.instance_id), 10, "restarted worker routable")
+    print(f"  routable {time.monotonic() - restarted:.2f}s after the restart (5 s down interval)")
+    check(lb.backend(w2.address)["checkIntervalMs"] == 60000, lb.backend(w2.address))
+
+
+@test
 def a_backend_that_never_answered_is_checked_at_the_down_interval_set_by_the_environment():
     up = Worker("up")
     port = free_port()
@@ -89,6 +110,7 @@ def a_backend_that_never_answered_is_checked_at_the_down_interval_set_by_the_env
                   env={"STEPFLOW_LB_HEALTH_INTERVAL_DOWN": "200ms"})
     lb.wait_healthy(1)
     wait_for(lambda: lb.backend(late)["state"] == "unreachable", 5, "late backend unreachable")
+    # It refuses connections, but has never passed: the down interval, not the restart pace.
     check(lb.backend(late)["checkIntervalMs"] == 200, lb.backend(late))
     check(lb.backend(up.address)["checkIntervalMs"] == 60000, lb.backend(up.address))
     w = Worker("late", port=port)
