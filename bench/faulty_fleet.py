@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """A faulty fleet: at most once, measured (issue 21), stepflow-lb next to HAProxy and nginx.
 
-Three workers (raw sockets in this process, so each execution is counted where it runs): every
-call they read is an execution. One of them dies mid-call every --every calls: it reads the call,
-starts it, then drops every connection it has (FIN) and stops listening for --down-ms before it
-comes back, as a worker OOM-killed and restarted does. A closed-loop client sends --calls POSTs
-(components/execute, unique ids) with --concurrency threads through each proxy in turn. Reported:
+Three workers, each in its own process on raw sockets, so that every call they read is counted
+as an execution where it ran. Like real Stepflow workers they run at most --capacity executions at
+once (--service-ms each), answer more with 503 / -32300 "Worker at capacity" (nothing ran), report
+that limit in /health (`maxConcurrency`), and come back from a restart with a new instance id.
+One of them dies mid-call every --every of its executions: it reads the call, starts it, then drops
+every connection it has (FIN) and stops listening for --down-ms before it comes back, as a worker
+OOM-killed and restarted does. A closed-loop client keeps --concurrency calls (POST
+components/execute, unique ids) going through each proxy in turn for --duration seconds: by
+default as many as the fleet runs at once, so a fleet short of one worker is over capacity.
+Reported:
 
 - duplicated: calls that ran on two workers or more (the failure this issue is about);
-- failed: calls the client got no 200 for (stepflow-lb's "may have run" 502 included);
+- failed: calls the client got no 200 for (stepflow-lb's "may have run" 502 and relayed
+  "Worker at capacity" 503s included);
 - lost: calls the client got no answer at all for (connection dropped or timed out);
 - goodput: 200s per second.
 
@@ -20,11 +26,14 @@ A second scenario (--keepalive) checks pooled-connection reuse: one worker close
 connections after 1 s; calls come one at a time every 0.9-1.1 s, so the worker's close and the
 next request meet. Reported: failed and duplicated calls.
 
-  bench/faulty_fleet.py [--calls 3000] [--concurrency 8] [--every 50] [--keepalive-calls 40] [--rounds 1]
+  bench/faulty_fleet.py [--duration 20] [--concurrency 12] [--capacity 4] [--service-ms 20] [--every 300]
+                        [--down-ms 1000] [--keepalive-calls 40] [--rounds 1] [--proxies stepflow-lb,haproxy,nginx]
 """
 import argparse
 import http.client
+import itertools
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -41,17 +50,25 @@ from raw_worker import read_request  # noqa: E402  (tests/integration: the test 
 
 
 class Worker:
-    """A Stepflow worker on raw sockets that counts executions by JSON-RPC id."""
+    """A Stepflow worker on raw sockets that counts executions by JSON-RPC id. Like a real one it
+    runs at most `max_concurrency` executions at once and answers more with 503 / -32300 "Worker at
+    capacity" (nothing ran), reports that limit in /health, and names a new instance id after each
+    restart."""
 
-    def __init__(self, name, die_every=0, down_ms=200, idle_close_s=0.0, service_ms=2):
+    def __init__(self, name, die_every=0, down_ms=200, idle_close_s=0.0, service_ms=2, max_concurrency=0):
         self.name = name
         self.die_every = die_every
         self.down_ms = down_ms
         self.idle_close_s = idle_close_s
         self.service_ms = service_ms
+        self.max_concurrency = max_concurrency
         self.lock = threading.Lock()
         self.ran = {}
         self.calls = 0
+        self.deaths = 0
+        self.refused = 0
+        self.running = 0
+        self.generation = 0
         self.conns = set()
         self.port = B.free_port()
         self.srv = None
@@ -81,13 +98,12 @@ class Worker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _die(self):
-        """Every connection dropped, not listening for down_ms, then back (a restart)."""
+        """Every connection dropped, not listening for down_ms, then back as a new instance."""
         with self.lock:
             conns, self.conns = list(self.conns), set()
-        try:
-            self.srv.close()
-        except OSError:
-            pass
+            self.deaths += 1
+            self.generation += 1
+        self._close_listener()
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -102,6 +118,26 @@ class Worker:
                 except OSError:  # its dropped connections still hold the port a moment
                     time.sleep(0.01)
         threading.Thread(target=back, daemon=True).start()
+
+    def _execute(self, body):
+        rpc_id = json.loads(body).get("id")
+        with self.lock:
+            if self.max_concurrency and self.running >= self.max_concurrency:
+                self.refused += 1
+                return 503, {"jsonrpc": "2.0", "id": rpc_id, "error": {"code": -32300, "message": "Worker at capacity"}}
+            self.running += 1
+            self.ran[rpc_id] = self.ran.get(rpc_id, 0) + 1
+            self.calls += 1
+            die = self.die_every and self.calls % self.die_every == 0
+        try:
+            time.sleep(self.service_ms / 1000)
+            if die:
+                self._die()
+                return None, None
+        finally:
+            with self.lock:
+                self.running -= 1
+        return 200, {"jsonrpc": "2.0", "id": rpc_id, "result": {"ran_on": self.name}}
 
     def _serve(self, conn):
         buf = b""
@@ -119,20 +155,17 @@ class Worker:
                 lines, _, body, buf = request
                 head = lines[0].encode("latin-1")
                 if head.startswith(b"GET /health"):
-                    out = json.dumps({"status": "healthy", "instanceId": self.name}).encode()
+                    status, answer = 200, {"status": "healthy", "instanceId": f"{self.name}-{self.generation}"}
+                    if self.max_concurrency:
+                        answer["maxConcurrency"] = self.max_concurrency
                 else:
-                    rpc_id = json.loads(body).get("id")
-                    with self.lock:
-                        self.ran[rpc_id] = self.ran.get(rpc_id, 0) + 1
-                        self.calls += 1
-                        die = self.die_every and self.calls % self.die_every == 0
-                    time.sleep(self.service_ms / 1000)
-                    if die:
-                        self._die()
-                        return
-                    out = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {"ran_on": self.name}}).encode()
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                             % len(out) + out)
+                    status, answer = self._execute(body)
+                    if status is None:
+                        return  # died mid-call
+                out = json.dumps(answer).encode()
+                reason = b"OK" if status == 200 else b"Service Unavailable"
+                conn.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % (status, reason, len(out)) + out)
         except OSError:
             pass
         finally:
@@ -143,12 +176,46 @@ class Worker:
             except OSError:
                 pass
 
+    def _close_listener(self):
+        # shutdown() first: close() alone leaves a socket that another thread is blocked in
+        # accept() on listening (and taking connections) until that accept returns.
+        for end in (lambda: self.srv.shutdown(socket.SHUT_RDWR), self.srv.close):
+            try:
+                end()
+            except OSError:
+                pass
+
     def stop(self):
         self.stopped = True
-        try:
-            self.srv.close()
-        except OSError:
-            pass
+        self._close_listener()
+
+
+def _worker_process(pipe, kwargs):
+    w = Worker(**kwargs)
+    pipe.send(w.port)
+    pipe.recv()  # stop
+    w.stop()
+    with w.lock:
+        pipe.send({"ran": w.ran, "calls": w.calls, "deaths": w.deaths, "refused": w.refused})
+
+
+class WorkerProcess:
+    """A Worker in its own process, so that the workers and the client do not share one
+    interpreter lock (the client's pace would otherwise be the workers' and the other way round)."""
+
+    def __init__(self, **kwargs):
+        self.pipe, child = multiprocessing.Pipe()
+        self.proc = multiprocessing.get_context("fork").Process(target=_worker_process, args=(child, kwargs),
+                                                                daemon=True)
+        self.proc.start()
+        self.port = self.pipe.recv()
+        self.ran, self.calls, self.deaths, self.refused = {}, 0, 0, 0
+
+    def stop(self):
+        self.pipe.send("stop")
+        r = self.pipe.recv()
+        self.proc.join(5)
+        self.ran, self.calls, self.deaths, self.refused = r["ran"], r["calls"], r["deaths"], r["refused"]
 
 
 def call(port, rpc_id, local):
@@ -174,16 +241,19 @@ def call(port, rpc_id, local):
 
 
 def run(kind, args):
-    workers = [Worker("w1", die_every=args.every, down_ms=args.down_ms), Worker("w2"), Worker("w3")]
+    fleet = dict(service_ms=args.service_ms, max_concurrency=args.capacity)
+    workers = [WorkerProcess(name="w1", die_every=args.every, down_ms=args.down_ms, **fleet),
+               WorkerProcess(name="w2", **fleet), WorkerProcess(name="w3", **fleet)]
     ports = [w.port for w in workers]
     port = B.free_port()
+    lb_args = os.environ.get("STEPFLOW_LB_ARGS", "").split()  # as for every bench
     if kind == "stepflow-lb":
-        proc = B.start_stepflow_lb(port, ports)
+        proc = B.start_stepflow_lb(port, ports, extra=lb_args)
     elif kind == "stepflow-lb-base":
         # Another build (STEPFLOW_LB_BASE), e.g. the one before this issue, for comparison.
         os.environ["STEPFLOW_LB"], saved = os.environ["STEPFLOW_LB_BASE"], os.environ.get("STEPFLOW_LB", "")
         try:
-            proc = B.start_stepflow_lb(port, ports)
+            proc = B.start_stepflow_lb(port, ports, extra=lb_args)
         finally:
             os.environ["STEPFLOW_LB"] = saved
     elif kind == "haproxy":
@@ -193,28 +263,46 @@ def run(kind, args):
     if kind in ("haproxy", "nginx"):
         B.wait_http_ok(port, "/health")
     time.sleep(0.5)
-    local = threading.local()
+    # A closed loop for a fixed time (not a fixed number of calls): a proxy that fails calls fast
+    # does not get a shorter run, and the worker dies and comes back as often for every proxy.
+    ids = itertools.count()
     t0 = time.monotonic()
+    deadline = t0 + args.duration
+
+    def client(_):
+        local, out = threading.local(), []
+        while time.monotonic() < deadline:
+            status = call(port, f"{kind}-{next(ids)}", local)
+            out.append(status)
+            if status != 200 and args.backoff_ms:
+                time.sleep(args.backoff_ms / 1000)  # as a client does before its next try
+        return out
+
     with ThreadPoolExecutor(args.concurrency) as pool:
-        statuses = list(pool.map(lambda i: (i, call(port, f"{kind}-{i}", local)), range(args.calls)))
+        statuses = [s for out in pool.map(client, range(args.concurrency)) for s in out]
     elapsed = time.monotonic() - t0
     B.stop(proc)
     for w in workers:
         w.stop()
-    ok = sum(1 for _, s in statuses if s == 200)
-    lost = sum(1 for _, s in statuses if s == "lost")
+    calls = len(statuses)
+    ok = sum(1 for s in statuses if s == 200)
+    lost = sum(1 for s in statuses if s == "lost")
     runs = {}
     for w in workers:
         for rid, n in w.ran.items():
             runs[rid] = runs.get(rid, 0) + n
     dup = sum(1 for n in runs.values() if n > 1)
-    return {"proxy": kind, "calls": args.calls, "ok": ok, "failed": args.calls - ok, "lost": lost,
+    answered = {}
+    for s in statuses:
+        answered[str(s)] = answered.get(str(s), 0) + 1
+    return {"proxy": kind, "calls": calls, "ok": ok, "failed": calls - ok, "lost": lost,
             "duplicated": dup, "executions": sum(runs.values()), "goodput": ok / elapsed,
-            "seconds": elapsed, "deaths": workers[0].calls // args.every}
+            "seconds": elapsed, "deaths": workers[0].deaths, "statuses": answered,
+            "worker_refusals": sum(w.refused for w in workers)}
 
 
 def keepalive(args):
-    w = Worker("ka", idle_close_s=1.0)
+    w = WorkerProcess(name="ka", idle_close_s=1.0)
     port = B.free_port()
     proc = B.start_stepflow_lb(port, [w.port])
     local = threading.local()
@@ -231,10 +319,14 @@ def keepalive(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=3000)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--every", type=int, default=50)
-    ap.add_argument("--down-ms", type=int, default=200)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per proxy and round")
+    ap.add_argument("--concurrency", type=int, default=12)
+    ap.add_argument("--every", type=int, default=300)
+    ap.add_argument("--down-ms", type=int, default=1000)
+    ap.add_argument("--service-ms", type=int, default=20)
+    ap.add_argument("--capacity", type=int, default=4)
+    ap.add_argument("--backoff-ms", type=int, default=100,
+                    help="a client thread's pause after a failed call (0: it sends the next one at once)")
     ap.add_argument("--keepalive-calls", type=int, default=40)
     ap.add_argument("--proxies", default="stepflow-lb,haproxy,nginx")
     ap.add_argument("--rounds", type=int, default=1)
@@ -257,8 +349,9 @@ def main():
         goodputs = sorted(r["goodput"] for r in rs)
         rows.append([kind, str(total("calls")), str(total("deaths")), str(total("duplicated")), str(total("lost")),
                      str(total("failed")), f"{statistics.median(goodputs):.0f} ({goodputs[0]:.0f}..{goodputs[-1]:.0f})"])
-    text = (f"# Faulty fleet ({args.rounds} x {args.calls} calls, {args.concurrency} at once; one of 3 workers dies "
-            f"mid-call every {args.every} of its calls, back after {args.down_ms} ms)\n\n"
+    text = (f"# Faulty fleet ({args.rounds} x {args.duration:.0f} s per proxy, {args.concurrency} calls at once; 3 workers of "
+            f"{args.capacity} executions at once, {args.service_ms} ms each; one of them dies mid-call every "
+            f"{args.every} of its calls, back after {args.down_ms} ms as a new instance)\n\n"
             + B.table(["proxy", "calls", "worker deaths", "duplicated", "lost", "failed",
                        "goodput calls/s, median (min..max)"], rows))
     if args.keepalive_calls:
