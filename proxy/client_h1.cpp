@@ -90,7 +90,11 @@ void ClientH1::client_gone() {
 void ClientH1::timed_out() {
     switch (state_) {
     case State::Idle: destroy(); break;  // keep-alive idle time is over
-    case State::ReadingHead: send_error(408, "request head not received in time"); break;
+    case State::ReadingHead:
+        // The head never completed: a request of its own in the log, not the previous one's.
+        request_.begin();
+        send_error(408, "request head not received in time");
+        break;
     case State::Closing: destroy(); break;  // linger time is over, or the last bytes were not taken
     case State::Proxying:
     case State::LocalBody:

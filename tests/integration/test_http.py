@@ -77,6 +77,31 @@ def slow_request_head_gets_408():
 
 
 @test
+def a_408_on_a_kept_alive_connection_is_logged_as_its_own_request():
+    """The 408 for a head that never completed is a request of its own in the access log: it
+    must not carry the previous request's trace id, method, path or instance."""
+    w = Worker("slow-second")
+    lb = Balancer([w.address], args=["--request-header-timeout", "300ms"])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                       "params": {"component": "/echo", "input": {}}}).encode()
+    first = (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+             b"traceparent: 00-" + trace_id.encode() + b"-00f067aa0ba902b7-01\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    raw = client.raw_request("127.0.0.1", lb.port, first + b"GET /second HTTP/1.1\r\nHost: a\r\n", timeout=10,
+                             responses=2)
+    check(raw.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in raw, raw[:200])
+
+    def lines():
+        return [r for r in lb.logs("request") if r.get("status") in (200, 408)]
+    wait_for(lambda: len(lines()) == 2, 5, "both requests logged")
+    ok, timed_out = sorted(lines(), key=lambda r: r["status"])
+    check(ok.get("trace_id") == trace_id and ok.get("method") == "POST" and ok.get("instance"), ok)
+    check(timed_out.get("trace_id") != trace_id, f"408 logged with the previous request's trace: {timed_out}")
+    check(timed_out.get("method") != "POST" and not timed_out.get("instance"), timed_out)
+
+
+@test
 def idle_keepalive_connection_is_closed_silently():
     w = Worker("idle")
     lb = Balancer([w.address], args=["--keepalive-idle-timeout", "300ms"])
