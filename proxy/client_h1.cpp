@@ -31,7 +31,6 @@ ClientH1::ClientH1(LoopThread& thread, Conn* transport, std::string client_ip, b
     size_t high = std::max<size_t>(thread.config().max_header_size + 1, kOutputHighWater);
     transport_->set_watermark(EV_READ, 0, high);
     transport_->enable(EV_READ | EV_WRITE);
-    Metrics::get().client_connections.Increment();
     arm_timer(thread.config().request_header_timeout);
 }
 
@@ -42,7 +41,6 @@ ClientH1::~ClientH1() {
     if (local_body_) evbuffer_free(local_body_);
     if (next_) event_free(next_);
     if (transport_) delete transport_;
-    Metrics::get().client_connections.Decrement();
 }
 
 // The connection's own deadline serves as this connection's single timer: the client side

@@ -576,7 +576,6 @@ ClientH2::ClientH2(LoopThread& thread, Conn* transport, std::string client_ip, b
     transport_->enable(EV_READ | EV_WRITE);
     // A client that takes none of what waits for it is dropped (on_event: BEV_EVENT_TIMEOUT).
     transport_->set_send_timeout(cfg.client_send_timeout);
-    Metrics::get().client_connections.Increment();
     arm_idle();
     receive();  // the preface (and maybe more) is already buffered
 }
@@ -592,7 +591,6 @@ ClientH2::~ClientH2() {
     nghttp2_session_del(session_);
     event_free(deferred_);
     delete transport_;
-    Metrics::get().client_connections.Decrement();
 }
 
 void ClientH2::arm_idle() { idle_.arm(thread_.timers(), thread_.config().keepalive_idle_timeout); }

@@ -179,6 +179,8 @@ void LoopThread::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int
         }
         return;
     }
+    // Open from here: a connection still being sniffed for HTTP/1.1 or HTTP/2 counts too.
+    Metrics::get().client_connections.Increment();
     std::string ip = format_sockaddr(addr);
     ip = ip.substr(0, ip.rfind(':'));
     if (!ip.empty() && ip.front() == '[') ip = ip.substr(1, ip.size() - 2);
@@ -197,6 +199,7 @@ void LoopThread::on_accept(evconnlistener* listener, int fd, sockaddr* addr, int
             if (ssl) SSL_free(ssl);
             evutil_closesocket(fd);
             g_client_connections.fetch_sub(1, std::memory_order_relaxed);
+            Metrics::get().client_connections.Decrement();
             return;
         }
         transport = Conn::tls(*self->loop_, tls_bev);
@@ -254,7 +257,10 @@ void LoopThread::connection_replaced(ClientConnection* old_conn, ClientConnectio
 void LoopThread::connection_closed(ClientConnection* conn) {
     size_t before = connections_.size();
     connections_.remove(conn);
-    if (connections_.size() < before) g_client_connections.fetch_sub(1, std::memory_order_relaxed);
+    if (connections_.size() < before) {
+        g_client_connections.fetch_sub(1, std::memory_order_relaxed);
+        Metrics::get().client_connections.Decrement();
+    }
     open_connections_.store(connections_.size());
     if (draining_) maybe_exit();
 }

@@ -131,6 +131,24 @@ def max_connections_closes_the_excess_at_accept():
 
 
 @test
+def a_connection_that_has_sent_nothing_yet_counts_as_open():
+    """The open-connections gauge counts what --max-connections counts: a connection accepted
+    and not yet known to be HTTP/1.1 or HTTP/2 (no byte received) is open too."""
+    w = Worker("silent")
+    lb = Balancer([w.address], threads=1)
+    check(served(lb), "served")
+    wait_for(lambda: lb.metric("stepflow_lb_client_connections") == 0, 5, "no client connection open")
+    silent = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(2)]
+    wait_for(lambda: lb.metric("stepflow_lb_client_connections") == 2, 5, "two silent connections open")
+    silent[0].sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")  # now an HTTP/1.1 connection
+    check(silent[0].recv(12).startswith(b"HTTP/1.1 "), "answered")
+    check(lb.metric("stepflow_lb_client_connections") == 2, "still two")
+    for s in silent:
+        s.close()
+    wait_for(lambda: lb.metric("stepflow_lb_client_connections") == 0, 5, "both closed")
+
+
+@test
 def out_of_file_descriptors_pauses_accepting_instead_of_spinning():
     w = Worker("emfile")
     # No health charge for our own fd shortage in this test (issue 15 point 2 is elsewhere).
