@@ -48,7 +48,13 @@ async function runSession(index) {
     result.notifications++;
     if (n.params?.data?.instance) result.names.add(n.params.data.instance);
   });
-  const transport = new StreamableHTTPClientTransport(new URL(url));
+  // The SDK gives up on a dropped GET stream after 2 retries (1 s, then 1.5 s): shorter than a
+  // balancer restart takes on a loaded machine (a sanitizer build under the whole suite). A client
+  // that means to outlive a restart asks for more.
+  const transport = new StreamableHTTPClientTransport(new URL(url), {
+    reconnectionOptions: { initialReconnectionDelay: 250, maxReconnectionDelay: 2000, reconnectionDelayGrowFactor: 1.5,
+                           maxRetries: 30 },
+  });
   let reached = 0;  // hold points this session arrived at
   try {
     await client.connect(transport);
