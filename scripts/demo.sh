@@ -26,7 +26,8 @@ host="${LISTEN%:*}"; port="${LISTEN##*:}"; ahost="${ADMIN%:*}"; aport="${ADMIN##
 lb=$!
 pids+=($lb)
 
-# Say "try it" only once a request would be routed: /ready answers 200 once an instance is healthy.
+# Say "try it" only once a request would be routed at once: /ready names the healthy instances
+# (it answers 200 before any, since requests then wait for the first one; see docs/autoscaling.md).
 python3 - "$ahost" "$aport" "$lb" <<'PY' || exit 1
 import json, os, sys, time, urllib.request
 host, port, lb = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -38,10 +39,13 @@ while time.time() < deadline:
         sys.exit("stepflow-lb exited during start-up (its log is above)")
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=1) as r:
-            print(f"ready: {json.load(r)['healthyInstances']} healthy instances")
+            healthy = json.load(r)["healthyInstances"]
+        if healthy > 0:
+            print(f"ready: {healthy} healthy instances")
             sys.exit(0)
     except OSError:
-        time.sleep(0.2)
+        pass
+    time.sleep(0.2)
 sys.exit(f"no instance became healthy within 30 s: see http://{host}:{port}/debug/backends")
 PY
 cat <<MSG
