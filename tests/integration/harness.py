@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +65,15 @@ def wait_for(predicate, timeout=10.0, what="condition", interval=0.02):
             last_error = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def free_port():
+    """A loopback port nothing listens on now (for a worker started later, or never)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def connections_to(port):

@@ -5,21 +5,12 @@ a recovery within the 10 s these tests wait at most can only come from the down 
 Real binary, real example workers, loopback only; every wait polls a condition to a deadline."""
 
 import os
-import socket
 import subprocess
 import time
 
-from harness import Balancer, Worker, check, lb_binary, run_tests, test, wait_for
+from harness import Balancer, Worker, check, free_port, lb_binary, run_tests, test, wait_for
 
 SLOW_UP = ["--health-interval", "60s", "--health-interval-down", "200ms", "--cold-start-timeout", "0"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def take_out_with_live_traffic(lb, w):

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 
 import harness
-from harness import ROOT, Balancer, Worker, check, client, http_get, lb_binary, run_tests, test, wait_for
+from harness import ROOT, Balancer, Worker, check, client, free_port, http_get, lb_binary, run_tests, test, wait_for
 
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "stepflow-lb.json")
 METRICS_DOC = os.path.join(ROOT, "docs", "metrics.md")
@@ -334,14 +334,6 @@ def promtool_checks_the_metrics_output():
     check("stepflow_lb_request_duration_seconds_bucket" in text and "_duration_ms" not in text, "no ms histogram")
     rc, out = promtool_check(text)
     check(rc == 0 and out == "", f"promtool on --compat-metrics off ({rc}): {out}")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Prometheus:

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 
-from harness import (ROOT, Balancer, Worker, _started, check, lb_binary, run_tests, test, wait_for)
+from harness import (ROOT, Balancer, Worker, _started, check, free_port, lb_binary, run_tests, test, wait_for)
 
 RECEIVER = os.path.join(ROOT, "tests", "otlp", "receiver.mjs")
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -304,14 +304,6 @@ def a_queued_request_shows_its_wait_as_a_child_span():
           f"queue wait is a child span: {wait}")
     check(server["attributes"]["stepflow.queue_wait_ms"] > 0, f"{server['attributes']}")
     print("EXAMPLE queued trace:", json.dumps(spans))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def dropped(lb):
