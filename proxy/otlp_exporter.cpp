@@ -24,6 +24,7 @@
 
 #include "core/log.h"
 #include "proxy/metrics.h"
+#include "proxy/otlp_wire.h"
 #include "proxy/span.h"
 
 namespace stepflow {
@@ -419,215 +420,6 @@ private:
 // protobuf's own serializer writes, which tests/unit/test_trace.cpp checks). Building the
 // generated messages first cost more than everything else tracing does per request
 // (docs/architecture.md, "Tracing").
-namespace wire {
-
-constexpr uint8_t kLen = 2, kFixed64 = 1, kFixed32 = 5;  // wire types (0: varint)
-
-size_t varint_size(uint64_t v) {
-    size_t n = 1;
-    while (v >= 0x80) {
-        v >>= 7;
-        ++n;
-    }
-    return n;
-}
-
-// Writers advance a cursor into a buffer sized beforehand from the *_size functions (one
-// allocation per batch, no capacity check per byte).
-void put_varint(char*& out, uint64_t v) {
-    while (v >= 0x80) {
-        *out++ = char(uint8_t(v) | 0x80);
-        v >>= 7;
-    }
-    *out++ = char(v);
-}
-
-void put_tag(char*& out, uint32_t field, uint8_t type) { put_varint(out, (uint64_t(field) << 3) | type); }
-
-void put_fixed(char*& out, uint64_t v, size_t bytes) {
-    for (size_t i = 0; i < bytes; ++i) *out++ = char(uint8_t(v >> (8 * i)));  // little-endian
-}
-
-// Most strings written are short (keys, ids, small values): copied with two overlapping
-// fixed-size moves rather than a call to memcpy, which costs more than the copy itself.
-void copy_bytes(char* out, const char* p, size_t n) {
-    if (n >= 8 && n <= 16) {
-        uint64_t a, b;
-        std::memcpy(&a, p, 8);
-        std::memcpy(&b, p + n - 8, 8);
-        std::memcpy(out, &a, 8);
-        std::memcpy(out + n - 8, &b, 8);
-    } else if (n > 16 && n <= 32) {
-        uint64_t a[2], b[2];
-        std::memcpy(a, p, 16);
-        std::memcpy(b, p + n - 16, 16);
-        std::memcpy(out, a, 16);
-        std::memcpy(out + n - 16, b, 16);
-    } else if (n >= 4 && n < 8) {
-        uint32_t a, b;
-        std::memcpy(&a, p, 4);
-        std::memcpy(&b, p + n - 4, 4);
-        std::memcpy(out, &a, 4);
-        std::memcpy(out + n - 4, &b, 4);
-    } else if (n < 4) {
-        for (size_t i = 0; i < n; ++i) out[i] = p[i];
-    } else {
-        std::memcpy(out, p, n);
-    }
-}
-
-void put_bytes(char*& out, uint32_t field, std::string_view b) {
-    put_tag(out, field, kLen);
-    put_varint(out, b.size());
-    copy_bytes(out, b.data(), b.size());
-    out += b.size();
-}
-
-size_t tag_size(uint32_t field) { return varint_size(uint64_t(field) << 3); }
-size_t bytes_field_size(uint32_t field, size_t len) { return tag_size(field) + varint_size(len) + len; }
-
-// AnyValue: a oneof, so even a default value (0, false, "") is written.
-size_t any_value_size(const trace::EntryView& v) {
-    switch (v.type) {
-    case trace::Entry::Bool: return 2;
-    case trace::Entry::Int: return 1 + varint_size(uint64_t(v.i));
-    case trace::Entry::Double: return 1 + 8;
-    default: return bytes_field_size(1, v.text.size());
-    }
-}
-
-void put_any_value(char*& out, const trace::EntryView& v) {
-    switch (v.type) {
-    case trace::Entry::Bool:
-        put_tag(out, 2, 0);
-        *out++ = char(v.b ? 1 : 0);
-        break;
-    case trace::Entry::Int:
-        put_tag(out, 3, 0);
-        put_varint(out, uint64_t(v.i));
-        break;
-    case trace::Entry::Double: {
-        put_tag(out, 4, kFixed64);
-        uint64_t bits;
-        std::memcpy(&bits, &v.d, 8);
-        put_fixed(out, bits, 8);
-        break;
-    }
-    default: put_bytes(out, 1, v.text);
-    }
-}
-
-// A KeyValue as field `field` of its parent.
-size_t key_value_size(const trace::EntryView& v) {
-    size_t any = any_value_size(v);
-    return (v.key.empty() ? 0 : bytes_field_size(1, v.key.size())) + bytes_field_size(2, any);
-}
-
-void put_key_value(char*& out, uint32_t field, const trace::EntryView& v) {
-    size_t any = any_value_size(v);
-    put_tag(out, field, kLen);
-    put_varint(out, (v.key.empty() ? 0 : bytes_field_size(1, v.key.size())) + bytes_field_size(2, any));
-    if (!v.key.empty()) put_bytes(out, 1, v.key);
-    put_tag(out, 2, kLen);
-    put_varint(out, any);
-    put_any_value(out, v);
-}
-
-trace::EntryView resource_value(const std::string& key, const std::string& value) {
-    trace::EntryView v;
-    v.type = trace::Entry::String;
-    v.key = key;
-    v.text = value;
-    return v;
-}
-
-// One record read for encoding: the head, the name, the status message and where its
-// attributes are in `attributes` (read once, written after the sizes are known).
-struct SpanView {
-    trace::RecordHead head;
-    std::string_view name, status_message;
-    size_t first = 0, last = 0;  // its attributes: attributes[first, last)
-    size_t attributes_size = 0;  // field 9, all of them
-};
-
-SpanView read_span(const char* record, std::vector<trace::EntryView>& attributes) {
-    SpanView s;
-    s.head = trace::read_head(record);
-    s.first = attributes.size();
-    const char* end = record + s.head.size;
-    trace::EntryView e;
-    for (const char* p = record + sizeof(trace::RecordHead); p < end;) {
-        trace::read_entry(p, e);
-        if (e.type == trace::Entry::Name) {
-            s.name = e.text;
-        } else if (e.type == trace::Entry::StatusMessage) {
-            s.status_message = e.text;
-        } else {
-            s.attributes_size += bytes_field_size(9, key_value_size(e));
-            attributes.push_back(e);
-        }
-    }
-    s.last = attributes.size();
-    return s;
-}
-
-size_t status_size(const SpanView& s) {
-    return (s.status_message.empty() ? 0 : bytes_field_size(2, s.status_message.size())) + 2;  // code ERROR
-}
-
-uint32_t span_flags(const trace::RecordHead& h) {
-    uint32_t flags = h.flags | 0x100u;  // bit 8: whether the parent is remote is known ...
-    if (h.has_parent && h.kind == trace::Kind::Server) flags |= 0x200u;  // ... and it is
-    return flags;
-}
-
-size_t span_size(const SpanView& s) {
-    const trace::RecordHead& h = s.head;
-    size_t n = bytes_field_size(1, 16) + bytes_field_size(2, 8);
-    if (h.has_parent) n += bytes_field_size(4, 8);
-    if (!s.name.empty()) n += bytes_field_size(5, s.name.size());
-    if (h.kind != trace::Kind(0)) n += 1 + varint_size(uint64_t(h.kind));
-    if (h.start_ns) n += 1 + 8;
-    if (h.end_ns) n += 1 + 8;
-    n += s.attributes_size;
-    if (h.error) n += bytes_field_size(15, status_size(s));
-    n += 2 + 4;  // flags: field 16 takes a two-byte tag
-    return n;
-}
-
-void put_span(char*& out, const SpanView& s, size_t size, const std::vector<trace::EntryView>& attributes) {
-    const trace::RecordHead& h = s.head;
-    put_tag(out, 2, kLen);  // ScopeSpans.spans
-    put_varint(out, size);
-    put_bytes(out, 1, {reinterpret_cast<const char*>(h.trace_id), 16});
-    put_bytes(out, 2, {reinterpret_cast<const char*>(h.span_id), 8});
-    if (h.has_parent) put_bytes(out, 4, {reinterpret_cast<const char*>(h.parent_span_id), 8});
-    if (!s.name.empty()) put_bytes(out, 5, s.name);
-    if (h.kind != trace::Kind(0)) {
-        put_tag(out, 6, 0);
-        put_varint(out, uint64_t(h.kind));
-    }
-    if (h.start_ns) {
-        put_tag(out, 7, kFixed64);
-        put_fixed(out, h.start_ns, 8);
-    }
-    if (h.end_ns) {
-        put_tag(out, 8, kFixed64);
-        put_fixed(out, h.end_ns, 8);
-    }
-    for (size_t i = s.first; i < s.last; ++i) put_key_value(out, 9, attributes[i]);
-    if (h.error) {
-        put_tag(out, 15, kLen);
-        put_varint(out, status_size(s));
-        if (!s.status_message.empty()) put_bytes(out, 2, s.status_message);
-        put_tag(out, 3, 0);
-        put_varint(out, 2);  // STATUS_CODE_ERROR
-    }
-    put_tag(out, 16, kFixed32);
-    put_fixed(out, span_flags(h), 4);
-}
-
-}  // namespace wire
 
 class Exporter {
 public:
@@ -728,24 +520,16 @@ namespace otlp_exporter {
 
 void encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
             std::string& out) {
-    using namespace wire;
-    // ScopeSpans: the scope, then the spans, written after the headers that need their size.
+    using namespace otlp_wire;
+    // The spans are OTLP Span bytes already (proxy/span.h): the request wraps them, sizes first.
     static const std::string_view scope_name = "stepflow-lb", scope_version = STEPFLOW_LB_VERSION;
     size_t scope_size = bytes_field_size(1, scope_name.size()) + bytes_field_size(2, scope_version.size());
-    thread_local std::vector<std::pair<SpanView, size_t>> spans;
-    thread_local std::vector<trace::EntryView> attributes;
-    spans.clear();
-    attributes.clear();
     size_t spans_size = 0;
-    for (const char* p = records.data(); p < records.data() + records.size();) {
-        SpanView s = read_span(p, attributes);
-        p += s.head.size;
-        spans.emplace_back(s, span_size(s));
-        spans_size += bytes_field_size(2, spans.back().second);
-    }
+    for (const char* p = records.data(); p < records.data() + records.size(); p += trace::record_size(p))
+        spans_size += bytes_field_size(2, trace::span_bytes(p).size());
     size_t scope_spans_size = bytes_field_size(1, scope_size) + spans_size;
     size_t resource_size = 0;
-    for (auto& [k, v] : resource) resource_size += bytes_field_size(1, key_value_size(resource_value(k, v)));
+    for (auto& [k, v] : resource) resource_size += string_key_value_size(1, k, v);
     // The resource is written when it has attributes (as protobuf did: mutable_resource() per attribute).
     size_t resource_spans_size =
         (resource.empty() ? 0 : bytes_field_size(1, resource_size)) + bytes_field_size(2, scope_spans_size);
@@ -757,7 +541,7 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource, st
     if (!resource.empty()) {
         put_tag(p, 1, kLen);  // ResourceSpans.resource
         put_varint(p, resource_size);
-        for (auto& [k, v] : resource) put_key_value(p, 1, resource_value(k, v));
+        for (auto& [k, v] : resource) put_string_key_value(p, 1, k, v);
     }
     put_tag(p, 2, kLen);  // ResourceSpans.scope_spans
     put_varint(p, scope_spans_size);
@@ -765,7 +549,8 @@ void encode(const std::vector<std::pair<std::string, std::string>>& resource, st
     put_varint(p, scope_size);
     put_bytes(p, 1, scope_name);
     put_bytes(p, 2, scope_version);
-    for (auto& [s, size] : spans) put_span(p, s, size, attributes);
+    for (const char* r = records.data(); r < records.data() + records.size(); r += trace::record_size(r))
+        put_bytes(p, 2, trace::span_bytes(r));  // ScopeSpans.spans
     if (size_t(p - out.data()) != total) std::abort();  // a size function and its writer disagree
 }
 

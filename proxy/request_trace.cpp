@@ -30,10 +30,10 @@ void split_address(std::string_view address, std::string_view& host, int64_t& po
 }
 
 // The status message of a 5xx without a failure kind: "HTTP <status>".
-void write_http_status(std::string& buf, int status) {
+void write_http_status(std::string& buf, size_t at, int status) {
     char text[16] = "HTTP ";
     auto [end, ec] = std::to_chars(text + 5, text + sizeof text, status);
-    trace::record::status_message(buf, {text, size_t(end - text)});
+    trace::record::status_message(buf, at, {text, size_t(end - text)});
 }
 
 // An attempt's record is built in a buffer of its own; buffers are kept per thread for the
@@ -128,7 +128,7 @@ void RequestTrace::end(const Outcome& o) {
     uint64_t end_ns = trace::now_ns();
     // Each wait in the admission queue is a child span, so the wait shows as a bar in the trace.
     for (auto& [from, to] : r.queue_waits) {
-        trace::RecordHead wait;
+        trace::SpanHead wait;
         std::memcpy(wait.trace_id, ids.trace_id, 16);
         trace::new_span_id(wait.span_id);
         std::memcpy(wait.parent_span_id, ids.span_id, 8);
@@ -136,12 +136,11 @@ void RequestTrace::end(const Outcome& o) {
         wait.flags = ids.flags;
         wait.kind = trace::Kind::Internal;
         wait.start_ns = from;
-        size_t at = trace::record::begin(buf, wait);
-        trace::record::name(buf, "admission queue");
+        size_t at = trace::record::begin(buf, wait, "admission queue");
         trace::record::finish(buf, at, to, false);
         trace::emitted();
     }
-    trace::RecordHead head;
+    trace::SpanHead head;
     std::memcpy(head.trace_id, ids.trace_id, 16);
     std::memcpy(head.span_id, ids.span_id, 8);
     head.has_parent = has_parent;
@@ -151,8 +150,7 @@ void RequestTrace::end(const Outcome& o) {
     head.start_ns = start_ns;
     bool error = o.status >= 500;
     namespace rw = trace::record;
-    size_t at = rw::begin(buf, head);
-    rw::name(buf, r.method);
+    size_t at = rw::begin(buf, head, r.method);
     rw::string(buf, "http.request.method", r.method);
     rw::string(buf, "url.path", r.path);
     if (o.status) rw::int64(buf, "http.response.status_code", o.status);
@@ -171,7 +169,7 @@ void RequestTrace::end(const Outcome& o) {
         rw::string(buf, "rpc.method", r.rpc_method);
         if (!r.rpc_id.empty()) rw::string(buf, "rpc.jsonrpc.request_id", r.rpc_id);
     }
-    if (error) write_http_status(buf, o.status);
+    if (error) write_http_status(buf, at, o.status);
     rw::finish(buf, at, end_ns, error);
     trace::emitted();
 }
@@ -188,7 +186,7 @@ void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_v
     if (!recording_) return;
     // The record is written as the attempt runs (it may end after the request's record is gone)
     // and handed to the exporter's buffer when it ends.
-    trace::RecordHead head;
+    trace::SpanHead head;
     std::memcpy(head.trace_id, trace->ids.trace_id, 16);
     std::memcpy(head.span_id, span_id_, 8);
     std::memcpy(head.parent_span_id, trace->ids.span_id, 8);
@@ -200,8 +198,7 @@ void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_v
     std::string& buf = record_;
     if (buf.capacity() < kRecordCapacity) take_spare(buf);
     buf.clear();
-    rw::begin(buf, head);
-    rw::name(buf, trace->rec->method);
+    rw::begin(buf, head, trace->rec->method);
     std::string_view host;
     int64_t port = 0;
     split_address(inst.address, host, port);
@@ -245,12 +242,12 @@ void AttemptSpan::end(int status, const Failure* failure, std::string_view why, 
         rw::string(buf, "stepflow.failure", to_string(*failure));
         rw::string(buf, "error.type", to_string(*failure));
         error = true;
-        if (!why.empty()) rw::status_message(buf, why);
+        if (!why.empty()) rw::status_message(buf, 0, why);
     } else if (status >= 500) {
         error = true;
-        write_http_status(buf, status);
+        write_http_status(buf, 0, status);
     } else if (cancelled_) {
-        rw::status_message(buf, "the client went away");
+        rw::status_message(buf, 0, "the client went away");
     }
     rw::finish(buf, 0, end_ns, error);
     trace::emit(buf);

@@ -10,43 +10,63 @@
 
 #include <event2/event.h>
 
+#include "proxy/otlp_wire.h"
+
 namespace stepflow::trace {
 namespace {
 
-void put(std::string& buf, const void* p, size_t n) { buf.append(static_cast<const char*>(p), n); }
+namespace wire = otlp_wire;
 
-// Grows `buf` by `n` bytes once per entry and returns where they start: one call into
-// std::string per entry rather than one per field.
+// What precedes a span's bytes in a record (copied in and out with memcpy: records are unaligned).
+struct Prefix {
+    uint32_t size = 0;       // bytes of the whole record, this prefix included
+    uint32_t end_at = 0;     // offset of end_time_unix_nano's field (written by finish)
+    uint32_t status_at = 0;  // offset of the status field, 0: none
+    uint32_t flags = 0;      // Span.flags, written last by finish
+};
+
+Prefix read_prefix(const char* record) {
+    Prefix p;
+    std::memcpy(&p, record, sizeof p);
+    return p;
+}
+void write_prefix(std::string& buf, size_t at, const Prefix& p) { std::memcpy(buf.data() + at, &p, sizeof p); }
+
+// Grows `buf` by `n` bytes once per field and returns where they start: one call into
+// std::string per attribute rather than one per byte.
 char* grow(std::string& buf, size_t n) {
     size_t at = buf.size();
     buf.resize(at + n);
     return buf.data() + at;
 }
 
-char* put_key(char* p, Entry type, std::string_view key) {
-    const char* k = key.data();
-    *p++ = char(type);
-    std::memcpy(p, &k, sizeof k);
-    p += sizeof k;
-    *p++ = char(uint8_t(std::min<size_t>(key.size(), 255)));
+// A Span attribute (field 9) whose AnyValue has `any` bytes: grows the buffer by the whole
+// KeyValue and returns where the AnyValue's bytes go.
+char* attribute(std::string& buf, std::string_view key, size_t any) {
+    size_t k = key.size();
+    if (k && k + any + 4 < 0x80) {  // the usual short attribute: every length is one byte
+        char* p = grow(buf, 2 + 4 + k + any);
+        p[0] = char(9 << 3 | wire::kLen);
+        p[1] = char(4 + k + any);
+        p[2] = char(1 << 3 | wire::kLen);
+        p[3] = char(k);
+        wire::copy_bytes(p + 4, key.data(), k);
+        p += 4 + k;
+        p[0] = char(2 << 3 | wire::kLen);
+        p[1] = char(any);
+        return p + 2;
+    }
+    size_t body = wire::key_value_body_size(key, any);
+    char* p = grow(buf, 1 + wire::varint_size(body) + body);
+    wire::put_key_value_head(p, 9, key, any);
     return p;
-}
-constexpr size_t kKeyBytes = 1 + sizeof(const char*) + 1;
-
-char* put_text(char* p, std::string_view text) {
-    uint32_t n = uint32_t(text.size());
-    std::memcpy(p, &n, 4);
-    if (n) std::memcpy(p + 4, text.data(), n);
-    return p + 4 + n;
 }
 
 // Bytes of the first `n` records of `records`.
 size_t records_bytes(const std::string& records, size_t n) {
     size_t at = 0;
     for (size_t i = 0; i < n && at < records.size(); ++i) {
-        uint32_t size;
-        std::memcpy(&size, records.data() + at, 4);
-        at += size;
+        at += record_size(records.data() + at);
     }
     return at;
 }
@@ -105,61 +125,124 @@ void on_hand_off(int, short, void*) { t_spans.flush(); }
 
 namespace record {
 
-size_t begin(std::string& buf, const RecordHead& head) {
+size_t begin(std::string& buf, const SpanHead& h, std::string_view name) {
     size_t at = buf.size();
-    put(buf, &head, sizeof head);
+    // Protobuf's order: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7, end 8;
+    // proto3 leaves out empty and zero fields. The end's 8 bytes are written by finish().
+    char* p = grow(buf, sizeof(Prefix) + 18 + 10 + 10 + wire::bytes_field_size(5, name.size()) + 2 + 9 + 9);
+    char* span = p + sizeof(Prefix);
+    char* out = span;
+    wire::put_bytes(out, 1, {reinterpret_cast<const char*>(h.trace_id), 16});
+    wire::put_bytes(out, 2, {reinterpret_cast<const char*>(h.span_id), 8});
+    if (h.has_parent) wire::put_bytes(out, 4, {reinterpret_cast<const char*>(h.parent_span_id), 8});
+    if (!name.empty()) wire::put_bytes(out, 5, name);
+    if (h.kind != Kind(0)) {
+        wire::put_tag(out, 6, wire::kVarint);
+        wire::put_varint(out, uint64_t(h.kind));
+    }
+    if (h.start_ns) {
+        wire::put_tag(out, 7, wire::kFixed64);
+        wire::put_fixed64(out, h.start_ns);
+    }
+    Prefix prefix;
+    prefix.end_at = uint32_t(out - p);
+    wire::put_tag(out, 8, wire::kFixed64);
+    out += 8;
+    prefix.flags = h.flags | 0x100u;  // bit 8: whether the parent is remote is known ...
+    if (h.has_parent && h.kind == Kind::Server) prefix.flags |= 0x200u;  // ... and it is
+    std::memcpy(p, &prefix, sizeof prefix);
+    buf.resize(at + size_t(out - p));
     return at;
 }
 
-void name(std::string& buf, std::string_view name) {
-    char* p = grow(buf, 1 + 4 + name.size());
-    *p++ = char(Entry::Name);
-    put_text(p, name);
-}
-
 void string(std::string& buf, std::string_view key, std::string_view value) {
-    put_text(put_key(grow(buf, kKeyBytes + 4 + value.size()), Entry::String, key), value);
+    size_t n = value.size();
+    char* p = attribute(buf, key, wire::string_value_size(n));
+    if (n < 0x80) {
+        p[0] = char(1 << 3 | wire::kLen);
+        p[1] = char(n);
+        wire::copy_bytes(p + 2, value.data(), n);
+    } else {
+        wire::put_bytes(p, 1, value);
+    }
 }
 
 void int64(std::string& buf, std::string_view key, int64_t value) {
-    std::memcpy(put_key(grow(buf, kKeyBytes + 8), Entry::Int, key), &value, 8);
+    size_t n = wire::varint_size(uint64_t(value));
+    char* p = attribute(buf, key, 1 + n);
+    wire::put_tag(p, 3, wire::kVarint);
+    wire::put_varint(p, uint64_t(value));
 }
 
 void real(std::string& buf, std::string_view key, double value) {
-    std::memcpy(put_key(grow(buf, kKeyBytes + 8), Entry::Double, key), &value, 8);
+    char* p = attribute(buf, key, 1 + 8);
+    wire::put_tag(p, 4, wire::kFixed64);
+    uint64_t bits;
+    std::memcpy(&bits, &value, 8);
+    wire::put_fixed64(p, bits);
 }
 
 void boolean(std::string& buf, std::string_view key, bool value) {
-    *put_key(grow(buf, kKeyBytes + 1), Entry::Bool, key) = char(value ? 1 : 0);
+    char* p = attribute(buf, key, 2);
+    wire::put_tag(p, 2, wire::kVarint);
+    *p = char(value ? 1 : 0);
 }
 
-void status_message(std::string& buf, std::string_view message) {
-    char* p = grow(buf, 1 + 4 + message.size());
-    *p++ = char(Entry::StatusMessage);
-    put_text(p, message);
+void status_message(std::string& buf, size_t at, std::string_view message) {
+    Prefix prefix = read_prefix(buf.data() + at);
+    prefix.status_at = uint32_t(buf.size() - at);
+    write_prefix(buf, at, prefix);
+    // Status: message 2, code 3 (ERROR).
+    size_t body = wire::bytes_field_size(2, message.size()) + 2;
+    char* p = grow(buf, 1 + wire::varint_size(body) + body);
+    wire::put_tag(p, 15, wire::kLen);
+    wire::put_varint(p, body);
+    wire::put_bytes(p, 2, message);
+    wire::put_tag(p, 3, wire::kVarint);
+    *p = 2;
 }
 
 void finish(std::string& buf, size_t at, uint64_t end_ns, bool error) {
-    RecordHead head;
-    std::memcpy(&head, buf.data() + at, sizeof head);
-    head.size = uint32_t(buf.size() - at);
-    head.end_ns = end_ns;
-    head.error = error;
-    std::memcpy(buf.data() + at, &head, sizeof head);
+    Prefix prefix = read_prefix(buf.data() + at);
+    if (end_ns) {
+        char* p = buf.data() + at + prefix.end_at + 1;
+        wire::put_fixed64(p, end_ns);
+    } else {  // proto3 leaves a zero out (only spans written by tests end at 0)
+        buf.erase(at + prefix.end_at, 9);
+        if (prefix.status_at) prefix.status_at -= 9;
+    }
+    if (prefix.status_at && !error) buf.resize(at + prefix.status_at);  // the status is the last field
+    if (error && !prefix.status_at) {
+        char* p = grow(buf, 4);
+        wire::put_tag(p, 15, wire::kLen);
+        *p++ = 2;
+        wire::put_tag(p, 3, wire::kVarint);
+        *p = 2;  // STATUS_CODE_ERROR
+    }
+    char* p = grow(buf, 2 + 4);
+    wire::put_tag(p, 16, wire::kFixed32);
+    wire::put_fixed32(p, prefix.flags);
+    prefix.size = uint32_t(buf.size() - at);
+    write_prefix(buf, at, prefix);
 }
 
 }  // namespace record
 
+uint32_t record_size(const char* record) { return read_prefix(record).size; }
+
+std::string_view span_bytes(const char* record) {
+    return {record + sizeof(Prefix), read_prefix(record).size - sizeof(Prefix)};
+}
+
 void write(std::string& buf, const SpanData& s) {
-    size_t at = record::begin(buf, s.head);
-    record::name(buf, s.name);
+    size_t at = record::begin(buf, s.head, s.name);
     for (auto& a : s.attributes) {
         if (auto v = std::get_if<std::string>(&a.value)) record::string(buf, a.key, *v);
         else if (auto i = std::get_if<int64_t>(&a.value)) record::int64(buf, a.key, *i);
         else if (auto d = std::get_if<double>(&a.value)) record::real(buf, a.key, *d);
         else if (auto b = std::get_if<bool>(&a.value)) record::boolean(buf, a.key, *b);
     }
-    if (!s.status_message.empty()) record::status_message(buf, s.status_message);
+    if (!s.status_message.empty()) record::status_message(buf, at, s.status_message);
     record::finish(buf, at, s.head.end_ns, s.head.error);
 }
 

@@ -1,10 +1,10 @@
-// Finished spans on their way to the exporter, as compact records: a fixed head (ids, times,
-// kind, flags, error) and then entries (the name, the attributes in order, the status message),
-// strings as length-prefixed bytes, attribute keys by the address of their literal. A loop thread
-// writes the records of the spans it ends straight into a per-thread buffer, handed to the
-// exporter's bounded queue once per loop turn (or when large): one lock and one copy per turn,
-// no allocation per span or attribute. A full queue drops the records and counts them. The
-// exporter encodes OTLP straight from the records (proxy/otlp_exporter.cpp).
+// Finished spans on their way to the exporter, as records: a small prefix for the queue (the
+// record's size) and then the span itself as OTLP Span bytes (protobuf wire format, fields in
+// number order as protobuf writes them), so the exporter only wraps them in the request and
+// encodes nothing per span or attribute (proxy/otlp_exporter.cpp). A loop thread writes the
+// records of the spans it ends straight into a per-thread buffer, handed to the exporter's bounded
+// queue once per loop turn (or when large): one lock and one copy per turn, no allocation per span
+// or attribute. A full queue drops the records and counts them.
 #pragma once
 
 #include <cstddef>
@@ -21,91 +21,43 @@ namespace stepflow::trace {
 
 enum class Kind : uint8_t { Internal = 1, Server = 2, Client = 3 };
 
-// The fixed part of a record (copied in and out with memcpy: records are unaligned bytes).
-struct RecordHead {
-    uint32_t size = 0;  // bytes of the whole record, this head included
+// What a span starts with; end_ns and error are given to record::finish (SpanData keeps them).
+struct SpanHead {
     uint8_t trace_id[16] = {};
     uint8_t span_id[8] = {};
     uint8_t parent_span_id[8] = {};
-    uint8_t flags = 1;
+    uint8_t flags = 1;  // W3C trace flags
     Kind kind = Kind::Internal;
     bool has_parent = false;
     bool error = false;
     uint64_t start_ns = 0, end_ns = 0;  // unix nanoseconds
 };
 
-enum class Entry : uint8_t { Name = 1, String = 2, Int = 3, Double = 4, Bool = 5, StatusMessage = 6 };
-
-// Writing one record at the end of a buffer: begin(), the name, the attributes in the order
-// they are to be exported, at most one status message (last), then finish().
+// Writing one record at the end of a buffer: begin() (ids, name, kind, start), the attributes in
+// the order they are to be exported, at most one status message (last), then finish().
 namespace record {
-size_t begin(std::string& buf, const RecordHead& head);  // returns where the record starts
-void name(std::string& buf, std::string_view name);
-// Keys must outlive the record's export: they are literals (stored by address).
+size_t begin(std::string& buf, const SpanHead& head, std::string_view name);  // returns where it starts
 void string(std::string& buf, std::string_view key, std::string_view value);
 void int64(std::string& buf, std::string_view key, int64_t value);
 void real(std::string& buf, std::string_view key, double value);
 void boolean(std::string& buf, std::string_view key, bool value);
-void status_message(std::string& buf, std::string_view message);
+// The span's status message (exported with the error status; dropped if finish() says no error).
+void status_message(std::string& buf, size_t at, std::string_view message);
 void finish(std::string& buf, size_t at, uint64_t end_ns, bool error);
 }  // namespace record
 
-// One entry of a record as read back (the exporter's side).
-struct EntryView {
-    Entry type{};
-    std::string_view key, text;  // text: Name, String, StatusMessage
-    int64_t i = 0;
-    double d = 0;
-    bool b = false;
-};
-// Reads the entry at `p` (after the head) and moves `p` past it.
-inline void read_entry(const char*& p, EntryView& e) {
-    e.type = Entry(uint8_t(*p++));
-    e.key = {};
-    if (e.type != Entry::Name && e.type != Entry::StatusMessage) {
-        const char* k;
-        std::memcpy(&k, p, sizeof k);
-        e.key = {k, uint8_t(p[sizeof k])};
-        p += sizeof k + 1;
-    }
-    switch (e.type) {
-    case Entry::Name:
-    case Entry::String:
-    case Entry::StatusMessage: {
-        uint32_t n;
-        std::memcpy(&n, p, 4);
-        e.text = {p + 4, n};
-        p += 4 + n;
-        break;
-    }
-    case Entry::Int:
-        std::memcpy(&e.i, p, 8);
-        p += 8;
-        break;
-    case Entry::Double:
-        std::memcpy(&e.d, p, 8);
-        p += 8;
-        break;
-    case Entry::Bool:
-        e.b = *p++ != 0;
-        break;
-    }
-}
-
-inline RecordHead read_head(const char* record) {
-    RecordHead head;
-    std::memcpy(&head, record, sizeof head);
-    return head;
-}
+// Reading records back (the queue and the exporter): the whole record's size, and the Span bytes.
+uint32_t record_size(const char* record);
+std::string_view span_bytes(const char* record);
 
 // A span spelled out, written as a record in one go (tests, and any span built in one place).
 using Value = std::variant<std::string, int64_t, double, bool>;
 struct Attribute {
-    std::string_view key;  // a literal: attribute names are fixed
+    std::string_view key;
     Value value;
 };
 struct SpanData {
-    RecordHead head;
+    SpanHead head;
     std::string name;
     std::vector<Attribute> attributes;
     std::string status_message;

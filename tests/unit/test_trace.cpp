@@ -130,7 +130,7 @@ std::string protobuf_encode(const std::vector<std::pair<std::string, std::string
     ss->mutable_scope()->set_version(STEPFLOW_LB_VERSION);
     for (auto& s : spans) {
         auto* span = ss->add_spans();
-        const trace::RecordHead& h = s.head;
+        const trace::SpanHead& h = s.head;
         span->set_trace_id(reinterpret_cast<const char*>(h.trace_id), 16);
         span->set_span_id(reinterpret_cast<const char*>(h.span_id), 8);
         if (h.has_parent) span->set_parent_span_id(reinterpret_cast<const char*>(h.parent_span_id), 8);
@@ -161,9 +161,9 @@ std::string records_of(const std::vector<trace::SpanData>& spans) {
 }  // namespace
 
 TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") {
-    std::vector<trace::SpanData> spans(4);
+    std::vector<trace::SpanData> spans(6);
     trace::SpanData& server = spans[0];
-    trace::RecordHead& h = server.head;
+    trace::SpanHead& h = server.head;
     for (int i = 0; i < 16; ++i) h.trace_id[i] = uint8_t(0xf0 + i);
     for (int i = 0; i < 8; ++i) h.span_id[i] = uint8_t(i + 1), h.parent_span_id[i] = uint8_t(0x80 | i);
     h.has_parent = true;
@@ -184,6 +184,10 @@ TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") 
                          {"stepflow.flag", true},
                          {"stepflow.other", false},
                          {"long", std::string(300, 'x')},
+                         {"b", std::string(120, 'z')},  // around the one-byte-length fast path
+                         {"b", std::string(121, 'z')},
+                         {"c", std::string(127, 'z')},
+                         {"c", std::string(128, 'z')},
                          {"", std::string(70000, 'y')}};
     trace::SpanData& client = spans[1];  // no parent, no error, kind CLIENT
     client.head.kind = trace::Kind::Client;
@@ -196,6 +200,13 @@ TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") 
     failed.head.error = true;
     failed.head.kind = trace::Kind::Internal;
     failed.name = "admission queue";
+    trace::SpanData& unended = spans[4];  // a message and an error, no end time (its field is left out)
+    unended.head.error = true;
+    unended.status_message = "the client went away";
+    unended.attributes = {{"error.type", std::string("cancelled")}};
+    trace::SpanData& fine = spans[5];  // a message without an error: no status is exported
+    fine.head.end_ns = 7;
+    fine.status_message = "not an error";
     std::vector<std::pair<std::string, std::string>> resource = {{"service.name", "stepflow-lb"},
                                                                  {"k8s.namespace.name", ""}, {"", "v"}};
     std::string records = records_of(spans);
@@ -210,7 +221,7 @@ TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") 
     otlp::ExportTraceServiceRequest decoded;
     otlp_exporter::encode(resource, records, ours);
     REQUIRE(decoded.ParseFromString(ours));
-    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 4);
+    REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 6);
     CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).attributes(6).value().double_value() == 12.625);
     CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).status().message() == "HTTP 502");
 }
@@ -233,8 +244,11 @@ TEST_CASE("the span queue takes whole records, at most its capacity", "[trace]")
     REQUIRE(trace::Queue::take(taken, 2, 0) == 2);
     REQUIRE(trace::Queue::take(taken, 2, 0) == 1);
     std::vector<uint64_t> starts;
-    for (const char* p = taken.data(); p < taken.data() + taken.size(); p += trace::read_head(p).size)
-        starts.push_back(trace::read_head(p).start_ns);
+    for (const char* p = taken.data(); p < taken.data() + taken.size(); p += trace::record_size(p)) {
+        otlp::Span span;  // each record is the Span's protobuf bytes after its prefix
+        REQUIRE(span.ParseFromArray(trace::span_bytes(p).data(), int(trace::span_bytes(p).size())));
+        starts.push_back(span.start_time_unix_nano());
+    }
     CHECK(starts == std::vector<uint64_t>{1, 2, 3});
     trace::Queue::configure(2048, 512);
 }
