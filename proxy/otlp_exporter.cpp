@@ -223,11 +223,12 @@ public:
     Result call(const OtlpTarget& t, const std::string& message, Clock::time_point deadline) {
         Result result;
         if (!session_ && !open(t, deadline, result.error)) return result;
-        body_.clear();
-        body_.push_back('\0');  // not compressed
+        // The gRPC message prefix (not compressed, big-endian length) and the message are read out
+        // in place by on_read_body: the batch is not copied into a frame buffer of its own.
         uint32_t len = uint32_t(message.size());
-        for (int shift = 24; shift >= 0; shift -= 8) body_.push_back(char((len >> shift) & 0xff));
-        body_ += message;
+        prefix_[0] = 0;
+        for (int i = 0; i < 4; ++i) prefix_[1 + i] = char((len >> (24 - 8 * i)) & 0xff);
+        message_ = message;
         sent_ = 0;
         closed_ = false;
         http_status_ = 0;
@@ -323,10 +324,18 @@ private:
     static ssize_t on_read_body(nghttp2_session*, int32_t, uint8_t* buf, size_t length, uint32_t* flags,
                                 nghttp2_data_source*, void* user) {
         auto* self = static_cast<GrpcChannel*>(user);
-        size_t n = std::min(length, self->body_.size() - self->sent_);
-        std::memcpy(buf, self->body_.data() + self->sent_, n);
+        size_t total = sizeof self->prefix_ + self->message_.size();
+        size_t n = std::min(length, total - self->sent_);
+        for (size_t done = 0; done < n;) {
+            size_t at = self->sent_ + done;
+            size_t piece = at < sizeof self->prefix_ ? std::min(n - done, sizeof self->prefix_ - at) : n - done;
+            const char* from = at < sizeof self->prefix_ ? self->prefix_ + at
+                                                         : self->message_.data() + (at - sizeof self->prefix_);
+            std::memcpy(buf + done, from, piece);
+            done += piece;
+        }
         self->sent_ += n;
-        if (self->sent_ == self->body_.size()) *flags |= NGHTTP2_DATA_FLAG_EOF;
+        if (self->sent_ == total) *flags |= NGHTTP2_DATA_FLAG_EOF;
         return ssize_t(n);
     }
 
@@ -349,7 +358,8 @@ private:
 
     Connection conn_;
     nghttp2_session* session_ = nullptr;
-    std::string body_;
+    char prefix_[5] = {};
+    std::string_view message_;  // the caller's, for the call's duration
     size_t sent_ = 0;
     int32_t stream_id_ = -1;
     bool closed_ = false;

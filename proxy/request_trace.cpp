@@ -59,7 +59,23 @@ void give_spare(std::string& buf) {
     }
 }
 
+constexpr size_t kSpareRecordings = 256;
+thread_local std::vector<std::unique_ptr<RequestTrace::Recording>> t_spare_recordings;
+
 }  // namespace
+
+void RequestTrace::Release::operator()(Recording* r) const {
+    if (t_spare_recordings.size() >= kSpareRecordings) {
+        delete r;
+        return;
+    }
+    for (std::string* s : {&r->method, &r->path, &r->user_agent, &r->mcp_method, &r->rpc_method, &r->rpc_id}) {
+        if (s->capacity() > 256) std::string().swap(*s);  // an unusually long value: not kept
+        else s->clear();
+    }
+    r->queue_waits.clear();
+    t_spare_recordings.emplace_back(r);
+}
 
 void RequestTrace::begin(const http1::Head& request) {
     reset();
@@ -92,7 +108,12 @@ void RequestTrace::begin(const http1::Head& request) {
     log_ids.span_id[16] = 0;
     if (!recording) return;
     start_ns = trace::now_ns();
-    rec = std::make_unique<Recording>();
+    if (t_spare_recordings.empty()) {
+        rec.reset(new Recording);
+    } else {
+        rec.reset(t_spare_recordings.back().release());
+        t_spare_recordings.pop_back();
+    }
     rec->method.assign(request.method);
     std::string_view target = request.target;
     rec->path.assign(target.substr(0, target.find('?')));

@@ -36,7 +36,12 @@ struct RequestTrace {
         std::string method, path, user_agent, mcp_method, rpc_method, rpc_id;
         std::vector<std::pair<uint64_t, uint64_t>> queue_waits;  // unix ns
     };
-    std::unique_ptr<Recording> rec;
+    // Recordings are kept per thread for the next requests (their strings keep their capacity),
+    // so a traced request allocates none.
+    struct Release {
+        void operator()(Recording* r) const;
+    };
+    std::unique_ptr<Recording, Release> rec;
 
     // A request head arrived (parsed): continue its traceparent or start a trace.
     void begin(const http1::Head& request);

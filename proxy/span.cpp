@@ -228,8 +228,6 @@ void finish(std::string& buf, size_t at, uint64_t end_ns, bool error) {
 
 }  // namespace record
 
-uint32_t record_size(const char* record) { return read_prefix(record).size; }
-
 std::string_view span_bytes(const char* record) {
     return {record + sizeof(Prefix), read_prefix(record).size - sizeof(Prefix)};
 }
@@ -293,9 +291,15 @@ size_t Queue::take(std::string& out, size_t max, uint64_t wait_ms) {
     q.ready.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] { return q.woken || q.count >= q.batch_size; });
     q.woken = false;
     size_t n = std::min(max, q.count);
-    if (n == q.count && out.empty()) {
-        out.swap(q.records);  // all of it: the buffers change hands, nothing is copied
+    if (out.empty()) {
+        // The buffers change hands; what is over `max` (a few hand-offs' worth) is copied back.
+        out.swap(q.records);
         q.records.clear();
+        if (n < q.count) {
+            size_t bytes = records_bytes(out, n);
+            q.records.append(out, bytes);
+            out.resize(bytes);
+        }
     } else {
         size_t bytes = n == q.count ? q.records.size() : records_bytes(q.records, n);
         out.append(q.records.data(), bytes);

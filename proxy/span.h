@@ -47,7 +47,11 @@ void finish(std::string& buf, size_t at, uint64_t end_ns, bool error);
 }  // namespace record
 
 // Reading records back (the queue and the exporter): the whole record's size, and the Span bytes.
-uint32_t record_size(const char* record);
+inline uint32_t record_size(const char* record) {
+    uint32_t size;  // a record starts with its size
+    std::memcpy(&size, record, 4);
+    return size;
+}
 std::string_view span_bytes(const char* record);
 
 // A span spelled out, written as a record in one go (tests, and any span built in one place).

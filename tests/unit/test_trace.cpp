@@ -286,7 +286,7 @@ TEST_CASE("a request's spans say what the request did", "[trace]") {
     t.active = t.ours = t.recording = true;
     trace::new_trace_id(t.ids.trace_id);
     trace::new_span_id(t.ids.span_id);
-    t.rec = std::make_unique<RequestTrace::Recording>();
+    t.rec.reset(new RequestTrace::Recording);
     t.rec->method = "POST";
     t.rec->path = "/mcp";
     t.rec->user_agent = "test-agent/1";
