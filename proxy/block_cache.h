@@ -1,5 +1,6 @@
-// A per-thread cache of freed small blocks, for objects that every HTTP/2 stream allocates and
-// frees again moments later (nghttp2's stream, frame and header-copy objects, and our Stream).
+// A per-thread cache of freed small blocks, for objects that every request allocates and frees
+// again moments later: libevent's buffer chains, nghttp2's stream, frame and header-copy
+// objects, and our Stream.
 #pragma once
 
 #include <cstddef>

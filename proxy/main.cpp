@@ -18,6 +18,7 @@
 #include "discovery/sources.h"
 #include "proxy/admin.h"
 #include "proxy/admission.h"
+#include "proxy/block_cache.h"
 #include "proxy/demand.h"
 #include "proxy/metrics.h"
 #include "proxy/otlp_exporter.h"
@@ -133,6 +134,9 @@ void on_signal(int sig, short, void* arg) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // libevent's own blocks (buffer chains above all: a few per request) come from the per-thread
+    // block cache too; this must come before any other libevent call.
+    event_set_mem_functions(block_alloc, block_realloc, block_free);
     Config config = parse_config(argc, argv);
     AdmissionQueue::get().configure(config.queue_size);
     log::configure(config.log_level, config.log_format);
