@@ -74,6 +74,29 @@ constexpr std::array<uint8_t, 256> make_class_table() {
 }
 constexpr std::array<uint8_t, 256> kClass = make_class_table();
 
+// Eight bytes at a time (SWAR): a word is loaded with memcpy (unaligned, no aliasing issue).
+constexpr uint64_t kOnes = 0x0101010101010101ull, kHighs = 0x8080808080808080ull;
+inline uint64_t load8(const unsigned char* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    return w;
+}
+// Non-zero when some byte of `w` is below `n` (n <= 0x80); the lowest flagged byte is exact.
+constexpr uint64_t has_below(uint64_t w, uint8_t n) { return (w - kOnes * n) & ~w & kHighs; }
+
+// Moves `p` past field-value bytes. Most words of a value are all VCHAR/SP/obs-text (no byte
+// below 0x20, none 0x7f) and are passed whole; the word holding the CR (or an HTAB) is finished
+// byte by byte.
+const unsigned char* skip_value(const unsigned char* p, const unsigned char* end) {
+    while (end - p >= 8) {
+        uint64_t w = load8(p);
+        if (has_below(w, 0x20) | has_below(w ^ (kOnes * 0x7f), 1)) break;
+        p += 8;
+    }
+    while (p < end && (kClass[*p] & kValue)) ++p;
+    return p;
+}
+
 Error split_lines_checked(Head& head, std::string_view& start_line, const Limits& limits);
 
 // Splits head.raw into the start line and header fields. Every line must end in CRLF. Heads
@@ -97,7 +120,7 @@ Error split_lines(Head& head, std::string_view& start_line, const Limits& limits
         const unsigned char* name_end = p++;
         while (p < end && (*p == ' ' || *p == '\t')) ++p;
         const unsigned char* value = p;
-        while (p < end && (kClass[*p] & kValue)) ++p;
+        p = skip_value(p, end);
         if (end - p < 2 || p[0] != '\r' || p[1] != '\n') break;
         const unsigned char* value_end = p;
         while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) --value_end;
@@ -181,11 +204,24 @@ constexpr std::array<unsigned char, 256> make_lower_table() {
 constexpr std::array<unsigned char, 256> kLower = make_lower_table();
 }  // namespace
 
-bool iequals(std::string_view a, std::string_view b) {
-    if (a.size() != b.size()) return false;
-    const auto* x = reinterpret_cast<const unsigned char*>(a.data());
-    const auto* y = reinterpret_cast<const unsigned char*>(b.data());
-    for (size_t i = 0; i < a.size(); ++i)
+namespace {
+// `w` with its bytes 'A'..'Z' made lower case (others unchanged).
+inline uint64_t lower8(uint64_t w) {
+    uint64_t seven = w & ~kHighs;  // adding below cannot carry into the next byte
+    uint64_t upper = (seven + kOnes * (0x80 - 'A')) & ~(seven + kOnes * (0x80 - 'Z' - 1)) & ~w & kHighs;
+    return w | (upper >> 2);
+}
+}  // namespace
+
+bool iequals_bytes(const char* a, const char* b, size_t n) {
+    const auto* x = reinterpret_cast<const unsigned char*>(a);
+    const auto* y = reinterpret_cast<const unsigned char*>(b);
+    if (n >= 8) {  // whole words, the last one overlapping the one before
+        for (size_t i = 0; i + 8 < n; i += 8)
+            if (lower8(load8(x + i)) != lower8(load8(y + i))) return false;
+        return lower8(load8(x + n - 8)) == lower8(load8(y + n - 8));
+    }
+    for (size_t i = 0; i < n; ++i)
         if (kLower[x[i]] != kLower[y[i]]) return false;
     return true;
 }

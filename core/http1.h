@@ -79,7 +79,12 @@ struct Head {
     void clear();
 };
 
-bool iequals(std::string_view a, std::string_view b);
+// ASCII case-insensitive equality. The length check is inline: most comparisons (a header
+// looked up among a head's fields) end there, without a call.
+bool iequals_bytes(const char* a, const char* b, size_t n);
+inline bool iequals(std::string_view a, std::string_view b) {
+    return a.size() == b.size() && iequals_bytes(a.data(), b.data(), a.size());
+}
 
 // Looks for a complete head at the front of `in`. Returns its length including the blank line,
 // 0 while incomplete, or SIZE_MAX when `limit` bytes arrived without one. `scan_from` remembers

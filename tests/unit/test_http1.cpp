@@ -250,3 +250,55 @@ TEST_CASE("write_response_head writes a head that parses back to the same fields
     REQUIRE(h.headers.size() == 2);
     CHECK(h.headers[0].value == "caf\xe9 au\tlait");
 }
+
+TEST_CASE("iequals compares ASCII case-insensitively, word by word and byte by byte", "[http1]") {
+    auto reference = [](std::string_view a, std::string_view b) {
+        if (a.size() != b.size()) return false;
+        auto lower = [](unsigned char c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; };
+        for (size_t i = 0; i < a.size(); ++i)
+            if (lower(static_cast<unsigned char>(a[i])) != lower(static_cast<unsigned char>(b[i]))) return false;
+        return true;
+    };
+    // Every pair of bytes, at every position of strings of 1..19 bytes (both sides of the
+    // word boundary and the overlapping last word).
+    for (size_t n = 1; n < 20; ++n) {
+        for (size_t at : {size_t(0), n / 2, n - 1}) {
+            for (int x = 0; x < 256; ++x) {
+                for (int y = 0; y < 256; y += (n > 3 ? 7 : 1)) {
+                    std::string a(n, 'k'), b(n, 'K');
+                    a[at] = char(x);
+                    b[at] = char(y);
+                    if (iequals(a, b) != reference(a, b)) FAIL("n=" << n << " at=" << at << " x=" << x << " y=" << y);
+                }
+            }
+        }
+    }
+    CHECK(iequals("Content-Length", "content-length"));
+    CHECK_FALSE(iequals("Content-Length", "content-lengtH "));
+    CHECK_FALSE(iequals("content-lengt\xc8", "content-lengt\xe8"));  // not ASCII letters
+    CHECK_FALSE(iequals("[", "{"));
+    CHECK(iequals("", ""));
+}
+
+TEST_CASE("field values are scanned whole words at a time, stopping at CTLs and DEL", "[http1]") {
+    // A value with one forbidden byte at each position, in values of 1..24 bytes: the head must
+    // be refused, whatever word the byte falls in; HTAB and obs-text are accepted.
+    for (size_t n = 1; n <= 24; ++n) {
+        for (size_t at = 0; at < n; ++at) {
+            for (int bad : {0x00, 0x01, 0x0b, 0x1f, 0x7f}) {
+                std::string value(n, 'v');
+                value[at] = char(bad);
+                Head head;
+                Error e = parse("GET / HTTP/1.1\r\nHost: h\r\nX-V: " + value + "\r\n\r\n", head);
+                if (e.status != 400) FAIL("n=" << n << " at=" << at << " byte=" << bad << " status=" << e.status);
+            }
+            for (int fine : {0x09, 0x20, 0x7e, 0x80, 0xff}) {
+                std::string value(n, 'v');
+                value[at] = char(fine);
+                Head head;
+                Error e = parse("GET / HTTP/1.1\r\nHost: h\r\nX-V: " + value + "\r\n\r\n", head);
+                if (e.status != 0) FAIL("n=" << n << " at=" << at << " byte=" << fine << " status=" << e.status);
+            }
+        }
+    }
+}
