@@ -33,7 +33,7 @@ import rps
 
 SYSCALLS = ["read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg",
             "epoll_wait", "epoll_pwait", "epoll_ctl", "accept4", "connect", "close", "shutdown",
-            "setsockopt", "getsockopt", "futex", "gettimeofday", "clock_gettime", "splice", "ioctl"]
+            "setsockopt", "getsockopt", "futex", "gettimeofday", "clock_gettime", "splice", "ioctl", "poll", "ppoll"]
 
 
 def build_prof():

@@ -301,13 +301,17 @@ private:
     bool pump(Clock::time_point deadline, std::string& error) {
         char buf[16384];
         for (;;) {
+            // Every frame nghttp2 can send now (the headers and DATA up to the collector's window)
+            // goes out in one write rather than one per frame: a batch is many 16 KiB frames.
+            out_.clear();
             for (;;) {
                 const uint8_t* data;
                 ssize_t n = nghttp2_session_mem_send(session_, &data);
                 if (n < 0) { error = nghttp2_strerror(int(n)); return false; }
                 if (n == 0) break;
-                if (!conn_.write_all(reinterpret_cast<const char*>(data), size_t(n), deadline, error)) return false;
+                out_.append(reinterpret_cast<const char*>(data), size_t(n));
             }
+            if (!out_.empty() && !conn_.write_all(out_.data(), out_.size(), deadline, error)) return false;
             if (closed_) return true;
             if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_)) {
                 error = "the collector closed the HTTP/2 session";
@@ -358,6 +362,7 @@ private:
 
     Connection conn_;
     nghttp2_session* session_ = nullptr;
+    std::string out_;  // frames gathered for one write
     char prefix_[5] = {};
     std::string_view message_;  // the caller's, for the call's duration
     size_t sent_ = 0;
