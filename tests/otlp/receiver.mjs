@@ -3,7 +3,9 @@
 // OpenTelemetry JS SDK ships (@opentelemetry/otlp-transformer), so the balancer's encoding is
 // checked by someone else's decoder.
 //
-//   node receiver.mjs [GRPC_PORT HTTP_PORT [count-only]]
+//   node receiver.mjs [GRPC_PORT HTTP_PORT [count-only|sink]]
+//                                count-only: decode and count spans, keep none (bench/);
+//                                sink: acknowledge without decoding, count bytes (bench/)
 //                                prints {"grpc": PORT, "http": PORT} once listening
 //   GET  /spans                  every span received, decoded (ids as lowercase hex)
 //   GET  /stats                  {"grpcCalls", "httpCalls", "refused"}
@@ -19,8 +21,9 @@ const root = require("@opentelemetry/otlp-transformer/build/src/generated/root")
 const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
 
 const spans = [];
-const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0 };
+const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0 };
 const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
+const sink = process.argv[4] === "sink"; // bench/: no decoding at all (it would share the load's core)
 let mode = { mode: "ok", delayMs: 0 };
 
 const hex = (b) => (b && b.length ? Buffer.from(b).toString("hex") : "");
@@ -83,7 +86,7 @@ server.addService(
       requestStream: false,
       responseStream: false,
       requestSerialize: (m) => Buffer.from(ExportTraceServiceRequest.encode(m).finish()),
-      requestDeserialize: (b) => ExportTraceServiceRequest.decode(b),
+      requestDeserialize: (b) => (sink ? b : ExportTraceServiceRequest.decode(b)),
       responseSerialize: (m) => Buffer.from(ExportTraceServiceResponse.encode(m).finish()),
       responseDeserialize: (b) => ExportTraceServiceResponse.decode(b),
     },
@@ -96,7 +99,8 @@ server.addService(
         return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
       }
       later(() => {
-        collect(call.request, "grpc");
+        if (sink) stats.bytes += call.request.length;
+        else collect(call.request, "grpc");
         callback(null, ExportTraceServiceResponse.create({}));
       });
     },
