@@ -225,7 +225,10 @@ int main(int argc, char** argv) {
                                       {"sampler", trace::to_string(config.trace.sampling.sampler)}});
     }
 
+    // The control loop's records (discovery, health) also leave once per loop turn.
+    log::attach_loop(control);
     event_base_dispatch(control);
+    log::detach_loop();
 
     for (auto& w : workers) w->join();
     workers.clear();
