@@ -226,8 +226,34 @@ bool iequals_bytes(const char* a, const char* b, size_t n) {
     return true;
 }
 
+namespace {
+inline uint64_t load4(const unsigned char* p) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    return w;
+}
+
+// `name` (any case) is the lower-case literal `lower`: inline, word by word, for classify(),
+// which runs on every field of every head.
+inline bool equals_lower(std::string_view name, std::string_view lower) {
+    size_t n = lower.size();
+    if (name.size() != n) return false;
+    const auto* x = reinterpret_cast<const unsigned char*>(name.data());
+    const auto* y = reinterpret_cast<const unsigned char*>(lower.data());
+    if (n >= 8) {
+        for (size_t i = 0; i + 8 < n; i += 8)
+            if (lower8(load8(x + i)) != load8(y + i)) return false;
+        return lower8(load8(x + n - 8)) == load8(y + n - 8);
+    }
+    if (n >= 4) return lower8(load4(x)) == load4(y) && lower8(load4(x + n - 4)) == load4(y + n - 4);
+    for (size_t i = 0; i < n; ++i)
+        if (kLower[x[i]] != y[i]) return false;
+    return true;
+}
+}  // namespace
+
 Field classify(std::string_view name) {
-    auto is = [&](std::string_view lower) { return iequals(name, lower); };
+    auto is = [&](std::string_view lower) { return equals_lower(name, lower); };
     switch (name.size()) {
     case 2: return is("te") ? Field::TE : Field::Other;
     case 4: return is("host") ? Field::Host : Field::Other;
