@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <new>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -10,6 +11,7 @@
 
 #include "core/log.h"
 #include "proxy/admission.h"
+#include "proxy/block_cache.h"
 #include "proxy/demand.h"
 #include "proxy/local_response.h"
 #include "proxy/router.h"
@@ -17,6 +19,13 @@
 #include "proxy/loop_thread.h"
 
 namespace stepflow {
+
+void* Exchange::Pending::operator new(size_t size) {
+    if (void* p = block_alloc(size)) return p;
+    throw std::bad_alloc();
+}
+void Exchange::Pending::operator delete(void* p) { block_free(p); }
+
 namespace {
 
 constexpr size_t kSinkHighWater = 256 * 1024;

@@ -161,6 +161,9 @@ private:
         // --upstream-request-timeout: from the head's send until the worker took the whole body.
         Deadline request_deadline;
         ReplayBuffer replay;
+        // One per request, freed when the response head arrives: from the per-thread block cache.
+        static void* operator new(size_t size);
+        static void operator delete(void* p);
     };
     void release_pending();
 
