@@ -1,13 +1,14 @@
 #include "core/log.h"
 
+#include "core/log_format.h"
+
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cerrno>
-#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <deque>
 #include <mutex>
@@ -140,7 +141,7 @@ Sink& sink() {
     return *s;
 }
 
-const char* level_name(Level l) {
+std::string_view level_name(Level l) {
     switch (l) {
     case Level::Trace: return "trace";
     case Level::Debug: return "debug";
@@ -153,7 +154,8 @@ const char* level_name(Level l) {
 
 // The second's "YYYY-MM-DDTHH:MM:SS." is formatted once per second and thread; a record adds
 // only its microseconds (gmtime_r and snprintf per record were a third of a line's cost).
-void append_time(std::string& out) {
+constexpr size_t kTimeMax = 31 + 7;
+char* put_time(char* p) {
     thread_local int64_t cached_sec = -1;
     thread_local char prefix[32];
     thread_local size_t prefix_len = 0;
@@ -174,40 +176,46 @@ void append_time(std::string& out) {
         prefix_len = n > 0 ? std::min(size_t(n), sizeof prefix - 1) : 0;
         cached_sec = sec;
     }
-    char buf[8];
-    for (int i = 5; i >= 0; --i) {
-        buf[i] = char('0' + micros % 10);
-        micros /= 10;
-    }
-    buf[6] = 'Z';
-    out.append(prefix, prefix_len);
-    out.append(buf, 7);
+    p = put(p, std::string_view(prefix, prefix_len));
+    auto us = static_cast<unsigned>(micros);
+    p = detail::put_pair(p, us / 10000);
+    p = detail::put_pair(p, us / 100 % 100);
+    p = detail::put_pair(p, us % 100);
+    return put(p, 'Z');
 }
 
-void append_value(std::string& out, const Field& f, bool json) {
-    if (auto s = std::get_if<std::string_view>(&f.value)) {
-        if (json) {
-            out += '"';
-            append_json_escaped(out, *s);
-            out += '"';
-        } else {
-            bool quote = s->empty() || s->find_first_of(" \"=") != std::string_view::npos;
-            if (quote) out += '"';
-            append_json_escaped(out, *s);
-            if (quote) out += '"';
-        }
-    } else if (auto i = std::get_if<int64_t>(&f.value)) {
-        char buf[24];
-        auto r = std::to_chars(buf, buf + sizeof buf, *i);
-        out.append(buf, r.ptr);
-    } else if (auto d = std::get_if<double>(&f.value)) {
-        // What "%.3f" writes (to_chars rounds the exact value as printf does), without printf.
-        char buf[352];  // the longest fixed form of a double (about 309 digits) and 3 decimals
-        auto r = std::to_chars(buf, buf + sizeof buf, *d, std::chars_format::fixed, 3);
-        out.append(buf, r.ptr);
-    } else if (auto b = std::get_if<bool>(&f.value)) {
-        out += *b ? "true" : "false";
+std::string_view ids_trace(const Correlation& c) { return {c.trace_id, strnlen(c.trace_id, sizeof c.trace_id)}; }
+std::string_view ids_span(const Correlation& c) { return {c.span_id, strnlen(c.span_id, sizeof c.span_id)}; }
+
+// What the fast paths write at most: time, level, keys, quotes, numbers, unescaped strings.
+size_t expected_size(std::string_view message, const Correlation* ids, std::initializer_list<Field> fields) {
+    // {"time":"<time>","level":"<level>","message":"<message>"}\n and ,"trace_id":"<32>","span_id":"<16>"
+    size_t n = 9 + kTimeMax + 11 + 5 + 13 + message.size() + 3 + (ids ? 75 : 0);
+    for (const auto& f : fields) {
+        n += f.key.size() + 6;  // ,"<key>":"<string>"
+        if (auto s = std::get_if<std::string_view>(&f.value))
+            n += s->size();
+        else
+            n += 20;  // -9223372036854775808; fixed3's fast path writes 18 at most
+
     }
+    return n;
+}
+
+char* put_value(LineWriter& out, char* p, const Field& f, bool json) {
+    if (auto s = std::get_if<std::string_view>(&f.value)) {
+        bool quote = json || s->empty() || s->find_first_of(" \"=") != std::string_view::npos;
+        if (quote) p = put(p, '"');
+        p = out.escaped(p, *s);
+        if (quote) p = put(p, '"');
+    } else if (auto i = std::get_if<int64_t>(&f.value)) {
+        p = put_integer(p, *i);
+    } else if (auto d = std::get_if<double>(&f.value)) {
+        p = out.fixed3(p, *d);  // as "%.3f"
+    } else if (auto b = std::get_if<bool>(&f.value)) {
+        p = *b ? put(p, "true") : put(p, "false");
+    }
+    return p;
 }
 
 }  // namespace
@@ -235,80 +243,58 @@ void configure(Level level, Format format) {
 bool enabled(Level level) { return level >= g_level.load(std::memory_order_relaxed); }
 
 void append_json_escaped(std::string& out, std::string_view s) {
-    static const char* hex = "0123456789abcdef";
-    // Most keys and values need no escape: copy the leading run that needs none in one append.
-    static constexpr auto needs_escape = [] {
-        std::array<bool, 256> t{};
-        for (int c = 0; c < 0x20; ++c) t[size_t(c)] = true;
-        t['"'] = t['\\'] = true;
-        return t;
-    }();
-    size_t plain = 0;
-    while (plain < s.size() && !needs_escape[static_cast<unsigned char>(s[plain])]) ++plain;
-    out.append(s.data(), plain);
-    s.remove_prefix(plain);
-    for (unsigned char c : s) {
-        switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
-        default:
-            if (c < 0x20) {
-                out += "\\u00";
-                out += hex[c >> 4];
-                out += hex[c & 15];
-            } else {
-                out += static_cast<char>(c);
-            }
-        }
-    }
+    LineWriter w(out, s.size());
+    w.finish(w.escaped(w.begin(), s));
 }
 
+// One pass of raw pointer writes into room made once (see core/log_format.h).
 void format_line(std::string& line, Level level, std::string_view message, std::initializer_list<Field> fields) {
+    const Correlation* ids = t_correlation && !t_correlation->empty() ? t_correlation : nullptr;
+    LineWriter out(line, expected_size(message, ids, fields));
+    char* p = out.begin();
     if (g_format.load(std::memory_order_relaxed) == Format::Json) {
-        line += "{\"time\":\"";
-        append_time(line);
-        line += "\",\"level\":\"";
-        line += level_name(level);
-        line += "\",\"message\":\"";
-        append_json_escaped(line, message);
-        line += '"';
-        if (t_correlation && !t_correlation->empty()) {
-            line += ",\"trace_id\":\"";
-            line += t_correlation->trace_id;
-            line += "\",\"span_id\":\"";
-            line += t_correlation->span_id;
-            line += '"';
+        p = put(p, "{\"time\":\"");
+        p = put_time(p);
+        p = put(p, "\",\"level\":\"");
+        p = put(p, level_name(level));
+        p = put(p, "\",\"message\":\"");
+        p = out.escaped(p, message);
+        p = put(p, '"');
+        if (ids) {
+            p = put(p, ",\"trace_id\":\"");
+            p = put(p, ids_trace(*ids));
+            p = put(p, "\",\"span_id\":\"");
+            p = put(p, ids_span(*ids));
+            p = put(p, '"');
         }
         for (const auto& f : fields) {
-            line += ",\"";
-            append_json_escaped(line, f.key);
-            line += "\":";
-            append_value(line, f, true);
+            p = put(p, ",\"");
+            p = out.escaped(p, f.key);
+            p = put(p, "\":");
+            p = put_value(out, p, f, true);
         }
-        line += "}\n";
+        p = put(p, "}\n");
     } else {
-        append_time(line);
-        line += ' ';
-        line += level_name(level);
-        line += ' ';
-        line += message;
-        if (t_correlation && !t_correlation->empty()) {
-            line += " trace_id=";
-            line += t_correlation->trace_id;
-            line += " span_id=";
-            line += t_correlation->span_id;
+        p = put_time(p);
+        p = put(p, ' ');
+        p = put(p, level_name(level));
+        p = put(p, ' ');
+        p = put(p, message);
+        if (ids) {
+            p = put(p, " trace_id=");
+            p = put(p, ids_trace(*ids));
+            p = put(p, " span_id=");
+            p = put(p, ids_span(*ids));
         }
         for (const auto& f : fields) {
-            line += ' ';
-            line += f.key;
-            line += '=';
-            append_value(line, f, false);
+            p = put(p, ' ');
+            p = put(p, f.key);
+            p = put(p, '=');
+            p = put_value(out, p, f, false);
         }
-        line += '\n';
+        p = put(p, '\n');
     }
+    out.finish(p);
 }
 
 namespace {

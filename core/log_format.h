@@ -1,0 +1,157 @@
+// The pieces of a log line, written straight into a std::string's storage. The line's size is
+// foreseen once (LineWriter); then every piece is copied through a raw pointer that the caller
+// keeps in a local (p = put_...(p, ...)), without a capacity check or a library call per piece.
+// Only the unusual pieces, strings that need escapes and doubles the fast path does not take,
+// make room for themselves (and may move the line). What is written is exactly what appending
+// with std::string, the JSON escapes and "%.3f" (std::to_chars) would write.
+#pragma once
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+namespace stepflow::log {
+
+class LineWriter {
+public:
+    // Appends to `out`, with room for `expect` bytes (every piece that a fast path writes).
+    LineWriter(std::string& out, size_t expect) : out_(out), start_(out.size()), expect_(expect) {
+        out_.resize(start_ + expect);
+    }
+    char* begin() { return out_.data() + start_; }
+    // Cuts `out` back to what was written up to p.
+    void finish(const char* p) { out_.resize(size_t(p - out_.data())); }
+    LineWriter(const LineWriter&) = delete;
+    LineWriter& operator=(const LineWriter&) = delete;
+
+    // The body of a JSON string (no quotes), escaped as RFC 8259 requires.
+    char* escaped(char* p, std::string_view s);
+    // As "%.3f" writes v.
+    char* fixed3(char* p, double v);
+
+private:
+    char* escape_slow(char* p, std::string_view s);
+    char* fixed3_slow(char* p, double v);
+    char* make_room(char* p, size_t n);
+
+    std::string& out_;
+    size_t start_;
+    size_t expect_;
+};
+
+namespace detail {
+
+constexpr uint64_t kOnes = 0x0101010101010101ull;
+constexpr uint64_t kHigh = 0x8080808080808080ull;
+
+// Non-zero when one of the 8 bytes in x is below 0x20, '"' or '\\' (exact as a yes/no answer:
+// a borrow only starts at a byte that matches).
+inline uint64_t needs_escape(uint64_t x) {
+    uint64_t control = (x - kOnes * 0x20) & ~x;
+    uint64_t q = x ^ (kOnes * uint8_t('"'));
+    uint64_t b = x ^ (kOnes * uint8_t('\\'));
+    return (control | ((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
+}
+
+inline uint64_t load8(const char* p) {
+    uint64_t x;
+    std::memcpy(&x, p, 8);
+    return x;
+}
+inline uint32_t load4(const char* p) {
+    uint32_t x;
+    std::memcpy(&x, p, 4);
+    return x;
+}
+
+// "00" .. "99"
+inline constexpr char kDigitPairs[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+
+inline char* put_pair(char* p, unsigned v) {  // v < 100
+    std::memcpy(p, kDigitPairs + 2 * v, 2);
+    return p + 2;
+}
+
+}  // namespace detail
+
+template <size_t N>
+inline char* put(char* p, const char (&literal)[N]) {
+    std::memcpy(p, literal, N - 1);
+    return p + N - 1;
+}
+inline char* put(char* p, char c) {
+    *p = c;
+    return p + 1;
+}
+inline char* put(char* p, std::string_view s) {
+    std::memcpy(p, s.data(), s.size());
+    return p + s.size();
+}
+inline char* put_integer(char* p, int64_t v) { return std::to_chars(p, p + 20, v).ptr; }  // 20 at most
+
+// Copies s a word at a time (the last word overlapping), checking each for bytes that need an
+// escape; only a string that has one takes the slow path.
+inline char* LineWriter::escaped(char* p, std::string_view s) {
+    using namespace detail;
+    const char* src = s.data();
+    size_t n = s.size();
+    uint64_t bad;
+    if (n >= 8) {
+        bad = 0;
+        size_t i = 0;
+        for (; i + 8 < n; i += 8) {
+            uint64_t x = load8(src + i);
+            bad |= needs_escape(x);
+            std::memcpy(p + i, &x, 8);
+        }
+        uint64_t x = load8(src + n - 8);
+        bad |= needs_escape(x);
+        std::memcpy(p + n - 8, &x, 8);
+    } else if (n >= 4) {
+        uint32_t lo = load4(src), hi = load4(src + n - 4);
+        std::memcpy(p, &lo, 4);
+        std::memcpy(p + n - 4, &hi, 4);
+        bad = needs_escape(lo | uint64_t(hi) << 32);
+    } else {
+        // 0..3 bytes, padded with spaces (which need no escape).
+        uint64_t x = kOnes * ' ';
+        for (size_t i = 0; i < n; ++i) {
+            p[i] = src[i];
+            x = (x << 8) | static_cast<unsigned char>(src[i]);
+        }
+        bad = needs_escape(x);
+    }
+    if (bad) [[unlikely]]
+        return escape_slow(p, s);
+    return p + n;
+}
+
+// "%.3f" of an ordinary v from its thousandths, rounded to nearest. a*1000 is rounded once, by
+// at most half an ulp (a*1000 * 2^-53); unless it lies within twice that of a halfway point,
+// the exact value rounds to the same integer. Those that do (ties, which round half to even,
+// included), NaN, infinities and |v| >= 1e12 take std::to_chars.
+inline char* LineWriter::fixed3(char* p, double v) {
+    double a = std::fabs(v);
+    if (!(a < 1e12)) [[unlikely]]
+        return fixed3_slow(p, v);
+    double r = a * 1000.0;
+    auto whole = static_cast<int64_t>(r);          // r < 2^53: truncation is floor and exact
+    double from_half = (r - double(whole)) - 0.5;  // exact near 0, where it matters
+    if (std::fabs(from_half) <= r * 0x1p-52) [[unlikely]]
+        return fixed3_slow(p, v);
+    auto thousandths = static_cast<uint64_t>(whole) + (from_half > 0 ? 1 : 0);
+    if (std::signbit(v)) *p++ = '-';
+    p = std::to_chars(p, p + 13, thousandths / 1000).ptr;  // '-', 13 digits, '.', 3 decimals: 18
+    auto m = static_cast<unsigned>(thousandths % 1000);
+    p[0] = '.';
+    p[1] = char('0' + m / 100);
+    return detail::put_pair(p + 2, m % 100);
+}
+
+}  // namespace stepflow::log
