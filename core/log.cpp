@@ -184,36 +184,33 @@ char* put_time(char* p) {
     return put(p, 'Z');
 }
 
-std::string_view ids_trace(const Correlation& c) { return {c.trace_id, strnlen(c.trace_id, sizeof c.trace_id)}; }
-std::string_view ids_span(const Correlation& c) { return {c.span_id, strnlen(c.span_id, sizeof c.span_id)}; }
-
 // What the fast paths write at most: time, level, keys, quotes, numbers, unescaped strings.
 size_t expected_size(std::string_view message, const Correlation* ids, std::initializer_list<Field> fields) {
-    // {"time":"<time>","level":"<level>","message":"<message>"}\n and ,"trace_id":"<32>","span_id":"<16>"
-    size_t n = 9 + kTimeMax + 11 + 5 + 13 + message.size() + 3 + (ids ? 75 : 0);
+    // {"time":"<time>","level":"<level>","message":"<message>"}\n and ,"trace_id":"<33>","span_id":"<17>"
+    // (put_id copies the ids' arrays whole)
+    size_t n = 9 + kTimeMax + 11 + 5 + 13 + message.size() + 3 + (ids ? 13 + 33 + 13 + 17 + 1 : 0);
     for (const auto& f : fields) {
         n += f.key.size() + 6;  // ,"<key>":"<string>"
-        if (auto s = std::get_if<std::string_view>(&f.value))
-            n += s->size();
-        else
-            n += 20;  // -9223372036854775808; fixed3's fast path writes 18 at most
+        // -9223372036854775808 is 20; fixed3's fast path writes 18 at most
+        n += f.value.index() == 0 ? std::get<std::string_view>(f.value).size() : 20;
 
     }
     return n;
 }
 
-char* put_value(LineWriter& out, char* p, const Field& f, bool json) {
-    if (auto s = std::get_if<std::string_view>(&f.value)) {
-        bool quote = json || s->empty() || s->find_first_of(" \"=") != std::string_view::npos;
+[[gnu::always_inline]] inline char* put_value(LineWriter& out, char* p, const Field& f, bool json) {
+    switch (f.value.index()) {
+    case 0: {
+        auto s = std::get<std::string_view>(f.value);
+        bool quote = json || s.empty() || s.find_first_of(" \"=") != std::string_view::npos;
         if (quote) p = put(p, '"');
-        p = out.escaped(p, *s);
+        p = out.escaped(p, s);
         if (quote) p = put(p, '"');
-    } else if (auto i = std::get_if<int64_t>(&f.value)) {
-        p = put_integer(p, *i);
-    } else if (auto d = std::get_if<double>(&f.value)) {
-        p = out.fixed3(p, *d);  // as "%.3f"
-    } else if (auto b = std::get_if<bool>(&f.value)) {
-        p = *b ? put(p, "true") : put(p, "false");
+        return p;
+    }
+    case 1: return put_integer(p, std::get<int64_t>(f.value));
+    case 2: return out.fixed3(p, std::get<double>(f.value));  // as "%.3f"
+    case 3: return std::get<bool>(f.value) ? put(p, "true") : put(p, "false");
     }
     return p;
 }
@@ -262,9 +259,9 @@ void format_line(std::string& line, Level level, std::string_view message, std::
         p = put(p, '"');
         if (ids) {
             p = put(p, ",\"trace_id\":\"");
-            p = put(p, ids_trace(*ids));
+            p = put_id(p, ids->trace_id);
             p = put(p, "\",\"span_id\":\"");
-            p = put(p, ids_span(*ids));
+            p = put_id(p, ids->span_id);
             p = put(p, '"');
         }
         for (const auto& f : fields) {
@@ -282,9 +279,9 @@ void format_line(std::string& line, Level level, std::string_view message, std::
         p = put(p, message);
         if (ids) {
             p = put(p, " trace_id=");
-            p = put(p, ids_trace(*ids));
+            p = put_id(p, ids->trace_id);
             p = put(p, " span_id=");
-            p = put(p, ids_span(*ids));
+            p = put_id(p, ids->span_id);
         }
         for (const auto& f : fields) {
             p = put(p, ' ');

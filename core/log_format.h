@@ -13,6 +13,10 @@
 #include <string>
 #include <string_view>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace stepflow::log {
 
 class LineWriter {
@@ -56,6 +60,24 @@ inline uint64_t needs_escape(uint64_t x) {
     return (control | ((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
 }
 
+#if defined(__SSE2__)
+// One bit per byte of v that is below 0x20, '"' or '\\'.
+inline int escape_mask(__m128i v) {
+    __m128i control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+    __m128i quote = _mm_cmpeq_epi8(v, _mm_set1_epi8('"'));
+    __m128i backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'));
+    return _mm_movemask_epi8(_mm_or_si128(control, _mm_or_si128(quote, backslash)));
+}
+inline __m128i load16(const char* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline void store16(char* p, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+inline __m128i load_low8(const char* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline void store_low8(char* p, __m128i v) { _mm_storel_epi64(reinterpret_cast<__m128i*>(p), v); }
+// Whether one of the 8 bytes of x needs an escape.
+inline bool any_needs_escape(uint64_t x) { return (escape_mask(_mm_cvtsi64_si128(int64_t(x))) & 0xff) != 0; }
+#else
+inline bool any_needs_escape(uint64_t x) { return needs_escape(x) != 0; }
+#endif
+
 inline uint64_t load8(const char* p) {
     uint64_t x;
     std::memcpy(&x, p, 8);
@@ -93,31 +115,84 @@ inline char* put(char* p, std::string_view s) {
     std::memcpy(p, s.data(), s.size());
     return p + s.size();
 }
-inline char* put_integer(char* p, int64_t v) { return std::to_chars(p, p + 20, v).ptr; }  // 20 at most
+// strnlen(id, N): a trace or span id is full length or empty.
+template <size_t N>
+inline size_t id_length(const char (&id)[N]) {
+#if defined(__SSE2__)
+    static_assert(N == 17 || N == 33);
+    const __m128i zero = _mm_setzero_si128();
+    unsigned nul = unsigned(_mm_movemask_epi8(_mm_cmpeq_epi8(detail::load16(id), zero)));
+    if constexpr (N == 33) nul |= unsigned(_mm_movemask_epi8(_mm_cmpeq_epi8(detail::load16(id + 16), zero))) << 16;
+    if (nul) return size_t(__builtin_ctz(nul));
+    return id[N - 1] == 0 ? N - 1 : N;
+#else
+    return strnlen(id, N);
+#endif
+}
 
-// Copies s a word at a time (the last word overlapping), checking each for bytes that need an
-// escape; only a string that has one takes the slow path.
+// The id copied whole (N bytes, one or two moves), then as much of it as its length.
+template <size_t N>
+inline char* put_id(char* p, const char (&id)[N]) {
+    std::memcpy(p, id, N);
+    return p + id_length(id);
+}
+
+// 20 bytes at most; the small numbers most fields hold without std::to_chars' length loop.
+inline char* put_integer(char* p, int64_t v) {
+    if (v >= 0 && v < 1000) {
+        auto u = static_cast<unsigned>(v);
+        if (u < 10) return put(p, char('0' + u));
+        if (u < 100) return detail::put_pair(p, u);
+        *p = char('0' + u / 100);
+        return detail::put_pair(p + 1, u % 100);
+    }
+    return std::to_chars(p, p + 20, v).ptr;
+}
+
+// Copies s 16 or 8 bytes at a time (the last piece overlapping), checking them for bytes that
+// need an escape; only a string that has one takes the slow path.
 inline char* LineWriter::escaped(char* p, std::string_view s) {
     using namespace detail;
     const char* src = s.data();
     size_t n = s.size();
-    uint64_t bad;
+    bool bad;
+#if defined(__SSE2__)
+    if (n >= 16) {
+        int mask = 0;
+        for (size_t i = 0; i + 16 < n; i += 16) {
+            __m128i v = load16(src + i);
+            mask |= escape_mask(v);
+            store16(p + i, v);
+        }
+        __m128i v = load16(src + n - 16);
+        mask |= escape_mask(v);
+        store16(p + n - 16, v);
+        bad = mask != 0;
+    } else if (n >= 8) {
+        __m128i lo = load_low8(src), hi = load_low8(src + n - 8);
+        store_low8(p, lo);
+        store_low8(p + n - 8, hi);
+        bad = escape_mask(_mm_unpacklo_epi64(lo, hi)) != 0;
+    }
+#else
     if (n >= 8) {
-        bad = 0;
-        size_t i = 0;
-        for (; i + 8 < n; i += 8) {
+        uint64_t found = 0;
+        for (size_t i = 0; i + 8 < n; i += 8) {
             uint64_t x = load8(src + i);
-            bad |= needs_escape(x);
+            found |= needs_escape(x);
             std::memcpy(p + i, &x, 8);
         }
         uint64_t x = load8(src + n - 8);
-        bad |= needs_escape(x);
+        found |= needs_escape(x);
         std::memcpy(p + n - 8, &x, 8);
-    } else if (n >= 4) {
+        bad = found != 0;
+    }
+#endif
+    else if (n >= 4) {
         uint32_t lo = load4(src), hi = load4(src + n - 4);
         std::memcpy(p, &lo, 4);
         std::memcpy(p + n - 4, &hi, 4);
-        bad = needs_escape(lo | uint64_t(hi) << 32);
+        bad = any_needs_escape(lo | uint64_t(hi) << 32);
     } else {
         // 0..3 bytes, padded with spaces (which need no escape).
         uint64_t x = kOnes * ' ';
@@ -125,7 +200,7 @@ inline char* LineWriter::escaped(char* p, std::string_view s) {
             p[i] = src[i];
             x = (x << 8) | static_cast<unsigned char>(src[i]);
         }
-        bad = needs_escape(x);
+        bad = any_needs_escape(x);
     }
     if (bad) [[unlikely]]
         return escape_slow(p, s);
@@ -147,7 +222,7 @@ inline char* LineWriter::fixed3(char* p, double v) {
         return fixed3_slow(p, v);
     auto thousandths = static_cast<uint64_t>(whole) + (from_half > 0 ? 1 : 0);
     if (std::signbit(v)) *p++ = '-';
-    p = std::to_chars(p, p + 13, thousandths / 1000).ptr;  // '-', 13 digits, '.', 3 decimals: 18
+    p = put_integer(p, static_cast<int64_t>(thousandths / 1000));  // '-', 13 digits, '.', 3 decimals: 18
     auto m = static_cast<unsigned>(thousandths % 1000);
     p[0] = '.';
     p[1] = char('0' + m / 100);
