@@ -1,14 +1,13 @@
 #include "core/log_format.h"
 
-#include <algorithm>
-
 namespace stepflow::log {
 
-// Room for n bytes at p and, after them, for everything else the line foresaw.
+// Room for n bytes at p and, after them, for everything else the line foresaw. Sized to the
+// line, not doubled: `out` may hold a whole batch of earlier lines.
 char* LineWriter::make_room(char* p, size_t n) {
     size_t used = size_t(p - out_.data());
     size_t want = used + n + expect_;
-    if (out_.size() < want) out_.resize(std::max(want, 2 * out_.size()));
+    if (out_.size() < want) out_.resize(want);
     return out_.data() + used;
 }
 
