@@ -13,7 +13,9 @@
 #include <string>
 #include <string_view>
 
-#if defined(__SSE2__)
+// SSE2 is part of x86-64; elsewhere the same checks run on 8-byte words (SWAR).
+#if defined(__SSE2__) && defined(__x86_64__)
+#define STEPFLOW_LOG_SSE2 1
 #include <emmintrin.h>
 #endif
 
@@ -60,7 +62,7 @@ inline uint64_t needs_escape(uint64_t x) {
     return (control | ((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
 }
 
-#if defined(__SSE2__)
+#if defined(STEPFLOW_LOG_SSE2)
 // One bit per byte of v that is below 0x20, '"' or '\\'.
 inline int escape_mask(__m128i v) {
     __m128i control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
@@ -118,7 +120,7 @@ inline char* put(char* p, std::string_view s) {
 // strnlen(id, N): a trace or span id is full length or empty.
 template <size_t N>
 inline size_t id_length(const char (&id)[N]) {
-#if defined(__SSE2__)
+#if defined(STEPFLOW_LOG_SSE2)
     static_assert(N == 17 || N == 33);
     const __m128i zero = _mm_setzero_si128();
     unsigned nul = unsigned(_mm_movemask_epi8(_mm_cmpeq_epi8(detail::load16(id), zero)));
@@ -156,7 +158,7 @@ inline char* LineWriter::escaped(char* p, std::string_view s) {
     const char* src = s.data();
     size_t n = s.size();
     bool bad;
-#if defined(__SSE2__)
+#if defined(STEPFLOW_LOG_SSE2)
     if (n >= 16) {
         int mask = 0;
         for (size_t i = 0; i + 16 < n; i += 16) {
