@@ -1,13 +1,15 @@
 #include "core/log.h"
 
+#include "core/log_format.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cerrno>
-#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <deque>
 #include <mutex>
@@ -140,7 +142,7 @@ Sink& sink() {
     return *s;
 }
 
-const char* level_name(Level l) {
+constexpr std::string_view level_name(Level l) {
     switch (l) {
     case Level::Trace: return "trace";
     case Level::Debug: return "debug";
@@ -151,9 +153,34 @@ const char* level_name(Level l) {
     return "info";
 }
 
+// `","level":"<level>","message":"` for each level, padded to 32 bytes: a JSON line copies its
+// level's piece whole in two moves.
+struct LevelPiece {
+    char text[32];
+    size_t size;
+};
+constexpr auto kJsonLevelPieces = [] {
+    std::array<LevelPiece, 5> pieces{};
+    for (size_t l = 0; l < pieces.size(); ++l) {
+        auto& piece = pieces[l];
+        for (std::string_view part : {std::string_view("\",\"level\":\""), level_name(Level(l)), std::string_view("\",\"message\":\"")})
+            for (char c : part) piece.text[piece.size++] = c;
+    }
+    return pieces;
+}();
+constexpr size_t kJsonLevelMax = sizeof LevelPiece::text;
+
+char* put_json_level(char* p, Level level) {
+    auto l = static_cast<size_t>(level);
+    const LevelPiece& piece = kJsonLevelPieces[l < kJsonLevelPieces.size() ? l : size_t(Level::Info)];
+    std::memcpy(p, piece.text, sizeof piece.text);
+    return p + piece.size;
+}
+
 // The second's "YYYY-MM-DDTHH:MM:SS." is formatted once per second and thread; a record adds
 // only its microseconds (gmtime_r and snprintf per record were a third of a line's cost).
-void append_time(std::string& out) {
+constexpr size_t kTimeMax = 32 + 7;
+char* put_time(char* p) {
     thread_local int64_t cached_sec = -1;
     thread_local char prefix[32];
     thread_local size_t prefix_len = 0;
@@ -174,40 +201,43 @@ void append_time(std::string& out) {
         prefix_len = n > 0 ? std::min(size_t(n), sizeof prefix - 1) : 0;
         cached_sec = sec;
     }
-    char buf[8];
-    for (int i = 5; i >= 0; --i) {
-        buf[i] = char('0' + micros % 10);
-        micros /= 10;
-    }
-    buf[6] = 'Z';
-    out.append(prefix, prefix_len);
-    out.append(buf, 7);
+    std::memcpy(p, prefix, sizeof prefix);  // whole: a fixed-size copy is two moves
+    p += prefix_len;
+    auto us = static_cast<unsigned>(micros);
+    p = detail::put_pair(p, us / 10000);
+    p = detail::put_pair(p, us / 100 % 100);
+    p = detail::put_pair(p, us % 100);
+    return put(p, 'Z');
 }
 
-void append_value(std::string& out, const Field& f, bool json) {
-    if (auto s = std::get_if<std::string_view>(&f.value)) {
-        if (json) {
-            out += '"';
-            append_json_escaped(out, *s);
-            out += '"';
-        } else {
-            bool quote = s->empty() || s->find_first_of(" \"=") != std::string_view::npos;
-            if (quote) out += '"';
-            append_json_escaped(out, *s);
-            if (quote) out += '"';
-        }
-    } else if (auto i = std::get_if<int64_t>(&f.value)) {
-        char buf[24];
-        auto r = std::to_chars(buf, buf + sizeof buf, *i);
-        out.append(buf, r.ptr);
-    } else if (auto d = std::get_if<double>(&f.value)) {
-        // What "%.3f" writes (to_chars rounds the exact value as printf does), without printf.
-        char buf[352];  // the longest fixed form of a double (about 309 digits) and 3 decimals
-        auto r = std::to_chars(buf, buf + sizeof buf, *d, std::chars_format::fixed, 3);
-        out.append(buf, r.ptr);
-    } else if (auto b = std::get_if<bool>(&f.value)) {
-        out += *b ? "true" : "false";
+// What the fast paths write at most: time, level, keys, quotes, numbers, unescaped strings.
+size_t expected_size(std::string_view message, const Correlation* ids, std::initializer_list<Field> fields) {
+    // {"time":"<time>","level":"<level>","message":"<message>"}\n and ,"trace_id":"<33>","span_id":"<17>"
+    // (put_id copies the ids' arrays whole)
+    size_t n = 9 + kTimeMax + kJsonLevelMax + message.size() + 3 + (ids ? 13 + 33 + 13 + 17 + 1 : 0);
+    for (const auto& f : fields) {
+        n += f.key.size() + 6;  // ,"<key>":"<string>"
+        // -9223372036854775808 is 20; fixed3's fast path writes 18 at most
+        n += f.value.index() == 0 ? std::get<std::string_view>(f.value).size() : 20;
     }
+    return n;
+}
+
+[[gnu::always_inline]] inline char* put_value(LineWriter& out, char* p, const Field& f, bool json) {
+    switch (f.value.index()) {
+    case 0: {
+        auto s = std::get<std::string_view>(f.value);
+        bool quote = json || s.empty() || s.find_first_of(" \"=") != std::string_view::npos;
+        if (quote) p = put(p, '"');
+        p = out.escaped(p, s);
+        if (quote) p = put(p, '"');
+        return p;
+    }
+    case 1: return put_integer(p, std::get<int64_t>(f.value));
+    case 2: return out.fixed3(p, std::get<double>(f.value));  // as "%.3f"
+    case 3: return std::get<bool>(f.value) ? put(p, "true") : put(p, "false");
+    }
+    return p;
 }
 
 }  // namespace
@@ -235,80 +265,56 @@ void configure(Level level, Format format) {
 bool enabled(Level level) { return level >= g_level.load(std::memory_order_relaxed); }
 
 void append_json_escaped(std::string& out, std::string_view s) {
-    static const char* hex = "0123456789abcdef";
-    // Most keys and values need no escape: copy the leading run that needs none in one append.
-    static constexpr auto needs_escape = [] {
-        std::array<bool, 256> t{};
-        for (int c = 0; c < 0x20; ++c) t[size_t(c)] = true;
-        t['"'] = t['\\'] = true;
-        return t;
-    }();
-    size_t plain = 0;
-    while (plain < s.size() && !needs_escape[static_cast<unsigned char>(s[plain])]) ++plain;
-    out.append(s.data(), plain);
-    s.remove_prefix(plain);
-    for (unsigned char c : s) {
-        switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
-        default:
-            if (c < 0x20) {
-                out += "\\u00";
-                out += hex[c >> 4];
-                out += hex[c & 15];
-            } else {
-                out += static_cast<char>(c);
-            }
-        }
-    }
+    LineWriter w(out, s.size());
+    w.finish(w.escaped(w.begin(), s));
 }
 
+// One pass of raw pointer writes into room made once (see core/log_format.h).
 void format_line(std::string& line, Level level, std::string_view message, std::initializer_list<Field> fields) {
+    const Correlation* ids = t_correlation && !t_correlation->empty() ? t_correlation : nullptr;
+    LineWriter out(line, expected_size(message, ids, fields));
+    char* p = out.begin();
     if (g_format.load(std::memory_order_relaxed) == Format::Json) {
-        line += "{\"time\":\"";
-        append_time(line);
-        line += "\",\"level\":\"";
-        line += level_name(level);
-        line += "\",\"message\":\"";
-        append_json_escaped(line, message);
-        line += '"';
-        if (t_correlation && !t_correlation->empty()) {
-            line += ",\"trace_id\":\"";
-            line += t_correlation->trace_id;
-            line += "\",\"span_id\":\"";
-            line += t_correlation->span_id;
-            line += '"';
+        p = put(p, "{\"time\":\"");
+        p = put_time(p);
+        p = put_json_level(p, level);
+        p = out.escaped(p, message);
+        p = put(p, '"');
+        if (ids) {
+            p = put(p, ",\"trace_id\":\"");
+            p = put_id(p, ids->trace_id);
+            p = put(p, "\",\"span_id\":\"");
+            p = put_id(p, ids->span_id);
+            p = put(p, '"');
         }
         for (const auto& f : fields) {
-            line += ",\"";
-            append_json_escaped(line, f.key);
-            line += "\":";
-            append_value(line, f, true);
+            p = put(p, ",\"");
+            p = out.escaped(p, f.key);
+            p = put(p, "\":");
+            p = put_value(out, p, f, true);
         }
-        line += "}\n";
+        p = put(p, "}\n");
     } else {
-        append_time(line);
-        line += ' ';
-        line += level_name(level);
-        line += ' ';
-        line += message;
-        if (t_correlation && !t_correlation->empty()) {
-            line += " trace_id=";
-            line += t_correlation->trace_id;
-            line += " span_id=";
-            line += t_correlation->span_id;
+        p = put_time(p);
+        p = put(p, ' ');
+        p = put(p, level_name(level));
+        p = put(p, ' ');
+        p = put(p, message);
+        if (ids) {
+            p = put(p, " trace_id=");
+            p = put_id(p, ids->trace_id);
+            p = put(p, " span_id=");
+            p = put_id(p, ids->span_id);
         }
         for (const auto& f : fields) {
-            line += ' ';
-            line += f.key;
-            line += '=';
-            append_value(line, f, false);
+            p = put(p, ' ');
+            p = put(p, f.key);
+            p = put(p, '=');
+            p = put_value(out, p, f, false);
         }
-        line += '\n';
+        p = put(p, '\n');
     }
+    out.finish(p);
 }
 
 namespace {

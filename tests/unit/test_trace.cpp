@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <string>
@@ -350,4 +351,21 @@ TEST_CASE("a request's spans say what the request did", "[trace]") {
     CHECK(s["rpc.jsonrpc.request_id"] == "7");
     CHECK(s["network.peer.address"] == "127.0.0.1");
     for (auto& span : spans) CHECK(span.trace_id() == std::string(reinterpret_cast<const char*>(t.ids.trace_id), 16));
+}
+
+TEST_CASE("ids are written as two lowercase hex characters per byte, every byte value", "[trace]") {
+    uint8_t all[256];
+    std::string want;
+    for (int b = 0; b < 256; ++b) {
+        all[b] = uint8_t(b);
+        char two[3];
+        std::snprintf(two, sizeof two, "%02x", b);
+        want += two;
+    }
+    CHECK(hex(all, 256) == want);
+    char traceparent[56] = {};
+    const uint8_t trace_id[16] = {0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36};
+    const uint8_t span_id[8] = {0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7};
+    trace::format_traceparent(trace_id, span_id, 1, traceparent);
+    CHECK(std::string(traceparent, 55) == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
 }
