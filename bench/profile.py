@@ -11,7 +11,8 @@
              zeroed just before the measured load, so start-up and warm-up are left out and the
              report's first line gives instructions per request.
   perf       perf record -e cpu-clock --call-graph dwarf: time samples, kernel included
-             (hardware counters are not available on these VMs).
+             (hardware counters are not available on these VMs). --proxy haproxy (or nginx)
+             profiles that proxy under the same load instead.
   syscalls   perf stat on the syscalls:sys_enter_* tracepoints: system calls per request for
              stepflow-lb, HAProxy and nginx side by side (most of a proxy's CPU is kernel time).
   massif     valgrind --tool=massif with --streams (default 2,000) open SSE streams held through
@@ -111,7 +112,12 @@ def callgrind(args, backends, stamp):
 
 def perf(args, backends, stamp):
     data = os.path.join(B.OUT, f"perf.data.{stamp}")
-    port, proc = start_lb([], backends)
+    if args.proxy == "stepflow-lb":
+        port, proc = start_lb([], backends)
+    else:  # the same load through another proxy, for a side-by-side kernel profile
+        port = B.free_port()
+        proc = B.start_proxy(args.proxy, port, backends, h2=args.load == "h2")
+        B.wait_port(port, proc=proc)
     run_load(args, port, 2)  # warm-up, not recorded
     rec = B.start(["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384",
                    "-o", data, "-p", str(proc.pid)], name="perf")
@@ -229,6 +235,8 @@ def main():
     ap.add_argument("--config", choices=tuple(CONFIGS), default="off",
                     help="callgrind, perf, syscalls: access log off (default), on, or on with 100%% sampled tracing "
                          "to tests/otlp/receiver.mjs (npm ci there first)")
+    ap.add_argument("--proxy", default="stepflow-lb",
+                    help="perf: profile this proxy kind of rps.py (haproxy, nginx) instead of stepflow-lb")
     ap.add_argument("--streams", type=int, default=2000, help="open SSE streams for --tool massif")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--top", type=int, default=40)

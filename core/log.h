@@ -1,6 +1,7 @@
 // Structured logging to stderr: one line per record, JSON or text, lowercase levels.
 // Written here rather than with spdlog because every record carries typed key/value fields that
-// must come out as one JSON object; a small formatter does that with one write(2) per line.
+// must come out as one JSON object; a small formatter (core/log_format.h) writes them into a
+// per-thread buffer, and a writer thread writes many lines per write(2).
 #pragma once
 
 #include <chrono>

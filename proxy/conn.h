@@ -77,6 +77,7 @@ private:
     void init_plain(int fd, bool connecting);
     event* write_event();
     void update_read_event();
+    int write_some();  // one send(2) or writev(2) of the output; what write(2) returns
     void flush();  // write what output holds; arm EV_WRITE only if the kernel would block
     bool waiting() const;
     void update_deadline();
