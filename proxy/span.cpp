@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstring>
 #include <ctime>
 #include <mutex>
@@ -24,6 +25,8 @@ struct Prefix {
     uint32_t status_at = 0;  // offset of the status field, 0: none
     uint32_t flags = 0;      // Span.flags, written last by finish
 };
+
+static_assert(offsetof(Prefix, size) == 0, "record_size() (proxy/span.h) reads a record's first four bytes");
 
 Prefix read_prefix(const char* record) {
     Prefix p;
