@@ -8,6 +8,8 @@
 #include <cstring>
 #include <ctime>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include <event2/event.h>
 
@@ -78,6 +80,9 @@ struct SharedQueue {
     std::mutex mutex;
     std::condition_variable ready;
     std::string records;
+    // Each hand-off's bytes and spans, in order: take() cuts a batch at their boundaries instead
+    // of walking record by record through memory the loop wrote long ago (a cache miss per span).
+    std::vector<std::pair<size_t, size_t>> hand_offs;
     size_t count = 0;
     size_t capacity = 2048;
     size_t batch_size = 512;
@@ -92,8 +97,10 @@ struct SharedQueue {
             size_t take = std::min(room, n);
             if (take < n) dropped.fetch_add(n - take, std::memory_order_relaxed);
             size_t before = count;
+            size_t bytes = take == n ? batch.size() : records_bytes(batch, take);
             if (records.empty() && take == n) records.swap(batch);  // the usual case: no copy
-            else records.append(batch.data(), take == n ? batch.size() : records_bytes(batch, take));
+            else records.append(batch.data(), bytes);
+            if (take) hand_offs.emplace_back(bytes, take);
             count += take;
             wake = before < batch_size && count >= batch_size;  // the exporter waits for a full batch
         }
@@ -293,18 +300,28 @@ size_t Queue::take(std::string& out, size_t max, uint64_t wait_ms) {
     std::unique_lock lock(q.mutex);
     q.ready.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] { return q.woken || q.count >= q.batch_size; });
     q.woken = false;
-    size_t n = std::min(max, q.count);
+    // Whole hand-offs up to `max` spans; only a first hand-off larger than `max` is cut inside.
+    size_t n = 0, bytes = 0, whole = 0;
+    for (; whole < q.hand_offs.size() && n + q.hand_offs[whole].second <= max; ++whole) {
+        bytes += q.hand_offs[whole].first;
+        n += q.hand_offs[whole].second;
+    }
+    q.hand_offs.erase(q.hand_offs.begin(), q.hand_offs.begin() + ptrdiff_t(whole));
+    if (whole == 0 && !q.hand_offs.empty() && max > 0) {
+        n = max;
+        bytes = records_bytes(q.records, n);
+        q.hand_offs.front().first -= bytes;
+        q.hand_offs.front().second -= n;
+    }
     if (out.empty()) {
-        // The buffers change hands; what is over `max` (a few hand-offs' worth) is copied back.
+        // The buffers change hands; what is left (a few hand-offs' worth) is copied back.
         out.swap(q.records);
         q.records.clear();
-        if (n < q.count) {
-            size_t bytes = records_bytes(out, n);
+        if (bytes < out.size()) {
             q.records.append(out, bytes);
             out.resize(bytes);
         }
     } else {
-        size_t bytes = n == q.count ? q.records.size() : records_bytes(q.records, n);
         out.append(q.records.data(), bytes);
         q.records.erase(0, bytes);
     }

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <event2/event.h>
+
 #include "core/trace_context.h"
 #include "otlp.pb.h"
 #include "proxy/otlp_exporter.h"
@@ -252,6 +254,48 @@ TEST_CASE("the span queue takes whole records, at most its capacity", "[trace]")
     }
     CHECK(starts == std::vector<uint64_t>{1, 2, 3});
     trace::Queue::configure(2048, 512);
+}
+
+TEST_CASE("a batch is cut at hand-off boundaries, and inside a hand-off larger than the batch", "[trace]") {
+    std::string spare;
+    while (trace::Queue::take(spare, 100, 0)) spare.clear();  // what earlier tests left
+    event_base* base = event_base_new();
+    trace::attach_loop(base);  // spans now leave once per loop turn
+    auto turn = [&](int first, int n) {
+        for (int i = first; i < first + n; ++i) {
+            trace::SpanData s;
+            s.head.start_ns = uint64_t(i);
+            s.name = std::string(size_t(i) * 3, 'n');
+            trace::write(trace::thread_records(), s);
+            trace::emitted();
+        }
+        event_base_loop(base, EVLOOP_NONBLOCK);  // the turn ends: one hand-off of n spans
+    };
+    turn(1, 5);
+    turn(6, 2);
+    turn(8, 3);
+    CHECK(trace::Queue::size() == 10);
+    auto starts_of = [](const std::string& taken) {
+        std::vector<uint64_t> starts;
+        for (const char* p = taken.data(); p < taken.data() + taken.size(); p += trace::record_size(p)) {
+            otlp::Span span;
+            REQUIRE(span.ParseFromArray(trace::span_bytes(p).data(), int(trace::span_bytes(p).size())));
+            starts.push_back(span.start_time_unix_nano());
+        }
+        return starts;
+    };
+    std::string taken;
+    CHECK(trace::Queue::take(taken, 3, 0) == 3);  // inside the first hand-off
+    CHECK(starts_of(taken) == std::vector<uint64_t>{1, 2, 3});
+    taken.clear();
+    CHECK(trace::Queue::take(taken, 5, 0) == 4);  // the rest of it and the next one: 5 would cut the third
+    CHECK(starts_of(taken) == std::vector<uint64_t>{4, 5, 6, 7});
+    taken.clear();
+    CHECK(trace::Queue::take(taken, 100, 0) == 3);
+    CHECK(starts_of(taken) == std::vector<uint64_t>{8, 9, 10});
+    CHECK(trace::Queue::size() == 0);
+    trace::detach_loop();
+    event_base_free(base);
 }
 
 namespace {
