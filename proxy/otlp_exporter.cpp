@@ -220,7 +220,7 @@ class GrpcChannel {
 public:
     ~GrpcChannel() { reset(); }
 
-    Result call(const OtlpTarget& t, const std::string& message, Clock::time_point deadline) {
+    Result call(const OtlpTarget& t, std::string_view message, Clock::time_point deadline) {
         Result result;
         if (!session_ && !open(t, deadline, result.error)) return result;
         // The gRPC message prefix (not compressed, big-endian length) and the message are read out
@@ -375,7 +375,7 @@ private:
 // OTLP/HTTP: POST <path> with application/x-protobuf on a kept HTTP/1.1 connection.
 class HttpChannel {
 public:
-    Result call(const OtlpTarget& t, const std::string& message, Clock::time_point deadline) {
+    Result call(const OtlpTarget& t, std::string_view message, Clock::time_point deadline) {
         Result result;
         if (!conn_.is_open() && !conn_.open(t, false, deadline, result.error)) return result;
         std::string req = "POST " + t.path + " HTTP/1.1\r\nHost: " + t.host + ":" + std::to_string(t.port) +
@@ -467,8 +467,8 @@ private:
                 if (stopping) return;
                 continue;
             }
-            otlp_exporter::encode(settings_.resource, batch, message);
-            send(message, spans);
+            std::string_view request = otlp_exporter::encode(settings_.resource, batch, message);
+            send(request, spans);
         }
     }
 
@@ -477,13 +477,13 @@ private:
         return stopping_;
     }
 
-    Result attempt(const std::string& message) {
+    Result attempt(std::string_view message) {
         auto deadline = Clock::now() + settings_.export_timeout;
         if (settings_.target.protocol == OtlpTarget::Protocol::Grpc) return grpc_.call(settings_.target, message, deadline);
         return http_.call(settings_.target, message, deadline);
     }
 
-    void send(const std::string& message, size_t spans) {
+    void send(std::string_view message, size_t spans) {
         auto& m = Metrics::get();
         auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kFirstBackoff);
         for (int n = 1;; ++n) {
@@ -533,40 +533,46 @@ Exporter* g_exporter = nullptr;
 
 namespace otlp_exporter {
 
-void encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
-            std::string& out) {
+std::string_view encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
+                        std::string& out) {
     using namespace otlp_wire;
-    // The spans are OTLP Span bytes already (proxy/span.h): the request wraps them, sizes first.
+    // The spans are OTLP Span bytes already (proxy/span.h). They are copied in one pass, after
+    // room left in front for the wrappers, whose lengths are known only once the spans are in:
+    // the records are read once, as they are copied.
     static const std::string_view scope_name = "stepflow-lb", scope_version = STEPFLOW_LB_VERSION;
     size_t scope_size = bytes_field_size(1, scope_name.size()) + bytes_field_size(2, scope_version.size());
-    size_t spans_size = 0;
-    for (const char* p = records.data(); p < records.data() + records.size(); p += trace::record_size(p))
-        spans_size += bytes_field_size(2, trace::span_bytes(p).size());
-    size_t scope_spans_size = bytes_field_size(1, scope_size) + spans_size;
     size_t resource_size = 0;
     for (auto& [k, v] : resource) resource_size += string_key_value_size(1, k, v);
     // The resource is written when it has attributes (as protobuf did: mutable_resource() per attribute).
-    size_t resource_spans_size =
-        (resource.empty() ? 0 : bytes_field_size(1, resource_size)) + bytes_field_size(2, scope_spans_size);
-    size_t total = bytes_field_size(1, resource_spans_size);
-    out.resize(total);  // written in place below: every byte is accounted for in the sizes above
-    char* p = out.data();
-    put_tag(p, 1, kLen);  // ExportTraceServiceRequest.resource_spans
-    put_varint(p, resource_spans_size);
-    if (!resource.empty()) {
-        put_tag(p, 1, kLen);  // ResourceSpans.resource
-        put_varint(p, resource_size);
-        for (auto& [k, v] : resource) put_string_key_value(p, 1, k, v);
-    }
-    put_tag(p, 2, kLen);  // ResourceSpans.scope_spans
-    put_varint(p, scope_spans_size);
-    put_tag(p, 1, kLen);  // ScopeSpans.scope
-    put_varint(p, scope_size);
-    put_bytes(p, 1, scope_name);
-    put_bytes(p, 2, scope_version);
+    size_t resource_part = resource.empty() ? 0 : bytes_field_size(1, resource_size);
+    size_t front = (1 + 5) + resource_part + (1 + 5) + bytes_field_size(1, scope_size);
+    // A record's prefix (16 bytes) is longer than a span's tag and length (6 at most).
+    out.resize(front + records.size());
+    char* spans = out.data() + front;
+    char* p = spans;
     for (const char* r = records.data(); r < records.data() + records.size(); r += trace::record_size(r))
         put_bytes(p, 2, trace::span_bytes(r));  // ScopeSpans.spans
-    if (size_t(p - out.data()) != total) std::abort();  // a size function and its writer disagree
+    size_t scope_spans_size = bytes_field_size(1, scope_size) + size_t(p - spans);
+    size_t resource_spans_size = resource_part + bytes_field_size(2, scope_spans_size);
+    size_t head = tag_size(1) + varint_size(resource_spans_size) + resource_part + tag_size(2) +
+                  varint_size(scope_spans_size) + bytes_field_size(1, scope_size);
+    char* start = spans - head;
+    char* q = start;
+    put_tag(q, 1, kLen);  // ExportTraceServiceRequest.resource_spans
+    put_varint(q, resource_spans_size);
+    if (!resource.empty()) {
+        put_tag(q, 1, kLen);  // ResourceSpans.resource
+        put_varint(q, resource_size);
+        for (auto& [k, v] : resource) put_string_key_value(q, 1, k, v);
+    }
+    put_tag(q, 2, kLen);  // ResourceSpans.scope_spans
+    put_varint(q, scope_spans_size);
+    put_tag(q, 1, kLen);  // ScopeSpans.scope
+    put_varint(q, scope_size);
+    put_bytes(q, 1, scope_name);
+    put_bytes(q, 2, scope_version);
+    if (q != spans) std::abort();  // a size function and its writer disagree
+    return {start, size_t(p - start)};
 }
 
 void start(const ExporterSettings& settings) {

@@ -18,9 +18,10 @@
 namespace stepflow {
 namespace otlp_exporter {
 // An ExportTraceServiceRequest (protobuf wire format) of the span `records` (proxy/span.h) under
-// one resource and our instrumentation scope, into `out`.
-void encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
-            std::string& out);
+// one resource and our instrumentation scope, written into `out`: the request is the returned
+// view, which starts a little after out's beginning.
+std::string_view encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
+                        std::string& out);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);

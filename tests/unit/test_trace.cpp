@@ -213,16 +213,13 @@ TEST_CASE("spans are encoded as protobuf encodes the OTLP messages", "[trace]") 
     std::vector<std::pair<std::string, std::string>> resource = {{"service.name", "stepflow-lb"},
                                                                  {"k8s.namespace.name", ""}, {"", "v"}};
     std::string records = records_of(spans);
-    std::string ours;
-    otlp_exporter::encode(resource, records, ours);
-    CHECK(ours == protobuf_encode(resource, spans));
-    otlp_exporter::encode({}, records, ours);
-    CHECK(ours == protobuf_encode({}, spans));
-    otlp_exporter::encode(resource, {}, ours);
-    CHECK(ours == protobuf_encode(resource, {}));
+    std::string buffer;
+    CHECK(otlp_exporter::encode(resource, records, buffer) == protobuf_encode(resource, spans));
+    CHECK(otlp_exporter::encode({}, records, buffer) == protobuf_encode({}, spans));
+    CHECK(otlp_exporter::encode(resource, {}, buffer) == protobuf_encode(resource, {}));
     // Decoded by protobuf, the request says what the spans said.
     otlp::ExportTraceServiceRequest decoded;
-    otlp_exporter::encode(resource, records, ours);
+    std::string ours(otlp_exporter::encode(resource, records, buffer));
     REQUIRE(decoded.ParseFromString(ours));
     REQUIRE(decoded.resource_spans(0).scope_spans(0).spans_size() == 6);
     CHECK(decoded.resource_spans(0).scope_spans(0).spans(0).attributes(6).value().double_value() == 12.625);
@@ -303,8 +300,8 @@ namespace {
 std::vector<otlp::Span> exported() {
     std::string records;
     while (trace::Queue::take(records, 1000, 0)) {}
-    std::string message;
-    otlp_exporter::encode({}, records, message);
+    std::string buffer;
+    std::string message(otlp_exporter::encode({}, records, buffer));
     otlp::ExportTraceServiceRequest decoded;
     REQUIRE(decoded.ParseFromString(message));
     std::vector<otlp::Span> spans;
