@@ -260,24 +260,24 @@ int Conn::write_some() {
     constexpr int kVecs = 16;
     constexpr size_t kGather = 4096;
     evbuffer_iovec vec[kVecs];
-    int nvec = evbuffer_peek(out_, -1, nullptr, vec, kVecs);
-    if (nvec <= 0) return 0;
+    int chains = evbuffer_peek(out_, -1, nullptr, vec, kVecs);  // may exceed kVecs: the rest waits
+    if (chains <= 0) return 0;
+    int used = std::min(chains, kVecs);
     size_t total = 0;
-    for (int i = 0; i < std::min(nvec, kVecs); ++i) total += vec[i].iov_len;
+    for (int i = 0; i < used; ++i) total += vec[i].iov_len;
     ssize_t n;
-    if (nvec == 1) {
-        n = ::send(fd_, vec[0].iov_base, vec[0].iov_len, MSG_NOSIGNAL);
-    } else if (nvec <= kVecs && total <= kGather) {
+    if (used == 1) {
+        n = ::send(fd_, vec[0].iov_base, total, MSG_NOSIGNAL);
+    } else if (chains == used && total <= kGather) {
         char gathered[kGather];
         size_t at = 0;
-        for (int i = 0; i < nvec; ++i) {
+        for (int i = 0; i < used; ++i) {
             std::memcpy(gathered + at, vec[i].iov_base, vec[i].iov_len);
             at += vec[i].iov_len;
         }
-        n = ::send(fd_, gathered, at, MSG_NOSIGNAL);
+        n = ::send(fd_, gathered, total, MSG_NOSIGNAL);
     } else {
         iovec iov[kVecs];
-        int used = std::min(nvec, kVecs);
         for (int i = 0; i < used; ++i) iov[i] = {vec[i].iov_base, vec[i].iov_len};
         n = ::writev(fd_, iov, used);
     }

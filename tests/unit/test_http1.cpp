@@ -283,22 +283,19 @@ TEST_CASE("iequals compares ASCII case-insensitively, word by word and byte by b
 TEST_CASE("field values are scanned whole words at a time, stopping at CTLs and DEL", "[http1]") {
     // A value with one forbidden byte at each position, in values of 1..24 bytes: the head must
     // be refused, whatever word the byte falls in; HTAB and obs-text are accepted.
+    // The status of a head whose X-V value is n 'v's with `byte` at `at`.
+    auto status_with = [](size_t n, size_t at, int byte) {
+        std::string value(n, 'v');
+        value[at] = char(byte);
+        Head head;
+        return parse("GET / HTTP/1.1\r\nHost: h\r\nX-V: " + value + "\r\n\r\n", head).status;
+    };
     for (size_t n = 1; n <= 24; ++n) {
         for (size_t at = 0; at < n; ++at) {
-            for (int bad : {0x00, 0x01, 0x0b, 0x1f, 0x7f}) {
-                std::string value(n, 'v');
-                value[at] = char(bad);
-                Head head;
-                Error e = parse("GET / HTTP/1.1\r\nHost: h\r\nX-V: " + value + "\r\n\r\n", head);
-                if (e.status != 400) FAIL("n=" << n << " at=" << at << " byte=" << bad << " status=" << e.status);
-            }
-            for (int fine : {0x09, 0x20, 0x7e, 0x80, 0xff}) {
-                std::string value(n, 'v');
-                value[at] = char(fine);
-                Head head;
-                Error e = parse("GET / HTTP/1.1\r\nHost: h\r\nX-V: " + value + "\r\n\r\n", head);
-                if (e.status != 0) FAIL("n=" << n << " at=" << at << " byte=" << fine << " status=" << e.status);
-            }
+            for (int bad : {0x00, 0x01, 0x0b, 0x1f, 0x7f})
+                if (int s = status_with(n, at, bad); s != 400) FAIL("n=" << n << " at=" << at << " byte=" << bad << " status=" << s);
+            for (int fine : {0x09, 0x20, 0x7e, 0x80, 0xff})
+                if (int s = status_with(n, at, fine); s != 0) FAIL("n=" << n << " at=" << at << " byte=" << fine << " status=" << s);
         }
     }
 }
