@@ -155,7 +155,9 @@ bool Exchange::dispatch(bool from_queue) {
 
 bool Exchange::enqueue(bool at_front) {
     switch (pending_->queue.join(thread_, this, at_front, pending_->cold_start, pending_->retries_spent)) {
-    case QueueTicket::Join::Waiting: return true;
+    case QueueTicket::Join::Waiting:
+        if (trace_ && trace_->recording) pending_->queued_unix_ns = trace::now_ns();
+        return true;
     case QueueTicket::Join::Full: return false;
     case QueueTicket::Join::DeadlinePassed:
         count_refused(Failure::QueueTimeout, decision_);
@@ -165,19 +167,15 @@ bool Exchange::enqueue(bool at_front) {
     return true;
 }
 
-// Ends this request's place in the queue (dispatched, timed out, or cancelled).
-void Exchange::leave_queue() {
+// Ends this request's place in the queue (dispatched, timed out, or cancelled). A traced wait
+// ends at `until_unix_ns` when given: the moment the slot was offered, before the attempt began.
+void Exchange::leave_queue(uint64_t until_unix_ns) {
     if (!pending_) return;
     double ms = pending_->queue.leave(thread_);
     if (ms < 0) return;
     queue_wait_ms_ += ms;
-    note_queue_wait(ms);
-}
-
-void Exchange::note_queue_wait(double ms) {
-    if (!trace_ || !trace_->recording) return;
-    uint64_t now = trace::now_ns();
-    trace_->note_queue_wait(now - uint64_t(ms * 1e6), now);
+    if (trace_ && trace_->recording && pending_->queued_unix_ns)
+        trace_->note_queue_wait(pending_->queued_unix_ns, until_unix_ns ? until_unix_ns : trace::now_ns());
 }
 
 void Exchange::slot_offered() {
@@ -186,8 +184,9 @@ void Exchange::slot_offered() {
     pending_->queue.handed_over();
     if (finished_) return;
     pending_->tried_count = 0;  // a slot freed since: every instance may be tried again
+    uint64_t offered_ns = trace_ && trace_->recording ? trace::now_ns() : 0;  // the wait ends before the attempt
     if (dispatch(true) && pending_ && !pending_->queue.queued() && !finished_) {
-        leave_queue();
+        leave_queue(offered_ns);
         // Room left where this one went (an unlimited instance, or a fleet just woken up): the
         // next in line goes too, without waiting for a request to end or the admission tick.
         if (holds_new_work_slot_ && instance_ && instance_->capacity.has_room()) offer_queued_work();

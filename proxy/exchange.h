@@ -115,7 +115,7 @@ private:
     bool connect_to(const InstancePtr& inst, bool fresh = false);
     bool dispatch(bool from_queue);
     bool enqueue(bool at_front);
-    void leave_queue();
+    void leave_queue(uint64_t until_unix_ns = 0);
     static void on_queue_timeout(void* arg);
     void failed_before_response(Failure f, const char* why);
     void give_up(Failure f, const char* why);
@@ -135,7 +135,6 @@ private:
     static void on_request_deadline(void* arg);
     void request_sent_check();
     const log::Correlation* correlation() const { return trace_ ? trace_->correlation() : nullptr; }
-    void note_queue_wait(double ms);
     void note_jsonrpc_body();
 
     static constexpr size_t kMaxAttempts = 12;  // instances tried for one unpinned request
@@ -158,6 +157,7 @@ private:
         bool retries_spent = false;   // refused with no retry left: only instances answering again take it
         bool repeatable = false;      // may run twice without harm (proxy/delivery.h may_repeat)
         bool pinned_retried = false;  // pinned work gets one fresh connection after our own failure
+        uint64_t queued_unix_ns = 0;  // traced only: when the current wait in the queue began
         // --upstream-request-timeout: from the head's send until the worker took the whole body.
         Deadline request_deadline;
         ReplayBuffer replay;

@@ -51,7 +51,7 @@ struct RequestTrace {
         rec.reset();
     }
     const log::Correlation* correlation() const { return active ? &log_ids : nullptr; }
-    // The admission queue held the request from `from` to `to` (steady clock ms ago, unix ns).
+    // The admission queue held the request from `from` to `to` (unix ns).
     void note_queue_wait(uint64_t from_ns, uint64_t to_ns) {
         if (recording) rec->queue_waits.emplace_back(from_ns, to_ns);
     }

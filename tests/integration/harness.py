@@ -296,6 +296,7 @@ def check(cond, message):
 def run_tests():
     only = sys.argv[1:]
     passed = failed = 0
+    failures = []  # repeated at the end: a CI log that keeps only the tail still names them
     for fn in _tests:
         if only and fn.__name__ not in only:
             continue
@@ -304,12 +305,15 @@ def run_tests():
             fn()
             passed += 1
             print(f"PASS  {fn.__name__} ({time.monotonic() - start:.2f}s)", flush=True)
-        except Exception:
+        except Exception as e:
             failed += 1
             print(f"FAIL  {fn.__name__}", flush=True)
             traceback.print_exc(file=sys.stdout)
+            failures.append(f"{fn.__name__}: {type(e).__name__}: {str(e)[:600]}")
         finally:
             _kill_all()
             _started.clear()
+    for line in failures:
+        print(f"FAILED  {line}", flush=True)
     print(f"{passed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)

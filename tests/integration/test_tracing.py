@@ -306,6 +306,64 @@ def a_queued_request_shows_its_wait_as_a_child_span():
     print("EXAMPLE queued trace:", json.dumps(spans))
 
 
+class LateRefuser(Refuser):
+    """A Refuser whose /health fails until `ready` is set."""
+    ready = threading.Event()
+
+    def do_GET(self):
+        if self.ready.is_set():
+            return super().do_GET()
+        self._send(503, {"status": "starting"})
+
+
+@test
+def a_call_refused_then_queued_shows_both_in_one_trace():
+    # The worker is busy with a call that went there while the refuser was not yet healthy, so
+    # the next call goes to the refuser, is turned away (-32300: it did not run), finds no
+    # instance with room (the refuser cools down for 10 s) and waits in the queue until the
+    # worker is free: attempt 1, a queue wait, attempt 2, all in one trace.
+    rx = Receiver()
+    w = Worker("a", max_concurrency=1)
+    refuser = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LateRefuser)
+    threading.Thread(target=refuser.serve_forever, daemon=True).start()
+    lb = Balancer([w.address, f"127.0.0.1:{refuser.server_address[1]}"],
+                  args=tracing_args(rx, extra=["--capacity-recovery-interval", "10s", "--threads", "1",
+                                               "--health-interval", "200ms"]))
+    lb.wait_healthy(1)
+    held = threading.Thread(target=lambda: lb.execute("/sleep", {"ms": 3000}))
+    held.start()
+    wait_for(lambda: lb.in_flight_total() == 1, 5, "the first call in flight on the worker")
+    LateRefuser.ready.set()
+    lb.wait_healthy(2)
+    check(lb.in_flight_total() == 1, "the first call is still running when the second arrives")
+    trace = "ab" * 16
+    r = lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    held.join()
+    check(r.status == 200, f"the call was answered: {r.status}")
+    spans = rx.wait_trace(trace, 4)
+    brief = [(s["kind"], s["name"], s["attributes"].get("stepflow.instance.id"), s["attributes"].get("stepflow.failure"),
+              s["startTimeUnixNano"], s["endTimeUnixNano"]) for s in spans]
+    server = one(spans, SERVER)
+    wait = one(spans, INTERNAL, name="admission queue")
+    attempts = sorted([s for s in spans if s["kind"] == CLIENT], key=lambda s: s["attributes"]["stepflow.attempt"])
+    check(len(attempts) == 2, f"two attempts: {brief}")
+    check({s["parentSpanId"] for s in attempts + [wait]} == {server["spanId"]}, "all under the server span")
+    first, second = attempts
+    check(first["attributes"].get("stepflow.failure") == "worker-at-capacity" and first["status"]["code"] == 2,
+          f"the refuser turned the first attempt away: {first}")
+    check(int(first["endTimeUnixNano"]) <= int(wait["startTimeUnixNano"])
+          and int(wait["endTimeUnixNano"]) <= int(second["startTimeUnixNano"]),
+          f"attempt 1, then the wait, then attempt 2: {first['endTimeUnixNano']} {wait['startTimeUnixNano']} "
+          f"{wait['endTimeUnixNano']} {second['startTimeUnixNano']}")
+    check(second["attributes"].get("stepflow.instance.id") == w.instance_id and second["status"]["code"] == 0,
+          f"the worker ran it: {second}")
+    check(server["attributes"]["stepflow.retries"] == 1 and server["attributes"]["stepflow.attempts"] == 2
+          and server["attributes"]["stepflow.queue_wait_ms"] > 0, f"{server['attributes']}")
+    refuser.shutdown()
+    refuser.server_close()
+    print("EXAMPLE refused, then queued trace:", json.dumps(spans))
+
+
 def dropped(lb):
     return (lb.metric("stepflow_lb_trace_spans_dropped_total") or 0)
 

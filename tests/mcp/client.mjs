@@ -43,6 +43,10 @@ async function runSession(index) {
   const result = { index, instance: null, calls: 0, notifications: 0, names: new Set(), error: null, deleted: false };
   const client = new Client({ name: `test-client-${index}`, version: '1.0.0' });
   let notified = 0;
+  // Transport errors (a GET stream refused or cut) do not fail a call: kept to explain a session
+  // that never saw a notification.
+  const transportErrors = [];
+  client.onerror = (e) => { if (transportErrors.length < 5) transportErrors.push(String(e?.message ?? e)); };
   client.setNotificationHandler(LoggingMessageNotificationSchema, (n) => {
     notified++;
     result.notifications++;
@@ -73,7 +77,9 @@ async function runSession(index) {
       await whoami(client, result);
       if (notified === 0) await sleep(100);
     }
-    if (notified === 0) throw new Error('no notification on the GET stream');
+    if (notified === 0) {
+      throw new Error(`no notification on the GET stream (transport errors: ${JSON.stringify(transportErrors)})`);
+    }
     result.finalSessionId = transport.sessionId;
     await transport.terminateSession();
     result.deleted = true;
