@@ -330,7 +330,7 @@ def a_call_refused_then_queued_shows_both_in_one_trace():
                   args=tracing_args(rx, extra=["--capacity-recovery-interval", "10s", "--threads", "1",
                                                "--health-interval", "200ms"]))
     lb.wait_healthy(1)
-    held = threading.Thread(target=lambda: lb.execute("/sleep", {"ms": 3000}))
+    held = threading.Thread(target=lambda: lb.execute("/sleep", {"ms": 4000}))
     held.start()
     wait_for(lambda: lb.in_flight_total() == 1, 5, "the first call in flight on the worker")
     LateRefuser.ready.set()

@@ -7,8 +7,9 @@
 // tool `whoami` CALLS times, waits until its standalone GET SSE stream brought a notification,
 // then ends the session with DELETE. Every answer and notification names the server instance;
 // a session that meets two names is split. With `hold`, every session stops after its first
-// calls, the process prints "ready" and waits for a line on stdin before going on (the test
-// restarts or kills something meanwhile); MCP_HOLDS=N makes N such stops, one call apart. Prints one JSON summary line and exits 0.
+// call, once its GET stream brought a notification; when all have, the process prints "ready" and
+// waits for a line on stdin before going on (the test restarts or kills something meanwhile);
+// MCP_HOLDS=N makes N such stops, one call apart. Prints one JSON summary line and exits 0.
 import readline from 'node:readline';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
@@ -59,19 +60,9 @@ async function runSession(index) {
     reconnectionOptions: { initialReconnectionDelay: 250, maxReconnectionDelay: 2000, reconnectionDelayGrowFactor: 1.5,
                            maxRetries: 30 },
   });
-  let reached = 0;  // hold points this session arrived at
-  try {
-    await client.connect(transport);
-    result.sessionId = transport.sessionId;
-    for (; reached < HOLDS; reached++) {
-      await whoami(client, result);
-      rounds[reached].arrive();
-      await rounds[reached].released;
-    }
-    if (hold) notified = 0;  // from here on, a notification must come over the stream as it is now
-    for (let i = HOLDS; i < calls; i++) await whoami(client, result);
-    // The GET stream opens after initialize, on its own schedule (and reopens after a cut):
-    // keep calling until a notification arrived on it.
+  // The GET stream opens after initialize, on its own schedule (and reopens after a cut): keep
+  // calling until a notification arrived on it.
+  const untilNotified = async () => {
     const deadline = Date.now() + NOTIFICATION_WAIT_MS;
     while (notified === 0 && Date.now() < deadline) {
       await whoami(client, result);
@@ -80,6 +71,23 @@ async function runSession(index) {
     if (notified === 0) {
       throw new Error(`no notification on the GET stream (transport errors: ${JSON.stringify(transportErrors)})`);
     }
+  };
+  let reached = 0;  // hold points this session arrived at
+  try {
+    await client.connect(transport);
+    result.sessionId = transport.sessionId;
+    for (; reached < HOLDS; reached++) {
+      await whoami(client, result);
+      // A session holds only once its GET stream is open: the SDK reopens a stream that was cut,
+      // but never retries a first GET that failed, as one still in flight when the test kills the
+      // balancer at the hold does.
+      if (reached === 0) await untilNotified();
+      rounds[reached].arrive();
+      await rounds[reached].released;
+    }
+    if (hold) notified = 0;  // from here on, a notification must come over the stream as it is now
+    for (let i = HOLDS; i < calls; i++) await whoami(client, result);
+    await untilNotified();
     result.finalSessionId = transport.sessionId;
     await transport.terminateSession();
     result.deleted = true;
