@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """h2c (HTTP/2 over cleartext, prior knowledge) POST through stepflow-lb, HAProxy and nginx.
 
-    python3 bench/h2.py [--rounds 5] [--duration 8] [--clients 16] [--streams 10]
+    python3 bench/h2.py [--rounds 5] [--duration 8] [--clients 16] [--streams 10] [--rate N]
 
 h2load opens 16 connections with 10 concurrent streams each and POSTs the small JSON-RPC body;
 the proxies speak HTTP/1.1 to the nginx backends. Same figures and method as rps.py: req/s, p50
 and p99 (from h2load's per-request log) and the balancer's CPU time per request. A proxy that
 does not accept h2c is reported as "not supported yet" instead of failing the run. Disturbed
 runs are handled as in rps.py.
+
+--rate N offers N requests per second in all (h2load --rps, spread over the clients) instead of
+as many as the proxy answers. At full speed a slower configuration also changes the machine's
+rhythm (fewer requests per wake-up and per system call, a receiver on the load core taking time
+from the load generator), so its CPU per request mixes its own cost with that; at one rate below
+every proxy's capacity, CPU per request compares the work alone.
 """
 import argparse
 import os
@@ -24,9 +30,11 @@ def body_file():
     return path
 
 
-def h2load(port, clients, streams, seconds=None, requests=None, pid=None, logfile=None):
+def h2load(port, clients, streams, seconds=None, requests=None, pid=None, logfile=None, rate=None):
     argv = ["taskset", "-c", B.LOAD_CPU, "h2load", "-t1", f"-c{clients}", f"-m{streams}",
             "-d", body_file(), "-H", "content-type: application/json"]
+    if rate:
+        argv.append(f"--rps={max(1, rate // clients)}")
     argv += [f"-D{seconds}"] if seconds else [f"-n{requests}"]
     if logfile:
         argv += [f"--log-file={logfile}"]
@@ -73,6 +81,7 @@ def main():
     ap.add_argument("--duration", type=int, default=8, help="seconds per run")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--streams", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=0, help="requests per second offered in all (0: as fast as answered)")
     ap.add_argument("--retries", type=int, default=1, help="repeats of a run disturbed by other processes")
     ap.add_argument("--proxies", default=",".join(B.PROXIES))
     args = ap.parse_args()
@@ -99,7 +108,7 @@ def main():
         rnd = {}
         for kind, (port, proc) in procs.items():
             rnd[kind] = B.quietest(lambda: h2load(port, args.clients, args.streams, seconds=args.duration,
-                                                  pid=proc.pid, logfile=logfile), args.retries)
+                                                  pid=proc.pid, logfile=logfile, rate=args.rate), args.retries)
             B.log(f"round {r + 1} {kind}: {rnd[kind]}")
         rounds.append(rnd)
 
@@ -110,7 +119,8 @@ def main():
             continue
         rows.append(B.throughput_row(rounds, kind, kind != "haproxy" and "haproxy" in procs,
                                      sum(rnd[kind]["errors"] + rnd[kind]["non2xx"] for rnd in rounds)))
-    text = (f"### h2c POST, {args.clients} connections x {args.streams} streams, {args.rounds} rounds x "
+    offered = f", {args.rate} req/s offered" if args.rate else ""
+    text = (f"### h2c POST, {args.clients} connections x {args.streams} streams{offered}, {args.rounds} rounds x "
             f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(B.THROUGHPUT_HEAD, rows)
             + B.noise_note(rounds))
     print(text)
