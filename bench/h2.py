@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """h2c (HTTP/2 over cleartext, prior knowledge) POST through stepflow-lb, HAProxy and nginx.
 
-    python3 bench/h2.py [--rounds 5] [--duration 8] [--clients 16] [--streams 10] [--rate N]
+    python3 bench/h2.py [--rounds 5] [--duration 8] [--clients 16] [--streams 10] [--rate N] [--h1]
 
 h2load opens 16 connections with 10 concurrent streams each and POSTs the small JSON-RPC body;
 the proxies speak HTTP/1.1 to the nginx backends. Same figures and method as rps.py: req/s, p50
@@ -13,7 +13,9 @@ runs are handled as in rps.py.
 as many as the proxy answers. At full speed a slower configuration also changes the machine's
 rhythm (fewer requests per wake-up and per system call, a receiver on the load core taking time
 from the load generator), so its CPU per request mixes its own cost with that; at one rate below
-every proxy's capacity, CPU per request compares the work alone.
+every proxy's capacity, CPU per request compares the work alone. --h1 sends the same load as
+HTTP/1.1 keep-alive requests (h2load --h1; --streams 1 for one request at a time per connection,
+as wrk does in rps.py, which cannot hold a rate).
 """
 import argparse
 import os
@@ -30,9 +32,9 @@ def body_file():
     return path
 
 
-def h2load(port, clients, streams, seconds=None, requests=None, pid=None, logfile=None, rate=None):
+def h2load(port, clients, streams, seconds=None, requests=None, pid=None, logfile=None, rate=None, h1=False):
     argv = ["taskset", "-c", B.LOAD_CPU, "h2load", "-t1", f"-c{clients}", f"-m{streams}",
-            "-d", body_file(), "-H", "content-type: application/json"]
+            "-d", body_file(), "-H", "content-type: application/json"] + (["--h1"] if h1 else [])
     if rate:
         argv.append(f"--rps={max(1, rate // clients)}")
     argv += [f"-D{seconds}"] if seconds else [f"-n{requests}"]
@@ -82,6 +84,7 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--streams", type=int, default=10)
     ap.add_argument("--rate", type=int, default=0, help="requests per second offered in all (0: as fast as answered)")
+    ap.add_argument("--h1", action="store_true", help="HTTP/1.1 keep-alive instead of h2c")
     ap.add_argument("--retries", type=int, default=1, help="repeats of a run disturbed by other processes")
     ap.add_argument("--proxies", default=",".join(B.PROXIES))
     args = ap.parse_args()
@@ -91,14 +94,14 @@ def main():
     procs, unsupported = {}, {}
     for kind in args.proxies.split(","):
         port = B.free_port()
-        proc = B.start_proxy(kind, port, backends, h2=True)
-        probe = h2load(port, 1, 1, requests=20)
+        proc = B.start_proxy(kind, port, backends, h2=not args.h1)
+        probe = h2load(port, 1, 1, requests=20, h1=args.h1)
         if probe["ok"] < 20:
             unsupported[kind] = probe
             B.log(f"{kind}: h2c not accepted ({probe}); reported as not supported yet")
             B.stop(proc)
             continue
-        h2load(port, args.clients, args.streams, seconds=2)  # warm-up
+        h2load(port, args.clients, args.streams, seconds=2, h1=args.h1)  # warm-up
         procs[kind] = (port, proc)
         B.log(f"{kind} ready on :{port}")
 
@@ -108,7 +111,8 @@ def main():
         rnd = {}
         for kind, (port, proc) in procs.items():
             rnd[kind] = B.quietest(lambda: h2load(port, args.clients, args.streams, seconds=args.duration,
-                                                  pid=proc.pid, logfile=logfile, rate=args.rate), args.retries)
+                                                  pid=proc.pid, logfile=logfile, rate=args.rate, h1=args.h1),
+                                   args.retries)
             B.log(f"round {r + 1} {kind}: {rnd[kind]}")
         rounds.append(rnd)
 
@@ -120,11 +124,11 @@ def main():
         rows.append(B.throughput_row(rounds, kind, kind != "haproxy" and "haproxy" in procs,
                                      sum(rnd[kind]["errors"] + rnd[kind]["non2xx"] for rnd in rounds)))
     offered = f", {args.rate} req/s offered" if args.rate else ""
-    text = (f"### h2c POST, {args.clients} connections x {args.streams} streams{offered}, {args.rounds} rounds x "
+    text = (f"### {'HTTP/1.1 keep-alive' if args.h1 else 'h2c'} POST, {args.clients} connections x {args.streams} streams{offered}, {args.rounds} rounds x "
             f"{args.duration} s (median (min..max); ratios per round)\n\n" + B.table(B.THROUGHPUT_HEAD, rows)
             + B.noise_note(rounds))
     print(text)
-    B.save("h2", {"args": vars(args), "versions": B.versions(), "rounds": rounds,
+    B.save("h1-rate" if args.h1 else "h2", {"args": vars(args), "versions": B.versions(), "rounds": rounds,
                   "unsupported": list(unsupported)}, text)
 
 
