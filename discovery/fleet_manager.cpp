@@ -42,7 +42,11 @@ FleetManager::~FleetManager() {
 void FleetManager::pace_checks(Backend& b) {
     if (!b.probe) return;
     bool out_for_health = !b.instance || !b.instance->healthy.load(std::memory_order_relaxed);
-    auto pace = out_for_health ? config_.health_interval_down : config_.health_interval;
+    // A routable instance whose last check failed is checked at the down pace too (HAProxy's
+    // fastinter): a worker that stopped answering /health goes out after --max-failures down
+    // intervals, not --max-failures full ones, and one blip costs one quick re-check.
+    bool failing = b.instance && b.instance->check_failures.load(std::memory_order_relaxed) > 0;
+    auto pace = out_for_health || failing ? config_.health_interval_down : config_.health_interval;
     // A refused connect soon after the backend last passed: its host is up and its process is
     // not listening, as while a container restarts. Such a check is one round trip, so it runs
     // often and the worker takes work again about as soon as it listens; the window keeps

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 
+import stepflow_client as client
 from harness import Balancer, Worker, check, free_port, lb_binary, run_tests, test, wait_for
 
 SLOW_UP = ["--health-interval", "60s", "--health-interval-down", "200ms", "--cold-start-timeout", "0"]
@@ -131,6 +132,26 @@ def a_bad_down_interval_is_refused_at_start_up():
                              capture_output=True, text=True, timeout=20, env=env)
         check(out.returncode == 2, f"{value}: exit {out.returncode}, stderr {out.stderr!r}")
         check("--health-interval-down" in out.stderr, f"{value}: message names the flag: {out.stderr!r}")
+
+
+@test
+def a_routable_instance_whose_check_failed_is_rechecked_at_the_down_interval():
+    # --max-failures 1000 keeps it routable while its checks fail, so the pace in force can be
+    # read at leisure: the down interval from the first failed check until one passes.
+    w = Worker("flaky")
+    lb = Balancer([w.address], args=["--health-interval", "2s", "--health-interval-down", "200ms",
+                                     "--max-failures", "1000"])
+    lb.wait_healthy(1)
+    check(lb.backend(w.address)["checkIntervalMs"] == 2000, lb.backend(w.address))
+    client.set_health("127.0.0.1", w.port, False)
+    wait_for(lambda: lb.backend(w.address)["consecutiveFailures"] >= 1, 10, "a failed check")
+    b = lb.backend(w.address)
+    check(b["state"] == "healthy" and b["routable"], f"still routable after one failed check: {b}")
+    check(b["checkIntervalMs"] == 200, f"rechecked at the down interval, not every 2 s: {b}")
+    wait_for(lambda: lb.backend(w.address)["consecutiveFailures"] >= 3, 5, "more failed checks at the quick pace")
+    client.set_health("127.0.0.1", w.port, True)
+    wait_for(lambda: lb.backend(w.address)["consecutiveFailures"] == 0, 5, "a passed check")
+    check(lb.backend(w.address)["checkIntervalMs"] == 2000, f"back to the normal pace: {lb.backend(w.address)}")
 
 
 run_tests()
