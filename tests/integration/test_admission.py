@@ -49,12 +49,13 @@ def a_burst_beyond_fleet_capacity_all_succeeds_without_overloading_a_worker():
     check(not any(at_capacity_seen(r) for r in results), "no client saw -32300")
     for w in workers:
         h = w.health()
-        # (The example worker frees its slot just after writing the response, so a request sent at
-        # once on the freed slot can still meet a -32300, which is retried, never shown.)
+        # (A request sent at once on a freed slot could still meet a -32300 from a worker that frees
+        # its slot after answering; it is retried, never shown.)
         check(h["maxInFlight"] <= 2, f"worker stayed within its limit: {h}")
     check(lb.metric("stepflow_lb_queue_wait_seconds_count") >= 1, "some requests waited in the queue")
-    waited = [x for x in lb.logs("request") if x.get("queue_wait_ms", 0) > 0]
-    check(len(waited) >= 1, "the access log records queue waits")
+    # Log lines leave in batches (up to 20 ms behind).
+    wait_for(lambda: [x for x in lb.logs("request") if x.get("queue_wait_ms", 0) > 0], 5,
+             "the access log records queue waits")
 
 
 @test

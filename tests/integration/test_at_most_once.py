@@ -185,7 +185,9 @@ def a_call_read_by_a_crashing_worker_runs_exactly_once():
     check(may_have_run > 0, "some calls met the crash (the test exercised the case)")
     check(lb.metric("stepflow_lb_may_have_run_total") == may_have_run,
           f"counted: {lb.metric('stepflow_lb_may_have_run_total')} vs {may_have_run}")
-    logged = lb.logs("not retried: the call may have run")
+    # Log lines leave in batches (up to 20 ms behind): wait for all of them.
+    logged = wait_for(lambda: len(lb.logs("not retried: the call may have run")) >= may_have_run and
+                      lb.logs("not retried: the call may have run"), 5, "the 'may have run' lines")
     check(logged and all(r.get("instance") == "crashy" for r in logged), f"logged with the instance: {logged[:2]}")
     crashy.close()
     good.close()

@@ -135,7 +135,8 @@ def unusable_instance_ids_are_refused_and_never_routed():
         check("instanceId" in (b["lastError"] or ""), b)
     missing = lb.backend(bad[3].address)
     check("names no instanceId" in missing["lastError"], missing)
-    errors = lb.logs("worker's instanceId refused: instance not routable")
+    errors = wait_for(lambda: len(lb.logs("worker's instanceId refused: instance not routable")) >= 4 and
+                      lb.logs("worker's instanceId refused: instance not routable"), 5, "4 refusals logged")
     check(len(errors) == 4 and all(e["level"] == "error" for e in errors), errors)
     good_id = good.instance_id
     for i in range(12):

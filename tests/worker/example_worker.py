@@ -241,6 +241,7 @@ class _BodyWriter:
             raise ClientGone(str(e))
 
     def finish(self):
+        self.handler.release_slot()  # the execution is over before its last bytes go out
         try:
             if self.chunked:
                 self.handler.wfile.write(b"0\r\n\r\n")
@@ -345,7 +346,16 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
 
+    def release_slot(self):
+        """Ends this connection's execution, if one holds a slot. Called before its answer is
+        written, as a worker whose handler returns before the server sends the response does:
+        a balancer that sees the answer complete may send the next call at once."""
+        if getattr(self, "slot_held", False):
+            self.slot_held = False
+            self.state.release()
+
     def send_bytes(self, status, body, content_type="application/json", extra=None):
+        self.release_slot()
         self.send_response(status)
         if body:
             self.send_header("Content-Type", content_type)
@@ -573,6 +583,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
         if not self.state.try_acquire():
             self.send_rpc_error(rpc_id, WORKER_AT_CAPACITY, "Worker at capacity", status=503)
             return
+        self.slot_held = True
         try:
             COMPONENTS[name][0](self, rpc_id, inp, raw_body)
         except ClientGone as e:
@@ -581,7 +592,7 @@ class WorkerHandler(http.server.BaseHTTPRequestHandler):
             if self.server.verbose:
                 log("client went away during %s: %s" % (name, e))
         finally:
-            self.state.release()
+            self.release_slot()
 
     def comp_echo(self, rpc_id, inp, raw_body):
         self.send_rpc_result(rpc_id, {"output": inp, "instanceId": self.state.instance_id})
