@@ -160,7 +160,8 @@ class Balancer:
         self.lines = []
         self._lock = threading.Lock()
         self._listening = queue.Queue()
-        threading.Thread(target=self._read_logs, daemon=True).start()
+        self._log_reader = threading.Thread(target=self._read_logs, daemon=True)
+        self._log_reader.start()
         try:
             info = self._listening.get(timeout=15)
         except queue.Empty:
@@ -265,7 +266,9 @@ class Balancer:
         self.proc.send_signal(sig)
 
     def wait_exit(self, timeout=30):
-        return self.proc.wait(timeout=timeout)
+        status = self.proc.wait(timeout=timeout)
+        self._log_reader.join(timeout=5)  # every line it wrote is read before the caller looks
+        return status
 
     def stop(self):
         if self.proc.poll() is None:
