@@ -260,15 +260,16 @@ int Conn::write_some() {
     constexpr int kVecs = 16;
     constexpr size_t kGather = 4096;
     evbuffer_iovec vec[kVecs];
-    int chains = evbuffer_peek(out_, -1, nullptr, vec, kVecs);  // may exceed kVecs: the rest waits
-    if (chains <= 0) return 0;
-    int used = std::min(chains, kVecs);
+    // With a negative length evbuffer_peek fills at most kVecs: chains past those wait for the
+    // next call.
+    int used = evbuffer_peek(out_, -1, nullptr, vec, kVecs);
+    if (used <= 0) return 0;
     size_t total = 0;
     for (int i = 0; i < used; ++i) total += vec[i].iov_len;
     ssize_t n;
     if (used == 1) {
         n = ::send(fd_, vec[0].iov_base, total, MSG_NOSIGNAL);
-    } else if (chains == used && total <= kGather) {
+    } else if (total <= kGather) {
         char gathered[kGather];
         size_t at = 0;
         for (int i = 0; i < used; ++i) {

@@ -2,6 +2,7 @@
 carry the trace ids. Spans are checked as a real OTLP decoder sees them: tests/otlp/receiver.mjs
 decodes OTLP/gRPC and OTLP/HTTP with the OpenTelemetry JS SDK's protobuf definitions."""
 
+import concurrent.futures
 import http.server
 import json
 import os
@@ -12,7 +13,8 @@ import subprocess
 import tempfile
 import threading
 
-from harness import (ROOT, Balancer, Worker, _started, check, free_port, lb_binary, run_tests, test, wait_for)
+from harness import (ROOT, Balancer, Worker, _started, check, client, free_port, lb_binary, run_tests, test,
+                     wait_for)
 
 RECEIVER = os.path.join(ROOT, "tests", "otlp", "receiver.mjs")
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -249,14 +251,22 @@ class Refuser(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@test
-def a_retried_request_shows_two_attempts_under_one_server_span():
+def worker_and_refuser(handler, recovery):
+    """A receiver, worker "a" (one execution at a time) and a refusing worker behind one traced
+    balancer thread. The caller shuts the refuser's server down."""
     rx = Receiver()
     w = Worker("a", max_concurrency=1)
-    refuser = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuser)
+    refuser = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=refuser.serve_forever, daemon=True).start()
     lb = Balancer([w.address, f"127.0.0.1:{refuser.server_address[1]}"],
-                  args=tracing_args(rx, extra=["--capacity-recovery-interval", "50ms", "--threads", "1"]))
+                  args=tracing_args(rx, extra=["--capacity-recovery-interval", recovery, "--threads", "1",
+                                               "--health-interval", "200ms"]))
+    return rx, w, refuser, lb
+
+
+@test
+def a_retried_request_shows_two_attempts_under_one_server_span():
+    rx, w, refuser, lb = worker_and_refuser(Refuser, "50ms")
     lb.wait_healthy(2)
     # Retried: a request the refuser turned away goes to the worker, a second attempt.
     retried = None
@@ -318,27 +328,27 @@ class LateRefuser(Refuser):
 
 @test
 def a_call_refused_then_queued_shows_both_in_one_trace():
-    # The worker is busy with a call that went there while the refuser was not yet healthy, so
-    # the next call goes to the refuser, is turned away (-32300: it did not run), finds no
-    # instance with room (the refuser cools down for 10 s) and waits in the queue until the
-    # worker is free: attempt 1, a queue wait, attempt 2, all in one trace.
-    rx = Receiver()
-    w = Worker("a", max_concurrency=1)
-    refuser = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LateRefuser)
-    threading.Thread(target=refuser.serve_forever, daemon=True).start()
-    lb = Balancer([w.address, f"127.0.0.1:{refuser.server_address[1]}"],
-                  args=tracing_args(rx, extra=["--capacity-recovery-interval", "10s", "--threads", "1",
-                                               "--health-interval", "200ms"]))
+    # Worker "a" holds its one slot with a callback session whose answer waits until the traced
+    # call is in the queue; the refuser turns calls away (-32300: not run) and becomes healthy
+    # only once "a" is busy. So the traced call goes to the refuser, is refused, finds no instance
+    # with room (the refuser cools down for 10 s) and waits in the queue until the session ends:
+    # attempt 1, a queue wait, attempt 2, all in one trace, in that order by construction.
+    rx, w, refuser, lb = worker_and_refuser(LateRefuser, "10s")
     lb.wait_healthy(1)
-    held = threading.Thread(target=lambda: lb.execute("/sleep", {"ms": 4000}))
-    held.start()
-    wait_for(lambda: lb.in_flight_total() == 1, 5, "the first call in flight on the worker")
+
+    def answer_once_queued(req):
+        wait_for(lambda: lb.metric("stepflow_lb_queue_depth") == 1, 10, "the traced call refused and queued")
+        return client.default_answer(req)
+
+    holder = concurrent.futures.ThreadPoolExecutor(1)
+    held = holder.submit(lambda: lb.session(1, answer=answer_once_queued, timeout=30))
+    wait_for(lambda: lb.backend(w.address)["newWorkInFlight"] == 1, 10, "the session holds a's only slot")
     LateRefuser.ready.set()
     lb.wait_healthy(2)
-    check(lb.in_flight_total() == 1, "the first call is still running when the second arrives")
     trace = "ab" * 16
     r = lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
-    held.join()
+    check(held.result().ok, f"the session completed: {held.result()}")
+    holder.shutdown()
     check(r.status == 200, f"the call was answered: {r.status}")
     spans = rx.wait_trace(trace, 4)
     brief = [(s["kind"], s["name"], s["attributes"].get("stepflow.instance.id"), s["attributes"].get("stepflow.failure"),
