@@ -1,5 +1,7 @@
 #include "core/log_format.h"
 
+#include "core/utf8.h"
+
 namespace stepflow::log {
 
 // Room for n bytes at p and, after them, for everything else the line foresaw. Sized to the
@@ -11,14 +13,27 @@ char* LineWriter::make_room(char* p, size_t n) {
     return out_.data() + used;
 }
 
-// s, already copied at p, has a byte that needs an escape: written again, escaped.
+// s, already copied at p, has a byte that needs an escape or is not ASCII: written again,
+// escaped, well-formed UTF-8 as it is and the rest as "\ufffd".
 char* LineWriter::escape_slow(char* p, std::string_view s) {
     static constexpr char hex[] = "0123456789abcdef";
-    p = make_room(p, 6 * s.size());  // "\u00XX" at most per byte
-    for (char ch : s) {
-        auto c = static_cast<unsigned char>(ch);
+    p = make_room(p, 6 * s.size());  // "\u00XX" or "\ufffd" at most per byte
+    auto* bytes = reinterpret_cast<const unsigned char*>(s.data());
+    for (size_t i = 0; i < s.size(); ++i) {
+        unsigned char c = bytes[i];
+        if (c >= 0x80) {
+            utf8::Sequence q = utf8::next(bytes + i, s.size() - i);
+            if (q.ok) {
+                std::memcpy(p, bytes + i, q.size);
+                p += q.size;
+            } else {
+                p = put(p, "\\ufffd");
+            }
+            i += q.size - 1;
+            continue;
+        }
         if (c >= 0x20 && c != '"' && c != '\\') {
-            *p++ = ch;
+            *p++ = char(c);
             continue;
         }
         *p++ = '\\';

@@ -33,7 +33,8 @@ public:
     LineWriter(const LineWriter&) = delete;
     LineWriter& operator=(const LineWriter&) = delete;
 
-    // The body of a JSON string (no quotes), escaped as RFC 8259 requires.
+    // The body of a JSON string (no quotes), escaped as RFC 8259 requires, with "\\ufffd" in place
+    // of each ill-formed UTF-8 sequence (core/utf8.h): JSON text is UTF-8.
     char* escaped(char* p, std::string_view s);
     // As "%.3f" writes v.
     char* fixed3(char* p, double v);
@@ -53,22 +54,22 @@ namespace detail {
 constexpr uint64_t kOnes = 0x0101010101010101ull;
 constexpr uint64_t kHigh = 0x8080808080808080ull;
 
-// Non-zero when one of the 8 bytes in x is below 0x20, '"' or '\\' (exact as a yes/no answer:
-// a borrow only starts at a byte that matches).
+// Non-zero when one of the 8 bytes in x is below 0x20, '"', '\\' or 0x80 and up, which is
+// well-formed UTF-8 or not (exact as a yes/no answer: a borrow only starts at a byte that matches).
 inline uint64_t needs_escape(uint64_t x) {
     uint64_t control = (x - kOnes * 0x20) & ~x;
     uint64_t q = x ^ (kOnes * uint8_t('"'));
     uint64_t b = x ^ (kOnes * uint8_t('\\'));
-    return (control | ((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
+    return (x | control | ((q - kOnes) & ~q) | ((b - kOnes) & ~b)) & kHigh;
 }
 
 #if defined(STEPFLOW_LOG_SSE2)
-// One bit per byte of v that is below 0x20, '"' or '\\'.
+// One bit per byte of v that is below 0x20, '"', '\\' or 0x80 and up (its own top bit).
 inline int escape_mask(__m128i v) {
     __m128i control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
     __m128i quote = _mm_cmpeq_epi8(v, _mm_set1_epi8('"'));
     __m128i backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'));
-    return _mm_movemask_epi8(_mm_or_si128(control, _mm_or_si128(quote, backslash)));
+    return _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(v, control), _mm_or_si128(quote, backslash)));
 }
 inline __m128i load16(const char* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline void store16(char* p, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
@@ -152,7 +153,7 @@ inline char* put_integer(char* p, int64_t v) {
 }
 
 // Copies s 16 or 8 bytes at a time (the last piece overlapping), checking them for bytes that
-// need an escape; only a string that has one takes the slow path.
+// need an escape or may not be well-formed UTF-8; only a string that has one takes the slow path.
 inline char* LineWriter::escaped(char* p, std::string_view s) {
     using namespace detail;
     const char* src = s.data();

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/text.h"
+#include "core/utf8.h"
 
 namespace stepflow {
 namespace {
@@ -255,6 +256,14 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
     std::vector<std::pair<std::string, std::string>> resource;
     if (!f.resource_attributes.empty() && !parse_pairs(f.resource_attributes, resource))
         return bad("--otel-resource-attributes", "OTEL_RESOURCE_ATTRIBUTES", f.resource_attributes, "is not key=value,key=value");
+    // They become protobuf strings, which must be UTF-8: a collector that checks would refuse
+    // every export.
+    for (auto& [k, v] : resource)
+        if (!utf8::valid(k) || !utf8::valid(v))
+            return bad("--otel-resource-attributes", "OTEL_RESOURCE_ATTRIBUTES", f.resource_attributes,
+                       "has a key or value that is not UTF-8 once percent-decoded");
+    if (!utf8::valid(f.service_name))
+        return bad("--otel-service-name", "OTEL_SERVICE_NAME", f.service_name, "is not UTF-8");
     // service.name: OTEL_SERVICE_NAME wins over the resource attribute (as in the specification).
     std::string service = "stepflow-lb";
     for (auto& [k, v] : resource)

@@ -89,6 +89,21 @@ for k, v in {
 }.items():
     put("jsonrpc_id", k, v)
 
+# --- JSON strings around bytes we did not choose ----------------------------------------------
+for k, v in {
+    "ascii": b"/mcp/tools?x=1",
+    "escapes": b'say "hi"\\\n\t\x00\x1f\x7f',
+    "utf8": "h\u00e9llo \u2713 \U0001f600".encode(),
+    "latin1": b"/caf\xe9",
+    "stray": b"\xff\x80\xfe",
+    "overlong": b"\xc0\xaf\xe0\x80\xaf\xf0\x80\x80\xaf",
+    "surrogate": b"\xed\xa0\x80\xed\xbf\xbf",
+    "above-max": b"\xf4\x90\x80\x80\xf5\x80",
+    "cut-short": b"\xe2\x9c" + b"A" + b"\xf0\x9f\x98",
+    "long-mixed": (b"abcdefghijklmno\xe2\x9c\x93" * 3) + b"\xe2\x9c",
+}.items():
+    put("json_string", k, v)
+
 # --- /health bodies ------------------------------------------------------------------------------
 for k, v in {
     "healthy": '{"status":"healthy","instanceId":"worker-1"}',

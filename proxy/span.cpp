@@ -13,6 +13,7 @@
 
 #include <event2/event.h>
 
+#include "core/utf8.h"
 #include "proxy/otlp_wire.h"
 
 namespace stepflow::trace {
@@ -65,6 +66,17 @@ char* attribute(std::string& buf, std::string_view key, size_t any) {
     char* p = grow(buf, 1 + wire::varint_size(body) + body);
     wire::put_key_value_head(p, 9, key, any);
     return p;
+}
+
+// Protobuf string fields must hold well-formed UTF-8, and a collector that checks rejects the
+// whole export, every other request's spans with it. A path, a User-Agent or an Mcp-Method from a
+// client may hold any byte: those show U+FFFD in place of what is not UTF-8.
+std::string_view well_formed(std::string_view s) {
+    if (utf8::valid(s)) return s;
+    thread_local std::string scratch;
+    scratch.clear();
+    utf8::append_well_formed(scratch, s);
+    return scratch;
 }
 
 // Bytes of the first `n` records of `records`.
@@ -136,6 +148,7 @@ void on_hand_off(int, short, void*) { t_spans.flush(); }
 namespace record {
 
 size_t begin(std::string& buf, const SpanHead& h, std::string_view name) {
+    name = well_formed(name);
     size_t at = buf.size();
     // Protobuf's order: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7, end 8;
     // proto3 leaves out empty and zero fields. The end's 8 bytes are written by finish().
@@ -166,6 +179,7 @@ size_t begin(std::string& buf, const SpanHead& h, std::string_view name) {
 }
 
 void string(std::string& buf, std::string_view key, std::string_view value) {
+    value = well_formed(value);
     size_t n = value.size();
     char* p = attribute(buf, key, wire::string_value_size(n));
     if (n < 0x80) {
@@ -199,6 +213,7 @@ void boolean(std::string& buf, std::string_view key, bool value) {
 }
 
 void status_message(std::string& buf, size_t at, std::string_view message) {
+    message = well_formed(message);
     Prefix prefix = read_prefix(buf.data() + at);
     prefix.status_at = uint32_t(buf.size() - at);
     write_prefix(buf, at, prefix);

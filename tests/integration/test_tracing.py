@@ -466,6 +466,46 @@ def sigterm_flushes_the_queued_spans():
     check(len(rx.spans(trace)) == 2, f"flushed at exit: {rx.spans(trace)}")
 
 
+def raw_exchange(port, request):
+    """One HTTP/1.1 request written as bytes (with Connection: close); the answer's head and body."""
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c.sendall(request)
+    out = b""
+    while chunk := c.recv(65536):
+        out += chunk
+    c.close()
+    return out.split(b"\r\n\r\n", 1)
+
+
+@test
+def bytes_that_are_not_utf8_reach_logs_spans_and_answers_as_u_fffd():
+    # A target and header values may hold any byte from 0x80 up; JSON and protobuf strings must
+    # be UTF-8. The worker still gets the bytes as sent; our own records show U+FFFD instead.
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    trace = "6c" * 16
+    path, agent = b"/caf\xe9/\xe2\x9c\x93/\xe2\x9c", b"agent\xff\xfe/1"
+    head, _ = raw_exchange(lb.port, b"GET " + path + b"?q=\xe9 HTTP/1.1\r\nHost: lb\r\nUser-Agent: " + agent +
+                           f"\r\ntraceparent: 00-{trace}-{PARENT_SPAN}-01\r\nConnection: close\r\n\r\n".encode())
+    check(head.startswith(b"HTTP/1.1 "), f"answered: {head[:80]!r}")
+    want_path, want_agent = path.decode("utf-8", "replace"), agent.decode("utf-8", "replace")
+    # The harness reads the log as strict UTF-8 JSON: an ill-formed line would stop its reader.
+    wait_for(lambda: any(r.get("path") == want_path for r in lb.logs("request")), 5,
+             f"an access log line with path {want_path!r}")
+    server = one(rx.wait_trace(trace, 2), SERVER)
+    a = server["attributes"]
+    check(a.get("url.path") == want_path and a.get("user_agent.original") == want_agent,
+          f"decoded span: url.path {a.get('url.path')!r}, user_agent.original {a.get('user_agent.original')!r}")
+    # A JSON answer of our own that quotes a header value (an unknown pinned instance).
+    head, body = raw_exchange(lb.port, b"POST /echo HTTP/1.1\r\nHost: lb\r\nStepflow-Instance-Id: gone-\xff\r\n"
+                                       b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    check(head.startswith(b"HTTP/1.1 503"), f"unknown instance: {head[:80]!r}")
+    text = body.decode("utf-8")  # strict
+    check("gone-\\ufffd" in text and json.loads(text), f"answer: {text}")
+
+
 @test
 def bad_tracing_values_are_startup_errors_naming_them():
     cases = [({"STEPFLOW_TRACE_ENABLED": "maybe"}, "STEPFLOW_TRACE_ENABLED"),
@@ -476,6 +516,7 @@ def bad_tracing_values_are_startup_errors_naming_them():
              ({"OTEL_SDK_DISABLED": "yes please"}, "OTEL_SDK_DISABLED"),
              ({"OTEL_EXPORTER_OTLP_HEADERS": "novalue"}, "OTEL_EXPORTER_OTLP_HEADERS"),
              ({"OTEL_RESOURCE_ATTRIBUTES": "=x"}, "OTEL_RESOURCE_ATTRIBUTES"),
+             ({"OTEL_RESOURCE_ATTRIBUTES": "team=caf%E9"}, "OTEL_RESOURCE_ATTRIBUTES"),  # not UTF-8
              ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
              ({"OTEL_BSP_SCHEDULE_DELAY": "5s"}, "OTEL_BSP_SCHEDULE_DELAY"),
              ({"STEPFLOW_METRICS_ENABLED": "sure"}, "STEPFLOW_METRICS_ENABLED")]

@@ -131,11 +131,11 @@ TEST_CASE("a JSON line is written byte for byte: escapes, UTF-8, empty strings, 
           ",\"level\":\"info\",\"message\":\"request\",\"method\":\"POST\",\"path\":\"/\",\"status\":200,"
           "\"instance\":\"\",\"duration_ms\":0.062,\"queue_wait_ms\":0.188,\"retries\":0,\"ok\":true,"
           "\"bad\":false,\"bytes_in\":-1}\n");
-    // Escapes in the message, in keys and in values; bytes >= 0x80 (UTF-8, stray bytes) as they are.
+    // Escapes in the message, in keys and in values; UTF-8 as it is, stray bytes as U+FFFD.
     CHECK(json_line("say \"hi\"\n", {{"k\"ey", "a\\b"}, {"tab\t", "\x01\x1f\x7f"}, {"utf8", "h\xc3\xa9llo \xe2\x9c\x93"},
                                      {"stray", "\xff\x80"}}) ==
           ",\"level\":\"info\",\"message\":\"say \\\"hi\\\"\\n\",\"k\\\"ey\":\"a\\\\b\",\"tab\\t\":\"\\u0001\\u001f\x7f\","
-          "\"utf8\":\"h\xc3\xa9llo \xe2\x9c\x93\",\"stray\":\"\xff\x80\"}\n");
+          "\"utf8\":\"h\xc3\xa9llo \xe2\x9c\x93\",\"stray\":\"\\ufffd\\ufffd\"}\n");
     CHECK(json_line("", {{"", std::string_view("\0x", 2)}}) ==
           ",\"level\":\"info\",\"message\":\"\",\"\":\"\\u0000x\"}\n");
     // Integers: the small ones have their own path, the rest go through std::to_chars.
@@ -176,6 +176,38 @@ TEST_CASE("strings of every length are escaped as a byte-at-a-time escaper would
     std::string body = "[";
     log::append_json_escaped(body, "a\"b\x02");
     CHECK(body == "[a\\\"b\\u0002");
+}
+
+TEST_CASE("a JSON string is UTF-8: ill-formed sequences become \\ufffd, one per maximal subpart", "[log]") {
+    log::configure(log::Level::Info, log::Format::Json);
+    auto body = [](std::string_view s) {
+        std::string out;
+        log::append_json_escaped(out, s);
+        return out;
+    };
+    // As Unicode's recommended practice (and Python's bytes.decode("utf-8", "replace")) has them.
+    CHECK(body("\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf") == "\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf");
+    CHECK(body("\xff\x80") == "\\ufffd\\ufffd");                       // no lead byte
+    CHECK(body("\xc0\xaf") == "\\ufffd\\ufffd");                       // overlong '/'
+    CHECK(body("\xe0\x80\xaf") == "\\ufffd\\ufffd\\ufffd");             // overlong, three bytes
+    CHECK(body("\xed\xa0\x80") == "\\ufffd\\ufffd\\ufffd");             // a surrogate
+    CHECK(body("\xf4\x90\x80\x80") == "\\ufffd\\ufffd\\ufffd\\ufffd");   // above U+10FFFF
+    CHECK(body("\xf5\x80") == "\\ufffd\\ufffd");
+    CHECK(body("\xe2\x9c") == "\\ufffd");                                // cut short at the end
+    CHECK(body("\xe2\x9c" "A") == "\\ufffdA");                              // cut short by ASCII
+    CHECK(body("\xf0\x9f\x98x\"") == "\\ufffdx\\\"");
+    CHECK(body("caf\xe9") == "caf\\ufffd");                               // Latin-1
+    // At every position of strings around the 4-, 8- and 16-byte pieces checked at once: a
+    // well-formed character stays, a cut one is replaced.
+    for (size_t len = 0; len <= 40; ++len) {
+        for (size_t at = 0; at <= len; ++at) {
+            std::string head(at, 'a'), tail(len - at, 'z');
+            INFO("length " << len << ", sequence at " << at);
+            CHECK(body(head + "\xe2\x9c\x93" + tail) == head + "\xe2\x9c\x93" + tail);
+            CHECK(body(head + "\xe2\x9c" + tail) == head + "\\ufffd" + tail);
+            CHECK(body(head + "\xbf" + tail) == head + "\\ufffd" + tail);
+        }
+    }
 }
 
 TEST_CASE("doubles are written as %.3f: halfway cases by the exact binary value, huge, NaN and infinite ones", "[log]") {

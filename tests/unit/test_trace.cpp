@@ -394,6 +394,43 @@ TEST_CASE("a request's spans say what the request did", "[trace]") {
     for (auto& span : spans) CHECK(span.trace_id() == std::string(reinterpret_cast<const char*>(t.ids.trace_id), 16));
 }
 
+TEST_CASE("a request whose path and headers are not UTF-8 exports spans protobuf accepts", "[trace]") {
+    // Protobuf strings must be UTF-8 (proto3 parsing refuses the whole message otherwise, as
+    // collectors that check do): what is not shows U+FFFD, one per maximal subpart.
+    exported();
+    RequestTrace t;
+    t.active = t.ours = t.recording = true;
+    trace::new_trace_id(t.ids.trace_id);
+    trace::new_span_id(t.ids.span_id);
+    t.rec.reset(new RequestTrace::Recording);
+    t.rec->method = "GET";
+    t.rec->path = "/caf\xe9/\xe2\x9c\x93";
+    t.rec->user_agent = "agent\xff\xfe/1 \xf0\x9f\x98";
+    t.rec->mcp_method = "tools/\xc0\xaf" "call";
+    auto w = testing::instance("worker-a", 18081);
+    AttemptSpan attempt;
+    attempt.start(&t, *w, "least-load");
+    Failure bad = Failure::BadResponse;  // its message quotes what the worker sent
+    attempt.end(502, &bad, "bad upstream status \xed\xa0\x80", 0);
+    RequestTrace::Outcome o;
+    o.status = 502;
+    o.decision = "least-load";
+    o.instance_id = "worker-\x80";
+    o.client_ip = "127.0.0.1";
+    t.end(o);
+    auto spans = exported();  // parsed by protobuf, which checks every string
+    REQUIRE(spans.size() == 2);
+    auto s = attributes(spans[1]);
+    CHECK(s["url.path"] == "/caf\xef\xbf\xbd/\xe2\x9c\x93");
+    CHECK(s["user_agent.original"] == "agent\xef\xbf\xbd\xef\xbf\xbd/1 \xef\xbf\xbd");
+    CHECK(s["stepflow.instance.id"] == "worker-\xef\xbf\xbd");
+    CHECK(spans[0].status().message() == "bad upstream status \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    bool mcp = false;
+    for (auto& kv : spans[1].attributes())
+        if (kv.value().string_value() == "tools/\xef\xbf\xbd\xef\xbf\xbd" "call") mcp = true;
+    CHECK(mcp);
+}
+
 TEST_CASE("ids are written as two lowercase hex characters per byte, every byte value", "[trace]") {
     uint8_t all[256];
     std::string want;
