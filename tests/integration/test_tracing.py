@@ -72,6 +72,15 @@ def tracing_args(receiver, protocol="grpc", extra=None):
     return args + ["--otel-bsp-schedule-delay", "50"] + (extra or [])
 
 
+def traced_fleet_of_one():
+    """A receiver, one worker and a balancer exporting to the receiver over OTLP/gRPC."""
+    rx = Receiver()
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx))
+    lb.wait_healthy(1)
+    return rx, w, lb
+
+
 def one(spans, kind, **match):
     found = [s for s in spans if s["kind"] == kind and all(s.get(k) == v for k, v in match.items())]
     check(len(found) == 1, f"one span of kind {kind} {match}: {json.dumps(spans, indent=1)}")
@@ -151,10 +160,7 @@ def invalid_or_missing_traceparent_starts_a_new_trace_over_otlp_http():
 
 @test
 def h2_request_is_traced_like_h1():
-    rx = Receiver()
-    w = Worker("a")
-    lb = Balancer([w.address], args=tracing_args(rx))
-    lb.wait_healthy(1)
+    rx, w, lb = traced_fleet_of_one()
     body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "components/execute",
                        "params": {"component": "/echo", "input": 1}})
     out = subprocess.run(["nghttp", "-v", "-d", "-", "-H", "content-type: application/json",
@@ -173,10 +179,7 @@ def h2_request_is_traced_like_h1():
 
 @test
 def sse_streams_and_pinned_requests_are_spans_like_any_other():
-    rx = Receiver()
-    w = Worker("a")
-    lb = Balancer([w.address], args=tracing_args(rx))
-    lb.wait_healthy(1)
+    rx, w, lb = traced_fleet_of_one()
     sse = "5e" * 16
     r = lb.execute("/stream", {"events": 3, "interval_ms": 150},
                    headers={"traceparent": f"00-{sse}-{PARENT_SPAN}-01"})
@@ -196,10 +199,7 @@ def sse_streams_and_pinned_requests_are_spans_like_any_other():
 
 @test
 def an_unsampled_parent_exports_nothing_but_the_worker_gets_the_trace():
-    rx = Receiver()
-    w = Worker("a")
-    lb = Balancer([w.address], args=tracing_args(rx))
-    lb.wait_healthy(1)
+    rx, w, lb = traced_fleet_of_one()
     r = lb.execute("/echo", 1, headers={"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-00"})
     _, trace_id, attempt_id, flags = seen_traceparent(r)
     check(trace_id == PARENT_TRACE and flags == "00" and attempt_id != PARENT_SPAN, f"{trace_id} {attempt_id} {flags}")
@@ -481,10 +481,7 @@ def raw_exchange(port, request):
 def bytes_that_are_not_utf8_reach_logs_spans_and_answers_as_u_fffd():
     # A target and header values may hold any byte from 0x80 up; JSON and protobuf strings must
     # be UTF-8. The worker still gets the bytes as sent; our own records show U+FFFD instead.
-    rx = Receiver()
-    w = Worker("a")
-    lb = Balancer([w.address], args=tracing_args(rx))
-    lb.wait_healthy(1)
+    rx, w, lb = traced_fleet_of_one()
     trace = "6c" * 16
     path, agent = b"/caf\xe9/\xe2\x9c\x93/\xe2\x9c", b"agent\xff\xfe/1"
     head, _ = raw_exchange(lb.port, b"GET " + path + b"?q=\xe9 HTTP/1.1\r\nHost: lb\r\nUser-Agent: " + agent +

@@ -310,6 +310,17 @@ std::vector<otlp::Span> exported() {
     return spans;
 }
 
+// A sampled request of our own trace, as RequestTrace::begin leaves it, without a parsed head.
+void start_recording(RequestTrace& t, std::string_view method, std::string_view path, std::string_view user_agent) {
+    t.active = t.ours = t.recording = true;
+    trace::new_trace_id(t.ids.trace_id);
+    trace::new_span_id(t.ids.span_id);
+    t.rec.reset(new RequestTrace::Recording);
+    t.rec->method = method;
+    t.rec->path = path;
+    t.rec->user_agent = user_agent;
+}
+
 std::map<std::string, std::string> attributes(const otlp::Span& s) {
     std::map<std::string, std::string> out;
     for (auto& kv : s.attributes()) {
@@ -325,13 +336,7 @@ std::map<std::string, std::string> attributes(const otlp::Span& s) {
 TEST_CASE("a request's spans say what the request did", "[trace]") {
     exported();  // what earlier tests left
     RequestTrace t;
-    t.active = t.ours = t.recording = true;
-    trace::new_trace_id(t.ids.trace_id);
-    trace::new_span_id(t.ids.span_id);
-    t.rec.reset(new RequestTrace::Recording);
-    t.rec->method = "POST";
-    t.rec->path = "/mcp";
-    t.rec->user_agent = "test-agent/1";
+    start_recording(t, "POST", "/mcp", "test-agent/1");
     t.note_jsonrpc(R"({"jsonrpc":"2.0","id":7,"method":"tools/call"})");
     t.note_queue_wait(100, 200);
     auto w1 = testing::instance("worker-a", 18081), w2 = testing::instance("worker-b", 18082);
@@ -399,13 +404,7 @@ TEST_CASE("a request whose path and headers are not UTF-8 exports spans protobuf
     // collectors that check do): what is not shows U+FFFD, one per maximal subpart.
     exported();
     RequestTrace t;
-    t.active = t.ours = t.recording = true;
-    trace::new_trace_id(t.ids.trace_id);
-    trace::new_span_id(t.ids.span_id);
-    t.rec.reset(new RequestTrace::Recording);
-    t.rec->method = "GET";
-    t.rec->path = "/caf\xe9/\xe2\x9c\x93";
-    t.rec->user_agent = "agent\xff\xfe/1 \xf0\x9f\x98";
+    start_recording(t, "GET", "/caf\xe9/\xe2\x9c\x93", "agent\xff\xfe/1 \xf0\x9f\x98");
     t.rec->mcp_method = "tools/\xc0\xaf" "call";
     auto w = testing::instance("worker-a", 18081);
     AttemptSpan attempt;
