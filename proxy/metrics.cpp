@@ -122,6 +122,9 @@ Metrics::Metrics(prometheus::Registry& r)
       trace_spans_export_dropped(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
                                      .Help(kSpansDroppedHelp)
                                      .Register(r).Add({{"reason", "export-failed"}})),
+      trace_spans_rejected(BuildCounter().Name("stepflow_lb_trace_spans_dropped_total")
+                               .Help(kSpansDroppedHelp)
+                               .Register(r).Add({{"reason", "rejected"}})),
       trace_export_failures(BuildCounter().Name("stepflow_lb_trace_export_failures_total")
                                 .Help("OTLP export attempts that failed (each retry counts)").Register(r).Add({})) {
     auto& decisions = BuildCounter().Name("stepflow_lb_routing_decisions_total")

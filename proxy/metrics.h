@@ -76,6 +76,7 @@ public:
     prometheus::Counter& trace_spans_exported;
     prometheus::Counter& trace_spans_queue_dropped;   // brought up to trace::Queue::dropped() on render
     prometheus::Counter& trace_spans_export_dropped;  // given up after the export's retries
+    prometheus::Counter& trace_spans_rejected;        // refused by the collector in a partial success
     prometheus::Counter& trace_export_failures;
 
 private:

@@ -35,6 +35,7 @@ constexpr const char* kGrpcPath = "/opentelemetry.proto.collector.trace.v1.Trace
 constexpr int kMaxAttempts = 5;  // per batch, the first included
 constexpr auto kFirstBackoff = std::chrono::milliseconds(500);
 constexpr auto kMaxBackoff = std::chrono::seconds(16);
+constexpr auto kMaxRetryAfter = std::chrono::seconds(30);  // a longer Retry-After is cut to this
 
 // Set by shutdown(): every wait of the exporter ends by then, whatever the export timeout says.
 std::atomic<int64_t> g_stop_at{INT64_MAX};
@@ -212,7 +213,10 @@ struct Result {
     bool ok = false;
     bool retryable = true;
     std::string error;
+    std::chrono::seconds retry_after{0};  // what the collector asked for (OTLP/HTTP's Retry-After)
+    std::string body;                     // the response message, up to kMaxResponseBody
 };
+constexpr size_t kMaxResponseBody = 64 * 1024;  // a partial success with its message fits
 
 // One gRPC unary call at a time on a kept HTTP/2 session (nghttp2 in memory mode: it frames,
 // the connection above moves the bytes).
@@ -234,6 +238,7 @@ public:
         http_status_ = 0;
         grpc_status_ = -1;
         grpc_message_.clear();
+        response_.clear();
         std::string authority = t.host + ":" + std::to_string(t.port);
         std::vector<nghttp2_nv> nv;
         auto add = [&](const std::string& n, const std::string& v) {
@@ -265,6 +270,8 @@ public:
         }
         if (grpc_status_ == 0) {
             result.ok = true;
+            // One length-prefixed message, not compressed (we offered no grpc-accept-encoding).
+            if (response_.size() >= 5 && response_[0] == 0) result.body = response_.substr(5);
             return result;
         }
         if (grpc_status_ < 0) {
@@ -292,6 +299,7 @@ private:
         nghttp2_session_callbacks_new(&cb);
         nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
         nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data);
         nghttp2_session_client_new(&session_, cb, this);
         nghttp2_session_callbacks_del(cb);
         nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, nullptr, 0);
@@ -354,6 +362,13 @@ private:
         return 0;
     }
 
+    static int on_data(nghttp2_session*, uint8_t, int32_t stream_id, const uint8_t* data, size_t len, void* user) {
+        auto* self = static_cast<GrpcChannel*>(user);
+        if (stream_id == self->stream_id_ && self->response_.size() < kMaxResponseBody)
+            self->response_.append(reinterpret_cast<const char*>(data), std::min(len, kMaxResponseBody - self->response_.size()));
+        return 0;
+    }
+
     static int on_stream_close(nghttp2_session*, int32_t stream_id, uint32_t, void* user) {
         auto* self = static_cast<GrpcChannel*>(user);
         if (stream_id == self->stream_id_) self->closed_ = true;
@@ -370,6 +385,7 @@ private:
     bool closed_ = false;
     int http_status_ = 0, grpc_status_ = -1;
     std::string grpc_message_;
+    std::string response_;  // the response's DATA: the message with its 5-byte prefix
 };
 
 // OTLP/HTTP: POST <path> with application/x-protobuf on a kept HTTP/1.1 connection.
@@ -408,10 +424,13 @@ public:
         bool keep = cl != std::string::npos && head.find("connection: close") == std::string::npos;
         if (keep) {
             size_t want = size_t(std::atoll(head.c_str() + cl + 17));
+            result.body.assign(in, head_end + 4, std::min(want, kMaxResponseBody));
             while (body_have < want) {
                 ssize_t n = conn_.read_some(buf, sizeof buf, deadline, result.error);
                 if (n <= 0) { keep = false; break; }
                 body_have += size_t(n);
+                if (result.body.size() < std::min(want, kMaxResponseBody))
+                    result.body.append(buf, std::min(size_t(n), std::min(want, kMaxResponseBody) - result.body.size()));
             }
         }
         if (!keep) conn_.close();  // no length to find the end by: a new connection next time
@@ -419,8 +438,13 @@ public:
             result.ok = true;
             return result;
         }
+        result.body.clear();
         result.error = "HTTP " + std::to_string(status);
         result.retryable = status == 429 || status == 502 || status == 503 || status == 504 || status == 0;
+        if (size_t ra = head.find("\r\nretry-after:"); ra != std::string::npos) {
+            size_t eol = head.find("\r\n", ra + 2);
+            result.retry_after = otlp_exporter::retry_after(std::string_view(head).substr(ra + 14, eol == std::string::npos ? std::string::npos : eol - ra - 14));
+        }
         return result;
     }
 
@@ -489,7 +513,8 @@ private:
         for (int n = 1;; ++n) {
             Result r = attempt(message);
             if (r.ok) {
-                m.trace_spans_exported.Increment(double(spans));
+                int64_t rejected = rejected_spans(r.body, spans);
+                m.trace_spans_exported.Increment(double(int64_t(spans) - rejected));
                 if (failing_) log::info("trace export resumed", {{"endpoint", endpoint()}});
                 failing_ = false;
                 return;
@@ -498,9 +523,11 @@ private:
             if (!failing_) log::warn("trace export failed", {{"endpoint", endpoint()}, {"reason", r.error}, {"spans", spans}});
             failing_ = true;
             if (!r.retryable || n >= kMaxAttempts || Clock::now() >= stop_at()) break;
-            // Exponential backoff with jitter, cut short by shutdown.
+            // Exponential backoff with jitter, or longer when the collector asks for it (within
+            // kMaxRetryAfter), cut short by shutdown.
             std::uniform_int_distribution<int64_t> jitter(0, backoff.count() / 2);
-            auto wait = backoff + std::chrono::milliseconds(jitter(rng_));
+            auto wait = std::max<std::chrono::milliseconds>(backoff + std::chrono::milliseconds(jitter(rng_)),
+                                                            std::min<std::chrono::seconds>(r.retry_after, kMaxRetryAfter));
             std::unique_lock lock(mutex_);
             auto until = std::min(Clock::now() + wait, stop_at());
             backoff_.wait_until(lock, until, [this] { return stopping_ && Clock::now() >= stop_at(); });
@@ -508,6 +535,25 @@ private:
             backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
         }
         m.trace_spans_export_dropped.Increment(double(spans));
+    }
+
+    // OTLP's partial success: the export went through, but the collector refused some of its
+    // spans. It must not be sent again; the refused spans are counted as dropped and said in the
+    // log at most once a minute. Returns how many of `spans` were refused.
+    int64_t rejected_spans(std::string_view body, size_t spans) {
+        otlp_exporter::PartialSuccess p;
+        if (body.empty() || !otlp_exporter::decode_response(body, p) || p.rejected_spans <= 0) return 0;
+        int64_t rejected = std::min<int64_t>(p.rejected_spans, int64_t(spans));
+        Metrics::get().trace_spans_rejected.Increment(double(rejected));
+        rejected_since_said_ += rejected;
+        auto now = Clock::now();
+        if (now >= next_rejection_log_) {
+            log::warn("collector rejected spans", {{"endpoint", endpoint()}, {"rejected", rejected_since_said_},
+                                                    {"reason", p.error_message}});
+            rejected_since_said_ = 0;
+            next_rejection_log_ = now + std::chrono::minutes(1);
+        }
+        return rejected;
     }
 
     std::string endpoint() const {
@@ -523,6 +569,8 @@ private:
     std::condition_variable backoff_;
     bool stopping_ = false;
     bool failing_ = false;
+    int64_t rejected_since_said_ = 0;
+    Clock::time_point next_rejection_log_{};
     std::minstd_rand rng_{std::random_device{}()};
     std::thread thread_;
 };
@@ -573,6 +621,73 @@ std::string_view encode(const std::vector<std::pair<std::string, std::string>>& 
     put_bytes(q, 2, scope_version);
     if (q != spans) std::abort();  // a size function and its writer disagree
     return {start, size_t(p - start)};
+}
+
+namespace {
+// A varint at p (advanced), false past `end` or beyond 10 bytes.
+bool read_varint(const char*& p, const char* end, uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64 && p < end; shift += 7) {
+        auto b = static_cast<uint8_t>(*p++);
+        v |= uint64_t(b & 0x7f) << shift;
+        if (!(b & 0x80)) return true;
+    }
+    return false;
+}
+
+// Calls field(number, wire type, varint value, bytes) for each field of a message; false when
+// the bytes are not a message (a truncated field, an unknown or group wire type).
+template <class Fn>
+bool for_each_field(std::string_view bytes, Fn field) {
+    const char* p = bytes.data();
+    const char* end = p + bytes.size();
+    while (p < end) {
+        uint64_t key, v = 0;
+        if (!read_varint(p, end, key)) return false;
+        auto type = uint8_t(key & 7);
+        std::string_view b;
+        if (type == otlp_wire::kVarint) {
+            if (!read_varint(p, end, v)) return false;
+        } else if (type == otlp_wire::kFixed64 || type == otlp_wire::kFixed32) {
+            size_t n = type == otlp_wire::kFixed64 ? 8 : 4;
+            if (size_t(end - p) < n) return false;
+            p += n;
+        } else if (type == otlp_wire::kLen) {
+            if (!read_varint(p, end, v) || v > uint64_t(end - p)) return false;
+            b = std::string_view(p, size_t(v));
+            p += v;
+        } else {
+            return false;
+        }
+        field(key >> 3, type, v, b);
+    }
+    return true;
+}
+}  // namespace
+
+bool decode_response(std::string_view bytes, PartialSuccess& out) {
+    out = {};
+    bool ok = true;
+    bool read = for_each_field(bytes, [&](uint64_t number, uint8_t type, uint64_t, std::string_view b) {
+        if (number != 1 || type != otlp_wire::kLen) return;  // partial_success
+        ok &= for_each_field(b, [&](uint64_t n, uint8_t t, uint64_t v, std::string_view s) {
+            if (n == 1 && t == otlp_wire::kVarint) out.rejected_spans = int64_t(v);
+            else if (n == 2 && t == otlp_wire::kLen) out.error_message.assign(s);
+        });
+    });
+    return read && ok;
+}
+
+std::chrono::seconds retry_after(std::string_view value) {
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t' || value.back() == '\r')) value.remove_suffix(1);
+    if (value.empty() || value.size() > 9) return std::chrono::seconds(0);
+    int64_t s = 0;
+    for (char c : value) {
+        if (c < '0' || c > '9') return std::chrono::seconds(0);
+        s = s * 10 + (c - '0');
+    }
+    return std::chrono::seconds(s);
 }
 
 void start(const ExporterSettings& settings) {

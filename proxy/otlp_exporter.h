@@ -22,6 +22,16 @@ namespace otlp_exporter {
 // view, which starts a little after out's beginning.
 std::string_view encode(const std::vector<std::pair<std::string, std::string>>& resource, std::string_view records,
                         std::string& out);
+// What an ExportTraceServiceResponse says about spans the collector refused although the
+// export succeeded (OTLP's partial success: the request must not be sent again).
+struct PartialSuccess {
+    int64_t rejected_spans = 0;
+    std::string error_message;
+};
+// Reads a response's protobuf bytes; false when they are not an ExportTraceServiceResponse.
+bool decode_response(std::string_view bytes, PartialSuccess& out);
+// A Retry-After value in delta-seconds (RFC 9110 §10.2.3), 0 when it is absent or an HTTP-date.
+std::chrono::seconds retry_after(std::string_view value);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);

@@ -261,7 +261,7 @@ def client_input_never_mints_series():
         "decision": {"pinned", "least-load", "none"},
         "reason": {"unknown-instance", "not-serving", "connect-failed", "queue-full", "queue-timeout",
                    "socket-failed", "stale-connection", "reset", "may-have-run", "worker-at-capacity",
-                   "instance-gone", "invalid-seal", "expired", "lru", "idle", "export-failed"},
+                   "instance-gone", "invalid-seal", "expired", "lru", "idle", "export-failed", "rejected"},
         "class": {"none", "1xx", "2xx", "3xx", "4xx", "5xx"},
         "result": {"success", "error", "failure", "ok"},
         "operation": {"update", "list", "watch", "resolve"},

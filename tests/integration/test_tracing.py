@@ -51,8 +51,8 @@ class Receiver:
     def stats(self):
         return self._call("GET", "/stats")
 
-    def mode(self, mode, delay_ms=0):
-        self._call("POST", "/mode", {"mode": mode, "delayMs": delay_ms})
+    def mode(self, mode, delay_ms=0, **extra):
+        self._call("POST", "/mode", {"mode": mode, "delayMs": delay_ms, **extra})
 
     def stop(self):
         self.proc.terminate()
@@ -464,6 +464,49 @@ def sigterm_flushes_the_queued_spans():
     lb.signal(signal.SIGTERM)
     check(lb.wait_exit(15) == 0, "clean exit")
     check(len(rx.spans(trace)) == 2, f"flushed at exit: {rx.spans(trace)}")
+
+
+@test
+def spans_a_collector_rejects_in_a_partial_success_are_counted_not_resent():
+    # OTLP: a partial success must not be retried; the refused spans are lost, so counted and said.
+    for protocol in ("grpc", "http"):
+        rx = Receiver()
+        rx.mode("partial", rejected=1, message="span too old")
+        w = Worker("a")
+        lb = Balancer([w.address], args=tracing_args(rx, protocol))
+        lb.wait_healthy(1)
+        trace = ("7a" if protocol == "grpc" else "7b") * 16
+        lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+        rx.wait_trace(trace, 2)
+        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == 1, 10,
+                 f"{protocol}: the rejected span counted")
+        wait_for(lambda: lb.logs("collector rejected spans"), 5, "the rejection logged")
+        said = lb.logs("collector rejected spans")[0]
+        check(said.get("rejected") == 1 and said.get("reason") == "span too old", f"{protocol}: {said}")
+        calls = rx.stats()["grpcCalls" if protocol == "grpc" else "httpCalls"]
+        check(calls == 1 and lb.metric("stepflow_lb_trace_spans_exported_total") == 1
+              and lb.metric("stepflow_lb_trace_export_failures_total") == 0,
+              f"{protocol}: one call, not retried ({calls}); 1 of 2 spans taken "
+              f"({lb.metric('stepflow_lb_trace_spans_exported_total')})")
+        lb.stop()
+        rx.stop()
+
+
+@test
+def an_otlp_http_retry_waits_as_long_as_retry_after_asks():
+    rx = Receiver()
+    rx.mode("throttle", retryAfter=2, times=1)
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx, "http"))
+    lb.wait_healthy(1)
+    trace = "7c" * 16
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    rx.wait_trace(trace, 2)
+    times = rx.stats()["callTimesMs"]
+    check(len(times) == 2 and times[1] - times[0] >= 2000,
+          f"429 with Retry-After: 2, then the retry {times[1] - times[0] if len(times) == 2 else times} ms later "
+          "(the first backoff alone is 500..750 ms)")
+    check(lb.metric("stepflow_lb_trace_export_failures_total") == 1, "the throttled attempt counted as failed")
 
 
 def raw_exchange(port, request):

@@ -8,9 +8,11 @@
 //                                sink: acknowledge without decoding, count bytes (bench/)
 //                                prints {"grpc": PORT, "http": PORT} once listening
 //   GET  /spans                  every span received, decoded (ids as lowercase hex)
-//   GET  /stats                  {"grpcCalls", "httpCalls", "refused"}
-//   POST /mode {"mode": "ok"|"refuse"|"slow", "delayMs": N}
-//       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs
+//   GET  /stats                  {"grpcCalls", "httpCalls", "refused", "callTimesMs"}
+//   POST /mode {"mode": "ok"|"refuse"|"slow"|"partial"|"throttle", "delayMs": N, ...}
+//       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs;
+//       partial: take the spans but answer a partial success that rejects "rejected" of them;
+//       throttle: HTTP 429 with Retry-After "retryAfter" seconds to the next "times" exports
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import http from "node:http";
@@ -21,7 +23,7 @@ const root = require("@opentelemetry/otlp-transformer/build/src/generated/root")
 const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
 
 const spans = [];
-const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0 };
+const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0, callTimesMs: [] };
 const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
 const sink = process.argv[4] === "sink"; // bench/: no decoding at all (it would share the load's core)
 let mode = { mode: "ok", delayMs: 0 };
@@ -77,6 +79,16 @@ function collect(request, protocol) {
 }
 
 const later = (fn) => (mode.mode === "slow" ? setTimeout(fn, mode.delayMs) : fn());
+// A full success, or in "partial" mode OTLP's partial success.
+const response = () =>
+  ExportTraceServiceResponse.create(
+    mode.mode === "partial"
+      ? { partialSuccess: { rejectedSpans: mode.rejected || 1, errorMessage: mode.message || "rejected on purpose" } }
+      : {},
+  );
+const called = () => {
+  if (stats.callTimesMs.length < 1000) stats.callTimesMs.push(Date.now());
+};
 
 const server = new grpc.Server();
 server.addService(
@@ -94,6 +106,7 @@ server.addService(
   {
     Export(call, callback) {
       stats.grpcCalls++;
+      called();
       if (mode.mode === "refuse") {
         stats.refused++;
         return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
@@ -101,7 +114,7 @@ server.addService(
       later(() => {
         if (sink) stats.bytes += call.request.length;
         else collect(call.request, "grpc");
-        callback(null, ExportTraceServiceResponse.create({}));
+        callback(null, response());
       });
     },
   },
@@ -125,10 +138,17 @@ const web = http.createServer((req, res) => {
     }
     if (req.method === "POST" && req.url === "/v1/traces") {
       stats.httpCalls++;
+      called();
       if (req.headers["content-type"] !== "application/x-protobuf") return json(415, { error: "content-type" });
       if (mode.mode === "refuse") {
         stats.refused++;
         return json(503, { error: "refusing on purpose" });
+      }
+      if (mode.mode === "throttle" && (mode.times ?? 1) > 0) {
+        mode.times = (mode.times ?? 1) - 1;
+        stats.refused++;
+        res.setHeader("retry-after", String(mode.retryAfter ?? 1));
+        return json(429, { error: "slow down" });
       }
       let decoded;
       try {
@@ -138,8 +158,10 @@ const web = http.createServer((req, res) => {
       }
       return later(() => {
         collect(decoded, "http");
-        res.writeHead(200, { "content-type": "application/x-protobuf" });
-        res.end(Buffer.from(ExportTraceServiceResponse.encode(ExportTraceServiceResponse.create({})).finish()));
+        // With its length, as the collector's Go server writes a small answer.
+        const answer = Buffer.from(ExportTraceServiceResponse.encode(response()).finish());
+        res.writeHead(200, { "content-type": "application/x-protobuf", "content-length": answer.length });
+        res.end(answer);
       });
     }
     json(404, { error: "not found" });

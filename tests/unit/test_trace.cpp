@@ -430,6 +430,30 @@ TEST_CASE("a request whose path and headers are not UTF-8 exports spans protobuf
     CHECK(mcp);
 }
 
+TEST_CASE("a collector's partial success and Retry-After are read", "[trace]") {
+    otlp::ExportTraceServiceResponse response;
+    response.mutable_partial_success()->set_rejected_spans(3);
+    response.mutable_partial_success()->set_error_message("spans older than 1h");
+    otlp_exporter::PartialSuccess p;
+    REQUIRE(otlp_exporter::decode_response(response.SerializeAsString(), p));
+    CHECK(p.rejected_spans == 3);
+    CHECK(p.error_message == "spans older than 1h");
+    // An empty response (full success), one with fields we do not know, and bytes that are not one.
+    CHECK(otlp_exporter::decode_response("", p));
+    CHECK(p.rejected_spans == 0);
+    std::string unknown = response.SerializeAsString() + std::string("\x10\x07\x1d\x01\x02\x03\x04", 7);
+    CHECK(otlp_exporter::decode_response(unknown, p));
+    CHECK(p.rejected_spans == 3);
+    CHECK_FALSE(otlp_exporter::decode_response(std::string("\x0a\x05\x08", 3), p));  // cut short
+    CHECK_FALSE(otlp_exporter::decode_response(std::string("\x0b", 1), p));          // a group
+    CHECK(otlp_exporter::retry_after("2") == std::chrono::seconds(2));
+    CHECK(otlp_exporter::retry_after(" 120 ") == std::chrono::seconds(120));
+    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00 GMT") == std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("-1") == std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("") == std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("99999999999") == std::chrono::seconds(0));
+}
+
 TEST_CASE("ids are written as two lowercase hex characters per byte, every byte value", "[trace]") {
     uint8_t all[256];
     std::string want;
