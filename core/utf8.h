@@ -81,4 +81,14 @@ inline void append_well_formed(std::string& out, std::string_view s) {
     }
 }
 
+// out = s, with U+FFFD as append_well_formed puts it; s is copied as it is when well-formed.
+inline void assign_well_formed(std::string& out, std::string_view s) {
+    if (valid(s)) {
+        out.assign(s);
+        return;
+    }
+    out.clear();
+    append_well_formed(out, s);
+}
+
 }  // namespace stepflow::utf8

@@ -5,6 +5,7 @@
 
 #include <simdjson.h>
 
+#include "core/utf8.h"
 #include "discovery/instance.h"
 #include "proxy/local_response.h"
 
@@ -114,11 +115,12 @@ void RequestTrace::begin(const http1::Head& request) {
         rec.reset(t_spare_recordings.back().release());
         t_spare_recordings.pop_back();
     }
-    rec->method.assign(request.method);
+    rec->method.assign(request.method);  // a token: ASCII
+    // A target and header values may hold any byte from 0x80 up; span strings must be UTF-8.
     std::string_view target = request.target;
-    rec->path.assign(target.substr(0, target.find('?')));
-    rec->user_agent.assign(request.get("User-Agent"));
-    rec->mcp_method.assign(request.get("Mcp-Method"));
+    utf8::assign_well_formed(rec->path, target.substr(0, target.find('?')));
+    utf8::assign_well_formed(rec->user_agent, request.get("User-Agent"));
+    utf8::assign_well_formed(rec->mcp_method, request.get("Mcp-Method"));
 }
 
 void RequestTrace::note_jsonrpc(std::string_view body) {

@@ -69,8 +69,9 @@ char* attribute(std::string& buf, std::string_view key, size_t any) {
 }
 
 // Protobuf string fields must hold well-formed UTF-8, and a collector that checks rejects the
-// whole export, every other request's spans with it. A path, a User-Agent or an Mcp-Method from a
-// client may hold any byte: those show U+FFFD in place of what is not UTF-8.
+// whole export, every other request's spans with it. What a span quotes from a client (a path,
+// a User-Agent, an Mcp-Method) is made well-formed once, when the request's trace records it
+// (RequestTrace::begin); a status message may quote a worker and is checked here.
 std::string_view well_formed(std::string_view s) {
     if (utf8::valid(s)) return s;
     thread_local std::string scratch;
@@ -148,7 +149,6 @@ void on_hand_off(int, short, void*) { t_spans.flush(); }
 namespace record {
 
 size_t begin(std::string& buf, const SpanHead& h, std::string_view name) {
-    name = well_formed(name);
     size_t at = buf.size();
     // Protobuf's order: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7, end 8;
     // proto3 leaves out empty and zero fields. The end's 8 bytes are written by finish().
@@ -179,7 +179,6 @@ size_t begin(std::string& buf, const SpanHead& h, std::string_view name) {
 }
 
 void string(std::string& buf, std::string_view key, std::string_view value) {
-    value = well_formed(value);
     size_t n = value.size();
     char* p = attribute(buf, key, wire::string_value_size(n));
     if (n < 0x80) {
