@@ -126,13 +126,28 @@ void add_trace_flags(CLI::App& app, TraceFlags& f) {
         ->envname("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
     app.add_option("--otel-exporter-otlp-protocol", f.protocol, "grpc|http/protobuf")
         ->envname("OTEL_EXPORTER_OTLP_PROTOCOL")->capture_default_str();
+    app.add_option("--otel-exporter-otlp-traces-protocol", f.traces_protocol, "grpc|http/protobuf; wins over the above")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL");
     app.add_option("--otel-exporter-otlp-headers", f.headers, "Headers sent with every export: key=value,key=value")
         ->envname("OTEL_EXPORTER_OTLP_HEADERS");
+    app.add_option("--otel-exporter-otlp-traces-headers", f.traces_headers, "As --otel-exporter-otlp-headers, in its place")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_HEADERS");
     app.add_option("--otel-exporter-otlp-certificate", f.certificate,
                    "PEM CA bundle that verifies an https:// collector (default: the system CA bundle)")
         ->envname("OTEL_EXPORTER_OTLP_CERTIFICATE");
+    app.add_option("--otel-exporter-otlp-traces-certificate", f.traces_certificate,
+                   "As --otel-exporter-otlp-certificate, in its place")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE");
     app.add_option("--otel-exporter-otlp-timeout", f.timeout, "Milliseconds one export may take [10000]")
         ->envname("OTEL_EXPORTER_OTLP_TIMEOUT");
+    app.add_option("--otel-exporter-otlp-traces-timeout", f.traces_timeout, "As --otel-exporter-otlp-timeout, in its place")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT");
+    app.add_option("--otel-exporter-otlp-compression", f.compression,
+                   "none|gzip; gzip is accepted but spans go uncompressed (said at start-up) [none]")
+        ->envname("OTEL_EXPORTER_OTLP_COMPRESSION");
+    app.add_option("--otel-exporter-otlp-traces-compression", f.traces_compression,
+                   "As --otel-exporter-otlp-compression, in its place")
+        ->envname("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION");
     app.add_option("--otel-service-name", f.service_name, "service.name of the spans [stepflow-lb]")
         ->envname("OTEL_SERVICE_NAME");
     app.add_option("--otel-resource-attributes", f.resource_attributes, "Resource attributes: key=value,key=value")
@@ -177,10 +192,25 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
     if (!f.metrics_enabled.empty() && !parse_bool(f.metrics_enabled, out.metrics_enabled))
         return bad("--metrics-enabled", "STEPFLOW_METRICS_ENABLED", f.metrics_enabled, "is not true or false");
 
+    // A traces-specific setting, when given, is used in place of the general one; errors name it.
+    struct Setting {
+        const std::string& value;
+        const char* flag;
+        const char* env;
+    };
+    auto pick = [](Setting general, Setting traces) { return traces.value.empty() ? general : traces; };
+    Setting proto = pick({f.protocol, "--otel-exporter-otlp-protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"},
+                         {f.traces_protocol, "--otel-exporter-otlp-traces-protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"});
     OtlpTarget::Protocol protocol;
-    if (f.protocol == "grpc") protocol = OtlpTarget::Protocol::Grpc;
-    else if (f.protocol == "http/protobuf") protocol = OtlpTarget::Protocol::HttpProtobuf;
-    else return bad("--otel-exporter-otlp-protocol", "OTEL_EXPORTER_OTLP_PROTOCOL", f.protocol, "is not grpc or http/protobuf");
+    if (proto.value == "grpc") protocol = OtlpTarget::Protocol::Grpc;
+    else if (proto.value == "http/protobuf") protocol = OtlpTarget::Protocol::HttpProtobuf;
+    else return bad(proto.flag, proto.env, proto.value, "is not grpc or http/protobuf");
+    Setting compression = pick({f.compression, "--otel-exporter-otlp-compression", "OTEL_EXPORTER_OTLP_COMPRESSION"},
+                               {f.traces_compression, "--otel-exporter-otlp-traces-compression",
+                                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"});
+    if (compression.value == "gzip") out.compression_asked = true;
+    else if (!compression.value.empty() && compression.value != "none")
+        return bad(compression.flag, compression.env, compression.value, "is not none or gzip");
 
     // Every endpoint given is checked, the most specific one used.
     std::string error;
@@ -206,17 +236,21 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
         parse_otlp_endpoint(protocol == OtlpTarget::Protocol::Grpc ? "http://localhost:4317" : "http://localhost:4318",
                             protocol, false, target, error);
     }
-    if (!f.headers.empty() && !parse_pairs(f.headers, target.headers))
-        return bad("--otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS", f.headers, "is not key=value,key=value");
+    Setting headers = pick({f.headers, "--otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS"},
+                           {f.traces_headers, "--otel-exporter-otlp-traces-headers", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"});
+    if (!headers.value.empty() && !parse_pairs(headers.value, target.headers))
+        return bad(headers.flag, headers.env, headers.value, "is not key=value,key=value");
     for (auto& [k, v] : target.headers)
         for (auto& c : k) c = char(std::tolower(static_cast<unsigned char>(c)));  // HTTP/2 field names are lower case
-    target.ca_file = f.certificate;
+    target.ca_file = f.traces_certificate.empty() ? f.certificate : f.traces_certificate;
 
     ExporterSettings& ex = out.exporter;
     size_t n = 0;
-    if (!f.timeout.empty()) {
-        if (!parse_count(f.timeout, 1, 600000, n))
-            return bad("--otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT", f.timeout, "is not milliseconds between 1 and 600000");
+    Setting timeout = pick({f.timeout, "--otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT"},
+                           {f.traces_timeout, "--otel-exporter-otlp-traces-timeout", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"});
+    if (!timeout.value.empty()) {
+        if (!parse_count(timeout.value, 1, 600000, n))
+            return bad(timeout.flag, timeout.env, timeout.value, "is not milliseconds between 1 and 600000");
         ex.export_timeout = std::chrono::milliseconds(n);
     }
     if (!f.bsp_export_timeout.empty()) {

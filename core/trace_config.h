@@ -46,13 +46,17 @@ struct TraceConfig {
     trace::Settings sampling;  // .enabled: spans are made and exported
     ExporterSettings exporter;
     bool metrics_enabled = true;  // STEPFLOW_METRICS_ENABLED (accepted; /metrics is always served)
+    bool compression_asked = false;  // gzip was asked for: exported uncompressed, said at start-up
 };
 
 // The flags as given, before they are checked.
 struct TraceFlags {
     std::string trace_enabled, stepflow_endpoint, endpoint, traces_endpoint, protocol = "grpc", headers,
         certificate, timeout, service_name, resource_attributes, sampler, sampler_arg, sdk_disabled,
-        bsp_schedule_delay, bsp_export_timeout, bsp_max_queue_size, bsp_max_export_batch_size, metrics_enabled;
+        bsp_schedule_delay, bsp_export_timeout, bsp_max_queue_size, bsp_max_export_batch_size, metrics_enabled,
+        compression;
+    // The traces-specific forms, which win over the general ones (as the OpenTelemetry SDKs read them).
+    std::string traces_protocol, traces_headers, traces_certificate, traces_timeout, traces_compression;
 };
 
 void add_trace_flags(CLI::App& app, TraceFlags& flags);

@@ -223,6 +223,9 @@ int main(int argc, char** argv) {
         log::info("exporting spans", {{"endpoint", std::string(t.tls ? "https://" : "http://") + t.host + ":" + std::to_string(t.port) + t.path},
                                       {"protocol", t.protocol == OtlpTarget::Protocol::Grpc ? "grpc" : "http/protobuf"},
                                       {"sampler", trace::to_string(config.trace.sampling.sampler)}});
+        if (config.trace.compression_asked)
+            log::warn("OTLP compression gzip is not supported: spans are exported uncompressed",
+                      {{"setting", "OTEL_EXPORTER_OTLP_COMPRESSION"}});
     }
 
     // The control loop's records (discovery, health) also leave once per loop turn.

@@ -551,6 +551,10 @@ def bad_tracing_values_are_startup_errors_naming_them():
     cases = [({"STEPFLOW_TRACE_ENABLED": "maybe"}, "STEPFLOW_TRACE_ENABLED"),
              ({"STEPFLOW_OTLP_ENDPOINT": "otel-collector:4317"}, "STEPFLOW_OTLP_ENDPOINT"),
              ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+             ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+             ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "novalue"}, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+             ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "soon"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),
+             ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION"),
              ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
              ({"OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
              ({"OTEL_SDK_DISABLED": "yes please"}, "OTEL_SDK_DISABLED"),
@@ -566,6 +570,40 @@ def bad_tracing_values_are_startup_errors_naming_them():
                             "--backends", "127.0.0.1:1"], env={**base, **env}, capture_output=True, text=True,
                            timeout=10)
         check(p.returncode == 2 and name in p.stderr, f"{env}: exit {p.returncode}, stderr {p.stderr!r}")
+
+
+@test
+def export_headers_reach_the_collector_and_traces_variables_win_over_general_ones():
+    rx = Receiver()
+    w = Worker("a")
+    # The general variables: OTLP/gRPC, the headers as gRPC metadata (values percent-decoded).
+    lb = Balancer([w.address], env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{rx.grpc}",
+                                    "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=general,Authorization=Bearer%20abc",
+                                    "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    lb.wait_healthy(1)
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{'8a' * 16}-{PARENT_SPAN}-01"})
+    rx.wait_trace("8a" * 16, 2)
+    got = rx.stats()["lastHeaders"]
+    check(got.get("x-tenant") == "general" and got.get("authorization") == "Bearer abc", f"gRPC metadata: {got}")
+    lb.stop()
+    # Each traces-specific variable in place of its general one, as the OpenTelemetry SDKs read them.
+    lb = Balancer([w.address], env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{rx.http}/v1/traces",
+                                    "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=general",
+                                    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-tenant=traces",
+                                    "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+                                    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "10000",
+                                    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
+                                    "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    lb.wait_healthy(1)
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{'8b' * 16}-{PARENT_SPAN}-01"})
+    spans = rx.wait_trace("8b" * 16, 2)
+    got = rx.stats()["lastHeaders"]
+    check(spans[0]["protocol"] == "http" and got.get("x-tenant") == "traces", f"{spans[0]['protocol']}, headers {got}")
+    check(lb.logs("OTLP compression gzip is not supported: spans are exported uncompressed"),
+          "gzip asked for: said at start-up")
+    check(lb.metric("stepflow_lb_trace_export_failures_total") == 0, "the 10 s traces timeout, not the 1 ms one")
 
 
 @test

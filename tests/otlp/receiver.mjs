@@ -8,7 +8,7 @@
 //                                sink: acknowledge without decoding, count bytes (bench/)
 //                                prints {"grpc": PORT, "http": PORT} once listening
 //   GET  /spans                  every span received, decoded (ids as lowercase hex)
-//   GET  /stats                  {"grpcCalls", "httpCalls", "refused", "callTimesMs"}
+//   GET  /stats                  {"grpcCalls", "httpCalls", "refused", "callTimesMs", "lastHeaders"}
 //   POST /mode {"mode": "ok"|"refuse"|"slow"|"partial"|"throttle", "delayMs": N, ...}
 //       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs;
 //       partial: take the spans but answer a partial success that rejects "rejected" of them;
@@ -23,7 +23,7 @@ const root = require("@opentelemetry/otlp-transformer/build/src/generated/root")
 const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
 
 const spans = [];
-const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0, callTimesMs: [] };
+const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0, callTimesMs: [], lastHeaders: {} };
 const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
 const sink = process.argv[4] === "sink"; // bench/: no decoding at all (it would share the load's core)
 let mode = { mode: "ok", delayMs: 0 };
@@ -86,8 +86,10 @@ const response = () =>
       ? { partialSuccess: { rejectedSpans: mode.rejected || 1, errorMessage: mode.message || "rejected on purpose" } }
       : {},
   );
-const called = () => {
+// Each export's time, and the last export's headers (gRPC metadata) as strings.
+const called = (headers) => {
   if (stats.callTimesMs.length < 1000) stats.callTimesMs.push(Date.now());
+  stats.lastHeaders = Object.fromEntries(Object.entries(headers).map(([k, v]) => [k, String(v)]));
 };
 
 const server = new grpc.Server();
@@ -106,7 +108,7 @@ server.addService(
   {
     Export(call, callback) {
       stats.grpcCalls++;
-      called();
+      called(call.metadata.getMap());
       if (mode.mode === "refuse") {
         stats.refused++;
         return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
@@ -138,7 +140,7 @@ const web = http.createServer((req, res) => {
     }
     if (req.method === "POST" && req.url === "/v1/traces") {
       stats.httpCalls++;
-      called();
+      called(req.headers);
       if (req.headers["content-type"] !== "application/x-protobuf") return json(415, { error: "content-type" });
       if (mode.mode === "refuse") {
         stats.refused++;
