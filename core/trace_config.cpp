@@ -112,6 +112,35 @@ bool parse_otlp_endpoint(const std::string& url, OtlpTarget::Protocol protocol, 
     return true;
 }
 
+namespace {
+// An exporter setting as flag and variable, --otel-exporter-otlp-<name> (OTEL_EXPORTER_OTLP_<NAME>),
+// and its traces-specific form (-traces-, _TRACES_), which the SDKs use in its place when set.
+struct OptionName {
+    std::string flag, env;
+};
+OptionName exporter_option_name(const std::string& name, bool traces) {
+    std::string upper = name;
+    for (auto& c : upper) c = char(std::toupper(static_cast<unsigned char>(c)));
+    if (traces) return {"--otel-exporter-otlp-traces-" + name, "OTEL_EXPORTER_OTLP_TRACES_" + upper};
+    return {"--otel-exporter-otlp-" + name, "OTEL_EXPORTER_OTLP_" + upper};
+}
+void add_exporter_option(CLI::App& app, const std::string& name, std::string& general, std::string& traces,
+                         const std::string& help) {
+    OptionName g = exporter_option_name(name, false), t = exporter_option_name(name, true);
+    app.add_option(g.flag, general, help)->envname(g.env);
+    app.add_option(t.flag, traces, "In place of " + g.flag + " when set")->envname(t.env);
+}
+// The value in force and the name to give in an error.
+struct ExporterOption {
+    const std::string& value;
+    std::string flag, env;
+};
+ExporterOption exporter_option(const std::string& name, const std::string& general, const std::string& traces) {
+    OptionName n = exporter_option_name(name, !traces.empty());
+    return {traces.empty() ? general : traces, n.flag, n.env};
+}
+}  // namespace
+
 void add_trace_flags(CLI::App& app, TraceFlags& f) {
     app.add_option("--trace-enabled", f.trace_enabled,
                    "true|false: make spans and export them over OTLP (default: true when an OTLP endpoint is set)")
@@ -124,30 +153,13 @@ void add_trace_flags(CLI::App& app, TraceFlags& f) {
         ->envname("OTEL_EXPORTER_OTLP_ENDPOINT");
     app.add_option("--otel-exporter-otlp-traces-endpoint", f.traces_endpoint, "OTLP traces URL, used as given; wins over both")
         ->envname("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    app.add_option("--otel-exporter-otlp-protocol", f.protocol, "grpc|http/protobuf")
-        ->envname("OTEL_EXPORTER_OTLP_PROTOCOL")->capture_default_str();
-    app.add_option("--otel-exporter-otlp-traces-protocol", f.traces_protocol, "grpc|http/protobuf; wins over the above")
-        ->envname("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL");
-    app.add_option("--otel-exporter-otlp-headers", f.headers, "Headers sent with every export: key=value,key=value")
-        ->envname("OTEL_EXPORTER_OTLP_HEADERS");
-    app.add_option("--otel-exporter-otlp-traces-headers", f.traces_headers, "As --otel-exporter-otlp-headers, in its place")
-        ->envname("OTEL_EXPORTER_OTLP_TRACES_HEADERS");
-    app.add_option("--otel-exporter-otlp-certificate", f.certificate,
-                   "PEM CA bundle that verifies an https:// collector (default: the system CA bundle)")
-        ->envname("OTEL_EXPORTER_OTLP_CERTIFICATE");
-    app.add_option("--otel-exporter-otlp-traces-certificate", f.traces_certificate,
-                   "As --otel-exporter-otlp-certificate, in its place")
-        ->envname("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE");
-    app.add_option("--otel-exporter-otlp-timeout", f.timeout, "Milliseconds one export may take [10000]")
-        ->envname("OTEL_EXPORTER_OTLP_TIMEOUT");
-    app.add_option("--otel-exporter-otlp-traces-timeout", f.traces_timeout, "As --otel-exporter-otlp-timeout, in its place")
-        ->envname("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT");
-    app.add_option("--otel-exporter-otlp-compression", f.compression,
-                   "none|gzip; gzip is accepted but spans go uncompressed (said at start-up) [none]")
-        ->envname("OTEL_EXPORTER_OTLP_COMPRESSION");
-    app.add_option("--otel-exporter-otlp-traces-compression", f.traces_compression,
-                   "As --otel-exporter-otlp-compression, in its place")
-        ->envname("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION");
+    add_exporter_option(app, "protocol", f.protocol, f.traces_protocol, "grpc|http/protobuf [grpc]");
+    add_exporter_option(app, "headers", f.headers, f.traces_headers, "Headers sent with every export: key=value,key=value");
+    add_exporter_option(app, "certificate", f.certificate, f.traces_certificate,
+                        "PEM CA bundle that verifies an https:// collector (default: the system CA bundle)");
+    add_exporter_option(app, "timeout", f.timeout, f.traces_timeout, "Milliseconds one export may take [10000]");
+    add_exporter_option(app, "compression", f.compression, f.traces_compression,
+                        "none|gzip; gzip is accepted but spans go uncompressed (said at start-up) [none]");
     app.add_option("--otel-service-name", f.service_name, "service.name of the spans [stepflow-lb]")
         ->envname("OTEL_SERVICE_NAME");
     app.add_option("--otel-resource-attributes", f.resource_attributes, "Resource attributes: key=value,key=value")
@@ -177,8 +189,8 @@ void add_trace_flags(CLI::App& app, TraceFlags& f) {
 }
 
 std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
-    auto bad = [](const char* flag, const char* env, const std::string& value, const std::string& why) {
-        return std::string(flag) + " (" + env + "): '" + value + "' " + why;
+    auto bad = [](const std::string& flag, const std::string& env, const std::string& value, const std::string& why) {
+        return flag + " (" + env + "): '" + value + "' " + why;
     };
     bool explicit_enabled = false, enabled = false;
     if (!f.trace_enabled.empty()) {
@@ -193,21 +205,12 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
         return bad("--metrics-enabled", "STEPFLOW_METRICS_ENABLED", f.metrics_enabled, "is not true or false");
 
     // A traces-specific setting, when given, is used in place of the general one; errors name it.
-    struct Setting {
-        const std::string& value;
-        const char* flag;
-        const char* env;
-    };
-    auto pick = [](Setting general, Setting traces) { return traces.value.empty() ? general : traces; };
-    Setting proto = pick({f.protocol, "--otel-exporter-otlp-protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"},
-                         {f.traces_protocol, "--otel-exporter-otlp-traces-protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"});
+    ExporterOption proto = exporter_option("protocol", f.protocol, f.traces_protocol);
     OtlpTarget::Protocol protocol;
     if (proto.value == "grpc") protocol = OtlpTarget::Protocol::Grpc;
     else if (proto.value == "http/protobuf") protocol = OtlpTarget::Protocol::HttpProtobuf;
     else return bad(proto.flag, proto.env, proto.value, "is not grpc or http/protobuf");
-    Setting compression = pick({f.compression, "--otel-exporter-otlp-compression", "OTEL_EXPORTER_OTLP_COMPRESSION"},
-                               {f.traces_compression, "--otel-exporter-otlp-traces-compression",
-                                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"});
+    ExporterOption compression = exporter_option("compression", f.compression, f.traces_compression);
     if (compression.value == "gzip") out.compression_asked = true;
     else if (!compression.value.empty() && compression.value != "none")
         return bad(compression.flag, compression.env, compression.value, "is not none or gzip");
@@ -236,8 +239,7 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
         parse_otlp_endpoint(protocol == OtlpTarget::Protocol::Grpc ? "http://localhost:4317" : "http://localhost:4318",
                             protocol, false, target, error);
     }
-    Setting headers = pick({f.headers, "--otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS"},
-                           {f.traces_headers, "--otel-exporter-otlp-traces-headers", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"});
+    ExporterOption headers = exporter_option("headers", f.headers, f.traces_headers);
     if (!headers.value.empty() && !parse_pairs(headers.value, target.headers))
         return bad(headers.flag, headers.env, headers.value, "is not key=value,key=value");
     for (auto& [k, v] : target.headers)
@@ -246,8 +248,7 @@ std::string finish_trace_flags(const TraceFlags& f, TraceConfig& out) {
 
     ExporterSettings& ex = out.exporter;
     size_t n = 0;
-    Setting timeout = pick({f.timeout, "--otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT"},
-                           {f.traces_timeout, "--otel-exporter-otlp-traces-timeout", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"});
+    ExporterOption timeout = exporter_option("timeout", f.timeout, f.traces_timeout);
     if (!timeout.value.empty()) {
         if (!parse_count(timeout.value, 1, 600000, n))
             return bad(timeout.flag, timeout.env, timeout.value, "is not milliseconds between 1 and 600000");
