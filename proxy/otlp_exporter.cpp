@@ -23,6 +23,7 @@
 #include <openssl/ssl.h>
 
 #include "core/log.h"
+#include "core/text.h"
 #include "proxy/metrics.h"
 #include "proxy/otlp_wire.h"
 #include "proxy/span.h"
@@ -388,6 +389,100 @@ private:
     std::string response_;  // the response's DATA: the message with its 5-byte prefix
 };
 
+// A response field's value in a lower-cased head (the first one), without surrounding blanks.
+std::string_view field(std::string_view head, std::string_view name) {
+    for (size_t at = head.find("\r\n"); at != std::string_view::npos; at = head.find("\r\n", at + 2)) {
+        std::string_view line = head.substr(at + 2, head.find("\r\n", at + 2) - (at + 2));
+        if (line.size() > name.size() && line.substr(0, name.size()) == name && line[name.size()] == ':')
+            return trim(line.substr(name.size() + 1));
+    }
+    return {};
+}
+
+// Reads an HTTP/1.1 response off a blocking connection: the head, then a body framed by its
+// length or in chunks. Each read is bounded by the export's deadline, what is kept by
+// kMaxResponseBody (the rest is read and dropped), and the buffer by what is not yet taken.
+class Reader {
+public:
+    Reader(Connection& conn, Clock::time_point deadline, std::string& error)
+        : conn_(conn), deadline_(deadline), error_(error) {}
+
+    // The head without its blank line; false past 64 KiB or when the connection ends first.
+    bool head(std::string& out) {
+        size_t end;
+        while ((end = buf_.find("\r\n\r\n")) == std::string::npos)
+            if (buf_.size() > 65536 || !fill()) return false;
+        out.assign(buf_, 0, end);
+        at_ = end + 4;
+        return true;
+    }
+
+    bool body(size_t length, std::string& keep) { return take(length, keep); }
+
+    bool chunked_body(std::string& keep) {
+        for (;;) {
+            std::string_view size_line;
+            if (!line(size_line)) return false;
+            uint64_t size = 0;
+            size_t digits = 0;
+            for (char c : size_line) {
+                int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+                if (d < 0) break;
+                if (++digits > 15) return false;
+                size = size * 16 + uint64_t(d);
+            }
+            if (digits == 0) return false;
+            if (size == 0) break;
+            std::string_view crlf;
+            if (!take(size_t(size), keep) || !line(crlf) || !crlf.empty()) return false;
+        }
+        for (;;) {  // trailer fields, up to the blank line
+            std::string_view trailer;
+            if (!line(trailer)) return false;
+            if (trailer.empty()) return true;
+        }
+    }
+
+private:
+    bool fill() {
+        if (at_ > 0 && at_ == buf_.size()) {
+            buf_.clear();
+            at_ = 0;
+        }
+        char tmp[8192];
+        ssize_t n = conn_.read_some(tmp, sizeof tmp, deadline_, error_);
+        if (n <= 0) return false;
+        buf_.append(tmp, size_t(n));
+        return true;
+    }
+    // The next line without its CRLF; false past 4 KiB.
+    bool line(std::string_view& out) {
+        size_t eol;
+        while ((eol = buf_.find("\r\n", at_)) == std::string::npos)
+            if (buf_.size() - at_ > 4096 || !fill()) return false;
+        out = std::string_view(buf_).substr(at_, eol - at_);
+        at_ = eol + 2;
+        return true;
+    }
+    // n bytes, the first of them appended to `keep` while it holds under kMaxResponseBody.
+    bool take(size_t n, std::string& keep) {
+        while (n > 0) {
+            if (at_ == buf_.size() && !fill()) return false;
+            size_t piece = std::min(n, buf_.size() - at_);
+            if (keep.size() < kMaxResponseBody) keep.append(buf_, at_, std::min(piece, kMaxResponseBody - keep.size()));
+            at_ += piece;
+            n -= piece;
+        }
+        return true;
+    }
+
+    Connection& conn_;
+    Clock::time_point deadline_;
+    std::string& error_;
+    std::string buf_;
+    size_t at_ = 0;
+};
+
 // OTLP/HTTP: POST <path> with application/x-protobuf on a kept HTTP/1.1 connection.
 class HttpChannel {
 public:
@@ -404,36 +499,24 @@ public:
             conn_.close();
             return result;
         }
-        std::string in;
-        char buf[8192];
-        size_t head_end;
-        while ((head_end = in.find("\r\n\r\n")) == std::string::npos) {
-            ssize_t n = conn_.read_some(buf, sizeof buf, deadline, result.error);
-            if (n <= 0 || in.size() > 65536) {
-                if (n == 0) result.error = "the collector closed the connection";
-                conn_.close();
-                return result;
-            }
-            in.append(buf, size_t(n));
+        Reader in{conn_, deadline, result.error};
+        std::string head;
+        if (!in.head(head)) {
+            if (result.error.empty()) result.error = "the collector closed the connection";
+            conn_.close();
+            return result;
         }
-        int status = in.size() > 12 ? std::atoi(in.c_str() + 9) : 0;
-        std::string head = in.substr(0, head_end);
+        int status = head.size() > 12 ? std::atoi(head.c_str() + 9) : 0;
         for (auto& c : head) c = char(std::tolower(static_cast<unsigned char>(c)));
-        size_t body_have = in.size() - head_end - 4;
-        size_t cl = head.find("\r\ncontent-length:");
-        bool keep = cl != std::string::npos && head.find("connection: close") == std::string::npos;
-        if (keep) {
-            size_t want = size_t(std::atoll(head.c_str() + cl + 17));
-            result.body.assign(in, head_end + 4, std::min(want, kMaxResponseBody));
-            while (body_have < want) {
-                ssize_t n = conn_.read_some(buf, sizeof buf, deadline, result.error);
-                if (n <= 0) { keep = false; break; }
-                body_have += size_t(n);
-                if (result.body.size() < std::min(want, kMaxResponseBody))
-                    result.body.append(buf, std::min(size_t(n), std::min(want, kMaxResponseBody) - result.body.size()));
-            }
-        }
-        if (!keep) conn_.close();  // no length to find the end by: a new connection next time
+        // The body is read to its end so the connection can be kept; what a partial success or
+        // an error says fits in its first kMaxResponseBody bytes.
+        std::string_view te = field(head, "transfer-encoding"), cl = field(head, "content-length");
+        bool keep = head.compare(0, 8, "http/1.1") == 0 && field(head, "connection") != "close";
+        if (status == 204 || status == 304) {}  // no body
+        else if (te.size() >= 7 && te.substr(te.size() - 7) == "chunked") keep &= in.chunked_body(result.body);
+        else if (te.empty() && !cl.empty()) keep &= in.body(size_t(std::atoll(std::string(cl).c_str())), result.body);
+        else keep = false;  // no length to find the end by
+        if (!keep) conn_.close();  // a new connection next time
         if (status >= 200 && status < 300) {
             result.ok = true;
             return result;
@@ -441,10 +524,7 @@ public:
         result.body.clear();
         result.error = "HTTP " + std::to_string(status);
         result.retryable = status == 429 || status == 502 || status == 503 || status == 504 || status == 0;
-        if (size_t ra = head.find("\r\nretry-after:"); ra != std::string::npos) {
-            size_t eol = head.find("\r\n", ra + 2);
-            result.retry_after = otlp_exporter::retry_after(std::string_view(head).substr(ra + 14, eol == std::string::npos ? std::string::npos : eol - ra - 14));
-        }
+        result.retry_after = otlp_exporter::retry_after(field(head, "retry-after"));
         return result;
     }
 

@@ -493,6 +493,22 @@ def spans_a_collector_rejects_in_a_partial_success_are_counted_not_resent():
 
 
 @test
+def an_otlp_http_answer_in_chunks_is_read_whole_and_its_connection_kept():
+    rx = Receiver()
+    rx.mode("partial", rejected=1, message="span too old", chunked=True)
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx, "http"))
+    lb.wait_healthy(1)
+    for n, trace in enumerate(("7d" * 16, "7e" * 16), start=1):
+        lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+        rx.wait_trace(trace, 2)
+        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == n, 10,
+                 f"the partial success of export {n} read from its chunked answer")
+    stats = rx.stats()
+    check(stats["httpCalls"] == 2 and stats["httpConnections"] == 1, f"two exports on one kept connection: {stats}")
+
+
+@test
 def an_otlp_http_retry_waits_as_long_as_retry_after_asks():
     rx = Receiver()
     rx.mode("throttle", retryAfter=2, times=1)

@@ -12,7 +12,8 @@
 //   POST /mode {"mode": "ok"|"refuse"|"slow"|"partial"|"throttle", "delayMs": N, ...}
 //       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs;
 //       partial: take the spans but answer a partial success that rejects "rejected" of them;
-//       throttle: HTTP 429 with Retry-After "retryAfter" seconds to the next "times" exports
+//       throttle: HTTP 429 with Retry-After "retryAfter" seconds to the next "times" exports;
+//       "chunked": true: OTLP/HTTP answers in two chunks, without a length
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import http from "node:http";
@@ -23,7 +24,9 @@ const root = require("@opentelemetry/otlp-transformer/build/src/generated/root")
 const { ExportTraceServiceRequest, ExportTraceServiceResponse } = root.opentelemetry.proto.collector.trace.v1;
 
 const spans = [];
-const stats = { grpcCalls: 0, httpCalls: 0, refused: 0, spans: 0, bytes: 0, callTimesMs: [], lastHeaders: {} };
+const stats = { grpcCalls: 0, httpCalls: 0, httpConnections: 0, refused: 0, spans: 0, bytes: 0, callTimesMs: [],
+  lastHeaders: {} };
+const exportSockets = new WeakSet(); // the connections OTLP/HTTP exports came on
 const countOnly = process.argv[4] === "count-only"; // bench/: count spans, keep none
 const sink = process.argv[4] === "sink"; // bench/: no decoding at all (it would share the load's core)
 let mode = { mode: "ok", delayMs: 0 };
@@ -141,6 +144,10 @@ const web = http.createServer((req, res) => {
     if (req.method === "POST" && req.url === "/v1/traces") {
       stats.httpCalls++;
       called(req.headers);
+      if (!exportSockets.has(req.socket)) {
+        exportSockets.add(req.socket);
+        stats.httpConnections++;
+      }
       if (req.headers["content-type"] !== "application/x-protobuf") return json(415, { error: "content-type" });
       if (mode.mode === "refuse") {
         stats.refused++;
@@ -160,8 +167,13 @@ const web = http.createServer((req, res) => {
       }
       return later(() => {
         collect(decoded, "http");
-        // With its length, as the collector's Go server writes a small answer.
+        // With its length, as the collector's Go server writes a small answer, or in chunks.
         const answer = Buffer.from(ExportTraceServiceResponse.encode(response()).finish());
+        if (mode.chunked) {
+          res.writeHead(200, { "content-type": "application/x-protobuf" });
+          res.write(answer.subarray(0, 3));
+          return res.end(answer.subarray(3));
+        }
         res.writeHead(200, { "content-type": "application/x-protobuf", "content-length": answer.length });
         res.end(answer);
       });
