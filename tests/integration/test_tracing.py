@@ -478,16 +478,16 @@ def spans_a_collector_rejects_in_a_partial_success_are_counted_not_resent():
         trace = ("7a" if protocol == "grpc" else "7b") * 16
         lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
         rx.wait_trace(trace, 2)
-        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == 1, 10,
-                 f"{protocol}: the rejected span counted")
+        # The two spans usually leave in one export, possibly in two: each export has one refused.
+        calls = lambda: rx.stats()["grpcCalls" if protocol == "grpc" else "httpCalls"]
+        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == calls(), 10,
+                 f"{protocol}: the rejected spans counted")
         wait_for(lambda: lb.logs("collector rejected spans"), 5, "the rejection logged")
         said = lb.logs("collector rejected spans")[0]
         check(said.get("rejected") == 1 and said.get("reason") == "span too old", f"{protocol}: {said}")
-        calls = rx.stats()["grpcCalls" if protocol == "grpc" else "httpCalls"]
-        check(calls == 1 and lb.metric("stepflow_lb_trace_spans_exported_total") == 1
-              and lb.metric("stepflow_lb_trace_export_failures_total") == 0,
-              f"{protocol}: one call, not retried ({calls}); 1 of 2 spans taken "
-              f"({lb.metric('stepflow_lb_trace_spans_exported_total')})")
+        exported = lb.metric("stepflow_lb_trace_spans_exported_total")
+        check(calls() in (1, 2) and exported == 2 - calls() and lb.metric("stepflow_lb_trace_export_failures_total") == 0,
+              f"{protocol}: no export sent twice ({calls()} calls for 2 spans); {exported:.0f} taken")
         lb.stop()
         rx.stop()
 
@@ -499,13 +499,13 @@ def an_otlp_http_answer_in_chunks_is_read_whole_and_its_connection_kept():
     w = Worker("a")
     lb = Balancer([w.address], args=tracing_args(rx, "http"))
     lb.wait_healthy(1)
-    for n, trace in enumerate(("7d" * 16, "7e" * 16), start=1):
+    for trace in ("7d" * 16, "7e" * 16):  # two exports at least, one per request
         lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
         rx.wait_trace(trace, 2)
-        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == n, 10,
-                 f"the partial success of export {n} read from its chunked answer")
+        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="rejected") == rx.stats()["httpCalls"],
+                 10, "each export's partial success read from its chunked answer")
     stats = rx.stats()
-    check(stats["httpCalls"] == 2 and stats["httpConnections"] == 1, f"two exports on one kept connection: {stats}")
+    check(stats["httpCalls"] >= 2 and stats["httpConnections"] == 1, f"the exports on one kept connection: {stats}")
 
 
 @test
