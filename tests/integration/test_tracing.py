@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 
+from h2raw import H2Client
 from harness import (ROOT, Balancer, Worker, _started, check, client, free_port, lb_binary, run_tests, test,
                      wait_for)
 
@@ -554,6 +555,15 @@ def bytes_that_are_not_utf8_reach_logs_spans_and_answers_as_u_fffd():
     a = server["attributes"]
     check(a.get("url.path") == want_path and a.get("user_agent.original") == want_agent,
           f"decoded span: url.path {a.get('url.path')!r}, user_agent.original {a.get('user_agent.original')!r}")
+    # The same over HTTP/2 (h2c): the same trace records.
+    h2_trace = "6d" * 16
+    c = H2Client("127.0.0.1", lb.port)
+    sid = c.new_stream_id()
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "lb"), (":path", path),
+                         ("user-agent", agent), ("traceparent", f"00-{h2_trace}-{PARENT_SPAN}-01")], end_stream=True)
+    c.wait(lambda: c.streams[sid].closed, what="the answer over h2")
+    a = one(rx.wait_trace(h2_trace, 2), SERVER)["attributes"]
+    check(a.get("url.path") == want_path and a.get("user_agent.original") == want_agent, f"h2 span: {a}")
     # A JSON answer of our own that quotes a header value (an unknown pinned instance).
     head, body = raw_exchange(lb.port, b"POST /echo HTTP/1.1\r\nHost: lb\r\nStepflow-Instance-Id: gone-\xff\r\n"
                                        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
