@@ -214,7 +214,7 @@ struct Result {
     bool ok = false;
     bool retryable = true;
     std::string error;
-    std::chrono::seconds retry_after{0};  // what the collector asked for (OTLP/HTTP's Retry-After)
+    std::chrono::seconds retry_after{0};  // what the collector asked for (Retry-After, RetryInfo)
     std::string body;                     // the response message, up to kMaxResponseBody
 };
 constexpr size_t kMaxResponseBody = 64 * 1024;  // a partial success with its message fits
@@ -239,6 +239,7 @@ public:
         http_status_ = 0;
         grpc_status_ = -1;
         grpc_message_.clear();
+        grpc_details_.clear();
         response_.clear();
         std::string authority = t.host + ":" + std::to_string(t.port);
         std::vector<nghttp2_nv> nv;
@@ -284,6 +285,7 @@ public:
         // DATA_LOSS may pass (the OTLP specification's retryable codes); others will not.
         static constexpr int retryable[] = {1, 4, 8, 10, 11, 14, 15};
         result.retryable = std::find(std::begin(retryable), std::end(retryable), grpc_status_) != std::end(retryable);
+        if (!grpc_details_.empty()) result.retry_after = otlp_exporter::grpc_retry_delay(grpc_details_);
         return result;
     }
 
@@ -360,6 +362,7 @@ private:
         if (n == ":status") self->http_status_ = std::atoi(std::string(v).c_str());
         else if (n == "grpc-status") self->grpc_status_ = std::atoi(std::string(v).c_str());
         else if (n == "grpc-message") self->grpc_message_.assign(v);
+        else if (n == "grpc-status-details-bin") self->grpc_details_.assign(v);
         return 0;
     }
 
@@ -386,6 +389,7 @@ private:
     bool closed_ = false;
     int http_status_ = 0, grpc_status_ = -1;
     std::string grpc_message_;
+    std::string grpc_details_;  // grpc-status-details-bin (base64)
     std::string response_;  // the response's DATA: the message with its 5-byte prefix
 };
 
@@ -756,6 +760,49 @@ bool decode_response(std::string_view bytes, PartialSuccess& out) {
         });
     });
     return read && ok;
+}
+
+std::chrono::seconds grpc_retry_delay(std::string_view b64) {
+    // Base64, padded or not (gRPC binary metadata).
+    std::string bytes;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (char c : b64) {
+        int v = c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26 : c >= '0' && c <= '9' ? c - '0' + 52
+              : c == '+' ? 62 : c == '/' ? 63 : c == '=' ? -2 : -1;
+        if (v == -2) break;
+        if (v < 0) return std::chrono::seconds(0);
+        acc = (acc << 6) | uint32_t(v);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            bytes += char((acc >> bits) & 0xff);
+        }
+    }
+    // Status.details (3) holds Any messages: type_url (1), value (2); RetryInfo.retry_delay (1)
+    // is a Duration: seconds (1), nanos (2).
+    int64_t seconds = 0, nanos = 0;
+    for_each_field(bytes, [&](uint64_t n, uint8_t t, uint64_t, std::string_view any) {
+        if (n != 3 || t != otlp_wire::kLen) return;
+        std::string_view type, value;
+        for_each_field(any, [&](uint64_t an, uint8_t at, uint64_t, std::string_view b) {
+            if (at != otlp_wire::kLen) return;
+            if (an == 1) type = b;
+            else if (an == 2) value = b;
+        });
+        constexpr std::string_view kRetryInfo = "/google.rpc.RetryInfo";
+        if (type.size() < kRetryInfo.size() || type.substr(type.size() - kRetryInfo.size()) != kRetryInfo) return;
+        for_each_field(value, [&](uint64_t rn, uint8_t rt, uint64_t, std::string_view duration) {
+            if (rn != 1 || rt != otlp_wire::kLen) return;
+            for_each_field(duration, [&](uint64_t dn, uint8_t dt, uint64_t v, std::string_view) {
+                if (dt != otlp_wire::kVarint) return;
+                if (dn == 1) seconds = int64_t(v);
+                else if (dn == 2) nanos = int64_t(v);
+            });
+        });
+    });
+    if (seconds < 0 || seconds > 86400 || nanos < 0) return std::chrono::seconds(0);
+    return std::chrono::seconds(seconds + (nanos > 0 ? 1 : 0));
 }
 
 std::chrono::seconds retry_after(std::string_view value) {

@@ -32,6 +32,9 @@ struct PartialSuccess {
 bool decode_response(std::string_view bytes, PartialSuccess& out);
 // A Retry-After value in delta-seconds (RFC 9110 §10.2.3), 0 when it is absent or an HTTP-date.
 std::chrono::seconds retry_after(std::string_view value);
+// gRPC's form of it: the google.rpc.RetryInfo delay in a grpc-status-details-bin trailer (base64
+// of a google.rpc.Status), rounded up to whole seconds; 0 when there is none.
+std::chrono::seconds grpc_retry_delay(std::string_view status_details_base64);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);

@@ -12,7 +12,8 @@
 //   POST /mode {"mode": "ok"|"refuse"|"slow"|"partial"|"throttle", "delayMs": N, ...}
 //       refuse: gRPC UNAVAILABLE / HTTP 503; slow: answer after delayMs;
 //       partial: take the spans but answer a partial success that rejects "rejected" of them;
-//       throttle: HTTP 429 with Retry-After "retryAfter" seconds to the next "times" exports;
+//       throttle: to the next "times" exports, HTTP 429 with Retry-After "retryAfter" seconds, or
+//       gRPC RESOURCE_EXHAUSTED with a google.rpc.RetryInfo of that delay (grpc-status-details-bin);
 //       "chunked": true: OTLP/HTTP answers in two chunks, without a length
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
@@ -90,6 +91,29 @@ const response = () =>
       : {},
   );
 // Each export's time, and the last export's headers (gRPC metadata) as strings.
+// google.rpc.Status {code, message, details: [Any {RetryInfo {retry_delay: Duration {seconds}}}]},
+// in protobuf's wire format (the packages above carry no google.rpc messages).
+function retryInfoStatus(code, message, seconds) {
+  const varint = (n) => {
+    const out = [];
+    do {
+      out.push((n & 0x7f) | (n > 0x7f ? 0x80 : 0));
+      n = Math.floor(n / 128);
+    } while (n > 0);
+    return Buffer.from(out);
+  };
+  const field = (n, bytes) => Buffer.concat([varint((n << 3) | 2), varint(bytes.length), bytes]);
+  const duration = Buffer.concat([varint(1 << 3), varint(seconds)]);
+  const any = Buffer.concat([field(1, Buffer.from("type.googleapis.com/google.rpc.RetryInfo")), field(2, field(1, duration))]);
+  return Buffer.concat([varint(1 << 3), varint(code), field(2, Buffer.from(message)), field(3, any)]);
+}
+const throttled = () => {
+  if (mode.mode !== "throttle" || (mode.times ?? 1) <= 0) return false;
+  mode.times = (mode.times ?? 1) - 1;
+  stats.refused++;
+  return true;
+};
+
 const called = (headers) => {
   if (stats.callTimesMs.length < 1000) stats.callTimesMs.push(Date.now());
   stats.lastHeaders = Object.fromEntries(Object.entries(headers).map(([k, v]) => [k, String(v)]));
@@ -115,6 +139,12 @@ server.addService(
       if (mode.mode === "refuse") {
         stats.refused++;
         return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
+      }
+      if (throttled()) {
+        const metadata = new grpc.Metadata();
+        const code = grpc.status.RESOURCE_EXHAUSTED;
+        metadata.set("grpc-status-details-bin", retryInfoStatus(code, "slow down", mode.retryAfter ?? 1));
+        return callback({ code, details: "slow down", metadata });
       }
       later(() => {
         if (sink) stats.bytes += call.request.length;
@@ -153,9 +183,7 @@ const web = http.createServer((req, res) => {
         stats.refused++;
         return json(503, { error: "refusing on purpose" });
       }
-      if (mode.mode === "throttle" && (mode.times ?? 1) > 0) {
-        mode.times = (mode.times ?? 1) - 1;
-        stats.refused++;
+      if (throttled()) {
         res.setHeader("retry-after", String(mode.retryAfter ?? 1));
         return json(429, { error: "slow down" });
       }

@@ -456,6 +456,16 @@ TEST_CASE("a collector's partial success and Retry-After are read", "[trace]") {
     CHECK(otlp_exporter::retry_after("-1") == std::chrono::seconds(0));
     CHECK(otlp_exporter::retry_after("") == std::chrono::seconds(0));
     CHECK(otlp_exporter::retry_after("99999999999") == std::chrono::seconds(0));
+    // gRPC: google.rpc.Status{code 8, "busy", details [Any{RetryInfo{retry_delay 3 s}}]}, padded or
+    // not; a RetryInfo after another detail, with nanos (1.5 s: rounded up); none; not base64.
+    CHECK(otlp_exporter::grpc_retry_delay("CAgSBGJ1c3kaMAoodHlwZS5nb29nbGVhcGlzLmNvbS9nb29nbGUucnBjLlJldHJ5SW5mbxIECgIIAw==") ==
+          std::chrono::seconds(3));
+    CHECK(otlp_exporter::grpc_retry_delay("CAgSBGJ1c3kaMAoodHlwZS5nb29nbGVhcGlzLmNvbS9nb29nbGUucnBjLlJldHJ5SW5mbxIECgIIAw") ==
+          std::chrono::seconds(3));
+    CHECK(otlp_exporter::grpc_retry_delay("CA4aLwoodHlwZS5nb29nbGVhcGlzLmNvbS9nb29nbGUucnBjLkRlYnVnSW5mbxIDCgF4GjYKKHR5cGUu"
+                                          "Z29vZ2xlYXBpcy5jb20vZ29vZ2xlLnJwYy5SZXRyeUluZm8SCgoICAEQgMq17gE=") == std::chrono::seconds(2));
+    CHECK(otlp_exporter::grpc_retry_delay("CAgSBGJ1c3k=") == std::chrono::seconds(0));  // no details
+    CHECK(otlp_exporter::grpc_retry_delay("not base64!") == std::chrono::seconds(0));
 }
 
 TEST_CASE("ids are written as two lowercase hex characters per byte, every byte value", "[trace]") {
