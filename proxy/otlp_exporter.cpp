@@ -280,7 +280,8 @@ public:
             result.error = "no grpc-status (HTTP " + std::to_string(http_status_) + ")";
             return result;
         }
-        result.error = "grpc-status " + std::to_string(grpc_status_) + (grpc_message_.empty() ? "" : ": " + grpc_message_);
+        result.error = "grpc-status " + std::to_string(grpc_status_) +
+                       (grpc_message_.empty() ? "" : ": " + otlp_exporter::grpc_message(grpc_message_).substr(0, 512));
         // UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, OUT_OF_RANGE,
         // DATA_LOSS may pass (the OTLP specification's retryable codes); others will not.
         static constexpr int retryable[] = {1, 4, 8, 10, 11, 14, 15};
@@ -525,8 +526,12 @@ public:
             result.ok = true;
             return result;
         }
-        result.body.clear();
         result.error = "HTTP " + std::to_string(status);
+        if (field(head, "content-type") == "application/x-protobuf") {
+            std::string why = otlp_exporter::status_message(result.body);
+            if (!why.empty()) result.error += ": " + why.substr(0, 512);
+        }
+        result.body.clear();
         result.retryable = status == 429 || status == 502 || status == 503 || status == 504 || status == 0;
         result.retry_after = otlp_exporter::retry_after(field(head, "retry-after"));
         return result;
@@ -803,6 +808,28 @@ std::chrono::seconds grpc_retry_delay(std::string_view b64) {
     });
     if (seconds < 0 || seconds > 86400 || nanos < 0) return std::chrono::seconds(0);
     return std::chrono::seconds(seconds + (nanos > 0 ? 1 : 0));
+}
+
+std::string grpc_message(std::string_view in) {
+    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
+    std::string out;
+    for (size_t i = 0; i < in.size(); ++i) {
+        if (in[i] == '%' && i + 2 < in.size() && hex(in[i + 1]) >= 0 && hex(in[i + 2]) >= 0) {
+            out += char(hex(in[i + 1]) * 16 + hex(in[i + 2]));
+            i += 2;
+        } else {
+            out += in[i];
+        }
+    }
+    return out;
+}
+
+std::string status_message(std::string_view bytes) {
+    std::string message;  // google.rpc.Status: code 1, message 2, details 3
+    bool ok = for_each_field(bytes, [&](uint64_t n, uint8_t t, uint64_t, std::string_view b) {
+        if (n == 2 && t == otlp_wire::kLen) message.assign(b);
+    });
+    return ok ? message : std::string();
 }
 
 std::chrono::seconds retry_after(std::string_view value) {

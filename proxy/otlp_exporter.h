@@ -35,6 +35,10 @@ std::chrono::seconds retry_after(std::string_view value);
 // gRPC's form of it: the google.rpc.RetryInfo delay in a grpc-status-details-bin trailer (base64
 // of a google.rpc.Status), rounded up to whole seconds; 0 when there is none.
 std::chrono::seconds grpc_retry_delay(std::string_view status_details_base64);
+// Why a collector refused an export, for the log: grpc-message percent-decoded (as gRPC sends
+// it), or the message of the google.rpc.Status an OTLP/HTTP error answer carries ("" if none).
+std::string grpc_message(std::string_view percent_encoded);
+std::string status_message(std::string_view status_bytes);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.
 void shutdown(std::chrono::milliseconds limit);

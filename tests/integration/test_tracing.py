@@ -510,6 +510,28 @@ def an_otlp_http_answer_in_chunks_is_read_whole_and_its_connection_kept():
 
 
 @test
+def an_export_the_collector_refuses_for_good_is_not_retried_and_its_reason_logged():
+    # HTTP 400 with a google.rpc.Status; gRPC INVALID_ARGUMENT (grpc-message percent-encoded).
+    for protocol, trace in (("http", "9a" * 16), ("grpc", "9b" * 16)):
+        rx = Receiver()
+        rx.mode("reject", message="span 3: bad trace id")
+        w = Worker("a")
+        lb = Balancer([w.address], args=tracing_args(rx, protocol))
+        lb.wait_healthy(1)
+        lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+        wait_for(lambda: lb.metric("stepflow_lb_trace_spans_dropped_total", reason="export-failed") == 2, 10,
+                 f"{protocol}: both spans dropped")
+        wait_for(lambda: lb.logs("trace export failed"), 5, "the failure logged")
+        reason = lb.logs("trace export failed")[0].get("reason", "")
+        want = "HTTP 400: span 3: bad trace id" if protocol == "http" else "grpc-status 3: span 3: bad trace id"
+        calls = rx.stats()["refused"]
+        check(reason == want and calls == lb.metric("stepflow_lb_trace_export_failures_total"),
+              f"{protocol}: reason {reason!r}, want {want!r}; {calls} calls, each refused once")
+        lb.stop()
+        rx.stop()
+
+
+@test
 def a_retry_waits_as_long_as_the_collector_asks():
     # OTLP/HTTP: 429 with Retry-After; OTLP/gRPC: RESOURCE_EXHAUSTED with a RetryInfo.
     for protocol, trace in (("http", "7c" * 16), ("grpc", "7f" * 16)):

@@ -14,7 +14,8 @@
 //       partial: take the spans but answer a partial success that rejects "rejected" of them;
 //       throttle: to the next "times" exports, HTTP 429 with Retry-After "retryAfter" seconds, or
 //       gRPC RESOURCE_EXHAUSTED with a google.rpc.RetryInfo of that delay (grpc-status-details-bin);
-//       "chunked": true: OTLP/HTTP answers in two chunks, without a length
+//       "chunked": true: OTLP/HTTP answers in two chunks, without a length;
+//       reject: gRPC INVALID_ARGUMENT / HTTP 400 with a google.rpc.Status, "message" saying why
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import http from "node:http";
@@ -93,7 +94,7 @@ const response = () =>
 // Each export's time, and the last export's headers (gRPC metadata) as strings.
 // google.rpc.Status {code, message, details: [Any {RetryInfo {retry_delay: Duration {seconds}}}]},
 // in protobuf's wire format (the packages above carry no google.rpc messages).
-function retryInfoStatus(code, message, seconds) {
+function rpcStatus(code, message, seconds) {
   const varint = (n) => {
     const out = [];
     do {
@@ -103,10 +104,15 @@ function retryInfoStatus(code, message, seconds) {
     return Buffer.from(out);
   };
   const field = (n, bytes) => Buffer.concat([varint((n << 3) | 2), varint(bytes.length), bytes]);
-  const duration = Buffer.concat([varint(1 << 3), varint(seconds)]);
-  const any = Buffer.concat([field(1, Buffer.from("type.googleapis.com/google.rpc.RetryInfo")), field(2, field(1, duration))]);
-  return Buffer.concat([varint(1 << 3), varint(code), field(2, Buffer.from(message)), field(3, any)]);
+  const status = [varint(1 << 3), varint(code), field(2, Buffer.from(message))];
+  if (seconds !== undefined) {
+    const duration = Buffer.concat([varint(1 << 3), varint(seconds)]);
+    status.push(field(3, Buffer.concat([field(1, Buffer.from("type.googleapis.com/google.rpc.RetryInfo")),
+      field(2, field(1, duration))])));
+  }
+  return Buffer.concat(status);
 }
+const rejectMessage = () => mode.message || "rejected on purpose";
 const throttled = () => {
   if (mode.mode !== "throttle" || (mode.times ?? 1) <= 0) return false;
   mode.times = (mode.times ?? 1) - 1;
@@ -140,10 +146,14 @@ server.addService(
         stats.refused++;
         return callback({ code: grpc.status.UNAVAILABLE, details: "refusing on purpose" });
       }
+      if (mode.mode === "reject") {
+        stats.refused++;
+        return callback({ code: grpc.status.INVALID_ARGUMENT, details: rejectMessage() });
+      }
       if (throttled()) {
         const metadata = new grpc.Metadata();
         const code = grpc.status.RESOURCE_EXHAUSTED;
-        metadata.set("grpc-status-details-bin", retryInfoStatus(code, "slow down", mode.retryAfter ?? 1));
+        metadata.set("grpc-status-details-bin", rpcStatus(code, "slow down", mode.retryAfter ?? 1));
         return callback({ code, details: "slow down", metadata });
       }
       later(() => {
@@ -182,6 +192,12 @@ const web = http.createServer((req, res) => {
       if (mode.mode === "refuse") {
         stats.refused++;
         return json(503, { error: "refusing on purpose" });
+      }
+      if (mode.mode === "reject") {
+        stats.refused++;
+        const status = rpcStatus(3, rejectMessage());
+        res.writeHead(400, { "content-type": "application/x-protobuf", "content-length": status.length });
+        return res.end(status);
       }
       if (throttled()) {
         res.setHeader("retry-after", String(mode.retryAfter ?? 1));
