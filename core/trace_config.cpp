@@ -26,13 +26,6 @@ bool parse_count(const std::string& s, size_t lo, size_t hi, size_t& out) {
     return out >= lo && out <= hi;
 }
 
-int hex(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
 // `key=value,key=value` with percent-encoded values (W3C Baggage octets, as the specification
 // has OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES).
 bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::string>>& out) {
@@ -45,18 +38,9 @@ bool parse_pairs(const std::string& s, std::vector<std::pair<std::string, std::s
         if (item.empty()) continue;
         size_t eq = item.find('=');
         if (eq == std::string::npos || eq == 0) return false;
-        std::string key(trim(item.substr(0, eq))), value;
-        std::string_view raw = trim(item.substr(eq + 1));
+        std::string key(trim(item.substr(0, eq)));
         if (key.empty()) return false;
-        for (size_t i = 0; i < raw.size(); ++i) {
-            if (raw[i] == '%' && i + 2 < raw.size() && hex(raw[i + 1]) >= 0 && hex(raw[i + 2]) >= 0) {
-                value += char(hex(raw[i + 1]) * 16 + hex(raw[i + 2]));
-                i += 2;
-            } else {
-                value += raw[i];
-            }
-        }
-        out.emplace_back(key, value);
+        out.emplace_back(key, percent_decode(trim(item.substr(eq + 1))));
     }
     return true;
 }

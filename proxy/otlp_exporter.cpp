@@ -281,7 +281,7 @@ public:
             return result;
         }
         result.error = "grpc-status " + std::to_string(grpc_status_) +
-                       (grpc_message_.empty() ? "" : ": " + otlp_exporter::grpc_message(grpc_message_).substr(0, 512));
+                       (grpc_message_.empty() ? "" : ": " + percent_decode(grpc_message_).substr(0, 512));
         // UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, OUT_OF_RANGE,
         // DATA_LOSS may pass (the OTLP specification's retryable codes); others will not.
         static constexpr int retryable[] = {1, 4, 8, 10, 11, 14, 15};
@@ -808,20 +808,6 @@ std::chrono::seconds grpc_retry_delay(std::string_view b64) {
     });
     if (seconds < 0 || seconds > 86400 || nanos < 0) return std::chrono::seconds(0);
     return std::chrono::seconds(seconds + (nanos > 0 ? 1 : 0));
-}
-
-std::string grpc_message(std::string_view in) {
-    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
-    std::string out;
-    for (size_t i = 0; i < in.size(); ++i) {
-        if (in[i] == '%' && i + 2 < in.size() && hex(in[i + 1]) >= 0 && hex(in[i + 2]) >= 0) {
-            out += char(hex(in[i + 1]) * 16 + hex(in[i + 2]));
-            i += 2;
-        } else {
-            out += in[i];
-        }
-    }
-    return out;
 }
 
 std::string status_message(std::string_view bytes) {

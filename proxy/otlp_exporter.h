@@ -35,9 +35,8 @@ std::chrono::seconds retry_after(std::string_view value);
 // gRPC's form of it: the google.rpc.RetryInfo delay in a grpc-status-details-bin trailer (base64
 // of a google.rpc.Status), rounded up to whole seconds; 0 when there is none.
 std::chrono::seconds grpc_retry_delay(std::string_view status_details_base64);
-// Why a collector refused an export, for the log: grpc-message percent-decoded (as gRPC sends
-// it), or the message of the google.rpc.Status an OTLP/HTTP error answer carries ("" if none).
-std::string grpc_message(std::string_view percent_encoded);
+// Why a collector refused an export, for the log: the message of the google.rpc.Status an
+// OTLP/HTTP error answer carries ("" if none). (gRPC's grpc-message is percent_decode'd.)
 std::string status_message(std::string_view status_bytes);
 void start(const ExporterSettings& settings);
 // Sends what is queued, giving up at `limit` (SIGTERM, within the drain); then stops the thread.

@@ -8,6 +8,7 @@
 
 #include <event2/event.h>
 
+#include "core/text.h"
 #include "core/trace_context.h"
 #include "otlp.pb.h"
 #include "proxy/otlp_exporter.h"
@@ -467,8 +468,8 @@ TEST_CASE("a collector's partial success and Retry-After are read", "[trace]") {
     CHECK(otlp_exporter::grpc_retry_delay("CAgSBGJ1c3k=") == std::chrono::seconds(0));  // no details
     CHECK(otlp_exporter::grpc_retry_delay("not base64!") == std::chrono::seconds(0));
     // Why it refused: grpc-message percent-decoded; an OTLP/HTTP error's google.rpc.Status.
-    CHECK(otlp_exporter::grpc_message("refusing%20on%20purpose") == "refusing on purpose");
-    CHECK(otlp_exporter::grpc_message("100% sure %e2%9c%93 %zz") == "100% sure \xe2\x9c\x93 %zz");
+    CHECK(percent_decode("refusing%20on%20purpose") == "refusing on purpose");
+    CHECK(percent_decode("100% sure %e2%9c%93 %zz %4") == "100% sure \xe2\x9c\x93 %zz %4");
     CHECK(otlp_exporter::status_message(std::string("\x08\x03\x12\x09" "bad spans", 13)) == "bad spans");
     CHECK(otlp_exporter::status_message("{\"error\":\"not protobuf\"}").empty());
 }
