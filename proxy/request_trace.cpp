@@ -81,9 +81,18 @@ void RequestTrace::Release::operator()(Recording* r) const {
 void RequestTrace::begin(const http1::Head& request) {
     reset();
     const auto& settings = trace::settings();
-    std::string_view incoming = request.get("traceparent");
+    // More than one traceparent field is no parent at all (W3C Trace Context's test suite: a new
+    // trace), not the first of them.
+    std::string_view incoming;
+    int traceparents = 0;
+    for (const auto& h : request.headers) {
+        if (h.name.size() == 11 && http1::iequals(h.name, "traceparent")) {
+            incoming = h.value;
+            ++traceparents;
+        }
+    }
     trace::Ids parent;
-    has_parent = !incoming.empty() && trace::parse_traceparent(incoming, parent);
+    has_parent = traceparents == 1 && trace::parse_traceparent(incoming, parent);
     if (!settings.enabled) {
         // Not a hop of the trace: the traceparent goes to the worker untouched, yet log lines
         // still name the trace and the caller's span.

@@ -598,6 +598,24 @@ def bytes_that_are_not_utf8_reach_logs_spans_and_answers_as_u_fffd():
 
 
 @test
+def two_traceparent_fields_start_a_new_trace():
+    # As W3C Trace Context's test suite has it: neither is continued, and the worker gets one.
+    rx, w, lb = traced_fleet_of_one()
+    other = "0af7651916cd43dd8448eb211c80319c"
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "components/execute",
+                       "params": {"component": "/echo", "input": 1}}).encode()
+    head, _ = raw_exchange(lb.port, b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n" +
+                           f"traceparent: 00-{PARENT_TRACE}-{PARENT_SPAN}-01\r\ntraceparent: 00-{other}-{PARENT_SPAN}-01\r\n"
+                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    seen = [l.split(b": ", 1)[1].decode() for l in head.split(b"\r\n") if l.lower().startswith(b"x-seen-traceparent:")]
+    check(head.startswith(b"HTTP/1.1 200") and len(seen) == 1, f"one traceparent reached the worker: {head!r}")
+    trace_id = seen[0].split("-")[1]
+    check(trace_id not in (PARENT_TRACE, other), f"a new trace: {seen[0]}")
+    server = one(rx.wait_trace(trace_id, 2), SERVER)
+    check(server["parentSpanId"] == "", f"a root span: {server}")
+
+
+@test
 def bad_tracing_values_are_startup_errors_naming_them():
     cases = [({"STEPFLOW_TRACE_ENABLED": "maybe"}, "STEPFLOW_TRACE_ENABLED"),
              ({"STEPFLOW_OTLP_ENDPOINT": "otel-collector:4317"}, "STEPFLOW_OTLP_ENDPOINT"),

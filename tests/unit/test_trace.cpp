@@ -435,6 +435,32 @@ TEST_CASE("a request whose path and headers are not UTF-8 exports spans protobuf
     CHECK(spans[0].status().message() == "bad upstream status \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
 }
 
+TEST_CASE("two traceparent fields start a new trace, one is continued", "[trace]") {
+    trace::Settings on;
+    on.enabled = true;
+    trace::configure(on);
+    const std::string one = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+    const std::string two = "TraceParent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+    for (const std::string& fields : {one, one + two, one + one}) {
+        http1::Head head;
+        head.raw = "GET / HTTP/1.1\r\nHost: lb\r\n" + fields + "\r\n";
+        REQUIRE_FALSE(http1::parse_request(head, http1::Limits{}));
+        RequestTrace t;
+        t.begin(head);
+        std::string id = hex(t.ids.trace_id, 16);
+        INFO(fields);
+        if (fields == one) {
+            CHECK((t.has_parent && id == "4bf92f3577b34da6a3ce929d0e0e4736"));
+        } else {
+            CHECK(!t.has_parent);
+            CHECK((id != "4bf92f3577b34da6a3ce929d0e0e4736" && id != "0af7651916cd43dd8448eb211c80319c"));
+        }
+        t.end({});
+    }
+    trace::configure(trace::Settings{});
+    exported();
+}
+
 TEST_CASE("a collector's partial success and Retry-After are read", "[trace]") {
     otlp::ExportTraceServiceResponse response;
     response.mutable_partial_success()->set_rejected_spans(3);
