@@ -53,6 +53,7 @@ void Attempt::send_head(std::string& head, const http1::Head& request, const Hea
         if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
         if (h.field == http1::Field::XForwardedProto) continue;
         if (span_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
+        if (span_.new_trace() && h.name.size() == 10 && http1::iequals(h.name, "tracestate")) continue;
         if (const std::string* own = ctx.session ? ctx.session->backend_value_for(h) : nullptr) {
             append_header(head, h.name, *own);  // the backend sees its own id
             continue;

@@ -207,9 +207,10 @@ void RequestTrace::end(const Outcome& o) {
 }
 
 void AttemptSpan::start(RequestTrace* trace, const Instance& inst, std::string_view decision) {
-    open_ = recording_ = cancelled_ = false;
+    open_ = new_trace_ = recording_ = cancelled_ = false;
     if (!trace || !trace->ours) return;
     open_ = true;
+    new_trace_ = !trace->has_parent;
     int number = ++trace->attempts;
     trace::new_span_id(span_id_);
     std::memcpy(trace_id_, trace->ids.trace_id, 16);

@@ -75,6 +75,9 @@ public:
     // A new attempt to `inst` (number: 1 for the first); a no-op unless the trace is ours.
     void start(RequestTrace* trace, const Instance& inst, std::string_view decision);
     bool open() const { return open_; }
+    // The trace is one we started (no valid traceparent came): an incoming tracestate belongs to
+    // no trace of ours and is not passed on (W3C Trace Context's processing model).
+    bool new_trace() const { return new_trace_; }
     // `traceparent: 00-<trace>-<this span>-<flags>\r\n` for the worker's request head.
     void append_traceparent(std::string& head) const;
     // The attempt ended: with the worker's status (0: none), or with a failure kind.
@@ -85,6 +88,7 @@ public:
 private:
     // Copied at start: the attempt may end after the request's record is gone.
     bool open_ = false;
+    bool new_trace_ = false;
     bool recording_ = false;
     uint8_t trace_id_[16] = {};
     uint8_t span_id_[8] = {};

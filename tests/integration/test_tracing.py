@@ -147,8 +147,13 @@ def invalid_or_missing_traceparent_starts_a_new_trace_over_otlp_http():
     lb.wait_healthy(1)
     for header in [None, f"00-{'0' * 32}-{PARENT_SPAN}-01", f"00-{PARENT_TRACE.upper()}-{PARENT_SPAN}-01",
                    "garbage"]:
-        r = lb.execute("/echo", 1, headers={"traceparent": header} if header else None)
+        headers = {"tracestate": "vendor=abc"}
+        if header:
+            headers["traceparent"] = header
+        r = lb.execute("/echo", 1, headers=headers)
         check(r.status == 200, f"status {r.status}")
+        # W3C processing model: a tracestate without a valid traceparent is not passed on.
+        check("x-seen-tracestate" not in r.headers, f"{header!r}: tracestate dropped: {r.headers}")
         _, trace_id, attempt_id, flags = seen_traceparent(r)
         check(trace_id not in (PARENT_TRACE, "0" * 32, PARENT_TRACE.upper()) and flags == "01",
               f"{header!r}: a new sampled trace, got {trace_id}-{flags}")
@@ -606,11 +611,13 @@ def two_traceparent_fields_start_a_new_trace():
                        "params": {"component": "/echo", "input": 1}}).encode()
     head, _ = raw_exchange(lb.port, b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n" +
                            f"traceparent: 00-{PARENT_TRACE}-{PARENT_SPAN}-01\r\ntraceparent: 00-{other}-{PARENT_SPAN}-01\r\n"
+                           "tracestate: vendor=abc\r\n"
                            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
     seen = [l.split(b": ", 1)[1].decode() for l in head.split(b"\r\n") if l.lower().startswith(b"x-seen-traceparent:")]
     check(head.startswith(b"HTTP/1.1 200") and len(seen) == 1, f"one traceparent reached the worker: {head!r}")
     trace_id = seen[0].split("-")[1]
     check(trace_id not in (PARENT_TRACE, other), f"a new trace: {seen[0]}")
+    check(b"x-seen-tracestate" not in head.lower(), f"and no tracestate: {head!r}")
     server = one(rx.wait_trace(trace_id, 2), SERVER)
     check(server["parentSpanId"] == "", f"a root span: {server}")
 
