@@ -412,12 +412,12 @@ public:
     Reader(Connection& conn, Clock::time_point deadline, std::string& error)
         : conn_(conn), deadline_(deadline), error_(error) {}
 
-    // The head without its blank line; false past 64 KiB or when the connection ends first.
+    // The next head without its blank line; false past 64 KiB or when the connection ends first.
     bool head(std::string& out) {
         size_t end;
-        while ((end = buf_.find("\r\n\r\n")) == std::string::npos)
-            if (buf_.size() > 65536 || !fill()) return false;
-        out.assign(buf_, 0, end);
+        while ((end = buf_.find("\r\n\r\n", at_)) == std::string::npos)
+            if (buf_.size() - at_ > 65536 || !fill()) return false;
+        out.assign(buf_, at_, end - at_);
         at_ = end + 4;
         return true;
     }
@@ -506,12 +506,15 @@ public:
         }
         Reader in{conn_, deadline, result.error};
         std::string head;
-        if (!in.head(head)) {
-            if (result.error.empty()) result.error = "the collector closed the connection";
-            conn_.close();
-            return result;
-        }
-        int status = head.size() > 12 ? std::atoi(head.c_str() + 9) : 0;
+        int status = 0;
+        do {  // interim 1xx answers come before the final one, asked for or not (RFC 9110 §15.2)
+            if (!in.head(head)) {
+                if (result.error.empty()) result.error = "the collector closed the connection";
+                conn_.close();
+                return result;
+            }
+            status = head.size() > 12 ? std::atoi(head.c_str() + 9) : 0;
+        } while (status >= 100 && status < 200);
         for (auto& c : head) c = char(std::tolower(static_cast<unsigned char>(c)));
         // The body is read to its end so the connection can be kept; what a partial success or
         // an error says fits in its first kMaxResponseBody bytes.

@@ -537,6 +537,21 @@ def an_export_the_collector_refuses_for_good_is_not_retried_and_its_reason_logge
 
 
 @test
+def an_otlp_http_answer_after_an_interim_100_is_taken_as_the_final_one():
+    # A client must read past 1xx answers it did not ask for (RFC 9110 §15.2).
+    rx = Receiver()
+    rx.mode("ok", interim=True)
+    w = Worker("a")
+    lb = Balancer([w.address], args=tracing_args(rx, "http"))
+    lb.wait_healthy(1)
+    trace = "9c" * 16
+    lb.execute("/echo", 1, headers={"traceparent": f"00-{trace}-{PARENT_SPAN}-01"})
+    rx.wait_trace(trace, 2)
+    wait_for(lambda: lb.metric("stepflow_lb_trace_spans_exported_total") == 2, 10, "both spans counted as exported")
+    check(lb.metric("stepflow_lb_trace_export_failures_total") == 0, "no failed export")
+
+
+@test
 def a_retry_waits_as_long_as_the_collector_asks():
     # OTLP/HTTP: 429 with Retry-After; OTLP/gRPC: RESOURCE_EXHAUSTED with a RetryInfo.
     for protocol, trace in (("http", "7c" * 16), ("grpc", "7f" * 16)):

@@ -15,6 +15,7 @@
 //       throttle: to the next "times" exports, HTTP 429 with Retry-After "retryAfter" seconds, or
 //       gRPC RESOURCE_EXHAUSTED with a google.rpc.RetryInfo of that delay (grpc-status-details-bin);
 //       "chunked": true: OTLP/HTTP answers in two chunks, without a length;
+//       "interim": true: an OTLP/HTTP answer comes after a 100 Continue nobody asked for;
 //       reject: gRPC INVALID_ARGUMENT / HTTP 400 with a google.rpc.Status, "message" saying why
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
@@ -213,6 +214,7 @@ const web = http.createServer((req, res) => {
         collect(decoded, "http");
         // With its length, as the collector's Go server writes a small answer, or in chunks.
         const answer = Buffer.from(ExportTraceServiceResponse.encode(response()).finish());
+        if (mode.interim) res.writeContinue();
         if (mode.chunked) {
           res.writeHead(200, { "content-type": "application/x-protobuf" });
           res.write(answer.subarray(0, 3));
