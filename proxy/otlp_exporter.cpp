@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -18,14 +19,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <event2/buffer.h>
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "core/http1.h"
 #include "core/log.h"
 #include "core/text.h"
 #include "proxy/metrics.h"
 #include "proxy/otlp_wire.h"
+#include "proxy/session_seal.h"
 #include "proxy/span.h"
 
 namespace stepflow {
@@ -394,100 +398,6 @@ private:
     std::string response_;  // the response's DATA: the message with its 5-byte prefix
 };
 
-// A response field's value in a lower-cased head (the first one), without surrounding blanks.
-std::string_view field(std::string_view head, std::string_view name) {
-    for (size_t at = head.find("\r\n"); at != std::string_view::npos; at = head.find("\r\n", at + 2)) {
-        std::string_view line = head.substr(at + 2, head.find("\r\n", at + 2) - (at + 2));
-        if (line.size() > name.size() && line.substr(0, name.size()) == name && line[name.size()] == ':')
-            return trim(line.substr(name.size() + 1));
-    }
-    return {};
-}
-
-// Reads an HTTP/1.1 response off a blocking connection: the head, then a body framed by its
-// length or in chunks. Each read is bounded by the export's deadline, what is kept by
-// kMaxResponseBody (the rest is read and dropped), and the buffer by what is not yet taken.
-class Reader {
-public:
-    Reader(Connection& conn, Clock::time_point deadline, std::string& error)
-        : conn_(conn), deadline_(deadline), error_(error) {}
-
-    // The next head without its blank line; false past 64 KiB or when the connection ends first.
-    bool head(std::string& out) {
-        size_t end;
-        while ((end = buf_.find("\r\n\r\n", at_)) == std::string::npos)
-            if (buf_.size() - at_ > 65536 || !fill()) return false;
-        out.assign(buf_, at_, end - at_);
-        at_ = end + 4;
-        return true;
-    }
-
-    bool body(size_t length, std::string& keep) { return take(length, keep); }
-
-    bool chunked_body(std::string& keep) {
-        for (;;) {
-            std::string_view size_line;
-            if (!line(size_line)) return false;
-            uint64_t size = 0;
-            size_t digits = 0;
-            for (char c : size_line) {
-                int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-                if (d < 0) break;
-                if (++digits > 15) return false;
-                size = size * 16 + uint64_t(d);
-            }
-            if (digits == 0) return false;
-            if (size == 0) break;
-            std::string_view crlf;
-            if (!take(size_t(size), keep) || !line(crlf) || !crlf.empty()) return false;
-        }
-        for (;;) {  // trailer fields, up to the blank line
-            std::string_view trailer;
-            if (!line(trailer)) return false;
-            if (trailer.empty()) return true;
-        }
-    }
-
-private:
-    bool fill() {
-        if (at_ > 0 && at_ == buf_.size()) {
-            buf_.clear();
-            at_ = 0;
-        }
-        char tmp[8192];
-        ssize_t n = conn_.read_some(tmp, sizeof tmp, deadline_, error_);
-        if (n <= 0) return false;
-        buf_.append(tmp, size_t(n));
-        return true;
-    }
-    // The next line without its CRLF; false past 4 KiB.
-    bool line(std::string_view& out) {
-        size_t eol;
-        while ((eol = buf_.find("\r\n", at_)) == std::string::npos)
-            if (buf_.size() - at_ > 4096 || !fill()) return false;
-        out = std::string_view(buf_).substr(at_, eol - at_);
-        at_ = eol + 2;
-        return true;
-    }
-    // n bytes, the first of them appended to `keep` while it holds under kMaxResponseBody.
-    bool take(size_t n, std::string& keep) {
-        while (n > 0) {
-            if (at_ == buf_.size() && !fill()) return false;
-            size_t piece = std::min(n, buf_.size() - at_);
-            if (keep.size() < kMaxResponseBody) keep.append(buf_, at_, std::min(piece, kMaxResponseBody - keep.size()));
-            at_ += piece;
-            n -= piece;
-        }
-        return true;
-    }
-
-    Connection& conn_;
-    Clock::time_point deadline_;
-    std::string& error_;
-    std::string buf_;
-    size_t at_ = 0;
-};
-
 // OTLP/HTTP: POST <path> with application/x-protobuf on a kept HTTP/1.1 connection.
 class HttpChannel {
 public:
@@ -504,45 +414,86 @@ public:
             conn_.close();
             return result;
         }
-        Reader in{conn_, deadline, result.error};
-        std::string head;
-        int status = 0;
-        do {  // interim 1xx answers come before the final one, asked for or not (RFC 9110 §15.2)
-            if (!in.head(head)) {
-                if (result.error.empty()) result.error = "the collector closed the connection";
-                conn_.close();
-                return result;
-            }
-            status = head.size() > 12 ? std::atoi(head.c_str() + 9) : 0;
-        } while (status >= 100 && status < 200);
-        for (auto& c : head) c = char(std::tolower(static_cast<unsigned char>(c)));
-        // The body is read to its end so the connection can be kept; what a partial success or
-        // an error says fits in its first kMaxResponseBody bytes.
-        std::string_view te = field(head, "transfer-encoding"), cl = field(head, "content-length");
-        bool keep = head.compare(0, 8, "http/1.1") == 0 && field(head, "connection") != "close";
-        if (status == 204 || status == 304) {}  // no body
-        else if (te.size() >= 7 && te.substr(te.size() - 7) == "chunked") keep &= in.chunked_body(result.body);
-        else if (te.empty() && !cl.empty()) keep &= in.body(size_t(std::atoll(std::string(cl).c_str())), result.body);
-        else keep = false;  // no length to find the end by
-        if (!keep) conn_.close();  // a new connection next time
-        if (status >= 200 && status < 300) {
+        http1::Head head;
+        if (!read_answer(head, result.body, deadline, result.error)) {
+            conn_.close();
+            return result;
+        }
+        if (head.status >= 200 && head.status < 300) {
             result.ok = true;
             return result;
         }
-        result.error = "HTTP " + std::to_string(status);
-        if (field(head, "content-type") == "application/x-protobuf") {
+        result.error = "HTTP " + std::to_string(head.status);
+        if (http1::iequals(head.get("content-type"), "application/x-protobuf")) {
             std::string why = otlp_exporter::status_message(result.body);
             if (!why.empty()) result.error += ": " + why.substr(0, 512);
         }
         result.body.clear();
-        result.retryable = status == 429 || status == 502 || status == 503 || status == 504 || status == 0;
-        result.retry_after = otlp_exporter::retry_after(field(head, "retry-after"));
+        result.retryable = head.status == 429 || head.status == 502 || head.status == 503 || head.status == 504;
+        result.retry_after = otlp_exporter::retry_after(head.get("retry-after"));
         return result;
     }
 
     void reset() { conn_.close(); }
 
 private:
+    // The collector's answer, read with the data path's HTTP/1.1 parser and body pump
+    // (core/http1.h): interim 1xx heads are read past (RFC 9110 §15.2), the body is read to its
+    // end (by length, in chunks or until close), its first kMaxResponseBody bytes kept, and the
+    // connection closed unless it can carry the next export. False when no final head came.
+    bool read_answer(http1::Head& head, std::string& body, Clock::time_point deadline, std::string& error) {
+        std::unique_ptr<evbuffer, void (*)(evbuffer*)> in(evbuffer_new(), evbuffer_free), out(evbuffer_new(), evbuffer_free);
+        auto read_more = [&] {
+            char tmp[8192];
+            ssize_t n = conn_.read_some(tmp, sizeof tmp, deadline, error);
+            if (n > 0) evbuffer_add(in.get(), tmp, size_t(n));
+            return n > 0;
+        };
+        size_t scan = 0;
+        do {
+            size_t n;
+            while ((n = http1::find_head_end(in.get(), 64 * 1024, scan)) == 0) {
+                if (!read_more()) {
+                    if (error.empty()) error = "the collector closed the connection";
+                    return false;
+                }
+            }
+            if (n == SIZE_MAX) {
+                error = "the collector's answer head is over 64 KiB";
+                return false;
+            }
+            head.clear();
+            head.raw.resize(n);
+            evbuffer_remove(in.get(), head.raw.data(), n);
+            scan = 0;
+            if (auto e = http1::parse_response(head, false)) {
+                error = std::string("the collector's answer: ") + e.reason;
+                return false;
+            }
+        } while (head.status < 200);
+        http1::BodyPump pump;
+        pump.start(head.framing, head.content_length, false);
+        bool keep = head.keep_alive;
+        for (;;) {
+            auto status = pump.pump(in.get(), out.get());
+            size_t have = evbuffer_get_length(out.get());
+            size_t take = std::min(have, kMaxResponseBody - std::min(kMaxResponseBody, body.size()));
+            if (take) {
+                size_t at = body.size();
+                body.resize(at + take);
+                evbuffer_remove(out.get(), body.data() + at, take);
+            }
+            evbuffer_drain(out.get(), evbuffer_get_length(out.get()));
+            if (status == http1::BodyPump::Status::Done) break;
+            if (status == http1::BodyPump::Status::Error || !read_more()) {
+                keep = false;  // an answer cut short or ended by the close (UntilClose): kept as it is
+                break;
+            }
+        }
+        if (!keep || evbuffer_get_length(in.get()) > 0) conn_.close();  // bytes past the answer: start afresh
+        return true;
+    }
+
     Connection conn_;
 };
 
@@ -771,22 +722,8 @@ bool decode_response(std::string_view bytes, PartialSuccess& out) {
 }
 
 std::chrono::seconds grpc_retry_delay(std::string_view b64) {
-    // Base64, padded or not (gRPC binary metadata).
-    std::string bytes;
-    uint32_t acc = 0;
-    int bits = 0;
-    for (char c : b64) {
-        int v = c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26 : c >= '0' && c <= '9' ? c - '0' + 52
-              : c == '+' ? 62 : c == '/' ? 63 : c == '=' ? -2 : -1;
-        if (v == -2) break;
-        if (v < 0) return std::chrono::seconds(0);
-        acc = (acc << 6) | uint32_t(v);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            bytes += char((acc >> bits) & 0xff);
-        }
-    }
+    std::string bytes;  // base64, padded or not (gRPC binary metadata)
+    if (!base64url_decode(b64, bytes)) return std::chrono::seconds(0);
     // Status.details (3) holds Any messages: type_url (1), value (2); RetryInfo.retry_delay (1)
     // is a Duration: seconds (1), nanos (2).
     int64_t seconds = 0, nanos = 0;

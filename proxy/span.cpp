@@ -13,7 +13,6 @@
 
 #include <event2/event.h>
 
-#include "core/utf8.h"
 #include "proxy/otlp_wire.h"
 
 namespace stepflow::trace {
@@ -66,18 +65,6 @@ char* attribute(std::string& buf, std::string_view key, size_t any) {
     char* p = grow(buf, 1 + wire::varint_size(body) + body);
     wire::put_key_value_head(p, 9, key, any);
     return p;
-}
-
-// Protobuf string fields must hold well-formed UTF-8, and a collector that checks rejects the
-// whole export, every other request's spans with it. What a span quotes from a client (a path,
-// a User-Agent, an Mcp-Method) is made well-formed once, when the request's trace records it
-// (RequestTrace::begin); a status message may quote a worker and is checked here.
-std::string_view well_formed(std::string_view s) {
-    if (utf8::valid(s)) return s;
-    thread_local std::string scratch;
-    scratch.clear();
-    utf8::append_well_formed(scratch, s);
-    return scratch;
 }
 
 // Bytes of the first `n` records of `records`.
@@ -212,7 +199,6 @@ void boolean(std::string& buf, std::string_view key, bool value) {
 }
 
 void status_message(std::string& buf, size_t at, std::string_view message) {
-    message = well_formed(message);
     Prefix prefix = read_prefix(buf.data() + at);
     prefix.status_at = uint32_t(buf.size() - at);
     write_prefix(buf, at, prefix);

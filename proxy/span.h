@@ -35,8 +35,9 @@ struct SpanHead {
 
 // Writing one record at the end of a buffer: begin() (ids, name, kind, start), the attributes in
 // the order they are to be exported, at most one status message (last), then finish().
-// Strings become protobuf strings and must be UTF-8: the caller's to ensure for names and
-// attributes (RequestTrace::begin makes a client's path and headers so), status_message's own.
+// Strings become protobuf strings and must be UTF-8 (a collector that checks refuses the whole
+// export otherwise): the caller's to ensure. RequestTrace::begin makes a client's path and
+// headers so; names and status messages are the balancer's own text.
 namespace record {
 size_t begin(std::string& buf, const SpanHead& head, std::string_view name);  // returns where it starts
 void string(std::string& buf, std::string_view key, std::string_view value);
