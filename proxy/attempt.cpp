@@ -106,18 +106,17 @@ Attempt::HeadRead Attempt::read_head(http1::Head& response, bool head_method, co
 Failure Attempt::closed_unanswered(UpstreamClose how, bool request_done) const {
     Conn* transport = conn_->transport();
     bool response_seen = interim_count_ > 0 || scan_from_ != 0 || evbuffer_get_length(transport->input()) != 0;
-    bool all_sent = request_done && evbuffer_get_length(transport->output()) == 0;
+    bool all_sent = request_done && transport->output_length() == 0;
     bool reset = how == UpstreamClose::Reset || (how == UpstreamClose::Eof && reset_followed_close(transport->fd()));
     return close_failure(observe_delivery(reset, all_sent, response_seen), reused_);
 }
 
-void Attempt::start_relay(http1::Framing framing, uint64_t content_length, bool chunked_out, evbuffer* sink) {
-    sink_ = sink;
+void Attempt::start_relay(http1::Framing framing, uint64_t content_length, bool chunked_out) {
     pump_.start(framing, content_length, chunked_out);
 }
 
-http1::BodyPump::Status Attempt::relay() { return pump_.pump(input(), sink_); }
+http1::BodyPump::Status Attempt::relay(evbuffer* sink) { return pump_.pump(input(), sink); }
 
-void Attempt::finish_relay_on_close() { pump_.finish_on_close(sink_); }
+void Attempt::finish_relay_on_close(evbuffer* sink) { pump_.finish_on_close(sink); }
 
 }  // namespace stepflow

@@ -69,17 +69,17 @@ public:
         scan_from_ = 0;
     }
 
-    // Response body: from the worker's connection into `sink`.
-    void start_relay(http1::Framing framing, uint64_t content_length, bool chunked_out, evbuffer* sink);
-    http1::BodyPump::Status relay();
-    void finish_relay_on_close();
+    // Response body: from the worker's connection into `sink` (the downstream's, asked for
+    // each time: writing into a connection's output is what queues it to be sent).
+    void start_relay(http1::Framing framing, uint64_t content_length, bool chunked_out);
+    http1::BodyPump::Status relay(evbuffer* sink);
+    void finish_relay_on_close(evbuffer* sink);
     bool relay_until_close() const { return pump_.until_close(); }
     const char* relay_error() const { return pump_.error(); }
     uint64_t response_bytes() const { return pump_.payload_bytes(); }
 
 private:
     std::unique_ptr<UpstreamConn> conn_;
-    evbuffer* sink_ = nullptr;
     size_t scan_from_ = 0;  // where the response head's end is looked for next
     http1::BodyPump pump_;
     AttemptSpan span_;

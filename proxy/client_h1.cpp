@@ -58,9 +58,8 @@ void ClientH1::on_read(Conn*, void* arg) { static_cast<ClientH1*>(arg)->process_
 
 void ClientH1::on_write(Conn*, void* arg) {
     auto* self = static_cast<ClientH1*>(arg);
-    evbuffer* out = self->transport_->output();
     if (self->state_ == State::Closing) {
-        if (evbuffer_get_length(out) == 0) self->linger();
+        if (self->transport_->output_length() == 0) self->linger();
         return;
     }
     if (self->exchange_paused_ && self->request_.exchange()) {
@@ -349,8 +348,7 @@ void ClientH1::close_after_flush() {
     state_ = State::Closing;
     transport_->set_send_timeout(thread_.config().client_send_timeout);  // the last bytes must be taken too
     transport_->set_watermark(EV_WRITE, 0, 0);
-    evbuffer* out = transport_->output();
-    if (evbuffer_get_length(out) == 0) linger();
+    if (transport_->output_length() == 0) linger();
     // else on_write lingers once the output has drained
 }
 
@@ -387,7 +385,7 @@ void ClientH1::close_now() {
     delete this;
 }
 
-evbuffer* ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
+void ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
                                    http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
     request_.response_started(status);
     std::string& out = thread_.head_text();
@@ -412,11 +410,9 @@ evbuffer* ClientH1::start_response(int status, std::string_view reason, const st
     }
     if (!keep_alive_) out.append("Connection: close\r\n");
     out.append("\r\n");
-    evbuffer* output = transport_->output();
-    evbuffer_add(output, out.data(), out.size());
+    evbuffer_add(transport_->output(), out.data(), out.size());
     // A response of known length leaves the head to be reused by the next request.
     if (upstream_framing != http1::Framing::Length) request_.release_head();
-    return output;
 }
 
 void ClientH1::interim_response(int status, std::string_view reason) {
@@ -427,10 +423,12 @@ void ClientH1::interim_response(int status, std::string_view reason) {
     evbuffer_add(transport_->output(), out.data(), out.size());
 }
 
+evbuffer* ClientH1::response_sink() { return transport_->output(); }
+
 void ClientH1::response_data() {}
 
 bool ClientH1::response_sink_full() {
-    if (evbuffer_get_length(transport_->output()) <= kOutputHighWater) return false;
+    if (transport_->output_length() <= kOutputHighWater) return false;
     exchange_paused_ = true;
     transport_->set_watermark(EV_WRITE, kOutputLowWater, 0);
     return true;

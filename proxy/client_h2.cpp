@@ -322,7 +322,7 @@ public:
     }
 
     // --- Downstream ---
-    evbuffer* start_response(int status, std::string_view, const std::vector<http1::Header>& headers,
+    void start_response(int status, std::string_view, const std::vector<http1::Header>& headers,
                              http1::Framing framing, uint64_t content_length, bool& chunked_out) override {
         chunked_out = false;
         request_.response_started(status);
@@ -353,8 +353,9 @@ public:
         submit(nva.data(), nva.size(), framing != http1::Framing::None);
         // As on HTTP/1.1, a streamed response keeps only the method and target of the request.
         if (framing != http1::Framing::Length) request_.release_head();
-        return resp_buf_;
     }
+
+    evbuffer* response_sink() override { return resp_buf_; }
 
     void interim_response(int, std::string_view) override {}  // 1xx are not relayed over HTTP/2
 
@@ -724,7 +725,7 @@ void ClientH2::maybe_close() {
     if (destroying_) return;
     bool done = !nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_);
     if (draining_ && !streams_) done = true;
-    if (done && evbuffer_get_length(transport_->output()) == 0) destroy();
+    if (done && transport_->output_length() == 0) destroy();
 }
 
 void ClientH2::destroy() {

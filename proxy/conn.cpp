@@ -1,6 +1,7 @@
 #include "proxy/conn.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <climits>
 #include <cstdint>
@@ -94,8 +95,11 @@ void Conn::init_plain(int fd, bool connecting) {
     in_ = evbuffer_new();
     out_ = evbuffer_new();
     read_ev_ = event_new(loop_.base, fd, EV_READ | EV_PERSIST, on_readable, this);
-    // New output is queued in the outbox and written when the current callback returns.
-    evbuffer_add_cb(out_, on_output_added, this);
+#ifndef NDEBUG
+    // Test builds check that nothing writes output without the outbox knowing (it would wait
+    // for the next write, or forever).
+    evbuffer_add_cb(out_, check_output_queued, this);
+#endif
 }
 
 // The write event is made on first use (and dropped once a connect completes): most
@@ -309,11 +313,16 @@ void Conn::flush() {
     update_deadline();
 }
 
-void Conn::on_output_added(evbuffer*, const evbuffer_cb_info* info, void* arg) {
-    auto* self = static_cast<Conn*>(arg);
-    if (info->n_added == 0 || self->queued_) return;
-    self->queued_ = true;
-    self->loop_.outbox.add(self);
+size_t Conn::output_length() const { return evbuffer_get_length(out_); }
+
+void Conn::queue() {
+    queued_ = true;
+    loop_.outbox.add(this);
+}
+
+void Conn::check_output_queued([[maybe_unused]] evbuffer*, [[maybe_unused]] const evbuffer_cb_info* info,
+                               [[maybe_unused]] void* arg) {
+    assert(info->n_added == 0 || static_cast<Conn*>(arg)->queued_);
 }
 
 void Conn::send_queued() {

@@ -374,7 +374,7 @@ void Exchange::request_body_done() {
 
 void Exchange::request_sent_check() {
     if (pending_ && request_done_ && pending_->request_deadline.armed() && attempt_.has_conn() &&
-        evbuffer_get_length(attempt_.output()) == 0)
+        attempt_.transport()->output_length() == 0)
         pending_->request_deadline.cancel();
 }
 
@@ -474,9 +474,9 @@ bool Exchange::parse_response_head() {
     }
 
     bool chunked_out = false;
-    evbuffer* sink = downstream_.start_response(status_, response.reason, headers, response.framing,
-                                                response.content_length, chunked_out);
-    attempt_.start_relay(response.framing, response.content_length, chunked_out, sink);
+    downstream_.start_response(status_, response.reason, headers, response.framing, response.content_length,
+                               chunked_out);
+    attempt_.start_relay(response.framing, response.content_length, chunked_out);
     attempt_.conn().set_read_timeout(thread_.config().stream_idle_timeout);
     release_pending();  // last: the header list passed on above viewed the sealed session id
     return true;
@@ -520,7 +520,7 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
     count_worker_failure(Failure::WorkerAtCapacity);
     log::debug("worker at capacity", {{"instance", inst.id}, {"limit", inst.capacity.limit()}});
     if (request_done_ && response.keep_alive && evbuffer_get_length(in) == 0 &&
-        evbuffer_get_length(attempt_.output()) == 0) {
+        attempt_.transport()->output_length() == 0) {
         // The connection is clean (no extra bytes either way): give it back rather than close it.
         attempt_.let_go(&thread_.pool());
     }
@@ -529,7 +529,7 @@ bool Exchange::hold_for_capacity_check(http1::Head& response, evbuffer* in) {
 }
 
 void Exchange::pump_response() {
-    auto status = attempt_.relay();
+    auto status = attempt_.relay(downstream_.response_sink());
     if (status == http1::BodyPump::Status::Error) {
         downstream_.response_data();
         fail(Failure::CutShort, attempt_.relay_error());
@@ -568,7 +568,7 @@ void Exchange::upstream_closed(UpstreamClose how) {
     if (response_started_ && how == UpstreamClose::Eof && attempt_.relay_until_close()) {
         pump_response();
         if (finished_) return;
-        attempt_.finish_relay_on_close();
+        attempt_.finish_relay_on_close(downstream_.response_sink());
         downstream_.response_data();
         complete_response();
         return;

@@ -36,10 +36,13 @@ class Downstream {
 public:
     virtual ~Downstream() = default;
     // The worker's response head, filtered of hop-by-hop fields, plus the routing headers.
-    // Returns where body payload goes and whether the pump must chunk-encode it.
-    virtual evbuffer* start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
+    // Sets whether the pump must chunk-encode the body.
+    virtual void start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
                                      http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) = 0;
     virtual void interim_response(int status, std::string_view reason) = 0;  // 100 Continue, 103
+    // Where body payload goes, asked for each write: on HTTP/1.1 the client connection's output,
+    // which is sent once the current callbacks return.
+    virtual evbuffer* response_sink() = 0;
     virtual void response_data() = 0;                                         // more bytes in the sink
     virtual bool response_sink_full() = 0;                                    // stop reading the worker
     virtual void response_done() = 0;
