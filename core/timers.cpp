@@ -31,7 +31,9 @@ Timers::~Timers() {
 // lock around it, and deadlines read the clock several times per request. Only differences of
 // these readings are handed to libevent, so the two never need to agree on an origin; a timer
 // that fires a tick early finds nothing due and is scheduled again.
-int64_t Timers::now_us() const {
+int64_t Timers::now_us() const { return coarse_now_us(); }
+
+int64_t coarse_now_us() {
     timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return int64_t(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;

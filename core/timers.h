@@ -17,6 +17,9 @@ namespace stepflow {
 
 class Deadline;
 
+// The clock deadlines run on (CLOCK_MONOTONIC_COARSE): a few ns to read, a few ms of resolution.
+int64_t coarse_now_us();
+
 class Timers {
 public:
     explicit Timers(event_base* base);

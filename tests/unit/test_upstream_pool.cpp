@@ -81,6 +81,7 @@ TEST_CASE("a pooled connection the worker closed is not reused, even before the 
         REQUIRE(worker_side >= 0);
         int fd = conn->transport()->fd();
         pool.release(std::move(conn));
+        int64_t released_us = coarse_now_us();  // not before the pool's own reading
         CHECK(pool.instances_held() == 1);
 
         SECTION("still open: reused") {
@@ -93,9 +94,10 @@ TEST_CASE("a pooled connection the worker closed is not reused, even before the 
             worker_side = -1;
             pollfd p{fd, POLLIN, 0};
             REQUIRE(::poll(&p, 1, 5000) == 1);  // the FIN reached our socket; the loop has not run
-            // The kernel is asked only about a connection idle kCheckAfterIdle or more: let it be.
-            auto idle_enough = std::chrono::steady_clock::now() + UpstreamPool::kCheckAfterIdle;
-            while (std::chrono::steady_clock::now() < idle_enough) ::poll(nullptr, 0, 5);
+            // The kernel is asked only about a connection idle kCheckAfterIdle or more, by the pool's
+            // clock (the coarse one, which may lag the precise one by a tick): let it be.
+            constexpr int64_t idle_us = std::chrono::microseconds(UpstreamPool::kCheckAfterIdle).count();
+            while (coarse_now_us() - released_us < idle_us) ::poll(nullptr, 0, 5);
             auto again = pool.acquire(inst, &handler);
             REQUIRE(again);
             CHECK_FALSE(again->connected());
