@@ -230,7 +230,7 @@ void ClientH1::pump_request_body() {
     if (status == http1::BodyPump::Status::Done) {
         request_done_ = true;
         request_.stop_awaiting_body();
-        Metrics::get().client_received_bytes.Increment(double(record.bytes_in));
+        thread_.series().body_received(record.bytes_in);
         exchange->request_body_done();
     }
 }

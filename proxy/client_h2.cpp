@@ -442,7 +442,7 @@ private:
         if (request_ended_) {
             if (chunked_up_) evbuffer_add(sink, "0\r\n\r\n", 5);
             body_forwarded_ = true;
-            Metrics::get().client_received_bytes.Increment(double(request_.record.bytes_in));
+            conn_.thread_.series().body_received(request_.record.bytes_in);
             exchange->request_body_done();
         }
     }

@@ -59,7 +59,6 @@ Exchange::~Exchange() {
 
 RouteOutcome Exchange::route() {
     const Fleet& fleet = thread_.fleet().get();
-    auto& metrics = Metrics::get();
     count_mcp_method();
     if (const Sessions* sessions = thread_.sessions()) {
         // A request naming a session goes to the instance holding it.
@@ -89,7 +88,7 @@ RouteOutcome Exchange::route() {
         }
         pending_->cold_start = true;
     }
-    metrics.routing_decisions[size_t(Decision::LeastLoad)]->Increment();
+    thread_.series().routed(Decision::LeastLoad);
     routing_ = true;
     bool going = dispatch(false);
     routing_ = false;
@@ -108,7 +107,6 @@ RouteOutcome Exchange::route() {
 // execution waiting on its callback answer must never wait behind new work queued for its own
 // slot. `named` is the instance id the answer may name (none for sessions).
 RouteOutcome Exchange::pin_to(const Fleet& fleet, Decision how, std::string_view instance_id, std::string_view named) {
-    auto& metrics = Metrics::get();
     decision_ = how;
     PinnedMiss why{};
     Instance* inst = route_pinned(fleet, instance_id, why);
@@ -117,7 +115,7 @@ RouteOutcome Exchange::pin_to(const Fleet& fleet, Decision how, std::string_view
         count_refused(f, how);
         return {RouteOutcome::Refused, f, std::string(named), {}};
     }
-    metrics.routing_decisions[size_t(how)]->Increment();
+    thread_.series().routed(how);
     if (!connect_to(inst->shared_from_this())) {
         count_refused(Failure::SocketFailed, how);
         return {RouteOutcome::Refused, Failure::SocketFailed, std::string(named), {}};
@@ -437,7 +435,7 @@ bool Exchange::parse_response_head() {
     inst.record_success();
     inst.capacity.answered();
     auto& metrics = Metrics::get();
-    metrics.upstream_responses[size_t(status_ / 100 <= 5 ? status_ / 100 : 0)]->Increment();
+    thread_.series().upstream_response(status_);
 
     const std::string& header_name = thread_.config().instance_header;
     std::vector<http1::Header>& headers = thread_.header_list();

@@ -2,6 +2,7 @@
 
 #include "proxy/failure_policy.h"
 
+#include <algorithm>
 #include <set>
 
 #include <prometheus/text_serializer.h>
@@ -24,6 +25,19 @@ using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
 
 std::mutex g_family_mutex;  // Family::Add is internally locked; this guards our lazy caches
+
+const prometheus::Histogram::BucketBoundaries& seconds_buckets() {
+    static const prometheus::Histogram::BucketBoundaries b{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                           0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
+    return b;
+}
+
+// Every request thread's series, for scrapes to publish.
+std::mutex g_threads_mutex;
+std::vector<RequestSeries*>& thread_series() {
+    static auto* all = new std::vector<RequestSeries*>;
+    return *all;
+}
 
 }  // namespace
 
@@ -206,14 +220,47 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
             trace_spans_queue_dropped.Increment(spans_dropped - trace_spans_queue_dropped.Value());
         backends_known.Set(double(known));
     }
+    RequestSeries::publish_all();
     return prometheus::TextSerializer{}.Serialize(registry().Collect());
+}
+
+RequestSeries::RequestSeries() {
+    for (auto& cell : seconds_) cell = std::make_unique<LocalHistogram>(seconds_buckets());
+    std::lock_guard lock(g_threads_mutex);
+    thread_series().push_back(this);
+}
+
+RequestSeries::~RequestSeries() {
+    std::lock_guard lock(g_threads_mutex);
+    publish();  // what this thread counted last stays counted
+    auto& all = thread_series();
+    all.erase(std::find(all.begin(), all.end(), this));
+}
+
+void RequestSeries::publish_all() {
+    std::lock_guard lock(g_threads_mutex);
+    for (RequestSeries* s : thread_series()) s->publish();
+}
+
+void RequestSeries::publish() {
+    auto& m = Metrics::get();
+    for (size_t d = 0; d < decisions_.size(); ++d) decisions_[d].publish(*m.routing_decisions[d]);
+    for (size_t c = 0; c < responses_.size(); ++c) responses_[c].publish(*m.upstream_responses[c]);
+    received_.publish(m.client_received_bytes);
+    sent_.publish(m.client_sent_bytes);
+    for (size_t d = 0; d < seconds_.size(); ++d) {
+        if (!seconds_[d]->observed()) continue;  // a series appears with its first request
+        auto& series = seconds_series_[d];
+        if (!series) {
+            std::lock_guard lock(g_family_mutex);
+            series = &m.request_duration_seconds.Add({{"decision", to_string(Decision(d))}}, seconds_buckets());
+        }
+        seconds_[d]->publish(*series);
+    }
 }
 
 void RequestSeries::observe(BackendSeries* series, int status, std::string_view method, double duration_ms,
                             Decision decision) {
-    static const prometheus::Histogram::BucketBoundaries s_buckets{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                                                   0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
-    auto& m = Metrics::get();
     auto& core = MetricsRegistry::get();
     uint8_t mi = method_index(method);
     if (series) {
@@ -239,12 +286,7 @@ void RequestSeries::observe(BackendSeries* series, int status, std::string_view 
         }
     }
 
-    auto& sec = seconds_[size_t(decision)];
-    if (!sec) {
-        std::lock_guard lock(g_family_mutex);
-        sec = &m.request_duration_seconds.Add({{"decision", to_string(decision)}}, s_buckets);
-    }
-    sec->Observe(duration_ms / 1000.0);
+    seconds_[size_t(decision)]->observe(duration_ms / 1000.0);
 }
 
 }  // namespace stepflow

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -16,6 +17,7 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "core/local_series.h"
 #include "core/metrics_registry.h"
 
 namespace stepflow {
@@ -91,20 +93,40 @@ private:
     std::map<std::string, prometheus::Gauge*> backend_series_;
 };
 
-// A request thread's cache of per-(backend, status, method) series, so finishing a request costs
-// two hash lookups without allocating, rather than the registry's mutex.
+// A request thread's series. The ones every request touches are cells of this thread
+// (core/local_series.h), added to the registry's at each scrape; per-(backend, status, method)
+// series are cached here, so finishing a request costs two hash lookups without allocating,
+// rather than the registry's mutex.
 class RequestSeries {
 public:
+    RequestSeries();
+    ~RequestSeries();
+    RequestSeries(const RequestSeries&) = delete;
+    RequestSeries& operator=(const RequestSeries&) = delete;
+
     // `series` is the serving instance's (null when the balancer answered itself: label "none").
     void observe(BackendSeries* series, int status, std::string_view method, double duration_ms, Decision decision);
+    void routed(Decision d) { decisions_[size_t(d)].add(); }
+    void upstream_response(int status) { responses_[size_t(status / 100 <= 5 ? status / 100 : 0)].add(); }
+    void body_received(uint64_t bytes) { received_.add(bytes); }
+    void body_sent(uint64_t bytes) { sent_.add(bytes); }
+
+    // Adds what every thread's cells gained since the last call to the registry (Metrics::render).
+    static void publish_all();
 
 private:
+    void publish();  // under the registry of threads' series' lock
+
     struct PerBackend {
         std::unordered_map<uint32_t, prometheus::Counter*> requests;  // key: status * 16 + method index
         std::array<prometheus::Histogram*, kMethodLabels> durations{};
     };
     PerBackend none_;
-    std::array<prometheus::Histogram*, size_t(Decision::Count)> seconds_{};
+    std::array<LocalCounter, size_t(Decision::Count)> decisions_;
+    std::array<LocalCounter, 6> responses_;  // index = status / 100 (0: none)
+    LocalCounter received_, sent_;
+    std::array<std::unique_ptr<LocalHistogram>, size_t(Decision::Count)> seconds_;
+    std::array<prometheus::Histogram*, size_t(Decision::Count)> seconds_series_{};  // made when first published
 };
 
 }  // namespace stepflow

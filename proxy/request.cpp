@@ -74,7 +74,7 @@ void Request::response_started(int status) {
 
 void Request::response_done() {
     record.note_route(*exchange_);
-    Metrics::get().client_sent_bytes.Increment(double(record.bytes_out));
+    thread_.series().body_sent(record.bytes_out);
     retire();
 }
 
