@@ -56,28 +56,82 @@ void MetricsRegistry::retire_backend(const std::string& address) {
     if (series) series->retire();
 }
 
-void BackendSeries::observe(int status, uint8_t mi, double duration_ms) {
+void MetricsRegistry::publish_backends() {
+    std::vector<std::shared_ptr<BackendSeries>> live;
+    {
+        std::lock_guard lock(request_series_mutex_);
+        live.reserve(request_series_.size());
+        for (auto& [_, weak] : request_series_)
+            if (auto s = weak.lock()) live.push_back(std::move(s));
+    }
+    for (auto& s : live) s->publish();
+}
+
+BackendSeries::BackendSeries(std::string address) : address_(std::move(address)), cells_(kMaxThreads) {}
+
+BackendSeries::~BackendSeries() { retire(); }
+
+void BackendSeries::observe(int thread, int status, uint8_t mi, double duration_ms) {
+    if (retired_.load(std::memory_order_relaxed) || thread < 0 || thread >= kMaxThreads) return;
+    auto& m = MetricsRegistry::get();
+    ThreadCells* cells = cells_[size_t(thread)].get();
+    if (!cells) {
+        std::lock_guard lock(mutex_);
+        cells_[size_t(thread)] = std::make_unique<ThreadCells>();
+        cells = cells_[size_t(thread)].get();
+    }
+    uint32_t key = uint32_t(status) * 16 + mi;
+    auto it = cells->requests.find(key);
+    if (it == cells->requests.end()) {
+        std::lock_guard lock(mutex_);
+        it = cells->requests.try_emplace(key).first;
+    }
+    it->second.add();
+    if (m.compat_metrics()) {
+        auto& hist = cells->durations[mi];
+        if (!hist) {
+            std::lock_guard lock(mutex_);
+            hist = std::make_unique<LocalHistogram>(ms_buckets());
+        }
+        hist->observe(duration_ms);
+    }
+}
+
+void BackendSeries::publish() {
     auto& m = MetricsRegistry::get();
     std::lock_guard lock(mutex_);
-    if (retired_) return;
-    uint32_t key = uint32_t(status) * 16 + mi;
-    auto it = requests_.find(key);
-    if (it == requests_.end())
-        it = requests_.emplace(key, &m.requests_total.Add({{"backend", address_}, {"status", std::to_string(status)},
-                                                            {"method", method_label(mi)}})).first;
-    it->second->Increment();
-    if (m.compat_metrics()) {
-        auto& hist = durations_[mi];
-        if (!hist) hist = &m.request_duration_ms.Add({{"backend", address_}, {"method", method_label(mi)}}, ms_buckets());
-        hist->Observe(duration_ms);
+    if (retired_.load(std::memory_order_relaxed)) return;
+    for (auto& cells : cells_) {
+        if (!cells) continue;
+        for (auto& [key, cell] : cells->requests) {
+            auto it = requests_.find(key);
+            if (it == requests_.end()) {
+                int status = int(key / 16);
+                uint8_t mi = uint8_t(key % 16);
+                it = requests_.emplace(key, &m.requests_total.Add({{"backend", address_},
+                                                                   {"status", std::to_string(status)},
+                                                                   {"method", method_label(mi)}})).first;
+            }
+            cell.publish(*it->second);
+        }
+        if (!m.compat_metrics()) continue;
+        for (size_t mi = 0; mi < kMethodLabels; ++mi) {
+            auto& cell = cells->durations[mi];
+            if (!cell || !cell->observed()) continue;
+            auto& hist = durations_[mi];
+            if (!hist)
+                hist = &m.request_duration_ms.Add({{"backend", address_}, {"method", method_label(uint8_t(mi))}},
+                                                  ms_buckets());
+            cell->publish(*hist);
+        }
     }
 }
 
 void BackendSeries::retire() {
     auto& m = MetricsRegistry::get();
     std::lock_guard lock(mutex_);
-    if (retired_) return;
-    retired_ = true;
+    if (retired_.load(std::memory_order_relaxed)) return;
+    retired_.store(true, std::memory_order_relaxed);
     for (auto& [_, counter] : requests_) m.requests_total.Remove(counter);
     requests_.clear();
     if (m.compat_metrics())

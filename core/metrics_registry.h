@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -13,11 +14,14 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <vector>
 
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+
+#include "core/local_series.h"
 
 namespace stepflow {
 
@@ -49,6 +53,8 @@ public:
     // the address leaves discovery, so the number of series follows the fleet, not its history.
     std::shared_ptr<BackendSeries> backend_series(const std::string& address);
     void retire_backend(const std::string& address);
+    // Adds what the request threads counted per backend since the last call (each scrape).
+    void publish_backends();
 
 private:
     explicit MetricsRegistry(std::shared_ptr<prometheus::Registry> registry);
@@ -59,24 +65,38 @@ private:
 };
 
 // requests_total and request_duration_ms of one backend address. Request threads reach it through
-// the Instance that served them and observe under its mutex; once retired its series are out of
-// the registry and observing does nothing, so no thread ever touches a removed series. A request
-// that ends after its backend left discovery is counted only in the unlabelled-by-backend metrics.
+// the Instance that served them and count in cells of their own (core/local_series.h), without
+// a lock once a (status, method) has been seen; each scrape publishes the cells into the
+// registry's series. Once retired its series are out of the registry and observing does
+// nothing, so no thread ever touches a removed series. A request that ends after its backend
+// left discovery (or after the last scrape before that) is counted only in the
+// unlabelled-by-backend metrics.
 class BackendSeries {
 public:
-    explicit BackendSeries(std::string address) : address_(std::move(address)) {}
-    ~BackendSeries() { retire(); }
+    static constexpr int kMaxThreads = 256;  // --threads at most
+
+    explicit BackendSeries(std::string address);
+    ~BackendSeries();
     BackendSeries(const BackendSeries&) = delete;
     BackendSeries& operator=(const BackendSeries&) = delete;
 
-    void observe(int status, uint8_t method_index, double duration_ms);
+    // From request thread `thread` (its index, below kMaxThreads) only.
+    void observe(int thread, int status, uint8_t method_index, double duration_ms);
+    void publish();
     void retire();
 
 private:
+    // One request thread's cells. Only that thread adds entries (under mutex_, which scrapes hold
+    // while reading them) and it looks them up without the lock.
+    struct ThreadCells {
+        std::unordered_map<uint32_t, LocalCounter> requests;  // key: status * 16 + method index
+        std::array<std::unique_ptr<LocalHistogram>, kMethodLabels> durations;
+    };
     std::mutex mutex_;
-    bool retired_ = false;
+    std::atomic<bool> retired_{false};
     const std::string address_;
-    std::unordered_map<uint32_t, prometheus::Counter*> requests_;  // key: status * 16 + method index
+    std::vector<std::unique_ptr<ThreadCells>> cells_;  // by thread index
+    std::unordered_map<uint32_t, prometheus::Counter*> requests_;  // the registry's, made when first published
     std::array<prometheus::Histogram*, kMethodLabels> durations_{};
 };
 

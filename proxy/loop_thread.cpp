@@ -31,7 +31,7 @@ namespace stepflow {
 LoopThread::LoopThread(int index, const Config& config, const FleetPublisher& publisher, std::vector<Listener> listeners,
                TlsServer* tls_server, TlsClient* tls_client)
     : config_(config), tls_server_(tls_server), tls_client_(tls_client), fleet_(publisher), rng_(std::random_device{}() ^ (uint64_t(index) << 32)),
-      listener_specs_(std::move(listeners)) {
+      series_(index), listener_specs_(std::move(listeners)) {
     // Each loop is touched by its own thread only, so it needs no locks (libevent would take one
     // per event operation otherwise). Other threads reach it through wake_fd_.
     event_config* cfg = event_config_new();

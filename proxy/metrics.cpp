@@ -224,7 +224,7 @@ std::string Metrics::render(const Fleet& fleet, size_t known) {
     return prometheus::TextSerializer{}.Serialize(registry().Collect());
 }
 
-RequestSeries::RequestSeries() {
+RequestSeries::RequestSeries(int thread) : thread_(thread) {
     for (auto& cell : seconds_) cell = std::make_unique<LocalHistogram>(seconds_buckets());
     std::lock_guard lock(g_threads_mutex);
     thread_series().push_back(this);
@@ -240,6 +240,7 @@ RequestSeries::~RequestSeries() {
 void RequestSeries::publish_all() {
     std::lock_guard lock(g_threads_mutex);
     for (RequestSeries* s : thread_series()) s->publish();
+    MetricsRegistry::get().publish_backends();
 }
 
 void RequestSeries::publish() {
@@ -264,7 +265,7 @@ void RequestSeries::observe(BackendSeries* series, int status, std::string_view 
     auto& core = MetricsRegistry::get();
     uint8_t mi = method_index(method);
     if (series) {
-        series->observe(status, mi, duration_ms);
+        series->observe(thread_, status, mi, duration_ms);
     } else {
         // Answered by the balancer itself: one fixed label, cached per thread.
         uint32_t key = uint32_t(status) * 16 + mi;

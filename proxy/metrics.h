@@ -99,7 +99,7 @@ private:
 // rather than the registry's mutex.
 class RequestSeries {
 public:
-    RequestSeries();
+    explicit RequestSeries(int thread);  // the loop thread's index
     ~RequestSeries();
     RequestSeries(const RequestSeries&) = delete;
     RequestSeries& operator=(const RequestSeries&) = delete;
@@ -121,6 +121,7 @@ private:
         std::unordered_map<uint32_t, prometheus::Counter*> requests;  // key: status * 16 + method index
         std::array<prometheus::Histogram*, kMethodLabels> durations{};
     };
+    int thread_;
     PerBackend none_;
     std::array<LocalCounter, size_t(Decision::Count)> decisions_;
     std::array<LocalCounter, 6> responses_;  // index = status / 100 (0: none)

@@ -6,6 +6,7 @@
 #include <prometheus/histogram.h>
 
 #include "core/local_series.h"
+#include "core/metrics_registry.h"
 
 using namespace stepflow;
 
@@ -64,4 +65,35 @@ TEST_CASE("a thread's counter cell is published as increments, whatever thread s
     writer.join();
     cell.publish(series);
     CHECK(series.Value() == 300000);
+}
+
+TEST_CASE("a backend's request series count every thread's requests at each scrape, none once retired", "[metrics]") {
+    auto& registry = MetricsRegistry::get();
+    auto series = registry.backend_series("192.0.2.7:8080");
+    uint8_t post = method_index("POST");
+    series->observe(0, 200, post, 3.0);
+    series->observe(5, 200, post, 30.0);
+    series->observe(5, 503, post, 1.0);
+    registry.publish_backends();
+    prometheus::Labels ok{{"backend", "192.0.2.7:8080"}, {"status", "200"}, {"method", "POST"}};
+    prometheus::Labels busy{{"backend", "192.0.2.7:8080"}, {"status", "503"}, {"method", "POST"}};
+    CHECK(registry.requests_total.Add(ok).Value() == 2);
+    CHECK(registry.requests_total.Add(busy).Value() == 1);
+    auto& ms = registry.request_duration_ms.Add({{"backend", "192.0.2.7:8080"}, {"method", "POST"}}, ms_buckets());
+    CHECK(ms.Collect().histogram.sample_count == 3);
+    CHECK(ms.Collect().histogram.sample_sum == 34.0);
+
+    series->observe(0, 200, post, 3.0);
+    registry.publish_backends();
+    CHECK(registry.requests_total.Add(ok).Value() == 3);
+
+    registry.retire_backend("192.0.2.7:8080");
+    series->observe(0, 200, post, 3.0);  // after retirement: nothing, and nothing is re-added
+    series->publish();
+    bool listed = false;
+    for (const auto& family : registry.registry().Collect())
+        for (const auto& metric : family.metric)
+            for (const auto& label : metric.label)
+                if (label.value == "192.0.2.7:8080") listed = true;
+    CHECK_FALSE(listed);
 }
