@@ -1,5 +1,7 @@
 #include "core/metrics_registry.h"
 
+#include <algorithm>
+
 namespace stepflow {
 
 static constexpr const char* kMethods[kMethodLabels] = {"POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER"};
@@ -67,12 +69,13 @@ void MetricsRegistry::publish_backends() {
     for (auto& s : live) s->publish();
 }
 
-BackendSeries::BackendSeries(std::string address) : address_(std::move(address)), cells_(kMaxThreads) {}
+BackendSeries::BackendSeries(std::string address)
+    : address_(std::move(address)), cells_(size_t(std::max(1, MetricsRegistry::get().request_threads()))) {}
 
 BackendSeries::~BackendSeries() { retire(); }
 
 void BackendSeries::observe(int thread, int status, uint8_t mi, double duration_ms) {
-    if (retired_.load(std::memory_order_relaxed) || thread < 0 || thread >= kMaxThreads) return;
+    if (retired_.load(std::memory_order_relaxed) || thread < 0 || size_t(thread) >= cells_.size()) return;
     auto& m = MetricsRegistry::get();
     ThreadCells* cells = cells_[size_t(thread)].get();
     if (!cells) {

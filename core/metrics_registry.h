@@ -44,6 +44,10 @@ public:
     // the unit in its name); stepflow_lb_request_duration_seconds carries the same data.
     void set_compat_metrics(bool on);
     bool compat_metrics() const { return compat_metrics_; }
+    // How many request threads count into backend series (their slots), set before discovery
+    // creates any.
+    void set_request_threads(int n) { request_threads_.store(n, std::memory_order_relaxed); }
+    int request_threads() const { return request_threads_.load(std::memory_order_relaxed); }
 
     prometheus::Family<prometheus::Counter>& requests_total;
     prometheus::Family<prometheus::Histogram>& request_duration_ms;
@@ -60,6 +64,7 @@ private:
     explicit MetricsRegistry(std::shared_ptr<prometheus::Registry> registry);
     std::shared_ptr<prometheus::Registry> registry_;
     bool compat_metrics_ = true;
+    std::atomic<int> request_threads_{256};  // --threads at most
     std::mutex request_series_mutex_;
     std::map<std::string, std::weak_ptr<BackendSeries>> request_series_;  // by address
 };
@@ -73,14 +78,12 @@ private:
 // unlabelled-by-backend metrics.
 class BackendSeries {
 public:
-    static constexpr int kMaxThreads = 256;  // --threads at most
-
     explicit BackendSeries(std::string address);
     ~BackendSeries();
     BackendSeries(const BackendSeries&) = delete;
     BackendSeries& operator=(const BackendSeries&) = delete;
 
-    // From request thread `thread` (its index, below kMaxThreads) only.
+    // From request thread `thread` (its index, below MetricsRegistry::request_threads()) only.
     void observe(int thread, int status, uint8_t method_index, double duration_ms);
     void publish();
     void retire();

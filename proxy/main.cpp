@@ -142,6 +142,7 @@ int main(int argc, char** argv) {
     log::configure(config.log_level, config.log_format);
     log::set_buffer_lines(config.log_buffer_lines);
     MetricsRegistry::get().set_compat_metrics(config.compat_metrics);
+    MetricsRegistry::get().set_request_threads(config.threads);
     Metrics::get();  // the data path's families, before discovery can add any
     trace::configure(config.trace.sampling);
     if (config.trace.sampling.enabled) otlp_exporter::start(config.trace.exporter);
