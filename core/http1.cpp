@@ -567,30 +567,18 @@ BodyPump::Status BodyPump::pump(evbuffer* in, evbuffer* out, BodyTap* tap) {
     }
 }
 
-// Sized once and copied through a pointer: four appends per field cost about 30 instructions each.
 void write_response_head(std::string& out, int status, std::string_view reason,
                          const std::vector<Header>& headers) {
     if (reason.empty()) reason = status_reason(status);
-    size_t size = 9 + 4 + reason.size() + 2;
-    for (const auto& h : headers) size += h.name.size() + 2 + h.value.size() + 2;
-    size_t at = out.size();
-    out.resize(at + size);
-    char* p = out.data() + at;
-    auto put = [&p](std::string_view s) {
-        std::memcpy(p, s.data(), s.size());
-        p += s.size();
-    };
-    put("HTTP/1.1 ");
+    size_t bound = 9 + 4 + reason.size() + 2;
+    for (const auto& h : headers) bound += HeadWriter::field_size(h.name, h.value.size());
+    HeadWriter w(out, bound);
+    w.put("HTTP/1.1 ");
     const char code[4] = {char('0' + status / 100 % 10), char('0' + status / 10 % 10), char('0' + status % 10), ' '};
-    put({code, 4});
-    put(reason);
-    put("\r\n");
-    for (const auto& h : headers) {
-        put(h.name);
-        put(": ");
-        put(h.value);
-        put("\r\n");
-    }
+    w.put({code, 4});
+    w.put(reason);
+    w.put("\r\n");
+    for (const auto& h : headers) w.field(h.name, h.value);
 }
 
 const char* status_reason(int status) {

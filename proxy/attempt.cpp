@@ -11,13 +11,6 @@ namespace {
 
 constexpr size_t kMaxResponseHead = 256 * 1024;
 
-void append_header(std::string& out, std::string_view name, std::string_view value) {
-    out.append(name);
-    out.append(": ");
-    out.append(value);
-    out.append("\r\n");
-}
-
 }  // namespace
 
 bool Attempt::connect(UpstreamPool& pool, const InstancePtr& inst, UpstreamConn::Handler* handler, bool fresh) {
@@ -39,37 +32,47 @@ void Attempt::let_go(UpstreamPool* pool) {
 
 void Attempt::send_head(std::string& head, const http1::Head& request, const HeadContext& ctx) {
     head_sent_ = true;
-    head.append(request.method);
-    head += ' ';
-    head.append(request.target);
-    head.append(" HTTP/1.1\r\n");
-    http1::HopByHop hop(request);
-    std::string_view forwarded_for;
-    bool has_cl = false, has_host = false;
+    const std::string& worker = conn_->instance().address;
+    // At most: every field as it came (or the backend's own session id in its place), Host,
+    // X-Forwarded-For (the client's value is one of the fields) and X-Forwarded-Proto.
+    size_t bound = request.method.size() + 1 + request.target.size() + 11;
     for (const auto& h : request.headers) {
-        if (hop.contains(h)) continue;
-        if (h.field == http1::Field::Host) has_host = true;
-        if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
-        if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
-        if (h.field == http1::Field::XForwardedProto) continue;
-        if (span_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
-        if (span_.new_trace() && h.name.size() == 10 && http1::iequals(h.name, "tracestate")) continue;
-        if (const std::string* own = ctx.session ? ctx.session->backend_value_for(h) : nullptr) {
-            append_header(head, h.name, *own);  // the backend sees its own id
-            continue;
+        const std::string* own = ctx.session ? ctx.session->backend_value_for(h) : nullptr;
+        bound += http1::HeadWriter::field_size(h.name, own ? std::max(own->size(), h.value.size()) : h.value.size());
+    }
+    bound += http1::HeadWriter::field_size("Host", worker.size()) + 21 + ctx.client_ip.size() + 26;
+    bool has_cl = false;
+    {
+        http1::HeadWriter w(head, bound);
+        w.put(request.method);
+        w.put(" ");
+        w.put(request.target);
+        w.put(" HTTP/1.1\r\n");
+        http1::HopByHop hop(request);
+        std::string_view forwarded_for;
+        bool has_host = false;
+        for (const auto& h : request.headers) {
+            if (hop.contains(h)) continue;
+            if (h.field == http1::Field::Host) has_host = true;
+            if (h.field == http1::Field::ContentLength) { has_cl = true; continue; }
+            if (h.field == http1::Field::XForwardedFor) { forwarded_for = h.value; continue; }
+            if (h.field == http1::Field::XForwardedProto) continue;
+            if (span_.open() && h.name.size() == 11 && http1::iequals(h.name, "traceparent")) continue;  // ours instead
+            if (span_.new_trace() && h.name.size() == 10 && http1::iequals(h.name, "tracestate")) continue;
+            const std::string* own = ctx.session ? ctx.session->backend_value_for(h) : nullptr;
+            w.field(h.name, own ? std::string_view(*own) : h.value);  // the backend sees its own session id
         }
-        append_header(head, h.name, h.value);
+        // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
+        // :authority) may have none, and it goes out as HTTP/1.1: name the worker.
+        if (!has_host) w.field("Host", worker);
+        w.put("X-Forwarded-For: ");
+        if (!forwarded_for.empty()) {
+            w.put(forwarded_for);
+            w.put(", ");
+        }
+        w.put(ctx.client_ip);
+        w.put(ctx.client_tls ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
     }
-    // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
-    // :authority) may have none, and it goes out as HTTP/1.1: name the worker.
-    if (!has_host) append_header(head, "Host", conn_->instance().address);
-    head.append("X-Forwarded-For: ");
-    if (!forwarded_for.empty()) {
-        head.append(forwarded_for);
-        head.append(", ");
-    }
-    head.append(ctx.client_ip);
-    head.append(ctx.client_tls ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
     if (span_.open()) span_.append_traceparent(head);
     if (request.framing == http1::Framing::Length) {
         head.append("Content-Length: ");
