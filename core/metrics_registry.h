@@ -74,8 +74,7 @@ private:
 // a lock once a (status, method) has been seen; each scrape publishes the cells into the
 // registry's series. Once retired its series are out of the registry and observing does
 // nothing, so no thread ever touches a removed series. A request that ends after its backend
-// left discovery (or after the last scrape before that) is counted only in the
-// unlabelled-by-backend metrics.
+// left discovery is counted only in the unlabelled-by-backend metrics.
 class BackendSeries {
 public:
     explicit BackendSeries(std::string address);

@@ -31,8 +31,6 @@ Timers::~Timers() {
 // lock around it, and deadlines read the clock several times per request. Only differences of
 // these readings are handed to libevent, so the two never need to agree on an origin; a timer
 // that fires a tick early finds nothing due and is scheduled again.
-int64_t Timers::now_us() const { return coarse_now_us(); }
-
 int64_t coarse_now_us() {
     timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
@@ -60,7 +58,7 @@ void Timers::schedule(Queue& q, int64_t now) {
 void Timers::on_fire(int, short, void* arg) {
     auto& q = *static_cast<Queue*>(arg);
     q.scheduled = false;
-    int64_t now = q.owner->now_us();
+    int64_t now = coarse_now_us();
     // A callback may arm, cancel or free any entry, this queue's included: re-read the head.
     while (q.head && q.head->at_us_ <= now) {
         Deadline* due = q.head;
@@ -74,13 +72,13 @@ void Deadline::arm(Timers& timers, Millis after) {
     if (after.count() <= 0) return cancel();
     Timers::Queue& q = timers.queue_for(int64_t(after.count()) * 1000);
     if (queue_) unlink();
-    append(q, timers.now_us());
+    append(q, coarse_now_us());
 }
 
 void Deadline::restart() {
     if (!queue_) return;
     Timers::Queue& q = *queue_;
-    int64_t now = q.owner->now_us();
+    int64_t now = coarse_now_us();
     if (q.tail == this && at_us_ >= now + q.duration_us) return;  // already at the back
     unlink();
     append(q, now);

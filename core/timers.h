@@ -33,7 +33,6 @@ private:
     friend class Deadline;
     struct Queue;
     Queue& queue_for(int64_t duration_us);
-    int64_t now_us() const;
     static void on_fire(int, short, void* arg);
     void schedule(Queue& q, int64_t now);
 

@@ -35,19 +35,22 @@ void Attempt::send_head(std::string& head, const http1::Head& request, const Hea
     const std::string& worker = conn_->instance().address;
     // At most: every field as it came (or the backend's own session id in its place), Host,
     // X-Forwarded-For (the client's value is one of the fields) and X-Forwarded-Proto.
-    size_t bound = request.method.size() + 1 + request.target.size() + 11;
+    constexpr std::string_view kVersion = " HTTP/1.1\r\n", kForwardedFor = "X-Forwarded-For: ", kComma = ", ";
+    std::string_view proto = ctx.client_tls ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n";
+    size_t bound = request.method.size() + 1 + request.target.size() + kVersion.size();
     for (const auto& h : request.headers) {
         const std::string* own = ctx.session ? ctx.session->backend_value_for(h) : nullptr;
         bound += http1::HeadWriter::field_size(h.name, own ? std::max(own->size(), h.value.size()) : h.value.size());
     }
-    bound += http1::HeadWriter::field_size("Host", worker.size()) + 21 + ctx.client_ip.size() + 26;
+    bound += http1::HeadWriter::field_size("Host", worker.size()) + kForwardedFor.size() + kComma.size() +
+             ctx.client_ip.size() + proto.size();
     bool has_cl = false;
     {
         http1::HeadWriter w(head, bound);
         w.put(request.method);
         w.put(" ");
         w.put(request.target);
-        w.put(" HTTP/1.1\r\n");
+        w.put(kVersion);
         http1::HopByHop hop(request);
         std::string_view forwarded_for;
         bool has_host = false;
@@ -65,13 +68,13 @@ void Attempt::send_head(std::string& head, const http1::Head& request, const Hea
         // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request (or an HTTP/2 one without
         // :authority) may have none, and it goes out as HTTP/1.1: name the worker.
         if (!has_host) w.field("Host", worker);
-        w.put("X-Forwarded-For: ");
+        w.put(kForwardedFor);
         if (!forwarded_for.empty()) {
             w.put(forwarded_for);
-            w.put(", ");
+            w.put(kComma);
         }
         w.put(ctx.client_ip);
-        w.put(ctx.client_tls ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
+        w.put(proto);
     }
     if (span_.open()) span_.append_traceparent(head);
     if (request.framing == http1::Framing::Length) {

@@ -386,7 +386,7 @@ void ClientH1::close_now() {
 }
 
 void ClientH1::start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
-                                   http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
+                              http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) {
     request_.response_started(status);
     std::string& out = thread_.head_text();
     http1::write_response_head(out, status, reason, headers);

@@ -37,7 +37,7 @@ public:
 
     // Downstream
     void start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
-                             http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) override;
+                        http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) override;
     void interim_response(int status, std::string_view reason) override;
     evbuffer* response_sink() override;
     void response_data() override;

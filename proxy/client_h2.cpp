@@ -323,7 +323,7 @@ public:
 
     // --- Downstream ---
     void start_response(int status, std::string_view, const std::vector<http1::Header>& headers,
-                             http1::Framing framing, uint64_t content_length, bool& chunked_out) override {
+                        http1::Framing framing, uint64_t content_length, bool& chunked_out) override {
         chunked_out = false;
         request_.response_started(status);
         // nghttp2 copies names and values when the response is submitted, so the connection's

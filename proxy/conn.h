@@ -45,7 +45,7 @@ public:
     evbuffer* input() const { return in_; }
     // For writing, and asked for at each write (never kept): the connection joins the loop's
     // outbox, which sends what was added once the current callbacks return. An evbuffer
-    // callback did this before, but libevent runs it on every add and drain: about 800
+    // callback did this before, but libevent runs it on every add and drain: about 600
     // instructions per proxied request.
     evbuffer* output() {
         if (!queued_ && !tls_) queue();

@@ -351,14 +351,13 @@ void Exchange::send_request_head() {
     downstream_.request_sink_ready();
 }
 
-evbuffer* Exchange::request_sink() const {
-    if (!attempt_.has_conn() || !attempt_.head_sent() || finished_) return nullptr;
-    return attempt_.output();
-}
+bool Exchange::request_sink_open() const { return attempt_.has_conn() && attempt_.head_sent() && !finished_; }
 
+evbuffer* Exchange::request_sink() const { return request_sink_open() ? attempt_.output() : nullptr; }
+
+// Read without asking for the output, which would queue the connection to send.
 bool Exchange::request_sink_full() const {
-    evbuffer* sink = request_sink();
-    return sink && evbuffer_get_length(sink) > kSinkHighWater;
+    return request_sink_open() && attempt_.transport()->output_length() > kSinkHighWater;
 }
 
 void Exchange::request_body_done() {

@@ -38,7 +38,7 @@ public:
     // The worker's response head, filtered of hop-by-hop fields, plus the routing headers.
     // Sets whether the pump must chunk-encode the body.
     virtual void start_response(int status, std::string_view reason, const std::vector<http1::Header>& headers,
-                                     http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) = 0;
+                                http1::Framing upstream_framing, uint64_t content_length, bool& chunked_out) = 0;
     virtual void interim_response(int status, std::string_view reason) = 0;  // 100 Continue, 103
     // Where body payload goes, asked for each write: on HTTP/1.1 the client connection's output,
     // which is sent once the current callbacks return.
@@ -88,7 +88,8 @@ public:
     double queue_wait_ms() const { return queue_wait_ms_; }
     int retries() const { return retries_; }
 
-    // Where request body bytes go (the upstream connection's output), nullptr until connected.
+    // Where request body bytes go (the upstream connection's output, queued to send: ask only to
+    // write), nullptr until connected.
     evbuffer* request_sink() const;
     // Where the client side copies the body payload it writes to request_sink (before its chunk
     // framing), for a retry; null once the response started (no retry then).
@@ -115,6 +116,7 @@ public:
     void upstream_closed(UpstreamClose how) override;
 
 private:
+    bool request_sink_open() const;
     bool connect_to(const InstancePtr& inst, bool fresh = false);
     bool dispatch(bool from_queue);
     bool enqueue(bool at_front);

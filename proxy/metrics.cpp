@@ -238,8 +238,10 @@ RequestSeries::~RequestSeries() {
 }
 
 void RequestSeries::publish_all() {
-    std::lock_guard lock(g_threads_mutex);
-    for (RequestSeries* s : thread_series()) s->publish();
+    {
+        std::lock_guard lock(g_threads_mutex);
+        for (RequestSeries* s : thread_series()) s->publish();
+    }
     MetricsRegistry::get().publish_backends();
 }
 

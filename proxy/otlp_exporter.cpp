@@ -759,8 +759,7 @@ std::string status_message(std::string_view bytes) {
 }
 
 std::chrono::seconds retry_after(std::string_view value) {
-    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-    while (!value.empty() && (value.back() == ' ' || value.back() == '\t' || value.back() == '\r')) value.remove_suffix(1);
+    value = trim(value);
     if (value.empty() || value.size() > 9) return std::chrono::seconds(0);
     int64_t s = 0;
     for (char c : value) {
