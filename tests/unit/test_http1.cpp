@@ -1,10 +1,12 @@
 #include <catch2/catch.hpp>
 
+#include <cctype>
 #include <string>
 
 #include <event2/buffer.h>
 
 #include "core/http1.h"
+#include "core/text.h"
 
 using namespace stepflow::http1;
 
@@ -296,6 +298,50 @@ TEST_CASE("field values are scanned whole words at a time, stopping at CTLs and 
                 if (int s = status_with(n, at, bad); s != 400) FAIL("n=" << n << " at=" << at << " byte=" << bad << " status=" << s);
             for (int fine : {0x09, 0x20, 0x7e, 0x80, 0xff})
                 if (int s = status_with(n, at, fine); s != 0) FAIL("n=" << n << " at=" << at << " byte=" << fine << " status=" << s);
+        }
+    }
+}
+
+TEST_CASE("field names and values are split exactly wherever a byte falls in a 16-byte block", "[http1]") {
+    // The scanner passes common name bytes and plain value bytes sixteen at a time: a name or
+    // value of 1..40 bytes with one byte of every value at each position must come out as the
+    // byte-at-a-time rules say (a tchar keeps the name whole, anything else refuses the head;
+    // HTAB, SP, VCHAR and obs-text stay in the value), with the same name and value, wherever
+    // the field sits in the head.
+    auto is_tchar = [](int c) {
+        return std::isalnum(c) || std::string_view("!#$%&'*+-.^_`|~").find(char(c)) != std::string_view::npos;
+    };
+    for (bool first : {true, false}) {
+        auto head_with = [&](const std::string& field) {
+            return first ? "GET / HTTP/1.1\r\n" + field + "\r\nHost: h\r\nAccept: */*\r\n\r\n"
+                         : "GET / HTTP/1.1\r\nHost: h\r\n" + field + "\r\n\r\n";
+        };
+        for (size_t n = 1; n <= 40; ++n) {
+            for (size_t at = 0; at < n; ++at) {
+                for (int byte = 1; byte < 256; ++byte) {
+                    if (byte == ':') continue;  // ends the name: another field
+                    std::string name(n, 'n');
+                    name[at] = char(byte);
+                    Head head;
+                    int status = parse(head_with(name + ": v"), head).status;
+                    bool want_ok = is_tchar(byte);
+                    if ((status == 0) != want_ok) FAIL("name n=" << n << " at=" << at << " byte=" << byte << " status=" << status);
+                    if (want_ok && head.get(name) != "v") FAIL("name n=" << n << " at=" << at << " byte=" << byte << " value lost");
+                }
+                for (int byte = 0; byte < 256; ++byte) {
+                    if (byte == '\r' || byte == '\n') continue;
+                    std::string value(n, 'v');
+                    value[at] = char(byte);
+                    Head head;
+                    int status = parse(head_with("X-V: " + value), head).status;
+                    bool want_ok = byte >= 0x20 ? byte != 0x7f : byte == '\t';
+                    if ((status == 0) != want_ok) FAIL("value n=" << n << " at=" << at << " byte=" << byte << " status=" << status);
+                    // Leading and trailing SP/HTAB are not part of the value.
+                    bool edge_ws = (byte == ' ' || byte == '\t') && (at == 0 || at == n - 1);
+                    std::string want = edge_ws ? std::string(stepflow::trim(value)) : value;
+                    if (want_ok && head.get("x-v") != want) FAIL("value n=" << n << " at=" << at << " byte=" << byte << " wrong value");
+                }
+            }
         }
     }
 }
