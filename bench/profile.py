@@ -13,7 +13,8 @@
   perf       perf record -e cpu-clock --call-graph dwarf: time samples, kernel included
              (hardware counters are not available on these VMs). --proxy haproxy (or nginx)
              profiles that proxy under the same load instead.
-  syscalls   perf stat on the syscalls:sys_enter_* tracepoints: system calls per request for
+  syscalls   perf stat on the syscalls:sys_enter_* tracepoints (and page faults, context switches,
+             migrations, task-clock): system calls and those counts per request for
              stepflow-lb, HAProxy and nginx side by side (most of a proxy's CPU is kernel time).
   massif     valgrind --tool=massif with --streams (default 2,000) open SSE streams held through
              stepflow-lb (bench/sse_server.py backends): heap bytes per stream by allocation site.
@@ -52,12 +53,14 @@ def build_prof():
 def run_load(args, port, seconds, pid=None):
     """The measured load; returns at least {"requests": n}."""
     if args.load == "h2":
-        return h2.h2load(port, 16, 10, seconds=seconds, pid=pid)
+        return h2.h2load(port, 16, 10, seconds=seconds, pid=pid, rate=args.rate)
+    if args.rate:  # wrk cannot hold a rate: h2load --h1, one request at a time per connection
+        return h2.h2load(port, 64, 1, seconds=seconds, pid=pid, rate=args.rate, h1=True)
     return rps.run_wrk(port, seconds, 64, pid=pid)
 
 
 def load_name(args):
-    return ("h2c POST, h2load 16 connections x 10 streams" if args.load == "h2"
+    return (f"{args.rate:,} req/s, " if args.rate else "") + ("h2c POST, h2load 16 connections x 10 streams" if args.load == "h2"
             else "HTTP/1.1 keep-alive POST, 64 connections")
 
 
@@ -135,9 +138,13 @@ def perf(args, backends, stamp):
     return text, data
 
 
+# Software counters beside the system calls: what a request costs the kernel apart from its calls.
+SOFTWARE = ["page-faults", "context-switches", "cpu-migrations", "task-clock"]
+
+
 def syscalls(args, backends, stamp):
-    events = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS)
-    rows, per = [], {}
+    events = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS) + "," + ",".join(SOFTWARE)
+    rows, per, soft = [], {}, {}
     kinds = [{"off": "stepflow-lb", "log": "stepflow-lb+log", "trace": "stepflow-lb+trace"}[CONFIG]
              if k == "stepflow-lb" else k for k in B.PROXIES]
     for kind in kinds:
@@ -161,12 +168,19 @@ def syscalls(args, backends, stamp):
             m = re.match(r"(\d+),,syscalls:sys_enter_(\w+)", line)
             if m and int(m.group(1)):
                 counts[m.group(2)] = int(m.group(1)) / res["requests"]
+            m = re.match(r"([\d.]+),[^,]*,(%s)," % "|".join(SOFTWARE), line)
+            if m:
+                soft.setdefault(kind, {})[m.group(2)] = float(m.group(1)) / res["requests"]
         per[kind] = counts
         B.log(f"{kind}: {res['requests']} requests, {counts}")
     names = sorted({n for c in per.values() for n in c}, key=lambda n: -max(c.get(n, 0) for c in per.values()))
     for n in names:
         rows.append([n] + [f"{per[k].get(n, 0):.2f}" for k in kinds])
     rows.append(["total"] + [f"{sum(per[k].values()):.2f}" for k in kinds])
+    for n in SOFTWARE:  # task-clock in ms: shown as microseconds
+        scale = 1000 if n == "task-clock" else 1
+        rows.append([n + (" (us)" if scale > 1 else "")] +
+                    [f"{soft.get(k, {}).get(n, 0) * scale:.3f}" for k in kinds])
     return f"### System calls per request ({load_name(args)})\n\n" + \
         B.table(["syscall"] + kinds, rows), None
 
@@ -239,6 +253,9 @@ def main():
                     help="perf: profile this proxy kind of rps.py (haproxy, nginx) instead of stepflow-lb")
     ap.add_argument("--streams", type=int, default=2000, help="open SSE streams for --tool massif")
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=0,
+                    help="callgrind, perf, syscalls: offer this many requests per second (h2load) instead of "
+                         "full speed; http1 then runs h2load --h1 with 64 connections, one request each at a time")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
     global CONFIG
