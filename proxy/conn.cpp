@@ -172,8 +172,8 @@ void Conn::set_deadline(Millis after) {
     deadline_.arm(loop_.timers, after);
 }
 
-bool Conn::waiting() const {
-    bool output_waits = !failed_ && evbuffer_get_length(out_) > 0;
+bool Conn::waiting(size_t output) const {
+    bool output_waits = !failed_ && output > 0;
     if (timeout_kind_ == Timeout::Send) return output_waits;
     return reading_ || connecting_ || output_waits;
 }
@@ -182,9 +182,14 @@ bool Conn::waiting() const {
 // its client reads slowly is not idle on the worker's side, and a client with nothing to take
 // is not slow.
 void Conn::update_deadline() {
+    if (timeout_kind_ == Timeout::Deadline || timeout_.count() <= 0) return;  // before the length
+    update_deadline(evbuffer_get_length(out_));
+}
+
+void Conn::update_deadline(size_t output) {
     if (timeout_kind_ == Timeout::Deadline || timeout_.count() <= 0) return;
     if (tls_ && timeout_kind_ == Timeout::Send) return;
-    bool want = waiting();
+    bool want = waiting(output);
     if (want == deadline_.armed()) return;
     if (want) deadline_.arm(loop_.timers, timeout_);
     else deadline_.cancel();
@@ -290,27 +295,26 @@ int Conn::write_some() {
     return int(n);
 }
 
-void Conn::flush() {
-    if (connecting_ || failed_ || !write_enabled_) return;
-    while (evbuffer_get_length(out_) > 0) {
+size_t Conn::flush(size_t left) {
+    if (connecting_ || failed_ || !write_enabled_) return left;
+    while (left > 0) {
         int n = write_some();
         if (n > 0) {
+            left -= size_t(n);
             progress(true);
             continue;
         }
-        if (n < 0 && !would_block(errno)) {
-            failed_ = true;
-            break;
-        }
+        if (n < 0 && !would_block(errno)) failed_ = true;
         break;
     }
-    bool pending = evbuffer_get_length(out_) > 0 && !failed_;
+    bool pending = left > 0 && !failed_;
     if (pending != write_armed_) {
         if (pending) event_add(write_event(), nullptr);
         else event_del(write_ev_);
         write_armed_ = pending;
     }
-    update_deadline();
+    update_deadline(left);
+    return left;
 }
 
 size_t Conn::output_length() const { return evbuffer_get_length(out_); }
@@ -328,9 +332,8 @@ void Conn::check_output_queued([[maybe_unused]] evbuffer*, [[maybe_unused]] cons
 void Conn::send_queued() {
     queued_ = false;
     size_t before = evbuffer_get_length(out_);
-    flush();
+    size_t after = flush(before);
     if (failed_) return report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
-    size_t after = evbuffer_get_length(out_);
     if (after < before && after <= write_low_ && write_cb_) write_cb_(this, arg_);  // last: may free us
 }
 
@@ -396,15 +399,15 @@ void Conn::on_writable(int fd, short, void* arg) {
         self->write_armed_ = false;
         self->progress(true);
         self->update_read_event();
-        self->flush();
+        self->flush(evbuffer_get_length(self->out_));
         Outbox& outbox = self->loop_.outbox;
         self->report(BEV_EVENT_CONNECTED);  // may free us
         outbox.flush();                      // the request head it wrote goes now
         return;
     }
-    self->flush();
+    size_t left = self->flush(evbuffer_get_length(self->out_));
     if (self->failed_) return self->report(BEV_EVENT_ERROR | BEV_EVENT_WRITING);
-    if (evbuffer_get_length(self->out_) <= self->write_low_ && self->write_cb_) {
+    if (left <= self->write_low_ && self->write_cb_) {
         Outbox& outbox = self->loop_.outbox;
         self->write_cb_(self, self->arg_);  // may free us
         outbox.flush();

@@ -87,9 +87,13 @@ private:
     event* write_event();
     void update_read_event();
     int write_some();  // one send(2) or writev(2) of the output; what write(2) returns
-    void flush();  // write what output holds; arm EV_WRITE only if the kernel would block
-    bool waiting() const;
+    // Writes what output holds (`left` bytes, which the caller knew); arms EV_WRITE only if the
+    // kernel would block; returns what is left. The length is carried along rather than asked
+    // for again: evbuffer_get_length was called 14 times per proxied request here.
+    size_t flush(size_t left);
+    bool waiting(size_t output) const;
     void update_deadline();
+    void update_deadline(size_t output);  // `output`: the output's length, known to the caller
     void clear_tls_send_timeout();
     void progress(bool wrote);
     void report(short what);
