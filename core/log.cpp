@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -25,6 +26,7 @@ namespace {
 
 std::atomic<Level> g_level{Level::Info};
 thread_local const Correlation* t_correlation = nullptr;
+thread_local const std::chrono::steady_clock::time_point* t_at = nullptr;  // see At
 std::atomic<Format> g_format{Format::Json};
 
 // Lines go to a bounded queue that one writer thread drains to stderr, so a slow or stuck log
@@ -211,12 +213,31 @@ char* put_json_level(char* p, Level level) {
 // The second's "YYYY-MM-DDTHH:MM:SS." is formatted once per second and thread; a record adds
 // only its microseconds (gmtime_r and snprintf per record were a third of a line's cost).
 constexpr size_t kTimeMax = 32 + 7;
+
+int64_t micros_since_epoch(auto time_point) {
+    return std::chrono::duration_cast<std::chrono::microseconds>(time_point.time_since_epoch()).count();
+}
+
+// Wall-clock microseconds at the steady time `at`. The offset between the clocks is read again
+// once `at` is a second past the last reading (or before it), so a step of the wall clock shows
+// within a second.
+int64_t wall_micros_at(std::chrono::steady_clock::time_point at) {
+    thread_local int64_t offset = 0;
+    thread_local int64_t read_at = INT64_MIN;
+    int64_t steady = micros_since_epoch(at);
+    if (steady - read_at >= 1000000 || steady < read_at) {
+        int64_t wall_now = micros_since_epoch(std::chrono::system_clock::now());
+        read_at = micros_since_epoch(std::chrono::steady_clock::now());
+        offset = wall_now - read_at;
+    }
+    return steady + offset;
+}
+
 char* put_time(char* p) {
     thread_local int64_t cached_sec = -1;
     thread_local char prefix[32];
     thread_local size_t prefix_len = 0;
-    auto now = std::chrono::system_clock::now();
-    int64_t micros_total = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
+    int64_t micros_total = t_at ? wall_micros_at(*t_at) : micros_since_epoch(std::chrono::system_clock::now());
     int64_t sec = micros_total / 1000000;
     int64_t micros = micros_total % 1000000;
     if (micros < 0) {
@@ -409,6 +430,9 @@ Scope::Scope(const Correlation* c) : saved_(t_correlation) {
     if (c && !c->empty()) t_correlation = c;
 }
 Scope::~Scope() { t_correlation = saved_; }
+
+At::At(std::chrono::steady_clock::time_point at) : saved_(t_at), at_(at) { t_at = &at_; }
+At::~At() { t_at = saved_; }
 
 void set_buffer_lines(size_t lines) { sink().set_capacity(lines); }
 uint64_t dropped_lines() { return sink().dropped(); }

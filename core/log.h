@@ -56,6 +56,22 @@ private:
     const Correlation* saved_;
 };
 
+// While one is open on this thread, records are stamped with `at`, a steady_clock reading the
+// caller already took, turned into wall-clock time with an offset read once a second: the
+// access log's record takes its time from the reading that measured the request, one clock
+// read fewer per request (a precise read costs 25-50 ns on these VMs).
+class At {
+public:
+    explicit At(std::chrono::steady_clock::time_point at);
+    ~At();
+    At(const At&) = delete;
+    At& operator=(const At&) = delete;
+
+private:
+    const std::chrono::steady_clock::time_point* saved_;
+    std::chrono::steady_clock::time_point at_;
+};
+
 // Formats one record and queues it for the writer thread; never blocks on the sink. When
 // --log-buffer-lines records already wait, the batch is dropped and its records counted instead.
 void write(Level level, std::string_view message, std::initializer_list<Field> fields = {});

@@ -27,12 +27,14 @@ void RequestRecord::note_route(const Exchange& exchange) {
 
 void RequestRecord::finish(LoopThread& thread, std::string_view method, std::string_view target,
                            const std::string& client) {
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+    auto now = std::chrono::steady_clock::now();
+    double ms = std::chrono::duration<double, std::milli>(now - started).count();
     thread.series().observe(instance ? instance->series.get() : nullptr, status, method, ms, decision);
     if (trace.recording)
         trace.end({status, to_string(decision), instance_id(), client, bytes_in, bytes_out, queue_wait_ms, retries});
     if (!thread.config().access_log) return;
     log::Scope ids(trace.correlation());
+    log::At at(now);  // the line's time is the reading the duration came from
     log::info("request", {{"method", method},
                           {"path", target.substr(0, target.find('?'))},
                           {"status", status},

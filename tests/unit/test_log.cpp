@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <random>
 #include <string>
@@ -43,6 +44,41 @@ TEST_CASE("a record written inside a correlation scope carries trace_id and span
     line.clear();
     log::format_line(line, log::Level::Info, "request", {{"status", 200}});
     CHECK(line.find("trace_id") == std::string::npos);  // the scope ended
+}
+
+TEST_CASE("a record written inside an At scope carries the wall time of that steady reading", "[log]") {
+    // The access log stamps its line with the reading that ended the request's duration. A
+    // reading an hour old must come out an hour before now (to the microsecond, give or take
+    // the time between the clock reads here), and the scope's end restores the clock's own time.
+    using namespace std::chrono;
+    auto line_time = [](const std::string& line) {  // "time":"YYYY-MM-DDTHH:MM:SS.uuuuuuZ"
+        size_t at = line.find("\"time\":\"");
+        REQUIRE(at != std::string::npos);
+        std::tm tm{};
+        int us = 0;
+        REQUIRE(std::sscanf(line.c_str() + at + 8, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ", &tm.tm_year, &tm.tm_mon,
+                            &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &us) == 7);
+        tm.tm_year -= 1900;
+        tm.tm_mon -= 1;
+        return int64_t(timegm(&tm)) * 1000000 + us;
+    };
+    auto wall_us = [] { return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count(); };
+    for (auto ago : {hours(1), hours(0), hours(-1)}) {
+        std::string line;
+        int64_t before = wall_us();
+        {
+            log::At at(steady_clock::now() - ago);
+            log::format_line(line, log::Level::Info, "request", {});
+        }
+        int64_t after = wall_us();
+        int64_t stamped = line_time(line) + duration_cast<microseconds>(ago).count();
+        CHECK(stamped >= before - 1000);  // the offset is read from two clocks, microseconds apart
+        CHECK(stamped <= after + 1000);
+    }
+    std::string line;
+    int64_t before = wall_us();
+    log::format_line(line, log::Level::Info, "request", {});
+    CHECK(line_time(line) >= before);
 }
 
 TEST_CASE("field values are written as printf and the JSON escapes would write them", "[log]") {
