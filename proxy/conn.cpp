@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -32,6 +33,14 @@ constexpr size_t kMinRead = 1024 - 80;
 constexpr size_t kMaxRead = 64 * 1024;
 
 bool would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == EINTR; }
+
+// recv(2) and send(2) through syscall(2): glibc's wrappers are cancellation points, which
+// update the thread's cancellation state atomically before and after each call; no thread of
+// ours is ever cancelled.
+ssize_t recv_some(int fd, void* buf, size_t len) { return syscall(SYS_recvfrom, fd, buf, len, 0, nullptr, nullptr); }
+ssize_t send_some(int fd, const void* buf, size_t len) {
+    return syscall(SYS_sendto, fd, buf, len, MSG_NOSIGNAL, nullptr, 0);
+}
 
 }  // namespace
 
@@ -277,7 +286,7 @@ int Conn::write_some() {
     for (int i = 0; i < used; ++i) total += vec[i].iov_len;
     ssize_t n;
     if (used == 1) {
-        n = ::send(fd_, vec[0].iov_base, total, MSG_NOSIGNAL);
+        n = send_some(fd_, vec[0].iov_base, total);
     } else if (total <= kGather) {
         char gathered[kGather];
         size_t at = 0;
@@ -285,7 +294,7 @@ int Conn::write_some() {
             std::memcpy(gathered + at, vec[i].iov_base, vec[i].iov_len);
             at += vec[i].iov_len;
         }
-        n = ::send(fd_, gathered, total, MSG_NOSIGNAL);
+        n = send_some(fd_, gathered, total);
     } else {
         iovec iov[kVecs];
         for (int i = 0; i < used; ++i) iov[i] = {vec[i].iov_base, vec[i].iov_len};
@@ -356,7 +365,7 @@ void Conn::on_readable(int fd, short, void* arg) {
     for (int i = 0; i < nvec; ++i) iov[i] = {vec[i].iov_base, vec[i].iov_len};
     // One piece of room (the usual case) is read with recv(2): readv(2) costs the kernel an iovec
     // import and a file-position lookup that a socket call does not make.
-    ssize_t n = nvec == 1 ? ::recv(fd, iov[0].iov_base, iov[0].iov_len, 0) : ::readv(fd, iov, nvec);
+    ssize_t n = nvec == 1 ? recv_some(fd, iov[0].iov_base, iov[0].iov_len) : ::readv(fd, iov, nvec);
     if (n <= 0) {
         evbuffer_commit_space(self->in_, vec, 0);
         if (n < 0 && would_block(errno)) return;
