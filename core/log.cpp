@@ -223,9 +223,11 @@ int64_t micros_since_epoch(auto time_point) {
 // within a second.
 int64_t wall_micros_at(std::chrono::steady_clock::time_point at) {
     thread_local int64_t offset = 0;
-    thread_local int64_t read_at = INT64_MIN;
+    thread_local int64_t read_at = 0;
+    thread_local bool read = false;
     int64_t steady = micros_since_epoch(at);
-    if (steady - read_at >= 1000000 || steady < read_at) {
+    if (!read || steady < read_at || steady - read_at >= 1000000) {
+        read = true;
         int64_t wall_now = micros_since_epoch(std::chrono::system_clock::now());
         read_at = micros_since_epoch(std::chrono::steady_clock::now());
         offset = wall_now - read_at;
