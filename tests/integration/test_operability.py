@@ -3,6 +3,7 @@ that client input never mints a series, the access log, graceful shutdown, and t
 dashboard. Real binary, real example workers, real `promtool` and `prometheus` (Debian package
 `prometheus`, installed by scripts/install-deps.sh), loopback only."""
 
+import datetime
 import json
 import os
 import re
@@ -431,6 +432,7 @@ def prometheus_scrapes_the_admin_port():
 
 @test
 def access_log_is_one_json_line_per_request():
+    t0 = time.time()
     w = Worker("log")
     lb = Balancer([w.address], threads=1, args=["--log-level", "trace"])
     wid = w.instance_id
@@ -467,8 +469,14 @@ def access_log_is_one_json_line_per_request():
     check(all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", x["time"]) for x in records), "UTC timestamps")
     access = [x for x in records if x["message"] == "request"]
     check(len(access) == 7, f"7 requests, {len(access)} access lines: {access}")
+    t1 = time.time()
     for x in access:
         check(all(k in x for k in ACCESS_FIELDS), f"fields: {x}")
+        # Stamped from the reading that ended the request (steady clock plus an offset to the
+        # wall clock): still the wall clock's time, within this test's run.
+        stamped = datetime.datetime.strptime(x["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        check(t0 - 1 <= stamped <= t1 + 1, f"access line time {x['time']} outside the test's run: {x}")
         check(x["level"] == "info" and isinstance(x["duration_ms"], (int, float)) and x["duration_ms"] >= 0, x)
     unary, stream, miss, bad, marker = access[0], access[1], access[4], access[5], access[6]
     # The callback's 202 and the end of its session stream race each other.
