@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -758,15 +759,40 @@ std::string status_message(std::string_view bytes) {
     return ok ? message : std::string();
 }
 
-std::chrono::seconds retry_after(std::string_view value) {
-    value = trim(value);
-    if (value.empty() || value.size() > 9) return std::chrono::seconds(0);
-    int64_t s = 0;
-    for (char c : value) {
-        if (c < '0' || c > '9') return std::chrono::seconds(0);
-        s = s * 10 + (c - '0');
+namespace {
+
+// An HTTP-date as seconds since the epoch, -1 when the value is not one. RFC 9110 §5.6.7: the
+// IMF-fixdate form, and the obsolete RFC 850 and asctime forms a recipient must read too.
+// strptime's day and month names are the C locale's, which is what HTTP uses (the balancer
+// never calls setlocale).
+int64_t parse_http_date(std::string_view value) {
+    static constexpr const char* kForms[] = {"%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT",
+                                             "%a %b %e %H:%M:%S %Y"};
+    if (value.size() > 64) return -1;
+    std::string text(value);  // strptime reads a terminated string
+    for (const char* form : kForms) {
+        std::tm tm{};
+        const char* end = strptime(text.c_str(), form, &tm);
+        if (end && *end == '\0') return int64_t(timegm(&tm));
     }
-    return std::chrono::seconds(s);
+    return -1;
+}
+
+}  // namespace
+
+std::chrono::seconds retry_after(std::string_view value, std::chrono::system_clock::time_point now) {
+    value = trim(value);
+    if (value.empty()) return std::chrono::seconds(0);
+    if (value.find_first_not_of("0123456789") == std::string_view::npos) {
+        if (value.size() > 9) return std::chrono::seconds(0);
+        int64_t s = 0;
+        for (char c : value) s = s * 10 + (c - '0');
+        return std::chrono::seconds(s);
+    }
+    int64_t at = parse_http_date(value);
+    if (at < 0) return std::chrono::seconds(0);
+    int64_t wait = at - int64_t(std::chrono::system_clock::to_time_t(now));
+    return std::chrono::seconds(std::max<int64_t>(0, wait));  // a date gone by: no wait asked
 }
 
 void start(const ExporterSettings& settings) {

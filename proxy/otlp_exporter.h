@@ -30,8 +30,10 @@ struct PartialSuccess {
 };
 // Reads a response's protobuf bytes; false when they are not an ExportTraceServiceResponse.
 bool decode_response(std::string_view bytes, PartialSuccess& out);
-// A Retry-After value in delta-seconds (RFC 9110 §10.2.3), 0 when it is absent or an HTTP-date.
-std::chrono::seconds retry_after(std::string_view value);
+// A Retry-After value (RFC 9110 §10.2.3): delta-seconds, or an HTTP-date turned into the wait
+// from `now` (0 once it has passed); 0 when it is absent or neither.
+std::chrono::seconds retry_after(std::string_view value,
+                                 std::chrono::system_clock::time_point now = std::chrono::system_clock::now());
 // gRPC's form of it: the google.rpc.RetryInfo delay in a grpc-status-details-bin trailer (base64
 // of a google.rpc.Status), rounded up to whole seconds; 0 when there is none.
 std::chrono::seconds grpc_retry_delay(std::string_view status_details_base64);

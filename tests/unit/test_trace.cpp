@@ -477,7 +477,19 @@ TEST_CASE("a collector's partial success and Retry-After are read", "[trace]") {
     CHECK_FALSE(otlp_exporter::decode_response(std::string("\x0b", 1), p));          // a group
     CHECK(otlp_exporter::retry_after("2") == std::chrono::seconds(2));
     CHECK(otlp_exporter::retry_after(" 120 ") == std::chrono::seconds(120));
-    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00 GMT") == std::chrono::seconds(0));
+    // An HTTP-date in each of the three forms a recipient must read, 30 s after `now`; one gone
+    // by; near misses that are none of them.
+    auto now = std::chrono::system_clock::from_time_t(1792567650);  // Wed, 21 Oct 2026 07:27:30 GMT
+    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now) == std::chrono::seconds(30));
+    CHECK(otlp_exporter::retry_after("Wednesday, 21-Oct-26 07:28:00 GMT", now) == std::chrono::seconds(30));
+    CHECK(otlp_exporter::retry_after("Wed Oct 21 07:28:00 2026", now) == std::chrono::seconds(30));
+    CHECK(otlp_exporter::retry_after("Wed Oct  1 07:28:00 2026", now) == std::chrono::seconds(0));  // gone by
+    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now + std::chrono::hours(1)) ==
+          std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00", now) == std::chrono::seconds(0));   // no zone
+    CHECK(otlp_exporter::retry_after("Wed, 21 Oct 2026 07:28:00 GMTx", now) == std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("soon", now) == std::chrono::seconds(0));
+    CHECK(otlp_exporter::retry_after("2 s", now) == std::chrono::seconds(0));
     CHECK(otlp_exporter::retry_after("-1") == std::chrono::seconds(0));
     CHECK(otlp_exporter::retry_after("") == std::chrono::seconds(0));
     CHECK(otlp_exporter::retry_after("99999999999") == std::chrono::seconds(0));
