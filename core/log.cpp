@@ -158,9 +158,10 @@ private:
     int flushing_ = 0;               // flush() callers waiting: write now
     static constexpr size_t kWakeLines = 512;
     static constexpr std::chrono::milliseconds kGather{20};
-    // Enough spare buffers for the loops' turns between two writes; a burst's big ones are freed.
+    // Enough spare buffers for the loops' turns between two writes (a turn's batch is a few KiB
+    // under load); larger ones, from a burst, are freed, so at most 1 MiB is kept.
     static constexpr size_t kSpares = 64;
-    static constexpr size_t kSpareBytes = 256 * 1024;
+    static constexpr size_t kSpareBytes = 16 * 1024;
     // A quarter of the queue at most, so a small --log-buffer-lines does not drop while gathering.
     size_t wake_lines() const {
         return std::max<size_t>(1, std::min(kWakeLines, capacity_.load(std::memory_order_relaxed) / 4));
@@ -224,10 +225,10 @@ int64_t micros_since_epoch(auto time_point) {
 int64_t wall_micros_at(std::chrono::steady_clock::time_point at) {
     thread_local int64_t offset = 0;
     thread_local int64_t read_at = 0;
-    thread_local bool read = false;
+    thread_local bool have_offset = false;
     int64_t steady = micros_since_epoch(at);
-    if (!read || steady < read_at || steady - read_at >= 1000000) {
-        read = true;
+    if (!have_offset || steady < read_at || steady - read_at >= 1000000) {
+        have_offset = true;
         int64_t wall_now = micros_since_epoch(std::chrono::system_clock::now());
         read_at = micros_since_epoch(std::chrono::steady_clock::now());
         offset = wall_now - read_at;
